@@ -1,0 +1,198 @@
+"""What every subcommand shares: error handling, consoles, progress bars, model/data options."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    SpinnerColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.text import Text
+
+from corp_cli.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, CorpError
+
+# Results go to stdout (tables, --json); progress, logs and errors to stderr.
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False)
+
+_state: dict[str, bool] = {"debug": False}
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def set_debug(flag: bool) -> None:
+    _state["debug"] = flag or os.environ.get("CORP_DEBUG", "") not in ("", "0")
+
+
+def debug_enabled() -> bool:
+    return _state["debug"]
+
+
+def setup_logging(verbose: bool) -> None:
+    root = logging.getLogger("corp_cli")
+    root.handlers.clear()
+    handler = RichHandler(console=err, show_time=False, show_path=False, markup=False)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root.addHandler(handler)
+    root.setLevel(logging.INFO if verbose or debug_enabled() else logging.WARNING)
+    root.propagate = False
+
+
+def fail(message: str, code: int) -> typer.Exit:
+    # One line, no markup interpretation: messages can contain [brackets] from paths.
+    err.print(Text(f"error: {message}", style="bold red"), soft_wrap=True)
+    return typer.Exit(code)
+
+
+def handle_errors(fn: F) -> F:
+    """Map failures to one line and an exit code: 2 bad input, 1 runtime, 130 interrupted."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
+            raise
+        except CorpError as e:
+            if debug_enabled():
+                raise
+            raise fail(str(e), e.exit_code) from None
+        except KeyboardInterrupt:
+            if debug_enabled():
+                raise
+            raise fail("interrupted; no artifact was written", EXIT_INTERRUPTED) from None
+        except MemoryError:
+            if debug_enabled():
+                raise
+            raise fail("out of memory; lower --batch-size or use a machine with more memory", EXIT_RUNTIME) from None
+        except Exception as e:  # anything unexpected: still one line unless --debug
+            if debug_enabled():
+                raise
+            text = str(e).strip().splitlines()
+            detail = text[0] if text else ""
+            hint = "out of memory; lower --batch-size" if "out of memory" in detail.lower() else "rerun with --debug for a traceback"
+            raise fail(f"{type(e).__name__}: {detail} ({hint})", EXIT_RUNTIME) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def emit_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    sys.stdout.flush()
+
+
+class RateColumn(ProgressColumn):
+    """Items per second, with the item's name (images/s)."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        unit = task.fields.get("unit", "it")
+        return Text(f"{speed:,.1f} {unit}/s" if speed else f"- {unit}/s", style="cyan")
+
+
+@contextmanager
+def progress_bar(description: str, total: int | None, unit: str = "images") -> Iterator[Callable[[int], None]]:
+    """A rich progress bar on stderr; yields an `advance(n)` callback."""
+    progress = Progress(
+        SpinnerColumn(),
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        RateColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=False,
+        disable=not err.is_terminal,
+    )
+    with progress:
+        task = progress.add_task(description, total=total, unit=unit)
+        yield lambda n: progress.advance(task, n)
+
+
+# ---- option types shared by subcommands (one definition each)
+
+ModelArg = Annotated[str, typer.Argument(help="timm model name, e.g. deit_small_patch16_224", show_default=False)]
+CheckpointOpt = Annotated[
+    Path | None,
+    typer.Option("--checkpoint", help="Local weights (.safetensors, or .pth loaded with weights_only=True). Default: timm pretrained weights (hub or HF cache)."),
+]
+NumClassesOpt = Annotated[
+    int | None, typer.Option("--num-classes", help="Classifier size, when the checkpoint differs from timm's default (else read from the checkpoint).")
+]
+PretrainedCfgOpt = Annotated[
+    Path | None, typer.Option("--pretrained-cfg", help="timm pretrained_cfg JSON with the model's preprocessing (input_size, mean, std, crop_pct, ...).")
+]
+MeanOpt = Annotated[str | None, typer.Option("--mean", help="Normalisation mean override, e.g. 0.5,0.5,0.5")]
+StdOpt = Annotated[str | None, typer.Option("--std", help="Normalisation std override, e.g. 0.5,0.5,0.5")]
+InputSizeOpt = Annotated[int | None, typer.Option("--input-size", help="Square input resolution override.")]
+InterpOpt = Annotated[str | None, typer.Option("--interpolation", help="Resize interpolation override (bilinear, bicubic, ...).")]
+CropPctOpt = Annotated[float | None, typer.Option("--crop-pct", help="Center-crop fraction override (1.0 = no crop).")]
+CropModeOpt = Annotated[str | None, typer.Option("--crop-mode", help="center, squash (resize to the exact size, no crop) or border.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N].")]
+BatchSizeOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")]
+WorkersOpt = Annotated[int, typer.Option("--workers", min=0, help="Image decoding worker processes.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for choosing the calibration subset.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON summary on stdout.")]
+
+DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
+
+
+def parse_floats(text: str | None, name: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        vals = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise CorpError(f"{name} must be comma-separated numbers, got {text!r}") from None
+    return vals
+
+
+def preprocessing_overrides(
+    mean: str | None, std: str | None, input_size: int | None, interpolation: str | None,
+    crop_pct: float | None, crop_mode: str | None,
+) -> dict[str, Any]:
+    return {
+        "mean": parse_floats(mean, "--mean"),
+        "std": parse_floats(std, "--std"),
+        "input_size": (3, input_size, input_size) if input_size else None,
+        "interpolation": interpolation,
+        "crop_pct": crop_pct,
+        "crop_mode": crop_mode,
+    }
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise CorpError(f"--shard must look like I/N (e.g. 0/4), got {text!r}") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise CorpError(f"--shard {text}: need 0 <= I < N")
+    return i, n
+
+
+def existing_file(path: Path, what: str) -> Path:
+    if not path.is_file():
+        raise CorpError(f"{what} {path} does not exist or is not a file")
+    return path

@@ -1,0 +1,224 @@
+"""`corp prune`: rank, compensate and compact; write masks, the compacted checkpoint and a report."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from corp_cli import __version__
+from corp_cli.artifacts import atomic_dir, check_out_dir, write_json_atomic
+from corp_cli.commands import common as C
+from corp_cli.commands.calibrate import DEFAULT_DATA, DEFAULT_SAMPLES, load_model_and_preprocessing, run_calibration
+from corp_cli.compact import MODEL_FILE, architecture, save_pruned
+from corp_cli.config import load_prune_config
+from corp_cli.errors import InputError
+from corp_cli.flops import model_counts
+from corp_cli.masks import load_masks, save_masks
+from corp_cli.prune import MLP_RANKERS, QK_RANKERS, PruneOptions, apply_masks, plan_masks
+from corp_cli.stats import Statistics, check_matches
+
+MASKS_FILE = "masks.safetensors"
+REPORT_FILE = "report.json"
+STATS_FILE = "stats.safetensors"
+_DEFAULTS = PruneOptions()
+
+
+def _lambda(text: str | None) -> float | None | str:
+    """'auto' -> None (automatic), a number -> float, absent -> sentinel 'unset'."""
+    if text is None:
+        return "unset"
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        v = float(text)
+    except ValueError:
+        raise InputError(f"--lambda must be 'auto' or a number, got {text!r}") from None
+    if not math.isfinite(v) or v < 0:
+        raise InputError(f"--lambda must be 'auto' or a finite number >= 0, got {text!r}")
+    return v
+
+
+def build_options(config: Path | None, cli: dict[str, Any]) -> PruneOptions:
+    """Defaults (PruneOptions) < --config YAML < explicit CLI flags."""
+    merged: dict[str, Any] = load_prune_config(C.existing_file(config, "--config")) if config else {}
+    sparsity = cli.pop("sparsity")
+    if sparsity is not None:
+        merged["mlp_sparsity"] = merged["attn_sparsity"] = sparsity
+    for k, v in cli.items():
+        if k == "lam":
+            if v != "unset":
+                merged[k] = v  # None here means an explicit 'auto'
+        elif v is not None:
+            merged[k] = v
+    for name in ("mlp_sparsity", "attn_sparsity"):
+        v = merged.get(name)
+        if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or math.isnan(v)):
+            raise InputError(f"--{name.replace('_', '-')} must be a number in [0, 1), got {v!r}")
+    return PruneOptions(**merged)
+
+
+def run_prune(
+    loaded: Any, stats: Statistics, opts: PruneOptions, masks_path: Path | None
+) -> tuple[list[Any], list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
+    model = loaded.model
+    nblocks = len(stats.blocks)
+    bad = [i for i in opts.block_overrides if not 0 <= i < nblocks]
+    if bad:
+        raise InputError(f"per-block overrides name block(s) {bad}, but the model has blocks 0..{nblocks - 1}")
+    shapes = stats.meta["block_shapes"]
+    if masks_path is not None:
+        masks, mmeta = load_masks(C.existing_file(masks_path, "--masks"), shapes)
+        if mmeta["model"] != loaded.identity.to_dict():
+            raise InputError(f"--masks {masks_path} were made for {mmeta['model']}, not {loaded.identity.to_dict()}")
+    else:
+        masks = plan_masks(model, stats, opts)
+    before = model_counts(model)
+    with C.progress_bar("pruning blocks", nblocks, unit="blocks") as advance:
+        blocks = apply_masks(model, stats, masks, opts, on_block=lambda _i: advance(1))
+    after = model_counts(model)
+    return masks, blocks, before, after
+
+
+@C.handle_errors
+def prune_cmd(
+    model: C.ModelArg,
+    out: Annotated[Path, typer.Option("--out", help="Output directory (masks.safetensors, model.safetensors, report.json).")],
+    stats_path: Annotated[Path | None, typer.Option("--stats", help="Statistics from `corp calibrate`. Without it, calibrates first from --calib-data.")] = None,
+    calib_data: Annotated[str | None, typer.Option("--calib-data", help=f"Calibration images when --stats is not given (default {DEFAULT_DATA}).")] = None,
+    samples: Annotated[int, typer.Option("--samples", min=1, help="Calibration images when calibrating here.")] = DEFAULT_SAMPLES,
+    seed: C.SeedOpt = 0,
+    sparsity: Annotated[float | None, typer.Option("--sparsity", help=f"Fraction removed, for the MLP and the Q/K dims [default: {_DEFAULTS.mlp_sparsity}].")] = None,
+    mlp_sparsity: Annotated[float | None, typer.Option("--mlp-sparsity", help="Fraction of MLP hidden units removed (overrides --sparsity).")] = None,
+    attn_sparsity: Annotated[float | None, typer.Option("--attn-sparsity", help="Fraction of each head's Q/K dims removed (overrides --sparsity).")] = None,
+    target: Annotated[str | None, typer.Option("--target", help=f"mlp, attn or both [default: {_DEFAULTS.target}].")] = None,
+    ranker: Annotated[str | None, typer.Option("--ranker", help=f"MLP ranking: {', '.join(MLP_RANKERS)} [default: {_DEFAULTS.ranker}].")] = None,
+    qk_ranker: Annotated[str | None, typer.Option("--qk-ranker", help=f"Q/K ranking: {', '.join(QK_RANKERS)} [default: {_DEFAULTS.qk_ranker}].")] = None,
+    lam: Annotated[str | None, typer.Option("--lambda", help="Ridge lambda: auto (data-scaled shrinkage) or a number [default: auto].")] = None,
+    no_compensation: Annotated[bool, typer.Option("--no-compensation", help="Drop units with no correction (the baseline).")] = False,
+    round_to: Annotated[int | None, typer.Option("--round-to", help=f"Keep survivor counts multiples of N [default: {_DEFAULTS.round_to}].")] = None,
+    min_keep: Annotated[int | None, typer.Option("--min-keep", help=f"Never keep fewer MLP units per block [default: {_DEFAULTS.min_keep}].")] = None,
+    min_qk_dim: Annotated[int | None, typer.Option("--min-qk-dim", help=f"Never keep fewer Q/K dims per head [default: {_DEFAULTS.min_qk_dim}].")] = None,
+    qk_fold: Annotated[str | None, typer.Option("--qk-fold", help="Fold the logit correction into q only, or balanced between q and k [default: balanced].")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="YAML preset (see configs/); explicit flags win over it.")] = None,
+    masks_path: Annotated[Path | None, typer.Option("--masks", help="Reapply these masks instead of ranking.")] = None,
+    checkpoint: C.CheckpointOpt = None,
+    num_classes: C.NumClassesOpt = None,
+    pretrained_cfg: C.PretrainedCfgOpt = None,
+    mean: C.MeanOpt = None,
+    std: C.StdOpt = None,
+    input_size: C.InputSizeOpt = None,
+    interpolation: C.InterpOpt = None,
+    crop_pct: C.CropPctOpt = None,
+    crop_mode: C.CropModeOpt = None,
+    device: C.DeviceOpt = "auto",
+    batch_size: C.BatchSizeOpt = 32,
+    workers: C.WorkersOpt = C.DEFAULT_WORKERS,
+    overwrite: C.OverwriteOpt = False,
+    json_out: C.JsonOpt = False,
+) -> None:
+    """Prune MODEL with CORP: remove MLP units and Q/K dims, fold the closed-form compensation in."""
+    t0 = time.perf_counter()
+    if qk_fold not in (None, "balanced", "q"):
+        raise InputError(f"--qk-fold must be balanced or q, got {qk_fold!r}")
+    opts = build_options(
+        config,
+        {
+            "sparsity": sparsity, "mlp_sparsity": mlp_sparsity, "attn_sparsity": attn_sparsity, "target": target,
+            "ranker": ranker, "qk_ranker": qk_ranker, "lam": _lambda(lam),
+            "compensation": False if no_compensation else None, "round_to": round_to, "min_keep": min_keep,
+            "min_qk_dim": min_qk_dim, "qk_balanced": None if qk_fold is None else qk_fold == "balanced",
+        },
+    )
+    check_out_dir(out, overwrite=overwrite)
+    overrides = C.preprocessing_overrides(mean, std, input_size, interpolation, crop_pct, crop_mode)
+    calibrated_here = stats_path is None
+    if stats_path is not None:
+        if calib_data is not None:
+            raise InputError("give either --stats or --calib-data, not both")
+        stats = Statistics.load(C.existing_file(stats_path, "--stats"))
+        loaded, prep = load_model_and_preprocessing(model, checkpoint, num_classes, pretrained_cfg, overrides, device)
+        check_matches(stats, loaded.identity)
+    else:
+        stats, loaded, prep, _ = run_calibration(
+            model, data=calib_data or DEFAULT_DATA, samples=samples, seed=seed, shard=None, checkpoint=checkpoint,
+            num_classes=num_classes, pretrained_cfg=pretrained_cfg, overrides=overrides, device=device,
+            batch_size=batch_size, workers=workers, parts=("mlp", "attn") if opts.prune_attn else ("mlp",),
+            precision="float32",
+        )
+    masks, blocks, before, after = run_prune(loaded, stats, opts, masks_path)
+    arch = architecture(loaded.model, loaded.identity.name, {"num_classes": loaded.identity.num_classes})
+    provenance = {
+        "base": loaded.identity.to_dict(),
+        "stats": {k: stats.meta[k] for k in ("data", "images", "tokens", "synthetic", "seed", "shards", "tool_version")},
+        "options": opts.to_dict(),
+        "preprocessing": prep.to_dict(),
+        "classes": loaded.checkpoint_meta.get("classes"),
+    }
+    shapes = stats.meta["block_shapes"]
+    with atomic_dir(out) as tmp:
+        if calibrated_here:
+            stats.save(tmp / STATS_FILE)
+        fingerprint = stats.fingerprint()
+        provenance["stats"]["fingerprint"] = fingerprint
+        save_masks(tmp / MASKS_FILE, masks, identity=loaded.identity, shapes=shapes, options=opts.to_dict(), stats_fingerprint=fingerprint)
+        save_pruned(tmp / MODEL_FILE, loaded.model.cpu(), arch, provenance)
+        report = _report(loaded, stats, opts, blocks, before, after, time.perf_counter() - t0, fingerprint)
+        write_json_atomic(tmp / REPORT_FILE, report)
+    if json_out:
+        C.emit_json({"out": str(out), **report})
+    else:
+        _print_summary(out, report)
+
+
+def _report(
+    loaded: Any, stats: Statistics, opts: PruneOptions, blocks: list[dict[str, Any]],
+    before: dict[str, Any], after: dict[str, Any], seconds: float, fingerprint: str,
+) -> dict[str, Any]:
+    return {
+        "corp_version": __version__,
+        "model": loaded.identity.to_dict(),
+        "stats": {"fingerprint": fingerprint, "images": stats.meta["images"], "tokens": stats.meta["tokens"],
+                  "synthetic": stats.meta["synthetic"], "data": stats.meta["data"]},
+        "synthetic": stats.meta["synthetic"],
+        "options": opts.to_dict(),
+        "blocks": blocks,
+        "totals": {
+            "params_before": before["params"],
+            "params_after": after["params"],
+            "flops_before": before["flops"],
+            "flops_after": after["flops"],
+            "flops_reduction": 1.0 - after["flops"] / before["flops"],
+            "params_reduction": 1.0 - after["params"] / before["params"],
+        },
+        "seconds": round(seconds, 3),
+    }
+
+
+def _print_summary(out: Path, report: dict[str, Any]) -> None:
+    table = Table(title=f"corp prune -> {out}", show_lines=False)
+    for col in ("block", "mlp kept", "mlp err (comp / none)", "qk kept", "logit err (comp / none)"):
+        table.add_column(col, justify="right")
+    for b in report["blocks"]:
+        mlp = b.get("mlp")
+        attn = b.get("attn")
+        table.add_row(
+            str(b["block"]),
+            f"{mlp['kept']}/{mlp['width']}" if mlp else "-",
+            f"{mlp['predicted_error_compensated']:.3g} / {mlp['predicted_error_uncompensated']:.3g}" if mlp else "-",
+            f"{attn['qk_kept']}/{attn['head_dim']}" if attn else "-",
+            f"{sum(attn['predicted_logit_error_compensated']):.3g} / {sum(attn['predicted_logit_error_uncompensated']):.3g}" if attn else "-",
+        )
+    C.out.print(table)
+    t = report["totals"]
+    synth = "  [SYNTHETIC calibration data]" if report["synthetic"] else ""
+    C.out.print(
+        f"params {t['params_before']:,} -> {t['params_after']:,} (-{100 * t['params_reduction']:.1f}%), "
+        f"FLOPs {t['flops_before'] / 1e9:.2f}G -> {t['flops_after'] / 1e9:.2f}G (-{100 * t['flops_reduction']:.1f}%), "
+        f"{report['seconds']:.1f}s{synth}"
+    )
+

@@ -1,0 +1,485 @@
+"""The CORP linear algebra, all of it: statistics, ranking, ridge and logit compensation, folding.
+
+Pure tensor functions: tensors in, tensors out, no I/O, no printing, no model objects.
+Every sum is accumulated, and every solve done, in ACC_DTYPE; results are cast back to
+the model dtype only by the caller, when folded into weights. Works on any device.
+The notation follows METHOD.md: h are MLP hidden activations, S the kept units, P the
+pruned ones, B/c the affine compensation, M the Q/K logit correction.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+# The one precision for accumulation and solves.
+ACC_DTYPE = torch.float64
+
+# |h| histogram for the active-energy ranker: bins follow the float exponent, with
+# HIST_SUB linear sub-bins per octave, covering 2^HIST_EXP_MIN .. 2^HIST_EXP_MAX; bin 0
+# also takes exact zeros and everything below the range, the last bin everything above.
+HIST_EXP_MIN = -24
+HIST_EXP_MAX = 16
+HIST_SUB = 4
+HIST_BINS = (HIST_EXP_MAX - HIST_EXP_MIN) * HIST_SUB + 1
+
+# Relative floor on ridge lambda: keeps the Cholesky factorisation defined on
+# rank-deficient covariances without visibly biasing well-conditioned ones.
+LAMBDA_REL_FLOOR = 1e-8
+# How many times a failed factorisation may raise lambda (x100 each) before giving up.
+LAMBDA_MAX_RETRIES = 8
+# A factorisation whose condition estimate exceeds this is treated as singular.
+COND_LIMIT = 1e12
+# Default relative ridge for the Q/K logit solve (relative to mean(a) * mean(b)).
+QK_LAMBDA_REL = 1e-6
+
+
+# --------------------------------------------------------------------------------------
+# Streaming sufficient statistics
+# --------------------------------------------------------------------------------------
+
+
+def abs_hist_bin_lower_edges(device: torch.device | str = "cpu") -> Tensor:
+    """Lower edge of every |h| histogram bin (bin 0's edge is 0)."""
+    k = torch.arange(HIST_BINS - 1, dtype=ACC_DTYPE, device=device)
+    exp = HIST_EXP_MIN + torch.div(k, HIST_SUB, rounding_mode="floor")
+    sub = k - (exp - HIST_EXP_MIN) * HIST_SUB
+    edges = torch.pow(2.0, exp) * (1.0 + sub / HIST_SUB)
+    return torch.cat([torch.zeros(1, dtype=ACC_DTYPE, device=device), edges])
+
+
+def _abs_hist_bins(h: Tensor) -> Tensor:
+    """Bin index of every |h| (same shape as h), read straight off the float32 bit pattern.
+
+    For IEEE float32 the bits above the top log2(HIST_SUB) mantissa bits are exactly
+    (biased exponent, linear sub-octave bin), so one shift replaces log/frexp.
+    """
+    shift = 23 - int(math.log2(HIST_SUB))
+    bits = (h.float().contiguous().view(torch.int32) & 0x7FFFFFFF) >> shift
+    idx = bits - ((127 + HIST_EXP_MIN) * HIST_SUB - 1)
+    return idx.clamp_(0, HIST_BINS - 1)
+
+
+def sym_gram(x: Tensor, chunks: int = 4) -> Tensor:
+    """x^T x computing only the upper block triangle (about 5/8 of the work for 4 chunks)."""
+    d = x.shape[1]
+    if d < 256 or chunks < 2:
+        return x.T @ x
+    edges = [d * i // chunks for i in range(chunks + 1)]
+    out = torch.empty(d, d, dtype=x.dtype, device=x.device)
+    for i in range(chunks):
+        a = x[:, edges[i] : edges[i + 1]]
+        for j in range(i, chunks):
+            blk = a.T @ x[:, edges[j] : edges[j + 1]]
+            out[edges[i] : edges[i + 1], edges[j] : edges[j + 1]] = blk
+            if j != i:
+                out[edges[j] : edges[j + 1], edges[i] : edges[i + 1]] = blk.T
+    return out
+
+
+def mlp_batch_stats(h: Tensor, product_dtype: torch.dtype = ACC_DTYPE) -> dict[str, Tensor]:
+    """Sums over one batch of hidden activations h (..., D): count, sum, Gram, |h| histogram.
+
+    The Gram product may run in float32 (`product_dtype`) and is then added into float64
+    sums: one batch's rounding error is tiny next to the calibration noise.
+    """
+    h2 = h.reshape(-1, h.shape[-1])
+    n, d = h2.shape
+    hp = h2.to(product_dtype)
+    gram = sym_gram(hp).to(ACC_DTYPE)
+    total = h2.to(ACC_DTYPE).sum(0)
+    # int32 offsets keep bincount on its fast int32 path (d * HIST_BINS is far below 2^31)
+    bins = _abs_hist_bins(h2) + torch.arange(d, device=h.device, dtype=torch.int32) * HIST_BINS
+    hist = torch.bincount(bins.reshape(-1), minlength=d * HIST_BINS).reshape(d, HIST_BINS).to(torch.int64)
+    return {
+        "count": torch.tensor([n], dtype=torch.int64, device=h.device),
+        "sum": total,
+        "gram": gram,
+        "abs_hist": hist,
+    }
+
+
+def qk_batch_stats(q: Tensor, k: Tensor, product_dtype: torch.dtype = ACC_DTYPE) -> dict[str, Tensor]:
+    """Per-head sums over one batch of queries/keys shaped (B, H, N, d).
+
+    Full per-head second moments (for the logit solve and its error), and the same-token
+    sum of q_j^2 k_j^2 (for the joint ranker).
+    """
+    b, nh, t, d = q.shape
+    qh = q.transpose(0, 1).reshape(nh, b * t, d)
+    kh = k.transpose(0, 1).reshape(nh, b * t, d)
+    qp, kp = qh.to(product_dtype), kh.to(product_dtype)
+    return {
+        "count": torch.tensor([b * t], dtype=torch.int64, device=q.device),
+        "q_gram": torch.bmm(qp.transpose(1, 2), qp).to(ACC_DTYPE),
+        "k_gram": torch.bmm(kp.transpose(1, 2), kp).to(ACC_DTYPE),
+        "qk_sq": (qh.to(ACC_DTYPE).square() * kh.to(ACC_DTYPE).square()).sum(1),
+    }
+
+
+def add_stats(acc: dict[str, Tensor] | None, new: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Sufficient statistics are plain sums: accumulating, and merging shards, is addition."""
+    if acc is None:
+        return {k: v.clone() for k, v in new.items()}
+    for k, v in new.items():
+        acc[k] += v
+    return acc
+
+
+@dataclass(frozen=True)
+class Moments:
+    """Mean, centred covariance and uncentred second moment of the MLP hidden units."""
+
+    n: int
+    mean: Tensor  # (D,)
+    cov: Tensor  # (D, D)  Q/n - mu mu^T
+    second: Tensor  # (D, D)  Q/n
+
+
+def mlp_moments(stats: dict[str, Tensor]) -> Moments:
+    n = int(stats["count"].sum())
+    if n <= 0:
+        raise ValueError("statistics hold no samples")
+    second = stats["gram"].to(ACC_DTYPE) / n
+    second = 0.5 * (second + second.T)
+    mean = stats["sum"].to(ACC_DTYPE) / n
+    cov = second - torch.outer(mean, mean)
+    return Moments(n=n, mean=mean, cov=cov, second=second)
+
+
+# --------------------------------------------------------------------------------------
+# How many to keep, and which
+# --------------------------------------------------------------------------------------
+
+
+def keep_count(width: int, sparsity: float, *, round_to: int = 1, min_keep: int = 1) -> int:
+    """Survivor count: width - floor(sparsity * width), rounded to a multiple of round_to.
+
+    Rounding goes to the nearest multiple (ties up), never below round_to or min_keep and
+    never above width.
+    """
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    keep = width - math.floor(sparsity * width + 1e-9)
+    if round_to > 1 and keep < width:
+        keep = max(round_to, int(math.floor(keep / round_to + 0.5)) * round_to)
+    keep = max(keep, min_keep)
+    return min(keep, width)
+
+
+def select_top(scores: Tensor, keep: int) -> Tensor:
+    """Indices of the `keep` highest scores, ascending; ties broken by lower index (deterministic)."""
+    order = torch.sort(-scores.to(ACC_DTYPE), stable=True).indices
+    return torch.sort(order[:keep]).values
+
+
+def complement(keep: Tensor, width: int) -> Tensor:
+    mask = torch.ones(width, dtype=torch.bool, device=keep.device)
+    mask[keep] = False
+    return torch.nonzero(mask).flatten()
+
+
+def energy_scores(stats: dict[str, Tensor]) -> Tensor:
+    """E[h_j^2]."""
+    return torch.diagonal(stats["gram"]).to(ACC_DTYPE) / int(stats["count"].sum())
+
+
+def active_energy_scores(stats: dict[str, Tensor], eps_rel: float = 0.01) -> Tensor:
+    """E[h_j^2] * P(|h_j| > eps_j), eps_j = eps_rel * RMS_j.
+
+    P is read off the |h| histogram: counts in the bins whose lower edge is >= eps_j, so
+    eps_j is effectively rounded up to the next bin edge (at most 1/HIST_SUB of an octave).
+    """
+    energy = energy_scores(stats)
+    eps = eps_rel * energy.sqrt()
+    hist = stats["abs_hist"].to(ACC_DTYPE)
+    edges = abs_hist_bin_lower_edges(hist.device)
+    above = edges[None, :] >= eps[:, None]
+    frac = (hist * above).sum(1) / hist.sum(1).clamp_min(1)
+    return energy * frac
+
+
+def magnitude_scores(w1: Tensor, w2: Tensor) -> Tensor:
+    """||W1[j,:]|| * ||W2[:,j]||."""
+    return w1.to(ACC_DTYPE).norm(dim=1) * w2.to(ACC_DTYPE).norm(dim=0)
+
+
+def obs_scores(w2: Tensor, cov: Tensor, lam: float) -> Tensor:
+    """Error left after compensating unit j alone: ||W2[:,j]||^2 / [(Sigma + lam I)^-1]_jj."""
+    inv = _spd_inverse(cov, lam)
+    return w2.to(ACC_DTYPE).square().sum(0) / torch.diagonal(inv)
+
+
+def obs_greedy_keep(w2: Tensor, cov: Tensor, lam: float, keep: int) -> Tensor:
+    """Greedy OBS: remove the unit whose compensated removal costs least, update, repeat.
+
+    After each removal the inverse is downdated and W2 gets that unit's compensation
+    folded in, so later choices see the error that really remains.
+    """
+    width = cov.shape[0]
+    inv = _spd_inverse(cov, lam)
+    w = w2.to(ACC_DTYPE).clone()
+    alive = torch.ones(width, dtype=torch.bool, device=cov.device)
+    big = torch.tensor(float("inf"), dtype=ACC_DTYPE, device=cov.device)
+    for _ in range(width - keep):
+        diag = torch.diagonal(inv)
+        score = torch.where(alive, w.square().sum(0) / diag, big)
+        j = int(torch.argmin(score))
+        # h_j ~= -inv[j,S]/inv[j,j] . h_S (+ const): fold into W2, then drop j from the inverse
+        coef = -inv[j] / inv[j, j]
+        w += torch.outer(w[:, j], coef)
+        inv -= torch.outer(inv[:, j], inv[j]) / inv[j, j]
+        alive[j] = False
+        inv[j, :] = 0
+        inv[:, j] = 0
+        inv[j, j] = 1.0
+        w[:, j] = 0
+    return torch.nonzero(alive).flatten()
+
+
+def qk_energy_scores(stats: dict[str, Tensor]) -> Tensor:
+    """E[q_j^2] * E[k_j^2] per head: (H, d)."""
+    n = int(stats["count"].sum())
+    q = torch.diagonal(stats["q_gram"], dim1=-2, dim2=-1).to(ACC_DTYPE) / n
+    k = torch.diagonal(stats["k_gram"], dim1=-2, dim2=-1).to(ACC_DTYPE) / n
+    return q * k
+
+
+def qk_joint_scores(stats: dict[str, Tensor]) -> Tensor:
+    """Same-token E[q_j^2 k_j^2] per head: (H, d)."""
+    return stats["qk_sq"].to(ACC_DTYPE) / int(stats["count"].sum())
+
+
+def qk_magnitude_scores(wq: Tensor, wk: Tensor, num_heads: int) -> Tensor:
+    """||W_Q[j,:]|| * ||W_K[j,:]|| per head dim: (H, d)."""
+    nq = wq.to(ACC_DTYPE).norm(dim=1).reshape(num_heads, -1)
+    nk = wk.to(ACC_DTYPE).norm(dim=1).reshape(num_heads, -1)
+    return nq * nk
+
+
+def select_top_per_head(scores: Tensor, keep: int) -> Tensor:
+    """(H, keep) kept dims per head, ascending within each head."""
+    return torch.stack([select_top(s, keep) for s in scores])
+
+
+# --------------------------------------------------------------------------------------
+# MLP: affine ridge compensation
+# --------------------------------------------------------------------------------------
+
+
+def oas_lambda(sigma_ss: Tensor, n: int, lambda0: float = 0.0) -> float:
+    """OAS-style shrinkage scaled to the data (METHOD.md §1): max(lambda0, rho * tr(S)/p)."""
+    s = sigma_ss.to(ACC_DTYPE)
+    p = s.shape[0]
+    tr = float(torch.trace(s))
+    tr2 = float((s * s).sum())  # tr(S^2) for symmetric S
+    floor = max(lambda0, LAMBDA_REL_FLOOR * tr / max(p, 1))
+    if p == 0 or tr <= 0.0:
+        return max(floor, 1e-12)
+    denom = (n + 1.0 - 2.0 / p) * (tr2 - tr * tr / p)
+    num = (1.0 - 2.0 / p) * tr2 + tr * tr
+    rho = 1.0 if denom <= 0.0 else min(1.0, num / denom)
+    return max(floor, rho * tr / p)
+
+
+@dataclass(frozen=True)
+class RidgeSolution:
+    b: Tensor  # (|P|, |S|)
+    c: Tensor  # (|P|,)
+    lam: float  # the lambda actually used (may have been raised)
+    cond_estimate: float  # (max/min Cholesky diagonal)^2 of Sigma_SS + lambda I
+
+
+def _cholesky_with_retries(a: Tensor, lam: float) -> tuple[Tensor, float]:
+    """Cholesky of a + lam*I, raising lam until it factorises and is not near-singular.
+
+    Never gives up silently: raising lambda is logged, and a matrix that cannot be made
+    well posed raises ArithmeticError.
+    """
+    eye = torch.eye(a.shape[0], dtype=ACC_DTYPE, device=a.device)
+    scale = float(torch.diagonal(a).abs().mean()) if a.numel() else 1.0
+    lam_try = lam
+    for attempt in range(LAMBDA_MAX_RETRIES + 1):
+        chol, info = torch.linalg.cholesky_ex(a + lam_try * eye)
+        if int(info) == 0 and _cond_from_cholesky(chol) <= COND_LIMIT:
+            if attempt:
+                log.warning("ridge solve was ill-conditioned; lambda raised from %.3g to %.3g", lam, lam_try)
+            return chol, lam_try
+        lam_try = max(lam_try * 100.0, LAMBDA_REL_FLOOR * max(scale, 1e-30), 1e-12)
+    raise ArithmeticError(f"covariance could not be factorised even with lambda={lam_try:.3g}")
+
+
+def _cond_from_cholesky(chol: Tensor) -> float:
+    """Cheap condition estimate (max/min diag L)^2: a lower bound that flags near-singularity."""
+    diag = torch.diagonal(chol)
+    if diag.numel() == 0:
+        return 1.0
+    low = float(diag.min())
+    return float("inf") if low <= 0.0 else float(diag.max() / low) ** 2
+
+
+def _spd_inverse(a: Tensor, lam: float) -> Tensor:
+    chol, _ = _cholesky_with_retries(a.to(ACC_DTYPE), lam)
+    return torch.cholesky_inverse(chol)
+
+
+def ridge_compensation(m: Moments, keep: Tensor, prune: Tensor, lam: float) -> RidgeSolution:
+    """h_P ~= B h_S + c with B = Sigma_PS (Sigma_SS + lam I)^-1, c = mu_P - B mu_S."""
+    sigma_ss = m.cov[keep][:, keep]
+    sigma_sp = m.cov[keep][:, prune]
+    chol, lam_used = _cholesky_with_retries(sigma_ss, lam)
+    b = torch.cholesky_solve(sigma_sp, chol).T  # (|P|, |S|); Sigma_SS symmetric
+    c = m.mean[prune] - b @ m.mean[keep]
+    return RidgeSolution(b=b, c=c, lam=lam_used, cond_estimate=_cond_from_cholesky(chol))
+
+
+def mlp_predicted_error(
+    w2: Tensor, m: Moments, keep: Tensor, prune: Tensor, b: Tensor | None
+) -> float:
+    """Expected ||y_dense - y_pruned||^2 per token on the calibration distribution.
+
+    Compensated: tr(W2_P R W2_P^T), R = Cov(h_P - B h_S). Uncompensated (B = 0, c = 0):
+    the removed units' whole contribution, mean included: tr(W2_P E[h_P h_P^T] W2_P^T).
+    """
+    w2p = w2.to(ACC_DTYPE)[:, prune]
+    if b is None:
+        r = m.second[prune][:, prune]
+    else:
+        spp = m.cov[prune][:, prune]
+        sps = m.cov[prune][:, keep]
+        sss = m.cov[keep][:, keep]
+        bs = b @ sps.T
+        r = spp - bs - bs.T + b @ sss @ b.T
+    return float(torch.einsum("oi,ij,oj->", w2p, r, w2p))
+
+
+def fold_mlp(
+    w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
+    keep: Tensor, prune: Tensor, sol: RidgeSolution | None,
+) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
+    """Narrow fc1 to S and fold the compensation into fc2 (W2' = W2_S + W2_P B, b2' = b2 + W2_P c)."""
+    dtype = w2.dtype
+    w1n = w1[keep].clone()
+    b1n = b1[keep].clone() if b1 is not None else None
+    w2a = w2.to(ACC_DTYPE)
+    w2n = w2a[:, keep]
+    b2n = b2.to(ACC_DTYPE).clone() if b2 is not None else None
+    if sol is not None:
+        w2p = w2a[:, prune]
+        w2n = w2n + w2p @ sol.b
+        shift = w2p @ sol.c
+        b2n = shift if b2n is None else b2n + shift
+    return w1n, b1n, w2n.to(dtype), (b2n.to(dtype) if b2n is not None else None)
+
+
+# --------------------------------------------------------------------------------------
+# Attention: Q/K logit compensation
+# --------------------------------------------------------------------------------------
+
+
+def _gather_blocks(g: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """g (H, d, d), rows (H, r), cols (H, c) -> (H, r, c) with g[h, rows[h]][:, cols[h]]."""
+    h = torch.arange(g.shape[0], device=g.device)[:, None, None]
+    return g[h, rows[:, :, None], cols[:, None, :]]
+
+
+@dataclass(frozen=True)
+class QKSolution:
+    m: Tensor  # (H, ds, ds)
+    lam: Tensor  # (H,) lambda used per head
+    err_compensated: Tensor  # (H,) expected squared logit error (scaled logits)
+    err_uncompensated: Tensor  # (H,)
+
+
+def qk_compensation(
+    q_second: Tensor, k_second: Tensor, keep: Tensor, prune: Tensor,
+    *, lam: float | None = None, scale: float = 1.0, compensate: bool = True,
+) -> QKSolution:
+    """Solve G_Q M G_K + lam M = C_Q C_K per head by eigendecomposition, O(d^3).
+
+    q_second/k_second: uncentred second moments E[q q^T], E[k k^T], (H, d, d).
+    keep/prune: (H, ds) and (H, dp) dim indices. lam=None picks QK_LAMBDA_REL * mean(a) mean(b).
+    Errors are E[(logit_dense - logit_pruned)^2] over independent (query, key) pairs,
+    in logits scaled by `scale` (the softmax scale, d^-1/2).
+    """
+    gq = q_second.to(ACC_DTYPE)
+    gk = k_second.to(ACC_DTYPE)
+    gq_ss = _gather_blocks(gq, keep, keep)
+    gk_ss = _gather_blocks(gk, keep, keep)
+    gq_pp = _gather_blocks(gq, prune, prune)
+    gk_pp = _gather_blocks(gk, prune, prune)
+    rhs = _gather_blocks(gq, keep, prune) @ _gather_blocks(gk, prune, keep)  # C_Q C_K
+    base = torch.einsum("hij,hji->h", gq_pp, gk_pp)  # E[(q_P^T k_P)^2]
+    ds = keep.shape[1]
+    if not compensate or prune.shape[1] == 0:
+        zero = torch.zeros(keep.shape[0], ds, ds, dtype=ACC_DTYPE, device=gq.device)
+        lam_t = torch.zeros(keep.shape[0], dtype=ACC_DTYPE, device=gq.device)
+        err = base * scale**2
+        return QKSolution(m=zero, lam=lam_t, err_compensated=err, err_uncompensated=err)
+    a, u = torch.linalg.eigh(gq_ss)
+    b, v = torch.linalg.eigh(gk_ss)
+    a = a.clamp_min(0)  # PSD up to rounding
+    b = b.clamp_min(0)
+    if lam is None:
+        lam_t = QK_LAMBDA_REL * a.mean(-1) * b.mean(-1)
+    else:
+        lam_t = torch.full((keep.shape[0],), float(lam), dtype=ACC_DTYPE, device=gq.device)
+    lam_t = torch.where(lam_t > 0, lam_t, torch.full_like(lam_t, 1e-30))
+    denom = a[:, :, None] * b[:, None, :] + lam_t[:, None, None]
+    mt = (u.transpose(1, 2) @ rhs @ v) / denom
+    m = u @ mt @ v.transpose(1, 2)
+    quad = torch.einsum("hji,hjk,hkl,hil->h", m, gq_ss, m, gk_ss)  # tr(M^T G_Q M G_K)
+    cross = torch.einsum("hij,hij->h", m, rhs)  # tr(M^T C_Q C_K)
+    err = (quad - 2.0 * cross + base).clamp_min(0)
+    return QKSolution(m=m, lam=lam_t, err_compensated=err * scale**2, err_uncompensated=base * scale**2)
+
+
+def fold_qk(
+    wq: Tensor, bq: Tensor | None, wk: Tensor, bk: Tensor | None,
+    keep: Tensor, m: Tensor, *, balanced: bool = True,
+) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
+    """Fold (I + M_h) into each head's kept Q/K rows; wq/wk are (H*d, dim), keep (H, ds).
+
+    q'^T k' must equal q_S^T (I + M) k_S. Unbalanced: W_Q' = (I+M)^T W_Q[S], W_K' = W_K[S].
+    Balanced: (I+M) = U s V^T, W_Q' = (U s^1/2)^T W_Q[S], W_K' = (V s^1/2)^T W_K[S], which keeps
+    both factors at similar magnitude (kinder to low precision). No symmetrisation either way.
+    """
+    nh, ds = keep.shape
+    d = wq.shape[0] // nh
+    rows = (torch.arange(nh, device=keep.device)[:, None] * d + keep).reshape(-1)
+    dtype = wq.dtype
+    wq_s = wq.to(ACC_DTYPE)[rows].reshape(nh, ds, -1)
+    wk_s = wk.to(ACC_DTYPE)[rows].reshape(nh, ds, -1)
+    bq_s = bq.to(ACC_DTYPE)[rows].reshape(nh, ds, 1) if bq is not None else None
+    bk_s = bk.to(ACC_DTYPE)[rows].reshape(nh, ds, 1) if bk is not None else None
+    t = torch.eye(ds, dtype=ACC_DTYPE, device=m.device) + m.to(ACC_DTYPE)
+    if balanced:
+        u, s, vh = torch.linalg.svd(t)
+        root = s.sqrt()[:, None, :]
+        left = (u * root).transpose(1, 2)  # (U s^1/2)^T
+        right = (vh.transpose(1, 2) * root).transpose(1, 2)  # (V s^1/2)^T
+    else:
+        left = t.transpose(1, 2)
+        right = None
+
+    def apply(mat: Tensor | None, x: Tensor | None) -> Tensor | None:
+        if x is None:
+            return None
+        return x if mat is None else mat @ x
+
+    wq_n = apply(left, wq_s).reshape(nh * ds, -1).to(dtype)
+    wk_n = apply(right, wk_s).reshape(nh * ds, -1).to(dtype)
+    bq_n = apply(left, bq_s)
+    bk_n = apply(right, bk_s)
+    return (
+        wq_n,
+        bq_n.reshape(-1).to(dtype) if bq_n is not None else None,
+        wk_n,
+        bk_n.reshape(-1).to(dtype) if bk_n is not None else None,
+    )

@@ -1,0 +1,59 @@
+"""Map image-folder class names to classifier indices.
+
+ImageNet synsets go through timm's own class list so indices always match timm's
+ImageNet-1k heads; there is deliberately no hand-copied class table here.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+from collections.abc import Iterable, Sequence
+
+from corp_cli.errors import InputError
+
+log = logging.getLogger(__name__)
+
+_SYNSET_RE = re.compile(r"n\d{8}")
+
+
+@functools.lru_cache(maxsize=1)
+def _imagenet_index() -> dict[str, int]:
+    from timm.data import ImageNetInfo
+
+    # timm 1.0 has no name->index lookup, only index->name and the ordered list of names.
+    return {name: i for i, name in enumerate(ImageNetInfo("imagenet-1k").label_names())}
+
+
+def synset_to_imagenet_index(name: str) -> int | None:
+    """ImageNet-1k class index of a WordNet synset id like 'n01440764'; None if it is not one."""
+    if not _SYNSET_RE.fullmatch(name):
+        return None
+    return _imagenet_index().get(name)
+
+
+def folder_label_map(folder_names: Iterable[str], class_names: Sequence[str] | None = None) -> dict[str, int]:
+    """Label index for each folder name.
+
+    All folders ImageNet-1k synsets -> timm's ImageNet index; else, with `class_names`
+    (e.g. from a checkpoint's metadata), each folder's position in that list; else sorted
+    folder names -> 0..K-1, as torchvision's ImageFolder does.
+    """
+    names = sorted(set(folder_names))
+    if not names:
+        return {}
+    synsets = {n: synset_to_imagenet_index(n) for n in names}
+    if all(i is not None for i in synsets.values()):
+        return {n: i for n, i in synsets.items() if i is not None}
+    if class_names is not None:
+        index = {c: i for i, c in enumerate(class_names)}
+        unknown = [n for n in names if n not in index]
+        if unknown:
+            raise InputError(f"class folder(s) {unknown[:5]} not among the model's class names {list(class_names)[:10]}")
+        return {n: index[n] for n in names}
+    if any(i is not None for i in synsets.values()):
+        # Some but not all folders are synsets: numbering them 0..K-1 would silently
+        # disagree with an ImageNet head, so say so.
+        log.warning("only some class folders are ImageNet synsets; labelling folders 0..K-1 in sorted order")
+    return {n: i for i, n in enumerate(names)}

@@ -1,0 +1,199 @@
+"""The statistics artifact: per-block float64 sums, their provenance, validation and merging."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from corp_cli import __version__, engine
+from corp_cli.artifacts import FORMAT_VERSION, read_safetensors, save_safetensors_atomic, sha256_file
+from corp_cli.errors import ArtifactError
+from corp_cli.models import ModelIdentity
+
+KIND = "stats"
+
+# name -> (dtype, shape builder from the block shape dict)
+_MLP_FIELDS = {
+    "count": (torch.int64, lambda s: (1,)),
+    "sum": (torch.float64, lambda s: (s["mlp_hidden"],)),
+    "gram": (torch.float64, lambda s: (s["mlp_hidden"], s["mlp_hidden"])),
+    "abs_hist": (torch.int64, lambda s: (s["mlp_hidden"], engine.HIST_BINS)),
+}
+_ATTN_FIELDS = {
+    "count": (torch.int64, lambda s: (1,)),
+    "q_gram": (torch.float64, lambda s: (s["num_heads"], s["head_dim"], s["head_dim"])),
+    "k_gram": (torch.float64, lambda s: (s["num_heads"], s["head_dim"], s["head_dim"])),
+    "qk_sq": (torch.float64, lambda s: (s["num_heads"], s["head_dim"])),
+}
+FIELDS = {"mlp": _MLP_FIELDS, "attn": _ATTN_FIELDS}
+
+
+def hist_spec() -> dict[str, int]:
+    return {"exp_min": engine.HIST_EXP_MIN, "exp_max": engine.HIST_EXP_MAX, "sub": engine.HIST_SUB}
+
+
+@dataclass
+class Statistics:
+    """Sums per block and part ('mlp', 'attn'), plus metadata (provenance, shapes, shards)."""
+
+    blocks: list[dict[str, dict[str, Tensor]]]
+    meta: dict[str, Any]
+    path: Path | None = None
+    file_sha256: str | None = None
+
+    @property
+    def identity(self) -> ModelIdentity:
+        return ModelIdentity.from_dict(self.meta["model"])
+
+    @property
+    def parts(self) -> list[str]:
+        return list(self.meta["parts"])
+
+    def fingerprint(self) -> str:
+        """Identifies these statistics: the file's sha256 once saved or loaded."""
+        return f"sha256:{self.file_sha256}" if self.file_sha256 else "unsaved"
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {f"blocks.{i}.{part}.{k}": v for i, b in enumerate(self.blocks) for part, d in b.items() for k, v in d.items()}
+
+    def save(self, path: Path) -> None:
+        save_safetensors_atomic(path, self.tensors(), self.meta)
+        self.path = Path(path)
+        self.file_sha256 = sha256_file(path)
+
+    @staticmethod
+    def load(path: Path) -> Statistics:
+        tensors, meta = read_safetensors(path, kind=KIND)
+        blocks = _validate(tensors, meta, Path(path))
+        return Statistics(blocks=blocks, meta=meta, path=Path(path), file_sha256=sha256_file(path))
+
+
+def new_meta(
+    *, identity: ModelIdentity, shapes: list[dict[str, int]], parts: list[str], preprocessing: dict[str, Any],
+    data: dict[str, Any], images: int, tokens: int, seed: int, shard: tuple[int, int] | None,
+    product_dtype: str, skipped_images: int = 0,
+) -> dict[str, Any]:
+    index, count = shard if shard is not None else (0, 1)
+    return {
+        "kind": KIND,
+        "format_version": FORMAT_VERSION,
+        "tool_version": __version__,
+        "model": identity.to_dict(),
+        "block_shapes": shapes,
+        "parts": parts,
+        "preprocessing": preprocessing,
+        "data": data,
+        "synthetic": bool(data.get("synthetic", False)),
+        "images": images,
+        "tokens": tokens,
+        "skipped_images": skipped_images,
+        "seed": seed,
+        "shards": {"indices": [index], "count": count},
+        "product_dtype": product_dtype,
+        "hist": hist_spec(),
+    }
+
+
+def _validate(tensors: dict[str, Tensor], meta: dict[str, Any], path: Path) -> list[dict[str, dict[str, Tensor]]]:
+    try:
+        shapes = meta["block_shapes"]
+        parts = meta["parts"]
+        ModelIdentity.from_dict(meta["model"])
+        shards = meta["shards"]
+        if not isinstance(shapes, list) or not shapes or not isinstance(parts, list) or not parts:
+            raise ValueError("empty block_shapes or parts")
+        if set(parts) - set(FIELDS):
+            raise ValueError(f"unknown parts {sorted(set(parts) - set(FIELDS))}")
+        if meta.get("hist") != hist_spec():
+            raise ValueError("histogram layout differs from this corp version")
+        if not (isinstance(shards["count"], int) and shards["count"] >= 1 and shards["indices"]):
+            raise ValueError("bad shard record")
+    except (KeyError, TypeError, ValueError) as e:
+        raise ArtifactError(f"{path}: invalid statistics metadata ({e})") from None
+    expected = {
+        f"blocks.{i}.{part}.{name}": (dtype, shape_fn)
+        for i, s in enumerate(shapes) for part in parts for name, (dtype, shape_fn) in FIELDS[part].items()
+    }
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise ArtifactError(f"{path}: statistics tensors do not match their metadata (missing {missing[:3]}, unexpected {extra[:3]})")
+    blocks: list[dict[str, dict[str, Tensor]]] = [{p: {} for p in parts} for _ in shapes]
+    for key, (dtype, shape_fn) in expected.items():
+        t = tensors[key]
+        _, i, part, name = key.split(".")
+        try:
+            want = tuple(int(x) for x in shape_fn(shapes[int(i)]))
+        except (KeyError, TypeError, ValueError):
+            raise ArtifactError(f"{path}: invalid block shape record for block {i}") from None
+        if t.dtype != dtype or tuple(t.shape) != want:
+            raise ArtifactError(f"{path}: tensor {key} is {t.dtype}{tuple(t.shape)}, expected {dtype}{want}")
+        if t.dtype.is_floating_point and not bool(torch.isfinite(t).all()):
+            raise ArtifactError(f"{path}: tensor {key} holds NaN or Inf")
+        if name == "count" and int(t.sum()) <= 0:
+            raise ArtifactError(f"{path}: tensor {key} counts no samples")
+        blocks[int(i)][part][name] = t
+    return blocks
+
+
+def merge(items: list[Statistics]) -> Statistics:
+    """Add statistics from shards of one calibration set; refuse anything else."""
+    if len(items) < 2:
+        raise ArtifactError("merge needs at least two statistics files")
+    first = items[0]
+    keys = ("model", "block_shapes", "parts", "preprocessing", "product_dtype", "hist")
+    seen: set[int] = set()
+    for st in items:
+        name = st.path or "input"
+        for k in keys:
+            if st.meta[k] != first.meta[k]:
+                raise ArtifactError(
+                    f"cannot merge {name} with {first.path}: different {k} "
+                    f"({_short(st.meta[k])} vs {_short(first.meta[k])})"
+                )
+        if st.meta["data"].get("base_fingerprint") != first.meta["data"].get("base_fingerprint"):
+            raise ArtifactError(f"cannot merge {name} with {first.path}: they come from different calibration data selections")
+        if st.meta["shards"]["count"] != first.meta["shards"]["count"]:
+            raise ArtifactError(f"cannot merge {name} with {first.path}: different shard counts")
+        overlap = seen & set(st.meta["shards"]["indices"])
+        if overlap:
+            raise ArtifactError(f"cannot merge {name}: shard(s) {sorted(overlap)} are already included (overlapping shards)")
+        seen |= set(st.meta["shards"]["indices"])
+    blocks = [
+        {part: {k: sum((st.blocks[i][part][k] for st in items[1:]), first.blocks[i][part][k].clone()) for k in d} for part, d in b.items()}
+        for i, b in enumerate(first.blocks)
+    ]
+    meta = dict(first.meta)
+    meta["tool_version"] = __version__
+    meta["images"] = sum(int(st.meta["images"]) for st in items)
+    meta["tokens"] = sum(int(st.meta["tokens"]) for st in items)
+    meta["skipped_images"] = sum(int(st.meta.get("skipped_images", 0)) for st in items)
+    meta["shards"] = {"indices": sorted(seen), "count": first.meta["shards"]["count"]}
+    meta["data"] = {**first.meta["data"], "shard": None, "merged_from": [st.meta["data"].get("fingerprint") for st in items]}
+    return Statistics(blocks=blocks, meta=meta)
+
+
+def _short(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) < 80 else text[:77] + "..."
+
+
+def check_matches(stats: Statistics, identity: ModelIdentity, what: str = "model") -> None:
+    if stats.identity != identity:
+        raise ArtifactError(
+            f"statistics {stats.path} were computed for {stats.identity.name} ({stats.identity.checkpoint}, "
+            f"{stats.identity.num_classes} classes) but the {what} is {identity.name} ({identity.checkpoint}, "
+            f"{identity.num_classes} classes); recalibrate with the same model and checkpoint"
+        )
+
+
+def finite_or_raise(x: Tensor, where: str) -> None:
+    if not bool(torch.isfinite(x).all()):
+        from corp_cli.errors import NumericalError
+
+        raise NumericalError(f"non-finite activations (NaN or Inf) in {where}; check the checkpoint and input preprocessing")
+
