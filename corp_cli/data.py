@@ -15,12 +15,11 @@ Images that fail to decode are skipped with a warning and counted in `ImageSourc
 
 from __future__ import annotations
 
-import contextlib
 import io
 import hashlib
 import itertools
-import logging
 import os
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from corp_cli.artifacts import canonical_json
 from corp_cli.errors import InputError
+from corp_cli.hub import offline_from_env
 from corp_cli.labels import folder_label_map
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,6 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
 DEFAULT_SYNTHETIC_SAMPLES = 64
 SYNTHETIC_SIZE = 224
-_OFFLINE_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
 _ALTERNATIVES = "use --data PATH for a local image folder, or --data synthetic"
 
 
@@ -221,9 +220,7 @@ class _FolderSource(ImageSource):
             raise InputError(f"{spec}: no such directory")
         if not root.is_dir():
             raise InputError(f"{spec}: not a directory (expected an image folder, hf:NAME or synthetic)")
-        files = sorted(
-            (p.relative_to(root).as_posix() for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()),
-        )
+        files = _find_images(root)
         if not files:
             raise InputError(f"{spec} contains no images (jpg/jpeg/png/webp/bmp)")
 
@@ -266,6 +263,28 @@ class _FolderSource(ImageSource):
 # --------------------------------------------------------------------------- Hugging Face
 
 
+def _find_images(root: Path) -> list[str]:
+    """Sorted relative paths of the images under root, following symlinked folders.
+
+    Datasets are often assembled from symlinks; os.walk with followlinks plus a set of
+    visited real paths follows them without looping forever on a cycle.
+    """
+    found: list[str] = []
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames.sort()
+        rel = Path(dirpath).relative_to(root)
+        for name in filenames:
+            if Path(name).suffix.lower() in IMAGE_SUFFIXES and os.path.isfile(os.path.join(dirpath, name)):
+                found.append((rel / name).as_posix())
+    return sorted(found)
+
+
 class _HFSource(ImageSource):
     """A streamed `datasets` split; `samples` takes the first N rows (a stream has no cheap random subset)."""
 
@@ -296,7 +315,7 @@ class _HFSource(ImageSource):
         import datasets
 
         try:
-            with _hub_offline_from_env():
+            with offline_from_env():
                 ds = datasets.load_dataset(name, config, split=split, streaming=True)
         except Exception as e:  # noqa: BLE001 - hub, cache, and builder failures all mean the same to the user
             raise InputError(
@@ -328,7 +347,7 @@ class _HFSource(ImageSource):
     def _records(self) -> Iterator[_Record]:
         rows = self._rows() if self.samples is None else itertools.islice(self._rows(), self.samples)
         seen = 0
-        with _hub_offline_from_env():
+        with offline_from_env():
             while True:
                 try:
                     row = next(rows)
@@ -359,35 +378,6 @@ def _pick_column(features: Any, feature_type: type, names: tuple[str, ...]) -> s
         if isinstance(feat, feature_type):
             return col
     return next((n for n in names if n in features), None)
-
-
-@contextlib.contextmanager
-def _hub_offline_from_env() -> Iterator[None]:
-    """Apply HF_*_OFFLINE as set now.
-
-    huggingface_hub and datasets read these variables once, at import; without this a
-    variable set later is ignored and a missing dataset costs ~25 s of network retries.
-    """
-    if not any(os.environ.get(v, "").strip().upper() in {"1", "ON", "YES", "TRUE"} for v in _OFFLINE_ENV):
-        yield
-        return
-    import datasets.config
-    import huggingface_hub.constants
-
-    candidates = [
-        (datasets.config, "HF_HUB_OFFLINE"),
-        (datasets.config, "HF_DATASETS_OFFLINE"),
-        (huggingface_hub.constants, "HF_HUB_OFFLINE"),
-    ]
-    targets = [(m, a) for m, a in candidates if hasattr(m, a)]
-    saved = [getattr(m, a) for m, a in targets]
-    for m, a in targets:
-        setattr(m, a, True)
-    try:
-        yield
-    finally:
-        for (m, a), v in zip(targets, saved):
-            setattr(m, a, v)
 
 
 def _first_line(e: BaseException) -> str:

@@ -16,6 +16,7 @@ from torch import nn
 
 from corp_cli.artifacts import sha256_file
 from corp_cli.errors import InputError
+from corp_cli.hub import offline_from_env
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +126,7 @@ def load_dense(
     head shape > timm's default.
     """
     arch = check_model_name(name)
+    _check_supported(arch, num_classes)
     if checkpoint is not None:
         sd, meta = read_checkpoint(checkpoint)
         if num_classes is None and "num_classes" in meta:
@@ -142,7 +144,8 @@ def load_dense(
     else:
         kwargs = {"num_classes": num_classes} if num_classes is not None else {}
         try:
-            model = timm.create_model(name, pretrained=True, **kwargs)
+            with offline_from_env():
+                model = timm.create_model(name, pretrained=True, **kwargs)
         except Exception as e:  # hub/cache failures come in many types
             raise InputError(
                 f"could not load pretrained weights for {name!r} ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}); "
@@ -153,6 +156,16 @@ def load_dense(
         loaded = LoadedModel(model, ident, None, {})
     loaded.model.to(device).eval()
     return loaded
+
+
+def _check_supported(arch: str, num_classes: int | None) -> None:
+    """Refuse unsupported architectures before any weights are read or downloaded."""
+    from corp_cli.adapters import adapter_for
+
+    kwargs = {"num_classes": num_classes} if num_classes is not None else {}
+    with torch.device("meta"):
+        probe = _create(arch, pretrained=False, **kwargs)
+    adapter_for(probe)
 
 
 def _create(arch: str, **kwargs: Any) -> nn.Module:
