@@ -174,6 +174,30 @@ def test_obs_greedy_matches_exhaustive_single_removal_error() -> None:
     assert int(torch.argmin(scores)) not in keep.tolist()
 
 
+def test_obs_greedy_second_step_sees_the_updated_error() -> None:
+    """After one removal, the next greedy choice is the cheapest given the first (exhaustive check)."""
+    g = torch.Generator().manual_seed(11)
+    h = torch.randn(3000, 7, generator=g, dtype=torch.float64) @ (torch.randn(7, 7, generator=g, dtype=torch.float64) + 2 * torch.eye(7, dtype=torch.float64))
+    w2 = torch.randn(3, 7, generator=g, dtype=torch.float64)
+    m = E.mlp_moments(E.mlp_batch_stats(h))
+    lam = 1e-10
+    keep5 = E.obs_greedy_keep(w2, m.cov, lam, keep=5, rounds=2)
+    first = int(torch.argmin(E.obs_scores(w2, m.cov, lam)))
+    best, best_err = None, float("inf")
+    for j in range(7):
+        if j == first:
+            continue
+        keep = torch.tensor([i for i in range(7) if i not in (first, j)])
+        prune = torch.tensor(sorted([first, j]))
+        sol = E.ridge_compensation(m, keep, prune, lam)
+        err = E.mlp_predicted_error(w2, m, keep, prune, sol.b)
+        if err < best_err:
+            best, best_err = j, err
+    assert sorted(set(range(7)) - set(keep5.tolist())) == sorted([first, best])
+    # grouped rounds give a valid keep set too
+    assert len(E.obs_greedy_keep(w2, m.cov, lam, keep=3, rounds=2)) == 3
+
+
 # ---------------------------------------------------------------- Q/K logit compensation
 
 
