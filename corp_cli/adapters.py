@@ -50,9 +50,9 @@ class TimmViTAdapter:
                     f"corp prunes {SUPPORTED}"
                 )
             attn = getattr(blk, "attn", None)
-            from corp_cli.compact import QKPrunedAttention  # local: compact imports this module
+            from corp_cli.compact import QKNormPrunedAttention, QKPrunedAttention  # local: compact imports this module
 
-            if not isinstance(attn, (Attention, QKPrunedAttention)):
+            if not isinstance(attn, (Attention, QKPrunedAttention, QKNormPrunedAttention)):
                 raise UnsupportedModelError(f"block {i} has a {type(attn).__name__} attention; corp prunes {SUPPORTED}")
 
     @property
@@ -95,12 +95,14 @@ class TimmViTAdapter:
         attn = self.model.blocks[i].attn
         if not isinstance(attn, Attention):
             raise UnsupportedModelError(f"block {i}: attention is already Q/K-pruned; prune the dense model instead")
-        for part in ("q_norm", "k_norm", "norm"):
-            if not isinstance(getattr(attn, part, nn.Identity()), nn.Identity):
-                raise UnsupportedModelError(
-                    f"block {i}: attention has a {part} layer over the head dims; Q/K pruning cannot fold through it "
-                    "(prune --target mlp instead)"
-                )
+        # q_norm/k_norm are fine: the pruned attention keeps them and selects dims after them
+        # (compact.QKNormPrunedAttention). A norm over the attention output is not per-head
+        # Q/K work and is simply not something the pruned modules reproduce.
+        if not isinstance(getattr(attn, "norm", nn.Identity()), nn.Identity):
+            raise UnsupportedModelError(
+                f"block {i}: attention has a norm layer over its output (scale_norm), which Q/K-pruned attention "
+                "does not support (prune --target mlp instead)"
+            )
         if getattr(attn, "gate", None) is not None:
             raise UnsupportedModelError(f"block {i}: gated attention is not supported for Q/K pruning")
 

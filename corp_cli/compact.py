@@ -7,6 +7,7 @@ into them strictly. The checkpoint's metadata carries everything needed for that
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 from typing import Any
@@ -64,8 +65,57 @@ def narrow_mlp_linears(fc1: nn.Linear, fc2: nn.Linear, hidden: int) -> tuple[nn.
     return new1, new2
 
 
-def narrow_attention(attn: nn.Module, qk_dim: int) -> QKPrunedAttention:
+class QKNormPrunedAttention(nn.Module):
+    """Q/K-pruned attention for bases with per-head q/k norms (timm `qk_norm=True`).
+
+    The norms see all head_dim dims (their mean/variance need every one), so the fused
+    projection stays full width and the norms are kept as they were; each head then maps
+    its normalised q and k to `qk_dim` dims with (qk_dim x head_dim) matrices that select
+    the kept dims and carry the folded (I + M) compensation. Only the logit and softmax
+    work shrinks, not the projection. The softmax scale is the ORIGINAL head_dim^-1/2.
+    """
+
+    def __init__(
+        self, dim: int, num_heads: int, head_dim: int, qk_dim: int, q_norm: nn.Module, k_norm: nn.Module, *,
+        scale: float, qkv_bias: bool = True, proj_bias: bool = True, dim_out: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.qk_dim = qk_dim
+        self.scale = scale
+        self.qkv = nn.Linear(dim, 3 * num_heads * head_dim, bias=qkv_bias)
+        self.q_norm = q_norm
+        self.k_norm = k_norm
+        self.q_out = nn.Parameter(torch.zeros(num_heads, qk_dim, head_dim))
+        self.k_out = nn.Parameter(torch.zeros(num_heads, qk_dim, head_dim))
+        self.proj = nn.Linear(num_heads * head_dim, dim_out or dim, bias=proj_bias)
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        b, n, _ = x.shape
+        h, d = self.num_heads, self.head_dim
+        q, k, v = self.qkv(x).reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+        q = torch.einsum("bhnd,hsd->bhns", self.q_norm(q), self.q_out)
+        k = torch.einsum("bhnd,hsd->bhns", self.k_norm(k), self.k_out)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale)
+        return self.proj(out.transpose(1, 2).reshape(b, n, h * d))
+
+
+def has_qk_norm(attn: nn.Module) -> bool:
+    """Whether the attention normalises q/k per head (timm qk_norm), which changes how it is pruned."""
+    return any(not isinstance(getattr(attn, part, nn.Identity()), nn.Identity) for part in ("q_norm", "k_norm"))
+
+
+def narrow_attention(attn: nn.Module, qk_dim: int) -> QKPrunedAttention | QKNormPrunedAttention:
     w = attn.qkv.weight
+    if has_qk_norm(attn):
+        normed = QKNormPrunedAttention(
+            attn.qkv.in_features, attn.num_heads, attn.head_dim, qk_dim,
+            copy.deepcopy(attn.q_norm), copy.deepcopy(attn.k_norm),
+            scale=float(attn.scale), qkv_bias=attn.qkv.bias is not None,
+            proj_bias=attn.proj.bias is not None, dim_out=attn.proj.out_features,
+        )
+        return normed.to(device=w.device, dtype=w.dtype)
     new = QKPrunedAttention(
         attn.qkv.in_features, attn.num_heads, attn.head_dim, qk_dim,
         scale=float(attn.scale), qkv_bias=attn.qkv.bias is not None,
@@ -79,11 +129,19 @@ def architecture(model: nn.Module, base: str, model_kwargs: dict[str, Any]) -> d
     from corp_cli.adapters import adapter_for
 
     ad = adapter_for(model)
+    blocks: list[dict[str, Any]] = []
+    for i, blk in enumerate(ad.blocks):
+        spec: dict[str, Any] = {"mlp_hidden": ad.shape(i).mlp_hidden, "qk_dim": ad.shape(i).qk_dim}
+        if isinstance(blk.attn, QKNormPrunedAttention):
+            # only written when true, so checkpoints without q/k norms are unchanged; it is
+            # needed because this layout exists even when no dim was pruned (qk_dim == head_dim)
+            spec["qk_norm"] = True
+        blocks.append(spec)
     return {
         "family": ad.family,
         "base_model": base,
         "model_kwargs": model_kwargs,
-        "blocks": [{"mlp_hidden": ad.shape(i).mlp_hidden, "qk_dim": ad.shape(i).qk_dim} for i in range(len(ad.blocks))],
+        "blocks": blocks,
     }
 
 
@@ -100,8 +158,12 @@ def apply_architecture(model: nn.Module, arch: dict[str, Any]) -> nn.Module:
         if int(spec["mlp_hidden"]) != shape.mlp_hidden:
             fc1, fc2 = ad.mlp_linears(i)
             ad.set_mlp_linears(i, *narrow_mlp_linears(fc1, fc2, int(spec["mlp_hidden"])))
-        if int(spec["qk_dim"]) != shape.qk_dim:
-            blk = ad.blocks[i]
+        blk = ad.blocks[i]
+        if spec.get("qk_norm"):
+            if not has_qk_norm(blk.attn):
+                raise ArtifactError(f"block {i} is recorded with q/k norms but {arch['base_model']} has none")
+            blk.attn = narrow_attention(blk.attn, int(spec["qk_dim"]))
+        elif int(spec["qk_dim"]) != shape.qk_dim:
             blk.attn = narrow_attention(blk.attn, int(spec["qk_dim"]))
     return model
 
@@ -115,11 +177,12 @@ def stock_timm_kwargs(arch: dict[str, Any]) -> dict[str, Any] | None:
     widths = {int(b["mlp_hidden"]) for b in arch["blocks"]}
     if len(widths) != 1:
         return None
-    probe = timm.create_model(arch["base_model"], pretrained=False, **arch["model_kwargs"])
+    with torch.device("meta"):  # shapes only: no weights allocated or initialised
+        probe = timm.create_model(arch["base_model"], pretrained=False, **arch["model_kwargs"])
     from corp_cli.adapters import adapter_for
 
     ad = adapter_for(probe)
-    if any(int(b["qk_dim"]) != ad.shape(i).head_dim for i, b in enumerate(arch["blocks"])):
+    if any(int(b["qk_dim"]) != ad.shape(i).head_dim or b.get("qk_norm") for i, b in enumerate(arch["blocks"])):
         return None
     dim = ad.shape(0).dim
     (hidden,) = widths

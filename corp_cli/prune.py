@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from corp_cli import engine
 from corp_cli.adapters import adapter_for
-from corp_cli.compact import narrow_attention, narrow_mlp_linears
+from corp_cli.compact import has_qk_norm, narrow_attention, narrow_mlp_linears
 from corp_cli.errors import InputError, NumericalError
 from corp_cli.stats import Statistics
 
@@ -244,6 +244,9 @@ def _prune_attn_block(ad: Any, i: int, st: dict[str, Tensor], keep: Tensor, o: P
     scale = ad.softmax_scale(i)
     sol = engine.qk_compensation(q2, k2, keep, prune, lam=o.lam, scale=scale, compensate=True)
     m = sol.m if o.compensation else torch.zeros_like(sol.m)
+    if has_qk_norm(attn):
+        blk.attn = _qk_norm_pruned(attn, keep, m, o.qk_balanced)
+        return _attn_entry(shape, keep, prune, sol, o)
     wq, bq, wk, bk = ad.qk_weights(i)
     wqn, bqn, wkn, bkn = engine.fold_qk(wq.detach(), bq, wk.detach(), bk, keep, m, balanced=o.qk_balanced)
     hd = shape.num_heads * shape.head_dim
@@ -253,6 +256,34 @@ def _prune_attn_block(ad: Any, i: int, st: dict[str, Tensor], keep: Tensor, o: P
         new.qkv.bias.copy_(torch.cat([bqn, bkn, attn.qkv.bias[2 * hd :]], 0))
     new.proj.load_state_dict(attn.proj.state_dict())
     blk.attn = new
+    return _attn_entry(shape, keep, prune, sol, o)
+
+
+def _qk_norm_pruned(attn: nn.Module, keep: Tensor, m: Tensor, balanced: bool) -> nn.Module:
+    """Pruned attention for a base with q/k norms: full projection and norms, then per-head maps.
+
+    The per-head (ds x d) maps are fold_qk applied to the identity: exactly the rows it
+    would fold into W_Q/W_K, but acting on the normalised q/k instead of on x.
+    """
+    nh, ds = keep.shape
+    d = attn.head_dim
+    eye = torch.eye(nh * d, dtype=engine.ACC_DTYPE, device=keep.device)
+    sq, _, sk, _ = engine.fold_qk(eye, None, eye, None, keep, m, balanced=balanced)
+    heads = torch.arange(nh, device=keep.device)
+    # (H*ds, H*d) is block diagonal over heads; keep each head's own (ds, d) block
+    q_out = sq.reshape(nh, ds, nh, d)[heads, :, heads, :]
+    k_out = sk.reshape(nh, ds, nh, d)[heads, :, heads, :]
+    new = narrow_attention(attn, ds)
+    new.qkv.load_state_dict(attn.qkv.state_dict())
+    new.q_norm.load_state_dict(attn.q_norm.state_dict())
+    new.k_norm.load_state_dict(attn.k_norm.state_dict())
+    new.q_out.copy_(q_out)
+    new.k_out.copy_(k_out)
+    new.proj.load_state_dict(attn.proj.state_dict())
+    return new
+
+
+def _attn_entry(shape: Any, keep: Tensor, prune: Tensor, sol: engine.QKSolution, o: PruneOptions) -> dict[str, Any]:
     return {
         "head_dim": shape.head_dim,
         "qk_kept": int(keep.shape[1]),

@@ -1,0 +1,44 @@
+"""`corp export`: write a pruned model as a torch.export archive or ONNX that runs without corp."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from corp_cli.commands import common as C
+from corp_cli.errors import InputError
+
+
+@C.handle_errors
+def export_cmd(
+    src: Annotated[Path, typer.Argument(metavar="DIR", help="corp prune output directory (or its model.safetensors).", show_default=False)],
+    fmt: Annotated[str, typer.Option("--format", help="torch-export (.pt2 archive + .json sidecar) or onnx.")] = "torch-export",
+    out: Annotated[Path | None, typer.Option("--out", help="Output file (default: DIR/model.pt2 or DIR/model.onnx).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Batch size of the traced example (the fixed batch when static).")] = 1,
+    dynamic_batch: Annotated[
+        bool,
+        typer.Option("--dynamic-batch/--static-batch", help="Symbolic batch dimension (falls back to static, with a warning, if the exporter cannot)."),
+    ] = True,
+    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Reload the written file and compare it with the eager model.")] = True,
+    overwrite: C.OverwriteOpt = False,
+    json_out: C.JsonOpt = False,
+) -> None:
+    """Export a pruned model so that it loads with torch (or an ONNX runtime) alone: no corp, no timm."""
+    # Imported here so `corp --help` does not pay for torch.export / onnx imports.
+    from corp_cli.export import FORMATS, export_model
+
+    if fmt not in FORMATS:
+        raise InputError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    result = export_model(
+        src, fmt, out, batch_size=batch_size, dynamic_batch=dynamic_batch, overwrite=overwrite, verify=verify
+    )
+    if json_out:
+        C.emit_json(result.to_dict())
+        return
+    batch = "dynamic batch" if result.dynamic_batch else f"static batch {result.input_shape[0]}"
+    check = f", max |diff| vs eager {result.max_abs_diff:.2g}" if result.max_abs_diff is not None else ", not run-checked"
+    C.out.print(f"exported {fmt} -> {result.path} ({batch}, input {list(result.input_shape)}{check})")
+    if result.metadata_path is not None:
+        C.out.print(f"metadata -> {result.metadata_path}")
