@@ -8,8 +8,12 @@ import typer
 
 from corp_cli import __version__
 from corp_cli.commands import common as C
+from corp_cli.commands.benchmark import benchmark_cmd
 from corp_cli.commands.calibrate import app as calibrate_app
+from corp_cli.commands.evaluate import evaluate_cmd
+from corp_cli.commands.export import export_cmd
 from corp_cli.commands.prune import prune_cmd
+from corp_cli.commands.sweep import sweep_cmd
 
 app = typer.Typer(
     name="corp",
@@ -38,6 +42,10 @@ def root(
 
 app.add_typer(calibrate_app, name="calibrate")
 app.command("prune")(prune_cmd)
+app.command("evaluate")(evaluate_cmd)
+app.command("benchmark")(benchmark_cmd)
+app.command("sweep")(sweep_cmd)
+app.command("export")(export_cmd)
 
 
 def main() -> None:

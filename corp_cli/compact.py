@@ -26,6 +26,24 @@ log = logging.getLogger(__name__)
 MODEL_FILE = "model.safetensors"
 
 
+def sdpa_mixed_width(
+    q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Tensor | None, is_causal: bool, scale: float
+) -> Tensor:
+    """SDPA with q/k narrower than v, at fused-kernel speed on CPU.
+
+    PyTorch's fused CPU attention kernel needs equal q/k/v head dims; with narrower q/k it
+    falls back to an unfused path about 2x slower than the dense attention (measured:
+    4.3 ms vs 2.2 ms for 8x3x197 heads). Zero-padding q and k to v's width adds exactly
+    0 to every logit and keeps the fused kernel, so on CPU the Q/K saving is the smaller
+    projection while the logits run at dense cost.
+    """
+    dq, dv = q.shape[-1], v.shape[-1]
+    if q.device.type == "cpu" and dq < dv:
+        q = F.pad(q, (0, dv - dq))
+        k = F.pad(k, (0, dv - dq))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
+
+
 class QKPrunedAttention(nn.Module):
     """Self-attention whose queries/keys keep `qk_dim` dims per head while values keep `head_dim`.
 
@@ -53,7 +71,7 @@ class QKPrunedAttention(nn.Module):
         q = q.reshape(b, n, h, dq).transpose(1, 2)
         k = k.reshape(b, n, h, dq).transpose(1, 2)
         v = v.reshape(b, n, h, dv).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale)
+        out = sdpa_mixed_width(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale)
         return self.proj(out.transpose(1, 2).reshape(b, n, h * dv))
 
 
@@ -97,7 +115,7 @@ class QKNormPrunedAttention(nn.Module):
         q, k, v = self.qkv(x).reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
         q = torch.einsum("bhnd,hsd->bhns", self.q_norm(q), self.q_out)
         k = torch.einsum("bhnd,hsd->bhns", self.k_norm(k), self.k_out)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale)
+        out = sdpa_mixed_width(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale)
         return self.proj(out.transpose(1, 2).reshape(b, n, h * d))
 
 

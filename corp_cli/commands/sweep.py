@@ -1,0 +1,123 @@
+"""`corp sweep`: prune at many sparsities from one statistics file, both arms, evaluate, CSV/JSON/plot."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from corp_cli.artifacts import atomic_dir, check_out_dir, write_bytes_atomic, write_json_atomic
+from corp_cli.commands import common as C
+from corp_cli.commands.calibrate import load_model_and_preprocessing
+from corp_cli.commands.evaluate import JsonPathOpt, environment, open_eval_source, write_json_output
+from corp_cli.evaluate import label_remap
+from corp_cli.loading import parse_classes
+from corp_cli.prune import MLP_RANKERS, QK_RANKERS, PruneOptions
+from corp_cli.stats import Statistics, check_matches
+from corp_cli.sweep import batch_provider, csv_text, have_matplotlib, parse_sparsities, plot, run_sweep
+
+log = logging.getLogger(__name__)
+
+CSV_FILE, JSON_FILE, PNG_FILE = "sweep.csv", "sweep.json", "sweep.png"
+PLOT_HINT = "pip install 'corp-cli[plot]' (or: pip install matplotlib) to get sweep.png"
+
+
+@C.handle_errors
+def sweep_cmd(
+    model: C.ModelArg,
+    stats_path: Annotated[Path, typer.Option("--stats", help="Statistics from `corp calibrate` (used for every point; no re-calibration).")],
+    data: Annotated[str, typer.Option("--data", help="Evaluation images: folder, hf:NAME[:CONFIG][@SPLIT] or synthetic.")],
+    out: Annotated[Path, typer.Option("--out", help="Output directory (sweep.csv, sweep.json, sweep.png).")],
+    sparsities: Annotated[str, typer.Option("--sparsities", help="Comma list, or a run a,b,...,c.")] = "0.1,0.2,...,0.7",
+    target: Annotated[str, typer.Option("--target", help="mlp, attn or both.")] = "both",
+    ranker: Annotated[str, typer.Option("--ranker", help=f"MLP ranking: {', '.join(MLP_RANKERS)}.")] = "energy",
+    qk_ranker: Annotated[str, typer.Option("--qk-ranker", help=f"Q/K ranking: {', '.join(QK_RANKERS)}.")] = "energy",
+    round_to: Annotated[int, typer.Option("--round-to", min=1, help="Keep survivor counts multiples of N.")] = 1,
+    labels: Annotated[bool | None, typer.Option("--labels/--no-labels", help="Plot top-1 accuracy (labels) or agreement with the dense model (default: labels when the data has them).")] = None,
+    samples: Annotated[int | None, typer.Option("--samples", min=1, help="Evaluate on this many images (default: all).")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for choosing the --samples subset of a folder.")] = 0,
+    cache_mb: Annotated[int, typer.Option("--cache-mb", min=0, help="Keep decoded evaluation images in memory up to this size.")] = 1024,
+    checkpoint: C.CheckpointOpt = None,
+    num_classes: C.NumClassesOpt = None,
+    pretrained_cfg: C.PretrainedCfgOpt = None,
+    device: C.DeviceOpt = "auto",
+    batch_size: C.BatchSizeOpt = 64,
+    workers: C.WorkersOpt = C.DEFAULT_WORKERS,
+    overwrite: C.OverwriteOpt = False,
+    json_out: JsonPathOpt = None,
+) -> None:
+    """Accuracy (or fidelity) vs sparsity for CORP and the uncompensated baseline, with FLOPs."""
+    t0 = time.perf_counter()
+    points = parse_sparsities(sparsities)
+    base = PruneOptions(target=target, ranker=ranker, qk_ranker=qk_ranker, round_to=round_to)  # type: ignore[arg-type]
+    check_out_dir(out, overwrite=overwrite)
+    stats = Statistics.load(C.existing_file(stats_path, "--stats"))
+    loaded, prep = load_model_and_preprocessing(model, checkpoint, num_classes, pretrained_cfg, {}, device)
+    check_matches(stats, loaded.identity)
+    dev = next(loaded.model.parameters()).device
+    classes = parse_classes(loaded.checkpoint_meta.get("classes"))
+    source = open_eval_source(data, samples, seed, labels, classes)
+    remap = label_remap(source, loaded.identity.num_classes, classes) if source.labels else None
+    batches = batch_provider(source, prep.transform(), batch_size, workers, cache_mb * 2**20, prep.input_size)
+    evals = 1 + 2 * len(points)
+    total = source.num_items * evals if source.num_items is not None else None
+    with C.progress_bar(f"sweeping {len(points)} sparsities x 2 arms", total) as advance:
+        dense_row, rows = run_sweep(
+            loaded.model, stats, points, base, batches, labelled=source.labels, remap=remap, device=dev, on_batch=advance,
+        )
+    report: dict[str, Any] = {
+        "command": "sweep",
+        "model": loaded.identity.to_dict(),
+        "stats": {"path": str(stats_path), "fingerprint": stats.fingerprint(), "images": stats.meta.get("images"),
+                  "synthetic": stats.meta.get("synthetic")},
+        "data": source.describe(),
+        "synthetic": source.synthetic,
+        "preprocessing": prep.to_dict(),
+        "options": base.to_dict(),
+        "sparsities": points,
+        "metric": dense_row["metric"],
+        "dense": dense_row,
+        "points": rows,
+        "environment": environment(dev),
+    }
+    plotted = have_matplotlib()
+    report["files"] = [CSV_FILE, JSON_FILE] + ([PNG_FILE] if plotted else [])
+    with atomic_dir(out) as tmp:
+        write_bytes_atomic(tmp / CSV_FILE, csv_text([dense_row, *rows]).encode())
+        if plotted:
+            title = f"{loaded.identity.name} on {source.spec} ({source.describe()['count'] or '?'} images), target {target}"
+            plot(tmp / PNG_FILE, dense_row, rows, title)
+        report["seconds"] = round(time.perf_counter() - t0, 3)
+        write_json_atomic(tmp / JSON_FILE, report)
+    if not plotted:
+        C.err.print(f"note: wrote {CSV_FILE} and {JSON_FILE} but no plot: matplotlib is not installed; {PLOT_HINT}", markup=False)
+    if not write_json_output(json_out, {"out": str(out), **report}):
+        print_report(out, report)
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.2f}"
+
+
+def print_report(out: Path, report: dict[str, Any]) -> None:
+    metric = report["metric"]
+    name = "top-1 %" if metric == "top1" else "agreement %"
+    table = Table(title=f"corp sweep -> {out}  ({name} vs sparsity)")
+    for col in ("sparsity", "corp", "no-compensation", "GFLOPs/img", "FLOP cut"):
+        table.add_column(col, justify="right")
+    d = report["dense"]
+    table.add_row("dense", _pct(d["value"]), _pct(d["value"]), f"{d['flops_per_image'] / 1e9:.3f}", "")
+    by = {(r["sparsity"], r["arm"]): r for r in report["points"]}
+    for s in report["sparsities"]:
+        c, u = by[(s, "corp")], by[(s, "no-compensation")]
+        table.add_row(
+            f"{s:g}", _pct(c["value"]), _pct(u["value"]),
+            f"{c['flops_per_image'] / 1e9:.3f}", f"-{100 * c['flops_reduction']:.1f}%",
+        )
+    C.out.print(table)
+    synth = "  [SYNTHETIC data: smoke test only]" if report["synthetic"] or report["stats"]["synthetic"] else ""
+    C.out.print(f"wrote {', '.join(report['files'])} in {out}; {report['seconds']:.1f}s{synth}")

@@ -1,0 +1,222 @@
+"""Accuracy and fidelity of a (pruned) classifier: top-k against labels, agreement with a reference.
+
+Fidelity compares two models on the *same input tensors*: top-1 agreement, mean
+KL(reference || model) of the softmax outputs, and the cosine similarity of the final
+pooled features (`forward_head(forward_features(x), pre_logits=True)`), i.e. what the
+classifier sees. Sums are accumulated in float64 so the result does not depend on batching.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from corp_cli.data import ImageSource
+from corp_cli.errors import InputError
+from corp_cli.labels import synset_to_imagenet_index
+
+log = logging.getLogger(__name__)
+
+TOPK = (1, 5)
+IMAGENET_CLASSES = 1000
+
+
+@dataclass
+class Outputs:
+    logits: Tensor  # (B, classes)
+    features: Tensor  # (B, D) pooled pre-logits features
+
+
+def forward_outputs(model: nn.Module, x: Tensor) -> Outputs:
+    """Logits and pooled pre-logits features from one pass through the trunk."""
+    feats = model.forward_features(x)
+    pooled = model.forward_head(feats, pre_logits=True)
+    logits = model.forward_head(feats)
+    return Outputs(logits=logits, features=pooled)
+
+
+@dataclass
+class Accumulator:
+    """Running sums for top-k accuracy and fidelity; `result()` turns them into means."""
+
+    num_classes: int
+    topk: tuple[int, ...] = TOPK
+    images: int = 0
+    labelled: int = 0
+    correct: dict[int, int] = field(default_factory=dict)
+    ref_correct: dict[int, int] = field(default_factory=dict)
+    compared: int = 0
+    agree: int = 0
+    kl_sum: float = 0.0
+    kl_max: float = 0.0
+    cos_sum: float = 0.0
+    cos_min: float = 1.0
+
+    def update(self, out: Outputs, labels: Tensor | None, ref: Outputs | None = None) -> None:
+        self.images += out.logits.shape[0]
+        if labels is not None:
+            self._update_topk(self.correct, out.logits, labels)
+            if ref is not None:
+                self._update_topk(self.ref_correct, ref.logits, labels)
+        if ref is not None:
+            self._update_fidelity(out, ref)
+
+    def _update_topk(self, into: dict[int, int], logits: Tensor, labels: Tensor) -> None:
+        labels = labels.to(logits.device)
+        have = labels >= 0  # -1 marks an item without a label
+        if not bool(have.any()):
+            return
+        if int(labels.max()) >= self.num_classes:
+            raise InputError(
+                f"label {int(labels.max())} is outside the model's {self.num_classes} classes; "
+                "are the data's classes the model's?"
+            )
+        logits, labels = logits[have], labels[have]
+        k_max = min(max(self.topk), logits.shape[1])
+        top = logits.topk(k_max, dim=1).indices
+        hits = top == labels[:, None]
+        for k in self.topk:
+            into[k] = into.get(k, 0) + int(hits[:, : min(k, k_max)].any(dim=1).sum())
+        if into is self.correct:
+            self.labelled += int(have.sum())
+
+    def _update_fidelity(self, out: Outputs, ref: Outputs) -> None:
+        a, b = ref.logits.double(), out.logits.double()
+        if a.shape != b.shape:
+            raise InputError(f"model and reference disagree on the number of classes ({b.shape[1]} vs {a.shape[1]})")
+        self.compared += a.shape[0]
+        self.agree += int((a.argmax(1) == b.argmax(1)).sum())
+        la, lb = F.log_softmax(a, dim=1), F.log_softmax(b, dim=1)
+        kl = (la.exp() * (la - lb)).sum(1)
+        self.kl_sum += float(kl.sum())
+        self.kl_max = max(self.kl_max, float(kl.max()))
+        fa, fb = ref.features.double(), out.features.double()
+        if fa.shape != fb.shape:
+            raise InputError(f"model and reference features differ in shape ({tuple(fb.shape)} vs {tuple(fa.shape)})")
+        cos = F.cosine_similarity(fa, fb, dim=1, eps=1e-30)
+        self.cos_sum += float(cos.sum())
+        self.cos_min = min(self.cos_min, float(cos.min()))
+
+    def result(self) -> dict[str, Any]:
+        res: dict[str, Any] = {"images": self.images}
+        if self.labelled:
+            res["accuracy"] = {
+                "labelled": self.labelled,
+                **{f"top{k}": self.correct.get(k, 0) / self.labelled for k in self.topk},
+            }
+            if self.ref_correct:
+                res["reference_accuracy"] = {f"top{k}": self.ref_correct.get(k, 0) / self.labelled for k in self.topk}
+        if self.compared:
+            n = self.compared
+            res["fidelity"] = {
+                "compared": n,
+                "top1_agreement": self.agree / n,
+                "kl_mean": self.kl_sum / n,
+                "kl_max": self.kl_max,
+                "feature_cosine_mean": self.cos_sum / n,
+                "feature_cosine_min": self.cos_min,
+            }
+        return res
+
+
+def label_remap(source: ImageSource, num_classes: int, class_names: Sequence[str] | None) -> Tensor | None:
+    """A dataset-label -> model-class lookup table, or None when the labels are already model indices.
+
+    Folder sources are mapped by data.py already (synsets via timm's ImageNet list). A
+    Hugging Face ClassLabel numbers only the dataset's own classes (mini-imagenet: 0..99),
+    so its names are translated: ImageNet synsets through timm's ImageNetInfo, other names
+    through the model's class names.
+    """
+    names = hf_label_names(source)
+    if names is None:
+        return None
+    synsets = [synset_to_imagenet_index(n) for n in names]
+    if num_classes == IMAGENET_CLASSES and all(i is not None for i in synsets):
+        log.info("mapping %d dataset synset labels to ImageNet-1k indices", len(names))
+        return torch.tensor(synsets, dtype=torch.int64)
+    if class_names is not None:
+        index = {c: i for i, c in enumerate(class_names)}
+        missing = [n for n in names if n not in index]
+        if missing:
+            raise InputError(f"dataset classes {missing[:5]} are not among the model's class names {list(class_names)[:10]}")
+        return torch.tensor([index[n] for n in names], dtype=torch.int64)
+    if len(names) != num_classes:
+        log.warning(
+            "the dataset has %d named classes and the model %d outputs with no names to match them; "
+            "scoring dataset label i as model class i", len(names), num_classes,
+        )
+    return None
+
+
+def hf_label_names(source: ImageSource) -> list[str] | None:
+    # data.py keeps the streamed dataset private; its ClassLabel names are what we need.
+    ds = getattr(source, "_ds", None)
+    col = getattr(source, "_label_col", None)
+    if ds is None or col is None or getattr(ds, "features", None) is None:
+        return None
+    feat = ds.features.get(col)
+    names = getattr(feat, "names", None)
+    return list(names) if names else None
+
+
+@dataclass
+class EvalRun:
+    result: dict[str, Any]
+    seconds: float
+    model_seconds: float
+
+
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[tuple[Tensor, Tensor | None]],
+    *,
+    reference: nn.Module | None = None,
+    reference_outputs: Sequence[Outputs] | None = None,
+    remap: Tensor | None = None,
+    device: torch.device | str = "cpu",
+    on_batch: Callable[[int], None] | None = None,
+    keep_outputs: list[Outputs] | None = None,
+) -> EvalRun:
+    """Score `model` on `batches` (labels, fidelity to `reference`, or to precomputed reference outputs).
+
+    `keep_outputs`, when given, receives the model's CPU outputs per batch: a sweep
+    computes the dense reference once and replays it with `reference_outputs`.
+    """
+    if reference is not None and reference_outputs is not None:
+        raise ValueError("give reference or reference_outputs, not both")
+    num_classes = int(getattr(model, "num_classes", 0))
+    acc = Accumulator(num_classes=num_classes)
+    t0 = time.perf_counter()
+    model_s = 0.0
+    with torch.inference_mode():
+        for i, (x, labels) in enumerate(batches):
+            x = x.to(device, non_blocking=True)
+            if labels is not None and remap is not None:
+                known = labels >= 0
+                labels = torch.where(known, remap[labels.clamp(min=0)], labels)
+            t = time.perf_counter()
+            out = _cpu(forward_outputs(model, x))
+            ref = _cpu(forward_outputs(reference, x)) if reference is not None else None
+            model_s += time.perf_counter() - t
+            if reference_outputs is not None:
+                if i >= len(reference_outputs):
+                    raise ValueError("more batches than cached reference outputs")
+                ref = reference_outputs[i]
+            acc.update(out, labels, ref)
+            if keep_outputs is not None:
+                keep_outputs.append(out)
+            if on_batch is not None:
+                on_batch(x.shape[0])
+    seconds = time.perf_counter() - t0
+    return EvalRun(acc.result(), seconds, model_s)
+
+
+def _cpu(o: Outputs) -> Outputs:
+    return Outputs(o.logits.float().cpu(), o.features.float().cpu())

@@ -1,0 +1,200 @@
+"""Accuracy (or fidelity) vs sparsity, with and without compensation, from ONE statistics file.
+
+Each point prunes a fresh deep copy of the already-loaded dense model; the dense model's
+outputs on the evaluation set are computed once and replayed as the fidelity reference.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import logging
+import math
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from corp_cli.data import ImageSource, make_batches
+from corp_cli.errors import InputError
+from corp_cli.evaluate import Outputs, evaluate
+from corp_cli.flops import model_counts
+from corp_cli.prune import PruneOptions, apply_masks, plan_masks
+from corp_cli.stats import Statistics
+
+log = logging.getLogger(__name__)
+
+ARMS = (("corp", True), ("no-compensation", False))
+CSV_COLUMNS = (
+    "sparsity", "arm", "compensated", "metric", "value", "top1", "top5", "top1_agreement", "kl_mean",
+    "feature_cosine_mean", "params", "flops_per_image", "flops_reduction", "seconds",
+)
+Batches = Iterable[tuple[Tensor, Tensor | None]]
+
+
+def parse_sparsities(text: str) -> list[float]:
+    """'0.1,0.3,0.5' or an arithmetic run written 'a,b,...,c' (step b-a, c included)."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    try:
+        if "..." in parts:
+            if len(parts) != 4 or parts[2] != "...":
+                raise InputError(f"--sparsities: write a run as a,b,...,c (e.g. 0.1,0.2,...,0.7), got {text!r}")
+            a, b, c = float(parts[0]), float(parts[1]), float(parts[3])
+            step = b - a
+            if step <= 0 or c < a:
+                raise InputError(f"--sparsities {text!r}: need a < b and c >= a")
+            n = int(math.floor((c - a) / step + 1e-9)) + 1
+            values = [round(a + i * step, 10) for i in range(n)]
+        else:
+            values = [float(p) for p in parts]
+    except ValueError:
+        raise InputError(f"--sparsities must be comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise InputError("--sparsities is empty")
+    bad = [v for v in values if not 0.0 <= v < 1.0]
+    if bad:
+        raise InputError(f"--sparsities must lie in [0, 1), got {bad}")
+    return sorted(set(values))
+
+
+def batch_provider(
+    source: ImageSource, transform: Callable[[Any], Tensor], batch_size: int, workers: int, cache_bytes: int,
+    input_size: tuple[int, int, int],
+) -> Callable[[], Batches]:
+    """A function giving the evaluation batches again and again, decoded once when they fit in memory."""
+    per_image = 4 * input_size[0] * input_size[1] * input_size[2]
+    n = source.num_items
+    if n is None or n * per_image > cache_bytes:
+        log.info("evaluation set not cached (%s images); decoding it for every point", n)
+        return lambda: make_batches(source, transform, batch_size, workers)
+    cache: list[tuple[Tensor, Tensor | None]] = []
+    done = [False]
+
+    def get() -> Batches:
+        if done[0]:
+            return cache
+        return _filling(cache, done, make_batches(source, transform, batch_size, workers))
+
+    return get
+
+
+def _filling(cache: list[tuple[Tensor, Tensor | None]], done: list[bool], it: Iterator[Any]) -> Iterator[Any]:
+    cache.clear()
+    for item in it:
+        cache.append(item)
+        yield item
+    done[0] = True
+
+
+def _row(sparsity: float, arm: str, compensated: bool | None, result: dict[str, Any], counts: dict[str, Any],
+         dense_flops: int, metric: str, seconds: float) -> dict[str, Any]:
+    acc = result.get("accuracy") or {}
+    fid = result.get("fidelity") or {}
+    row = {
+        "sparsity": sparsity, "arm": arm, "compensated": compensated, "metric": metric,
+        "top1": acc.get("top1"), "top5": acc.get("top5"),
+        "top1_agreement": fid.get("top1_agreement"), "kl_mean": fid.get("kl_mean"),
+        "feature_cosine_mean": fid.get("feature_cosine_mean"),
+        "params": counts["params"], "flops_per_image": counts["flops"],
+        "flops_reduction": 1.0 - counts["flops"] / dense_flops, "seconds": round(seconds, 3),
+    }
+    row["value"] = row[metric]
+    return row
+
+
+def run_sweep(
+    dense: nn.Module,
+    stats: Statistics,
+    sparsities: list[float],
+    base: PruneOptions,
+    batches: Callable[[], Batches],
+    *,
+    labelled: bool,
+    remap: Tensor | None,
+    device: torch.device,
+    on_batch: Callable[[int], None] | None = None,
+    on_point: Callable[[dict[str, Any]], None] | None = None,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(dense row, one row per sparsity and arm). The metric is top-1 with labels, else agreement."""
+    metric = "top1" if labelled else "top1_agreement"
+    ref_out: list[Outputs] = []
+    dense_counts = model_counts(dense)
+    run = evaluate(dense, batches(), remap=remap, device=device, on_batch=on_batch, keep_outputs=ref_out)
+    if run.result["images"] == 0:
+        raise InputError("the evaluation data yielded no images")
+    if labelled and "accuracy" not in run.result:
+        raise InputError("the evaluation data has no usable labels")
+    dense_res = {**run.result, "fidelity": {"top1_agreement": 1.0, "kl_mean": 0.0, "feature_cosine_mean": 1.0}}
+    dense_row = _row(0.0, "dense", None, dense_res, dense_counts, dense_counts["flops"], metric, run.seconds)
+    rows: list[dict[str, Any]] = []
+    for s in sparsities:
+        opts = replace(base, mlp_sparsity=s, attn_sparsity=s)
+        masks = plan_masks(dense, stats, opts)  # ranking is the same for both arms
+        for arm, compensated in ARMS:
+            model = copy.deepcopy(dense)
+            arm_opts = replace(opts, compensation=compensated)
+            apply_masks(model, stats, masks, arm_opts)
+            counts = model_counts(model)
+            r = evaluate(model, batches(), reference_outputs=ref_out, remap=remap, device=device, on_batch=on_batch)
+            row = _row(s, arm, compensated, r.result, counts, dense_counts["flops"], metric, r.seconds)
+            rows.append(row)
+            log.info("sparsity %.3g %s: %s=%.4f", s, arm, metric, row["value"])
+            if on_point is not None:
+                on_point(row)
+            del model
+    return dense_row, rows
+
+
+def csv_text(rows: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(CSV_COLUMNS), extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: "" if r.get(k) is None else r[k] for k in CSV_COLUMNS})
+    return buf.getvalue()
+
+
+def have_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def plot(path: Path, dense_row: dict[str, Any], rows: list[dict[str, Any]], title: str) -> None:
+    """Metric vs sparsity for both arms (left axis), GFLOPs per image (right axis)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)  # files only; never needs a display
+    import matplotlib.pyplot as plt
+
+    metric = dense_row["metric"]
+    label = {"top1": "top-1 accuracy (%)", "top1_agreement": "top-1 agreement with dense (%)"}[metric]
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    try:
+        for arm, style in (("corp", "o-"), ("no-compensation", "s--")):
+            pts = [r for r in rows if r["arm"] == arm]
+            ax.plot([100 * r["sparsity"] for r in pts], [100 * r["value"] for r in pts], style, label=arm)
+        ax.axhline(100 * dense_row["value"], color="grey", lw=1, ls=":", label="dense")
+        ax.set_xlabel("sparsity (%)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax2 = ax.twinx()
+        pts = [r for r in rows if r["arm"] == "corp"]
+        ax2.plot([100 * r["sparsity"] for r in pts], [r["flops_per_image"] / 1e9 for r in pts], "^:", color="tab:green",
+                 label="GFLOPs / image")
+        ax2.set_ylabel("GFLOPs / image", color="tab:green")
+        ax2.set_ylim(bottom=0)
+        lines = ax.get_legend_handles_labels()
+        lines2 = ax2.get_legend_handles_labels()
+        ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="lower left", fontsize=8)
+        ax.set_title(title, fontsize=9)
+        fig.tight_layout()
+        fig.savefig(path, format="png")
+    finally:
+        plt.close(fig)
