@@ -120,4 +120,10 @@ class TimmViTAdapter:
 
 
 def adapter_for(model: nn.Module) -> TimmViTAdapter:
+    from corp_cli.hf import is_hf_module  # local: corp_cli.hf.adapter imports this module
+
+    if is_hf_module(model):
+        from corp_cli.hf.adapter import hf_adapter_for
+
+        return hf_adapter_for(model)  # type: ignore[return-value]  (same interface)
     return TimmViTAdapter(model)

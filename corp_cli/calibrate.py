@@ -34,13 +34,16 @@ class CalibrationSums:
 
 def collect_statistics(
     model: nn.Module,
-    batches: Iterable[Tensor],
+    batches: Iterable[Tensor | dict[str, Tensor]],
     *,
     parts: tuple[str, ...] = PARTS,
     product_dtype: torch.dtype = torch.float32,
     on_batch: Callable[[int], None] | None = None,
 ) -> CalibrationSums:
-    """Run the model over `batches` (image tensors) and accumulate every block's sufficient statistics.
+    """Run the model over `batches` and accumulate every block's sufficient statistics.
+
+    A batch is an image tensor, or a dict of model inputs with an `attention_mask` (text);
+    for dicts only the masked-in tokens are counted.
 
     product_dtype is the dtype of the per-batch Gram products (float32 is ~2x faster on
     CPU; sums are float64 either way). on_batch(n_images) is called after each batch.
@@ -50,22 +53,34 @@ def collect_statistics(
     acc: list[dict[str, dict[str, Tensor] | None]] = [{p: None for p in parts} for _ in range(nblocks)]
     pending_q: dict[int, Tensor] = {}
     handles = []
+    # Tokenised text comes as dict batches with an attention mask: only real tokens, never
+    # padding, may enter the sums. The mask of the current batch is set before its forward.
+    token_mask: list[Tensor | None] = [None]
+    # Families whose q/k sites emit (B, N, H*d) say how to reach (B, H, N, d) (and drop padding).
+    qk_heads = getattr(ad, "qk_heads", None)
+
+    def real_tokens(h: Tensor) -> Tensor:
+        m = token_mask[0]
+        return h if m is None else h[m]
+
+    def heads(i: int, out: Tensor) -> Tensor:
+        return out if qk_heads is None else qk_heads(i, out, token_mask[0])
 
     def mlp_hook(i: int):
         def hook(_mod: nn.Module, args: tuple[Tensor, ...]) -> None:
-            st = engine.mlp_batch_stats(args[0].detach(), product_dtype)
+            st = engine.mlp_batch_stats(real_tokens(args[0].detach()), product_dtype)
             finite_or_raise(st["sum"], f"block {i} MLP hidden units")
             acc[i]["mlp"] = engine.add_stats(acc[i]["mlp"], st)
         return hook
 
     def q_hook(i: int):
         def hook(_mod: nn.Module, _args: tuple[Tensor, ...], out: Tensor) -> None:
-            pending_q[i] = out.detach()
+            pending_q[i] = heads(i, out.detach())
         return hook
 
     def k_hook(i: int):
         def hook(_mod: nn.Module, _args: tuple[Tensor, ...], out: Tensor) -> None:
-            st = engine.qk_batch_stats(pending_q.pop(i), out.detach(), product_dtype)
+            st = engine.qk_batch_stats(pending_q.pop(i), heads(i, out.detach()), product_dtype)
             finite_or_raise(st["qk_sq"], f"block {i} attention queries/keys")
             acc[i]["attn"] = engine.add_stats(acc[i]["attn"], st)
         return hook
@@ -84,8 +99,19 @@ def collect_statistics(
     try:
         with torch.inference_mode():
             for x in batches:
+                if isinstance(x, dict):  # model inputs (token ids + attention mask): run the encoder trunk
+                    x = {k: v.to(device) for k, v in x.items()}
+                    token_mask[0] = x["attention_mask"].bool()
+                    ad.forward_trunk(x)
+                    images += int(token_mask[0].shape[0])
+                    if on_batch is not None:
+                        on_batch(int(token_mask[0].shape[0]))
+                    continue
                 x = x.to(device=device, dtype=dtype)
-                model.forward_features(x)  # the classifier head is not pruned; skip it
+                if hasattr(ad, "forward_trunk"):
+                    ad.forward_trunk(x)
+                else:
+                    model.forward_features(x)  # the classifier head is not pruned; skip it
                 images += x.shape[0]
                 if on_batch is not None:
                     on_batch(x.shape[0])
@@ -107,6 +133,12 @@ def collect_statistics(
     return CalibrationSums(blocks=blocks, images=images, tokens=tokens)
 
 
+def block_shapes(model: nn.Module) -> list[dict[str, int]]:
+    """Per-block shapes as recorded in statistics and masks metadata."""
+    ad = adapter_for(model)
+    return [ad.shape(i).to_dict() for i in range(len(ad.blocks))]
+
+
 def calibrate(
     loaded: LoadedModel,
     preprocessing: Preprocessing,
@@ -119,7 +151,6 @@ def calibrate(
     on_batch: Callable[[int], None] | None = None,
 ) -> Statistics:
     """Stream `source` through the model once; return statistics with full provenance."""
-    ad = adapter_for(loaded.model)
     batches = (x for x, _ in make_batches(source, preprocessing.transform(), batch_size, workers))
     try:
         sums = collect_statistics(loaded.model, batches, parts=parts, product_dtype=product_dtype, on_batch=on_batch)
@@ -133,7 +164,7 @@ def calibrate(
         log.warning("%d calibration image(s) could not be decoded and were skipped", source.skipped)
     meta = new_meta(
         identity=loaded.identity,
-        shapes=[ad.shape(i).to_dict() for i in range(len(ad.blocks))],
+        shapes=block_shapes(loaded.model),
         parts=list(parts),
         preprocessing=preprocessing.to_dict(),
         data=source.describe(),

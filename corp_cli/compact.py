@@ -24,6 +24,9 @@ from corp_cli.errors import ArtifactError
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.safetensors"
+# Zero-pad narrow q/k to the value width on CPU (see sdpa_mixed_width); a switch so the
+# FLOP test can count the unpadded computation the analytical count describes.
+PAD_NARROW_QK_ON_CPU = True
 
 
 def sdpa_mixed_width(
@@ -38,7 +41,7 @@ def sdpa_mixed_width(
     projection while the logits run at dense cost.
     """
     dq, dv = q.shape[-1], v.shape[-1]
-    if q.device.type == "cpu" and dq < dv:
+    if PAD_NARROW_QK_ON_CPU and q.device.type == "cpu" and dq < dv:
         q = F.pad(q, (0, dv - dq))
         k = F.pad(k, (0, dv - dq))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
@@ -145,7 +148,12 @@ def narrow_attention(attn: nn.Module, qk_dim: int) -> QKPrunedAttention | QKNorm
 def architecture(model: nn.Module, base: str, model_kwargs: dict[str, Any]) -> dict[str, Any]:
     """Self-description of a (possibly pruned) model: enough to rebuild it with no other file."""
     from corp_cli.adapters import adapter_for
+    from corp_cli.hf import is_hf_module
 
+    if is_hf_module(model):  # Hugging Face encoders describe themselves with their config
+        from corp_cli.hf.compact import hf_architecture
+
+        return hf_architecture(model, base, model_kwargs)
     ad = adapter_for(model)
     blocks: list[dict[str, Any]] = []
     for i, blk in enumerate(ad.blocks):
@@ -211,6 +219,10 @@ def stock_timm_kwargs(arch: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def save_pruned(path: Path, model: nn.Module, arch: dict[str, Any], extra_meta: dict[str, Any]) -> None:
+    if str(arch.get("family", "")).startswith("hf-"):  # no stock-timm form; tokenizer files go beside it
+        from corp_cli.hf.compact import save_hf_pruned
+
+        return save_hf_pruned(path, model, arch, extra_meta)
     meta = {
         "kind": "model",
         "format_version": FORMAT_VERSION,
@@ -243,6 +255,12 @@ def load_pruned(
     """
     state, meta = read_pruned(path)
     arch = meta["architecture"]
+    if str(arch.get("family", "")).startswith("hf-"):  # rebuilt by transformers from the recorded config
+        if stock_timm:
+            raise ArtifactError(f"{path}: a Hugging Face model has no stock timm form; load it with load_pruned(path)")
+        from corp_cli.hf.compact import load_hf_pruned
+
+        return load_hf_pruned(path, state, meta, device)
     if stock_timm:
         stock = meta.get("stock_timm")
         if stock is None:

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from corp_cli.artifacts import canonical_json
 from corp_cli.errors import InputError
-from corp_cli.hub import offline_from_env
+from corp_cli.hub import offline_from_env, offline_requested
 from corp_cli.labels import folder_label_map
 
 log = logging.getLogger(__name__)
@@ -318,8 +318,9 @@ class _HFSource(ImageSource):
             with offline_from_env():
                 ds = datasets.load_dataset(name, config, split=split, streaming=True)
         except Exception as e:  # noqa: BLE001 - hub, cache, and builder failures all mean the same to the user
+            why = "offline: HF_HUB_OFFLINE is set and it is not in the local cache" if offline_requested() else "offline?"
             raise InputError(
-                f"hf dataset {name!r} (split {split!r}) could not be loaded (offline?): {_first_line(e)}; {_ALTERNATIVES}"
+                f"hf dataset {name!r} (split {split!r}) could not be loaded ({why}): {_first_line(e)}; {_ALTERNATIVES}"
             ) from None
         features = ds.features
         if features is None:

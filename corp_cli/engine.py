@@ -443,6 +443,7 @@ def qk_compensation(
     else:
         lam_t = torch.full((keep.shape[0],), float(lam), dtype=ACC_DTYPE, device=gq.device)
     lam_t = torch.where(lam_t > 0, lam_t, torch.full_like(lam_t, 1e-30))
+    lam_t = _qk_well_posed_lambda(a, b, lam_t)
     denom = a[:, :, None] * b[:, None, :] + lam_t[:, None, None]
     mt = (u.transpose(1, 2) @ rhs @ v) / denom
     m = u @ mt @ v.transpose(1, 2)
@@ -450,6 +451,28 @@ def qk_compensation(
     cross = torch.einsum("hij,hij->h", m, rhs)  # tr(M^T C_Q C_K)
     err = (quad - 2.0 * cross + base).clamp_min(0)
     return QKSolution(m=m, lam=lam_t, err_compensated=err * scale**2, err_uncompensated=base * scale**2)
+
+
+def _qk_well_posed_lambda(a: Tensor, b: Tensor, lam: Tensor) -> Tensor:
+    """Raise a head's lambda where a_i b_j + lam spans more than COND_LIMIT.
+
+    The eigen-solve divides by a_i b_j + lam: with a dead or collinear kept Q/K dim and a
+    tiny explicit --lambda, rounding noise divided by ~lam would become a huge correction.
+    Same rule as the MLP solve: raise lambda until the system is well posed, and say so.
+    """
+    top = a.amax(-1) * b.amax(-1)
+    bottom = a.amin(-1) * b.amin(-1)
+    bad = (top + lam) > COND_LIMIT * (bottom + lam)
+    if not bool(bad.any()):
+        return lam
+    needed = (top - COND_LIMIT * bottom) / (COND_LIMIT - 1.0)
+    raised = torch.where(bad, torch.maximum(lam, needed), lam)
+    heads = bad.nonzero().flatten().tolist()
+    log.warning(
+        "Q/K logit solve was ill-conditioned for head(s) %s; lambda raised from %.3g to %.3g",
+        heads, float(lam[heads].max()), float(raised[heads].max()),
+    )
+    return raised
 
 
 def fold_qk(

@@ -29,6 +29,10 @@ def model_counts(model: nn.Module, tokens: int | None = None) -> dict[str, Any]:
     The patch embedding and head are counted once; `tokens` defaults to the model's own
     sequence length (patches + prefix tokens).
     """
+    if str(getattr(adapter_for(model), "family", "")).startswith("hf-"):
+        from corp_cli.hf.flops import hf_model_counts
+
+        return hf_model_counts(model, tokens)
     ad = adapter_for(model)
     if tokens is None:
         tokens = int(model.patch_embed.num_patches) + int(getattr(model, "num_prefix_tokens", 1))

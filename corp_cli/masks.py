@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from corp_cli.models import ModelIdentity
 from corp_cli.prune import BlockMasks
 
 KIND = "masks"
+_KEY = re.compile(r"blocks\.(0|[1-9][0-9]{0,5})\.(mlp|attn)\.keep")  # ASCII digits only: int() must parse it
 
 
 def save_masks(
@@ -39,33 +41,51 @@ def save_masks(
     save_safetensors_atomic(path, tensors, meta)
 
 
-def load_masks(path: Path, shapes: list[dict[str, int]]) -> tuple[list[BlockMasks], dict[str, Any]]:
-    """Masks validated against the dense block shapes: index ranges, uniqueness, order."""
+def load_masks(path: Path, shapes: list[dict[str, int]] | None = None) -> tuple[list[BlockMasks], dict[str, Any]]:
+    """Masks validated against the dense block shapes: index ranges, uniqueness, order.
+
+    `shapes` are the model's (or its statistics'); None checks the file against its own
+    recorded shapes only, for validating it before the model is loaded.
+    """
     tensors, meta = read_safetensors(path, kind=KIND)
     try:
-        ModelIdentity.from_dict(meta["model"])
-        if meta["block_shapes"] != shapes:
-            raise ArtifactError(f"{path}: masks were made for a model with different block shapes")
-    except (KeyError, TypeError, ValueError) as e:
+        ModelIdentity.from_dict(meta.get("model"))  # type: ignore[arg-type]
+        own = meta.get("block_shapes")
+        if not isinstance(own, list) or not own or not all(isinstance(s, dict) for s in own):
+            raise ValueError("block_shapes must be a non-empty list of objects")
+        if not isinstance(meta.get("options"), dict) or not isinstance(meta.get("stats_fingerprint"), str):
+            raise ValueError("options must be an object and stats_fingerprint a string")
+    except (KeyError, TypeError, ValueError, OverflowError) as e:
         raise ArtifactError(f"{path}: invalid masks metadata ({e})") from None
+    if shapes is None:
+        shapes = own
+    elif own != shapes:
+        raise ArtifactError(f"{path}: masks were made for a model with different block shapes")
     masks = [BlockMasks() for _ in shapes]
-    for key, t in tensors.items():
-        parts = key.split(".")
-        if len(parts) != 4 or parts[0] != "blocks" or parts[2] not in ("mlp", "attn") or parts[3] != "keep" or not parts[1].isdigit():
+    for key, t in sorted(tensors.items()):
+        match = _KEY.fullmatch(key)
+        if match is None:
             raise ArtifactError(f"{path}: unexpected tensor {key!r} in masks file")
-        i = int(parts[1])
+        i, part = int(match.group(1)), match.group(2)
         if i >= len(shapes):
             raise ArtifactError(f"{path}: {key} refers to block {i} but the model has {len(shapes)} blocks")
         if t.dtype != torch.int64:
             raise ArtifactError(f"{path}: {key} has dtype {t.dtype}, expected int64")
-        limit = shapes[i]["mlp_hidden"] if parts[2] == "mlp" else shapes[i]["head_dim"]
-        rows = t.reshape(1, -1) if parts[2] == "mlp" else t
-        want_ndim = 1 if parts[2] == "mlp" else 2
-        if t.ndim != want_ndim or (parts[2] == "attn" and t.shape[0] != shapes[i]["num_heads"]):
+        limit_key = "mlp_hidden" if part == "mlp" else "head_dim"
+        limit, heads = shapes[i].get(limit_key), shapes[i].get("num_heads")
+        if not _positive_int(limit) or (part == "attn" and not _positive_int(heads)):
+            raise ArtifactError(f"{path}: block_shapes[{i}] has no valid {limit_key}/num_heads for {key}")
+        want_ndim = 1 if part == "mlp" else 2
+        if t.ndim != want_ndim or (part == "attn" and t.shape[0] != heads):
             raise ArtifactError(f"{path}: {key} has shape {tuple(t.shape)}, which does not fit block {i}")
+        rows = t.reshape(1, -1) if part == "mlp" else t
         if rows.shape[1] == 0 or int(rows.min()) < 0 or int(rows.max()) >= limit:
             raise ArtifactError(f"{path}: {key} holds indices outside [0, {limit}) or is empty")
         if bool((rows[:, 1:] <= rows[:, :-1]).any()):
             raise ArtifactError(f"{path}: {key} indices must be strictly ascending (no duplicates)")
-        setattr(masks[i], parts[2], t)
+        setattr(masks[i], part, t)
     return masks, meta
+
+
+def _positive_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1

@@ -232,6 +232,10 @@ def _prune_mlp_block(ad: Any, i: int, st: dict[str, Tensor], keep: Tensor, o: Pr
 
 
 def _prune_attn_block(ad: Any, i: int, st: dict[str, Tensor], keep: Tensor, o: PruneOptions) -> dict[str, Any]:
+    if ad.family.startswith("hf-"):  # separate q/k projections: folded by the HF package
+        from corp_cli.hf.prune import prune_attn_block
+
+        return prune_attn_block(ad, i, st, keep, o)
     blk = ad.blocks[i]
     attn = blk.attn
     shape = ad.shape(i)

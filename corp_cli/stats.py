@@ -98,21 +98,65 @@ def new_meta(
     }
 
 
+# Block-shape keys each part needs, to know its tensors' shapes.
+_SHAPE_KEYS = {"mlp": ("mlp_hidden",), "attn": ("num_heads", "head_dim")}
+_PRODUCT_DTYPES = ("float32", "float64")
+
+
+def _is_count(v: Any, minimum: int = 0) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= minimum
+
+
+def _check_meta(meta: dict[str, Any]) -> tuple[list[dict[str, int]], list[str]]:
+    """Types and ranges of every metadata field corp relies on; ValueError says which is wrong.
+
+    The file may come from anywhere, so nothing downstream (merge, prune) should ever meet
+    a field of the wrong type and crash on it.
+    """
+    shapes, parts = meta.get("block_shapes"), meta.get("parts")
+    if not isinstance(parts, list) or not parts or not all(isinstance(p, str) for p in parts):
+        raise ValueError(f"parts must be a non-empty list of {sorted(FIELDS)}")
+    if set(parts) - set(FIELDS) or len(set(parts)) != len(parts):
+        raise ValueError(f"parts {parts!r} must be distinct names among {sorted(FIELDS)}")
+    if not isinstance(shapes, list) or not shapes:
+        raise ValueError("block_shapes must be a non-empty list")
+    for i, shape in enumerate(shapes):
+        if not isinstance(shape, dict):
+            raise ValueError(f"block_shapes[{i}] is not an object")
+        for key in (k for p in parts for k in _SHAPE_KEYS[p]):
+            if not _is_count(shape.get(key), 1):
+                raise ValueError(f"block_shapes[{i}].{key} is {shape.get(key)!r}, expected a positive integer")
+    ModelIdentity.from_dict(meta.get("model"))  # type: ignore[arg-type]
+    shards = meta.get("shards")
+    if not isinstance(shards, dict) or not _is_count(shards.get("count"), 1):
+        raise ValueError("bad shard record (count)")
+    indices = shards.get("indices")
+    if (
+        not isinstance(indices, list) or not indices
+        or not all(_is_count(x) and x < shards["count"] for x in indices) or len(set(indices)) != len(indices)
+    ):
+        raise ValueError(f"bad shard record: indices {indices!r} must be distinct integers in [0, {shards['count']})")
+    for key in ("images", "tokens"):
+        if not _is_count(meta.get(key), 1):
+            raise ValueError(f"{key} is {meta.get(key)!r}, expected a positive integer")
+    if not _is_count(meta.get("skipped_images", 0)):
+        raise ValueError(f"skipped_images is {meta.get('skipped_images')!r}, expected an integer >= 0")
+    for key in ("data", "preprocessing"):
+        if not isinstance(meta.get(key), dict):
+            raise ValueError(f"{key} must be an object")
+    if not isinstance(meta.get("synthetic"), bool):
+        raise ValueError("synthetic must be true or false")
+    if meta.get("product_dtype") not in _PRODUCT_DTYPES:
+        raise ValueError(f"product_dtype {meta.get('product_dtype')!r} is not one of {_PRODUCT_DTYPES}")
+    if meta.get("hist") != hist_spec():
+        raise ValueError("histogram layout differs from this corp version")
+    return shapes, parts
+
+
 def _validate(tensors: dict[str, Tensor], meta: dict[str, Any], path: Path) -> list[dict[str, dict[str, Tensor]]]:
     try:
-        shapes = meta["block_shapes"]
-        parts = meta["parts"]
-        ModelIdentity.from_dict(meta["model"])
-        shards = meta["shards"]
-        if not isinstance(shapes, list) or not shapes or not isinstance(parts, list) or not parts:
-            raise ValueError("empty block_shapes or parts")
-        if set(parts) - set(FIELDS):
-            raise ValueError(f"unknown parts {sorted(set(parts) - set(FIELDS))}")
-        if meta.get("hist") != hist_spec():
-            raise ValueError("histogram layout differs from this corp version")
-        if not (isinstance(shards["count"], int) and shards["count"] >= 1 and shards["indices"]):
-            raise ValueError("bad shard record")
-    except (KeyError, TypeError, ValueError) as e:
+        shapes, parts = _check_meta(meta)
+    except (KeyError, TypeError, ValueError, OverflowError) as e:
         raise ArtifactError(f"{path}: invalid statistics metadata ({e})") from None
     expected = {
         f"blocks.{i}.{part}.{name}": (dtype, shape_fn)
@@ -123,20 +167,33 @@ def _validate(tensors: dict[str, Tensor], meta: dict[str, Any], path: Path) -> l
     if missing or extra:
         raise ArtifactError(f"{path}: statistics tensors do not match their metadata (missing {missing[:3]}, unexpected {extra[:3]})")
     blocks: list[dict[str, dict[str, Tensor]]] = [{p: {} for p in parts} for _ in shapes]
+    tokens = meta["tokens"]
     for key, (dtype, shape_fn) in expected.items():
         t = tensors[key]
         _, i, part, name = key.split(".")
-        try:
-            want = tuple(int(x) for x in shape_fn(shapes[int(i)]))
-        except (KeyError, TypeError, ValueError):
-            raise ArtifactError(f"{path}: invalid block shape record for block {i}") from None
+        want = tuple(int(x) for x in shape_fn(shapes[int(i)]))
         if t.dtype != dtype or tuple(t.shape) != want:
             raise ArtifactError(f"{path}: tensor {key} is {t.dtype}{tuple(t.shape)}, expected {dtype}{want}")
         if t.dtype.is_floating_point and not bool(torch.isfinite(t).all()):
             raise ArtifactError(f"{path}: tensor {key} holds NaN or Inf")
         if name == "count" and int(t.sum()) <= 0:
             raise ArtifactError(f"{path}: tensor {key} counts no samples")
+        if name == "abs_hist" and bool((t < 0).any()):
+            raise ArtifactError(f"{path}: tensor {key} holds negative counts")
+        # Sums of squares cannot be negative: a negative one means a corrupt or forged file.
+        if name in ("gram", "q_gram", "k_gram") and bool((torch.diagonal(t, dim1=-2, dim2=-1) < 0).any()):
+            raise ArtifactError(f"{path}: tensor {key} has a negative diagonal (not a sum of squares)")
+        if name == "qk_sq" and bool((t < 0).any()):
+            raise ArtifactError(f"{path}: tensor {key} holds negative sums of squares")
         blocks[int(i)][part][name] = t
+    # `tokens` is block 0's count (see calibrate.collect_statistics), and the parts of one
+    # block see the same tokens; anything else is a forged or spliced file.
+    for i, b in enumerate(blocks):
+        counts = {p: int(b[p]["count"].sum()) for p in parts}
+        if i == 0 and counts[parts[0]] != tokens:
+            raise ArtifactError(f"{path}: block 0 counts {counts[parts[0]]} samples but the metadata says {tokens} tokens")
+        if len(set(counts.values())) > 1:
+            raise ArtifactError(f"{path}: block {i} parts count different samples {counts}")
     return blocks
 
 
@@ -188,6 +245,15 @@ def check_matches(stats: Statistics, identity: ModelIdentity, what: str = "model
             f"statistics {stats.path} were computed for {stats.identity.name} ({stats.identity.checkpoint}, "
             f"{stats.identity.num_classes} classes) but the {what} is {identity.name} ({identity.checkpoint}, "
             f"{identity.num_classes} classes); recalibrate with the same model and checkpoint"
+        )
+
+
+def check_block_shapes(stats: Statistics, shapes: list[dict[str, int]]) -> None:
+    """Statistics whose identity matches must also have the model's block shapes (a forged file may not)."""
+    if stats.meta["block_shapes"] != shapes:
+        raise ArtifactError(
+            f"statistics {stats.path} record block shapes that differ from the model {stats.identity.name}'s; "
+            "recalibrate with this model"
         )
 
 

@@ -14,9 +14,11 @@ from typer.core import TyperGroup
 from corp_cli.artifacts import check_out_file
 from corp_cli.calibrate import PARTS, calibrate
 from corp_cli.commands import common as C
-from corp_cli.data import open_source
+from corp_cli.data import ImageSource, open_source
 from corp_cli.errors import InputError
-from corp_cli.models import load_dense, resolve_device
+from corp_cli.hf import is_hf_model_spec
+from corp_cli.models import LoadedModel, check_model, load_dense, resolve_device
+from corp_cli.preprocess import Preprocessing
 from corp_cli.preprocess import resolve_preprocessing
 from corp_cli.stats import Statistics, merge
 
@@ -40,15 +42,41 @@ app = typer.Typer(
 )
 
 
+def check_model_inputs(
+    model: str, checkpoint: Path | None, num_classes: int | None, pretrained_cfg: Path | None, device: str,
+) -> torch.device:
+    """Everything about the model that can be checked without reading weights: fail in seconds, not minutes."""
+    if is_hf_model_spec(model):
+        from corp_cli.hf.commands import check_hf_model_inputs
+
+        return check_hf_model_inputs(model, checkpoint, num_classes, pretrained_cfg, device)
+    check_model(model, num_classes)
+    dev = resolve_device(device)
+    if checkpoint is not None:
+        _readable(C.existing_file(checkpoint, "checkpoint"), "checkpoint")
+    if pretrained_cfg is not None:
+        _readable(C.existing_file(pretrained_cfg, "--pretrained-cfg"), "--pretrained-cfg")
+    return dev
+
+
+def _readable(path: Path, what: str) -> None:
+    # os.access says yes to root for anything; opening is the real test.
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as e:
+        raise InputError(f"{what} {path} cannot be read ({e.strerror or e})") from None
+
+
 def load_model_and_preprocessing(
     model: str, checkpoint: Path | None, num_classes: int | None, pretrained_cfg: Path | None,
     overrides: dict[str, Any], device: str,
-):  # -> tuple[LoadedModel, Preprocessing]
-    dev = resolve_device(device)
-    if checkpoint is not None:
-        C.existing_file(checkpoint, "checkpoint")
-    if pretrained_cfg is not None:
-        C.existing_file(pretrained_cfg, "--pretrained-cfg")
+) -> tuple[LoadedModel, Preprocessing]:
+    if is_hf_model_spec(model):  # a Hugging Face folder or hf-model:ID: loaded by transformers
+        from corp_cli.hf.commands import load_hf_for_command
+
+        return load_hf_for_command(model, checkpoint, num_classes, pretrained_cfg, overrides, device)
+    dev = check_model_inputs(model, checkpoint, num_classes, pretrained_cfg, device)
     loaded = load_dense(model, checkpoint=checkpoint, num_classes=num_classes, device=dev)
     prep = resolve_preprocessing(
         loaded.model, checkpoint_meta=loaded.checkpoint_meta, pretrained_cfg_path=pretrained_cfg, overrides=overrides
@@ -64,24 +92,70 @@ def parse_parts(text: str) -> tuple[str, ...]:
     return parts
 
 
-def run_calibration(
-    model: str, *, data: str, samples: int | None, seed: int, shard: tuple[int, int] | None,
-    checkpoint: Path | None, num_classes: int | None, pretrained_cfg: Path | None, overrides: dict[str, Any],
-    device: str, batch_size: int, workers: int, parts: tuple[str, ...], precision: str,
-):  # -> tuple[Statistics, LoadedModel, Preprocessing, float]
-    """Shared by `corp calibrate` and `corp prune --calib-data`."""
+def check_precision(precision: str) -> None:
     if precision not in ("float32", "float64"):
         raise InputError(f"--precision must be float32 or float64, got {precision!r}")
+
+
+def open_calibration(
+    model: str, *, data: str, samples: int | None, seed: int, shard: tuple[int, int] | None,
+    checkpoint: Path | None, num_classes: int | None, pretrained_cfg: Path | None, overrides: dict[str, Any],
+    device: str,
+) -> tuple[ImageSource, LoadedModel, Preprocessing]:
+    """Validate the model inputs, open the data, then load the model: cheap checks first."""
+    if is_hf_model_spec(model):
+        from corp_cli.hf.calibrate import open_hf_calibration
+
+        check_model_inputs(model, checkpoint, num_classes, pretrained_cfg, device)
+        return open_hf_calibration(model, data=data, samples=samples, seed=seed, shard=shard, device=device)
+    check_model_inputs(model, checkpoint, num_classes, pretrained_cfg, device)
     source = open_source(data, samples=samples, seed=seed, shard=shard)
     loaded, prep = load_model_and_preprocessing(model, checkpoint, num_classes, pretrained_cfg, overrides, device)
-    total = source.num_items
+    return source, loaded, prep
+
+
+def calibrate_opened(
+    loaded: LoadedModel, prep: Preprocessing, source: ImageSource, *,
+    batch_size: int, workers: int, parts: tuple[str, ...], precision: str,
+) -> tuple[Statistics, float]:
+    """The expensive pass over the data; returns the statistics and the seconds it took."""
+    if getattr(source, "kind", None) == "text":  # tokenised text for an HF encoder
+        from corp_cli.hf.calibrate import calibrate_hf_opened
+
+        return calibrate_hf_opened(loaded, prep, source, batch_size=batch_size, workers=workers, parts=parts,
+                                   precision=precision)
+    check_precision(precision)
     t0 = time.perf_counter()
-    with C.progress_bar(f"calibrating {loaded.identity.name}", total) as advance:
+    with C.progress_bar(f"calibrating {loaded.identity.name}", source.num_items) as advance:
         stats = calibrate(
             loaded, prep, source, batch_size=batch_size, workers=workers, parts=parts,
             product_dtype=getattr(torch, precision), on_batch=advance,
         )
-    return stats, loaded, prep, time.perf_counter() - t0
+    return stats, time.perf_counter() - t0
+
+
+def run_calibration(
+    model: str, *, data: str, samples: int | None, seed: int, shard: tuple[int, int] | None,
+    checkpoint: Path | None, num_classes: int | None, pretrained_cfg: Path | None, overrides: dict[str, Any],
+    device: str, batch_size: int, workers: int, parts: tuple[str, ...], precision: str,
+) -> tuple[Statistics, LoadedModel, Preprocessing, float]:
+    """Shared by `corp calibrate` and `corp prune --calib-data`."""
+    if is_hf_model_spec(model):  # text through the model's tokenizer, or HF ViT images
+        from corp_cli.hf.calibrate import run_hf_calibration
+
+        return run_hf_calibration(
+            model, data=data, samples=samples, seed=seed, shard=shard, checkpoint=checkpoint, device=device,
+            batch_size=batch_size, workers=workers, parts=parts, precision=precision,
+        )
+    check_precision(precision)
+    source, loaded, prep = open_calibration(
+        model, data=data, samples=samples, seed=seed, shard=shard, checkpoint=checkpoint, num_classes=num_classes,
+        pretrained_cfg=pretrained_cfg, overrides=overrides, device=device,
+    )
+    stats, seconds = calibrate_opened(
+        loaded, prep, source, batch_size=batch_size, workers=workers, parts=parts, precision=precision
+    )
+    return stats, loaded, prep, seconds
 
 
 @app.command("run", help="Calibrate MODEL on --data and write the statistics to --out.")
@@ -110,12 +184,15 @@ def run_cmd(
     overwrite: C.OverwriteOpt = False,
     json_out: C.JsonOpt = False,
 ) -> None:
+    # Every option and path is checked before the model loads or an image is read.
+    shard_ix, part_list = C.parse_shard(shard), parse_parts(parts)
+    check_precision(precision)
+    overrides = C.preprocessing_overrides(mean, std, input_size, interpolation, crop_pct, crop_mode)
     check_out_file(out, overwrite=overwrite)
     stats, loaded, _, seconds = run_calibration(
-        model, data=data, samples=samples, seed=seed, shard=C.parse_shard(shard), checkpoint=checkpoint,
-        num_classes=num_classes, pretrained_cfg=pretrained_cfg,
-        overrides=C.preprocessing_overrides(mean, std, input_size, interpolation, crop_pct, crop_mode),
-        device=device, batch_size=batch_size, workers=workers, parts=parse_parts(parts), precision=precision,
+        model, data=data, samples=samples, seed=seed, shard=shard_ix, checkpoint=checkpoint,
+        num_classes=num_classes, pretrained_cfg=pretrained_cfg, overrides=overrides,
+        device=device, batch_size=batch_size, workers=workers, parts=part_list, precision=precision,
     )
     stats.save(out)
     summary = stats_summary(stats, out)
@@ -125,8 +202,9 @@ def run_cmd(
         C.emit_json(summary)
     else:
         synth = " [SYNTHETIC DATA: smoke test only]" if stats.meta["synthetic"] else ""
+        skipped = f", {summary['skipped_images']} undecodable skipped" if summary["skipped_images"] else ""
         C.out.print(
-            f"wrote {out}: {loaded.identity.name}, {stats.meta['images']} images, {stats.meta['tokens']} tokens, "
+            f"wrote {out}: {loaded.identity.name}, {stats.meta['images']} images{skipped}, {stats.meta['tokens']} tokens, "
             f"{len(stats.blocks)} blocks, {seconds:.1f}s ({summary['images_per_second']} images/s){synth}"
         )
 
@@ -140,6 +218,7 @@ def stats_summary(stats: Statistics, path: Path) -> dict[str, Any]:
         "images": m["images"],
         "tokens": m["tokens"],
         "skipped_images": m.get("skipped_images", 0),
+        "warnings": m["data"].get("warnings", []),
         "synthetic": m["synthetic"],
         "data": m["data"],
         "shards": m["shards"],
@@ -157,6 +236,8 @@ def merge_cmd(
     json_out: C.JsonOpt = False,
 ) -> None:
     check_out_file(out, overwrite=overwrite)
+    if len(inputs) < 2:
+        raise InputError("merge needs at least two statistics files")
     items = [Statistics.load(C.existing_file(p, "statistics file")) for p in inputs]
     merged = merge(items)
     merged.save(out)

@@ -6,7 +6,9 @@ import functools
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -62,23 +64,47 @@ def fail(message: str, code: int) -> typer.Exit:
     return typer.Exit(code)
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (what batch schedulers send) turned into an interrupt, so cleanup runs."""
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    # Python's default for SIGTERM is to die at once, skipping every `finally` that removes
+    # temp files. Signal handlers can only be installed from the main thread.
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _raise(signum: int, _frame: Any) -> None:
+        raise _Terminated(signal.Signals(signum).name)
+
+    previous = signal.signal(signal.SIGTERM, _raise)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def handle_errors(fn: F) -> F:
-    """Map failures to one line and an exit code: 2 bad input, 1 runtime, 130 interrupted."""
+    """Map failures to one line and an exit code: 2 bad input, 1 runtime, 130 interrupted (SIGINT/SIGTERM)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
+            with _sigterm_as_interrupt():
+                return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise
         except CorpError as e:
             if debug_enabled():
                 raise
             raise fail(str(e), e.exit_code) from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
             if debug_enabled():
                 raise
-            raise fail("interrupted; no artifact was written", EXIT_INTERRUPTED) from None
+            what = "terminated (SIGTERM)" if isinstance(e, _Terminated) else "interrupted"
+            raise fail(f"{what}; no artifact was written and --out was left as it was", EXIT_INTERRUPTED) from None
         except MemoryError:
             if debug_enabled():
                 raise

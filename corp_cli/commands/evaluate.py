@@ -139,6 +139,11 @@ def evaluate_cmd(
     json_out: JsonPathOpt = None,
 ) -> None:
     """Evaluate MODEL: top-1/top-5 with labels; agreement, KL and feature cosine against --reference."""
+    from corp_cli.hf.evaluate import hf_evaluate_cmd, is_hf_target
+
+    if is_hf_target(model):  # HF encoders: fidelity of the pooled embeddings to the reference
+        return hf_evaluate_cmd(model, data=data, reference=reference, samples=samples, seed=seed, device=device,
+                               batch_size=batch_size, json_out=json_out)
     dev = resolve_device(device)
     if checkpoint is not None:
         C.existing_file(checkpoint, "checkpoint")

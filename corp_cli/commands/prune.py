@@ -13,14 +13,23 @@ from rich.table import Table
 from corp_cli import __version__
 from corp_cli.artifacts import atomic_dir, check_out_dir, write_json_atomic
 from corp_cli.commands import common as C
-from corp_cli.commands.calibrate import DEFAULT_DATA, DEFAULT_SAMPLES, load_model_and_preprocessing, run_calibration
+from corp_cli.calibrate import block_shapes
+from corp_cli.commands.calibrate import (
+    DEFAULT_DATA,
+    DEFAULT_SAMPLES,
+    calibrate_opened,
+    check_model_inputs,
+    load_model_and_preprocessing,
+    open_calibration,
+)
 from corp_cli.compact import MODEL_FILE, architecture, save_pruned
 from corp_cli.config import load_prune_config
-from corp_cli.errors import InputError
+from corp_cli.errors import ArtifactError, InputError
 from corp_cli.flops import model_counts
 from corp_cli.masks import load_masks, save_masks
-from corp_cli.prune import MLP_RANKERS, QK_RANKERS, PruneOptions, apply_masks, plan_masks
-from corp_cli.stats import Statistics, check_matches
+from corp_cli.models import ModelIdentity
+from corp_cli.prune import MLP_RANKERS, QK_RANKERS, BlockMasks, PruneOptions, apply_masks, plan_masks
+from corp_cli.stats import Statistics, check_block_shapes, check_matches
 
 MASKS_FILE = "masks.safetensors"
 REPORT_FILE = "report.json"
@@ -62,21 +71,50 @@ def build_options(config: Path | None, cli: dict[str, Any]) -> PruneOptions:
     return PruneOptions(**merged)
 
 
-def run_prune(
-    loaded: Any, stats: Statistics, opts: PruneOptions, masks_path: Path | None
-) -> tuple[list[Any], list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
-    model = loaded.model
-    nblocks = len(stats.blocks)
-    bad = [i for i in opts.block_overrides if not 0 <= i < nblocks]
+def check_plan(
+    opts: PruneOptions, shapes: list[dict[str, int]], parts: list[str], masks: list[BlockMasks] | None,
+) -> None:
+    """What plan_masks/apply_masks would refuse, checked from shapes alone, before any expensive work."""
+    nblocks = len(shapes)
+    bad = [i for i in opts.block_overrides if not (isinstance(i, int) and 0 <= i < nblocks)]
     if bad:
         raise InputError(f"per-block overrides name block(s) {bad}, but the model has blocks 0..{nblocks - 1}")
-    shapes = stats.meta["block_shapes"]
-    if masks_path is not None:
-        masks, mmeta = load_masks(C.existing_file(masks_path, "--masks"), shapes)
-        if mmeta["model"] != loaded.identity.to_dict():
-            raise InputError(f"--masks {masks_path} were made for {mmeta['model']}, not {loaded.identity.to_dict()}")
-    else:
-        masks = plan_masks(model, stats, opts)
+    for i, shape in enumerate(shapes):
+        try:
+            o = opts.for_block(i)  # validates the block's overrides (sparsity range, floors)
+        except TypeError as e:
+            raise InputError(f"block {i} override has a value of the wrong type ({e})") from None
+        if masks is not None:
+            for part, kept in (("mlp", masks[i].mlp), ("attn", masks[i].attn)):
+                if kept is not None and part not in parts:
+                    raise InputError(f"--masks prune block {i}'s {part}, but the statistics have no {part} sums")
+            continue
+        if o.prune_mlp and o.mlp_sparsity > 0:
+            if "mlp" not in parts:
+                raise InputError("these statistics have no MLP sums; recalibrate with --parts mlp,attn")
+            if o.min_keep > shape["mlp_hidden"]:
+                raise InputError(f"block {i}: --min-keep {o.min_keep} exceeds its {shape['mlp_hidden']} MLP units")
+        if o.prune_attn and o.attn_sparsity > 0:
+            if "attn" not in parts:
+                raise InputError("these statistics have no attention sums; recalibrate with --parts mlp,attn or use --target mlp")
+            if o.min_qk_dim > shape["head_dim"]:
+                raise InputError(f"block {i}: --min-qk-dim {o.min_qk_dim} exceeds the head dim {shape['head_dim']}")
+
+
+def _check_masks_for(masks_path: Path, mmeta: dict[str, Any], identity: ModelIdentity, shapes: list[dict[str, int]], what: str) -> None:
+    if mmeta["model"] != identity.to_dict():
+        raise ArtifactError(f"--masks {masks_path} were made for {mmeta['model']}, not the {what} {identity.to_dict()}")
+    if mmeta["block_shapes"] != shapes:
+        raise ArtifactError(f"--masks {masks_path} were made for a model with different block shapes than the {what}")
+
+
+def run_prune(
+    loaded: Any, stats: Statistics, opts: PruneOptions, preset: list[BlockMasks] | None
+) -> tuple[list[Any], list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
+    """Rank (unless masks were given), compensate and compact; returns masks, report blocks, counts."""
+    model = loaded.model
+    nblocks = len(stats.blocks)
+    masks = preset if preset is not None else plan_masks(model, stats, opts)
     before = model_counts(model)
     with C.progress_bar("pruning blocks", nblocks, unit="blocks") as advance:
         blocks = apply_masks(model, stats, masks, opts, on_block=lambda _i: advance(1))
@@ -92,18 +130,18 @@ def prune_cmd(
     calib_data: Annotated[str | None, typer.Option("--calib-data", help=f"Calibration images when --stats is not given (default {DEFAULT_DATA}).")] = None,
     samples: Annotated[int, typer.Option("--samples", min=1, help="Calibration images when calibrating here.")] = DEFAULT_SAMPLES,
     seed: C.SeedOpt = 0,
-    sparsity: Annotated[float | None, typer.Option("--sparsity", help=f"Fraction removed, for the MLP and the Q/K dims [default: {_DEFAULTS.mlp_sparsity}].")] = None,
+    sparsity: Annotated[float | None, typer.Option("--sparsity", help=f"Fraction removed, for the MLP and the Q/K dims (default: {_DEFAULTS.mlp_sparsity}).")] = None,
     mlp_sparsity: Annotated[float | None, typer.Option("--mlp-sparsity", help="Fraction of MLP hidden units removed (overrides --sparsity).")] = None,
     attn_sparsity: Annotated[float | None, typer.Option("--attn-sparsity", help="Fraction of each head's Q/K dims removed (overrides --sparsity).")] = None,
-    target: Annotated[str | None, typer.Option("--target", help=f"mlp, attn or both [default: {_DEFAULTS.target}].")] = None,
-    ranker: Annotated[str | None, typer.Option("--ranker", help=f"MLP ranking: {', '.join(MLP_RANKERS)} [default: {_DEFAULTS.ranker}].")] = None,
-    qk_ranker: Annotated[str | None, typer.Option("--qk-ranker", help=f"Q/K ranking: {', '.join(QK_RANKERS)} [default: {_DEFAULTS.qk_ranker}].")] = None,
-    lam: Annotated[str | None, typer.Option("--lambda", help="Ridge lambda: auto (data-scaled shrinkage) or a number [default: auto].")] = None,
+    target: Annotated[str | None, typer.Option("--target", help=f"mlp, attn or both (default: {_DEFAULTS.target}).")] = None,
+    ranker: Annotated[str | None, typer.Option("--ranker", help=f"MLP ranking: {', '.join(MLP_RANKERS)} (default: {_DEFAULTS.ranker}).")] = None,
+    qk_ranker: Annotated[str | None, typer.Option("--qk-ranker", help=f"Q/K ranking: {', '.join(QK_RANKERS)} (default: {_DEFAULTS.qk_ranker}).")] = None,
+    lam: Annotated[str | None, typer.Option("--lambda", help="Ridge lambda: auto (data-scaled shrinkage) or a number (default: auto).")] = None,
     no_compensation: Annotated[bool, typer.Option("--no-compensation", help="Drop units with no correction (the baseline).")] = False,
-    round_to: Annotated[int | None, typer.Option("--round-to", help=f"Keep survivor counts multiples of N [default: {_DEFAULTS.round_to}].")] = None,
-    min_keep: Annotated[int | None, typer.Option("--min-keep", help=f"Never keep fewer MLP units per block [default: {_DEFAULTS.min_keep}].")] = None,
-    min_qk_dim: Annotated[int | None, typer.Option("--min-qk-dim", help=f"Never keep fewer Q/K dims per head [default: {_DEFAULTS.min_qk_dim}].")] = None,
-    qk_fold: Annotated[str | None, typer.Option("--qk-fold", help="Fold the logit correction into q only, or balanced between q and k [default: balanced].")] = None,
+    round_to: Annotated[int | None, typer.Option("--round-to", help=f"Keep survivor counts multiples of N (default: {_DEFAULTS.round_to}).")] = None,
+    min_keep: Annotated[int | None, typer.Option("--min-keep", help=f"Never keep fewer MLP units per block (default: {_DEFAULTS.min_keep}).")] = None,
+    min_qk_dim: Annotated[int | None, typer.Option("--min-qk-dim", help=f"Never keep fewer Q/K dims per head (default: {_DEFAULTS.min_qk_dim}).")] = None,
+    qk_fold: Annotated[str | None, typer.Option("--qk-fold", help="Fold the logit correction into q only, or balanced between q and k (default: balanced).")] = None,
     config: Annotated[Path | None, typer.Option("--config", help="YAML preset (see configs/); explicit flags win over it.")] = None,
     masks_path: Annotated[Path | None, typer.Option("--masks", help="Reapply these masks instead of ranking.")] = None,
     checkpoint: C.CheckpointOpt = None,
@@ -123,8 +161,11 @@ def prune_cmd(
 ) -> None:
     """Prune MODEL with CORP: remove MLP units and Q/K dims, fold the closed-form compensation in."""
     t0 = time.perf_counter()
+    # Validation order: options, paths and files (cheap) -> model weights -> calibration (expensive).
     if qk_fold not in (None, "balanced", "q"):
         raise InputError(f"--qk-fold must be balanced or q, got {qk_fold!r}")
+    if stats_path is not None and calib_data is not None:
+        raise InputError("give either --stats or --calib-data, not both")
     opts = build_options(
         config,
         {
@@ -136,21 +177,36 @@ def prune_cmd(
     )
     check_out_dir(out, overwrite=overwrite)
     overrides = C.preprocessing_overrides(mean, std, input_size, interpolation, crop_pct, crop_mode)
+    check_model_inputs(model, checkpoint, num_classes, pretrained_cfg, device)
+    preset: list[BlockMasks] | None = None
+    mmeta: dict[str, Any] = {}
+    if masks_path is not None:
+        # Against the file's own shapes for now; against the model's once they are known.
+        preset, mmeta = load_masks(C.existing_file(masks_path, "--masks"))
     calibrated_here = stats_path is None
     if stats_path is not None:
-        if calib_data is not None:
-            raise InputError("give either --stats or --calib-data, not both")
         stats = Statistics.load(C.existing_file(stats_path, "--stats"))
+        shapes = stats.meta["block_shapes"]
+        if preset is not None:
+            _check_masks_for(masks_path, mmeta, stats.identity, shapes, "statistics")  # type: ignore[arg-type]
+        check_plan(opts, shapes, stats.parts, preset)
         loaded, prep = load_model_and_preprocessing(model, checkpoint, num_classes, pretrained_cfg, overrides, device)
         check_matches(stats, loaded.identity)
+        check_block_shapes(stats, block_shapes(loaded.model))
     else:
-        stats, loaded, prep, _ = run_calibration(
+        source, loaded, prep = open_calibration(
             model, data=calib_data or DEFAULT_DATA, samples=samples, seed=seed, shard=None, checkpoint=checkpoint,
             num_classes=num_classes, pretrained_cfg=pretrained_cfg, overrides=overrides, device=device,
-            batch_size=batch_size, workers=workers, parts=("mlp", "attn") if opts.prune_attn else ("mlp",),
-            precision="float32",
         )
-    masks, blocks, before, after = run_prune(loaded, stats, opts, masks_path)
+        shapes = block_shapes(loaded.model)
+        parts = ["mlp", "attn"] if opts.prune_attn or (preset is not None and any(m.attn is not None for m in preset)) else ["mlp"]
+        if preset is not None:
+            _check_masks_for(masks_path, mmeta, loaded.identity, shapes, "model")  # type: ignore[arg-type]
+        check_plan(opts, shapes, parts, preset)
+        stats, _ = calibrate_opened(
+            loaded, prep, source, batch_size=batch_size, workers=workers, parts=tuple(parts), precision="float32",
+        )
+    masks, blocks, before, after = run_prune(loaded, stats, opts, preset)
     arch = architecture(loaded.model, loaded.identity.name, {"num_classes": loaded.identity.num_classes})
     provenance = {
         "base": loaded.identity.to_dict(),
@@ -183,6 +239,8 @@ def _report(
         "corp_version": __version__,
         "model": loaded.identity.to_dict(),
         "stats": {"fingerprint": fingerprint, "images": stats.meta["images"], "tokens": stats.meta["tokens"],
+                  "skipped_images": stats.meta.get("skipped_images", 0),
+                  "warnings": stats.meta["data"].get("warnings", []),
                   "synthetic": stats.meta["synthetic"], "data": stats.meta["data"]},
         "synthetic": stats.meta["synthetic"],
         "options": opts.to_dict(),

