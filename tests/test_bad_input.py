@@ -323,7 +323,7 @@ def test_mixed_image_modes_converted_undecodable_skipped_and_counted(tmp_path: P
     (data / "truncated.png").write_bytes((tmp_path / "full.png").read_bytes()[:200])
     stats = tmp_path / "s.safetensors"
     res = runner.invoke(app, ["calibrate", MODEL, "--checkpoint", str(tiny_ckpt), "--data", str(data), "--samples", "50",
-                              "--batch-size", "4", "--workers", "0", "--parts", "attn", "--json", "--out", str(stats)])
+                              "--batch-size", "4", "--workers", "0", "--parts", "attn", "--json", "-", "--out", str(stats)])
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout)
     assert summary["images"] == 5 and summary["skipped_images"] == 2
@@ -333,7 +333,7 @@ def test_mixed_image_modes_converted_undecodable_skipped_and_counted(tmp_path: P
     # prune reports the count it finds in the statistics (which it also writes when it calibrates itself)
     out = tmp_path / "pruned"
     res = runner.invoke(app, ["prune", MODEL, "--checkpoint", str(tiny_ckpt), "--stats", str(stats), "--target", "attn",
-                              "--sparsity", "0.25", "--json", "--out", str(out)])
+                              "--sparsity", "0.25", "--json", "-", "--out", str(out)])
     assert res.exit_code == 0, res.output
     report = json.loads((out / "report.json").read_text())
     assert report["stats"]["skipped_images"] == 2 and report["stats"]["images"] == 5

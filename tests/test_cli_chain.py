@@ -38,7 +38,7 @@ def test_calibrate_prune_load_chain(tmp_path: Path, tiny_ckpt: Path) -> None:
     data = _folder(tmp_path / "imgs")
     stats = tmp_path / "stats.safetensors"
     out = json.loads(_invoke("calibrate", "deit_tiny_patch16_224", "--checkpoint", tiny_ckpt, "--data", data,
-                             "--samples", 6, "--out", stats, "--batch-size", 4, "--workers", 0, "--json"))
+                             "--samples", 6, "--out", stats, "--batch-size", 4, "--workers", 0, "--json", "-"))
     assert out["images"] == 6 and out["tokens"] == 6 * 197 and not out["synthetic"]
     meta = Statistics.load(stats).meta
     assert meta["model"]["name"] == "deit_tiny_patch16_224"
@@ -48,7 +48,7 @@ def test_calibrate_prune_load_chain(tmp_path: Path, tiny_ckpt: Path) -> None:
 
     pruned = tmp_path / "pruned"
     rep = json.loads(_invoke("prune", "deit_tiny_patch16_224", "--checkpoint", tiny_ckpt, "--stats", stats,
-                             "--target", "mlp", "--sparsity", 0.5, "--out", pruned, "--json"))
+                             "--target", "mlp", "--sparsity", 0.5, "--out", pruned, "--json", "-"))
     assert sorted(p.name for p in pruned.iterdir()) == ["masks.safetensors", "model.safetensors", "report.json"]
     report = json.loads((pruned / "report.json").read_text())
     assert report["totals"]["params_after"] < report["totals"]["params_before"]

@@ -70,7 +70,7 @@ def _run_child(code: str) -> str:
 
 def test_torch_export_runs_without_corp_or_timm(pruned_dir: Path, probe: tuple[Path, torch.Tensor], tmp_path: Path) -> None:
     out = tmp_path / "sub" / "model.pt2"
-    res = CliRunner().invoke(app, ["export", str(pruned_dir), "--format", "torch-export", "--out", str(out), "--json"])
+    res = CliRunner().invoke(app, ["export", str(pruned_dir), "--format", "torch-export", "--out", str(out), "--json", "-"])
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout)
     assert summary["dynamic_batch"] is True and summary["input_shape"] == ["batch", 3, 224, 224]

@@ -107,7 +107,7 @@ def test_cli_chain_on_a_local_hf_vit_folder(tmp_path: Path) -> None:
     tiny("vit").save_pretrained(folder)
     out = tmp_path / "pruned"
     r = CliRunner().invoke(app, ["prune", str(folder), "--calib-data", "synthetic", "--samples", "8", "--sparsity", "0.5",
-                                 "--batch-size", "4", "--workers", "0", "--out", str(out), "--json"])
+                                 "--batch-size", "4", "--workers", "0", "--out", str(out), "--json", "-"])
     assert r.exit_code == 0, r.output
     report = json.loads(r.stdout)
     assert report["synthetic"] is True

@@ -74,7 +74,7 @@ def test_cifar_checkpoint_calibrates_prunes_and_reloads_with_its_own_preprocessi
     out = tmp_path / "pruned"
     res = runner.invoke(app, ["prune", "deit_tiny_patch16_224", "--checkpoint", str(CIFAR_CKPT),
                               "--calib-data", str(CIFAR_DIR / "train"), "--samples", 200, "--target", "mlp",
-                              "--sparsity", "0.3", "--out", str(out), "--batch-size", "50", "--json"])
+                              "--sparsity", "0.3", "--out", str(out), "--batch-size", "50", "--json", "-"])
     assert res.exit_code == 0, res.output
     from corp_cli.compact import read_pruned
 

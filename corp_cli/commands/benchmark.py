@@ -14,7 +14,7 @@ from corp_cli.benchmark import (
     static_figures, time_forward,
 )
 from corp_cli.commands import common as C
-from corp_cli.commands.evaluate import JsonPathOpt, ReferenceCkptOpt, ReferenceOpt, environment, load_reference, write_json_output
+from corp_cli.commands.evaluate import ReferenceCkptOpt, ReferenceOpt, environment, load_reference
 from corp_cli.errors import InputError
 from corp_cli.loading import load_any
 from corp_cli.models import resolve_device
@@ -35,7 +35,7 @@ def benchmark_cmd(
     checkpoint: C.CheckpointOpt = None,
     num_classes: C.NumClassesOpt = None,
     device: C.DeviceOpt = "auto",
-    json_out: JsonPathOpt = None,
+    json_out: C.JsonOpt = None,
 ) -> None:
     """Time MODEL (and --reference) forward passes: median/p90 latency, throughput, peak memory, FLOPs."""
     t0 = time.perf_counter()
@@ -94,7 +94,7 @@ def benchmark_cmd(
                                       figures["reference"]["flops_per_image"]),
         }
     report["seconds"] = round(time.perf_counter() - t0, 3)
-    if not write_json_output(json_out, report):
+    if not C.write_json(json_out, report):
         print_report(report)
 
 

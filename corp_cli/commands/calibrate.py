@@ -182,7 +182,7 @@ def run_cmd(
     batch_size: C.BatchSizeOpt = 32,
     workers: C.WorkersOpt = C.DEFAULT_WORKERS,
     overwrite: C.OverwriteOpt = False,
-    json_out: C.JsonOpt = False,
+    json_out: C.JsonOpt = None,
 ) -> None:
     # Every option and path is checked before the model loads or an image is read.
     shard_ix, part_list = C.parse_shard(shard), parse_parts(parts)
@@ -198,9 +198,7 @@ def run_cmd(
     summary = stats_summary(stats, out)
     summary["seconds"] = round(seconds, 3)
     summary["images_per_second"] = round(stats.meta["images"] / max(seconds, 1e-9), 2)
-    if json_out:
-        C.emit_json(summary)
-    else:
+    if not C.write_json(json_out, summary):
         synth = " [SYNTHETIC DATA: smoke test only]" if stats.meta["synthetic"] else ""
         skipped = f", {summary['skipped_images']} undecodable skipped" if summary["skipped_images"] else ""
         C.out.print(
@@ -233,7 +231,7 @@ def merge_cmd(
     inputs: Annotated[list[Path], typer.Argument(help="Statistics shards to add.", show_default=False)],
     out: Annotated[Path, typer.Option("--out", help="Merged statistics file to write.")],
     overwrite: C.OverwriteOpt = False,
-    json_out: C.JsonOpt = False,
+    json_out: C.JsonOpt = None,
 ) -> None:
     check_out_file(out, overwrite=overwrite)
     if len(inputs) < 2:
@@ -242,9 +240,7 @@ def merge_cmd(
     merged = merge(items)
     merged.save(out)
     summary = stats_summary(merged, out)
-    if json_out:
-        C.emit_json(summary)
-    else:
+    if not C.write_json(json_out, summary):
         sh = merged.meta["shards"]
         C.out.print(
             f"wrote {out}: {len(items)} files, shards {sh['indices']} of {sh['count']}, "

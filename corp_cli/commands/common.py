@@ -177,7 +177,12 @@ BatchSizeOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images p
 WorkersOpt = Annotated[int, typer.Option("--workers", min=0, help="Image decoding worker processes.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for choosing the calibration subset.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON summary on stdout.")]
+# `--json PATH` writes the summary to a file (atomically) and keeps the table on stdout;
+# `--json -` prints only the JSON on stdout, for pipes and CI.
+JsonOpt = Annotated[
+    str | None,
+    typer.Option("--json", metavar="PATH", help="Write a machine-readable JSON summary to PATH ('-' for stdout, instead of the table)."),
+]
 
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
 
@@ -222,3 +227,21 @@ def existing_file(path: Path, what: str) -> Path:
     if not path.is_file():
         raise CorpError(f"{what} {path} does not exist or is not a file")
     return path
+
+
+def write_json(spec: str | None, obj: Any) -> bool:
+    """Honour --json: '-' prints to stdout (True: skip the table), a path is written atomically."""
+    if spec is None:
+        return False
+    if spec == "-":
+        emit_json(obj)
+        return True
+    from corp_cli.artifacts import write_json_atomic
+    from corp_cli.errors import InputError
+
+    path = Path(spec)
+    if path.is_dir():
+        raise InputError(f"--json {path} is a directory; give a file name")
+    write_json_atomic(path, obj)
+    err.print(f"wrote {path}", markup=False)
+    return False

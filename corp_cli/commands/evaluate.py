@@ -25,12 +25,6 @@ from corp_cli.preprocess import Preprocessing
 
 log = logging.getLogger(__name__)
 
-# `--json PATH` writes a file (atomically) and leaves stdout to the table; `--json -` prints
-# only the JSON on stdout, for pipes.
-JsonPathOpt = Annotated[
-    str | None,
-    typer.Option("--json", metavar="PATH", help="Write every figure and the provenance as JSON to PATH ('-' for stdout, instead of the table)."),
-]
 ReferenceOpt = Annotated[
     str | None,
     typer.Option("--reference", help="Reference model (timm name, or a pruned DIR) for fidelity / side-by-side figures."),
@@ -39,21 +33,6 @@ ReferenceCkptOpt = Annotated[
     Path | None,
     typer.Option("--reference-checkpoint", help="Local weights of --reference (needed when the model was pruned from a local checkpoint)."),
 ]
-
-
-def write_json_output(spec: str | None, obj: dict[str, Any]) -> bool:
-    """Honour --json: '-' prints to stdout (returns True: skip the table), a path is written atomically."""
-    if spec is None:
-        return False
-    if spec == "-":
-        C.emit_json(obj)
-        return True
-    path = Path(spec)
-    if path.is_dir():
-        raise InputError(f"--json {path} is a directory; give a file name")
-    write_json_atomic(path, obj)
-    C.err.print(f"wrote {path}", markup=False)
-    return False
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -136,7 +115,7 @@ def evaluate_cmd(
     device: C.DeviceOpt = "auto",
     batch_size: C.BatchSizeOpt = 64,
     workers: C.WorkersOpt = C.DEFAULT_WORKERS,
-    json_out: JsonPathOpt = None,
+    json_out: C.JsonOpt = None,
 ) -> None:
     """Evaluate MODEL: top-1/top-5 with labels; agreement, KL and feature cosine against --reference."""
     from corp_cli.hf.evaluate import hf_evaluate_cmd, is_hf_target
@@ -178,7 +157,7 @@ def evaluate_cmd(
     }
     if run.result["images"] == 0:
         raise InputError(f"{data}: no image could be decoded")
-    if not write_json_output(json_out, report):
+    if not C.write_json(json_out, report):
         print_report(report)
 
 

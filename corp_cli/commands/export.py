@@ -23,7 +23,7 @@ def export_cmd(
     ] = True,
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Reload the written file and compare it with the eager model.")] = True,
     overwrite: C.OverwriteOpt = False,
-    json_out: C.JsonOpt = False,
+    json_out: C.JsonOpt = None,
 ) -> None:
     """Export a pruned model so that it loads with torch (or an ONNX runtime) alone: no corp, no timm."""
     # Imported here so `corp --help` does not pay for torch.export / onnx imports.
@@ -34,8 +34,7 @@ def export_cmd(
     result = export_model(
         src, fmt, out, batch_size=batch_size, dynamic_batch=dynamic_batch, overwrite=overwrite, verify=verify
     )
-    if json_out:
-        C.emit_json(result.to_dict())
+    if C.write_json(json_out, result.to_dict()):
         return
     batch = "dynamic batch" if result.dynamic_batch else f"static batch {result.input_shape[0]}"
     check = f", max |diff| vs eager {result.max_abs_diff:.2g}" if result.max_abs_diff is not None else ", not run-checked"

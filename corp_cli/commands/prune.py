@@ -157,7 +157,7 @@ def prune_cmd(
     batch_size: C.BatchSizeOpt = 32,
     workers: C.WorkersOpt = C.DEFAULT_WORKERS,
     overwrite: C.OverwriteOpt = False,
-    json_out: C.JsonOpt = False,
+    json_out: C.JsonOpt = None,
 ) -> None:
     """Prune MODEL with CORP: remove MLP units and Q/K dims, fold the closed-form compensation in."""
     t0 = time.perf_counter()
@@ -225,9 +225,7 @@ def prune_cmd(
         save_pruned(tmp / MODEL_FILE, loaded.model.cpu(), arch, provenance)
         report = _report(loaded, stats, opts, blocks, before, after, time.perf_counter() - t0, fingerprint)
         write_json_atomic(tmp / REPORT_FILE, report)
-    if json_out:
-        C.emit_json({"out": str(out), **report})
-    else:
+    if not C.write_json(json_out, {"out": str(out), **report}):
         _print_summary(out, report)
 
 

@@ -13,7 +13,7 @@ from rich.table import Table
 from corp_cli.artifacts import atomic_dir, check_out_dir, write_bytes_atomic, write_json_atomic
 from corp_cli.commands import common as C
 from corp_cli.commands.calibrate import load_model_and_preprocessing
-from corp_cli.commands.evaluate import JsonPathOpt, environment, open_eval_source, write_json_output
+from corp_cli.commands.evaluate import environment, open_eval_source
 from corp_cli.evaluate import label_remap
 from corp_cli.loading import parse_classes
 from corp_cli.prune import MLP_RANKERS, QK_RANKERS, PruneOptions
@@ -48,7 +48,7 @@ def sweep_cmd(
     batch_size: C.BatchSizeOpt = 64,
     workers: C.WorkersOpt = C.DEFAULT_WORKERS,
     overwrite: C.OverwriteOpt = False,
-    json_out: JsonPathOpt = None,
+    json_out: C.JsonOpt = None,
 ) -> None:
     """Accuracy (or fidelity) vs sparsity for CORP and the uncompensated baseline, with FLOPs."""
     t0 = time.perf_counter()
@@ -95,7 +95,7 @@ def sweep_cmd(
         write_json_atomic(tmp / JSON_FILE, report)
     if not plotted:
         C.err.print(f"note: wrote {CSV_FILE} and {JSON_FILE} but no plot: matplotlib is not installed; {PLOT_HINT}", markup=False)
-    if not write_json_output(json_out, {"out": str(out), **report}):
+    if not C.write_json(json_out, {"out": str(out), **report}):
         print_report(out, report)
 
 

@@ -175,7 +175,8 @@ def hf_evaluate_cmd(
     from rich.table import Table
 
     from corp_cli.commands import common as C
-    from corp_cli.commands.evaluate import environment, write_json_output
+    from corp_cli.commands.common import write_json
+    from corp_cli.commands.evaluate import environment
     from corp_cli.models import resolve_device
 
     dev = resolve_device(device)
@@ -216,7 +217,7 @@ def hf_evaluate_cmd(
         "batch_size": batch_size, "environment": environment(dev), "results": {"items": items, "fidelity": res},
         "seconds": round(seconds, 3),
     }
-    if write_json_output(json_out, report):
+    if write_json(json_out, report):
         return
     table = Table(title=f"corp evaluate {desc['name']} ({desc['kind']}) vs {ref_name} on {source.spec}")
     table.add_column("metric")
