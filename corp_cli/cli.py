@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Annotated
 
 import typer
+from rich.text import Text
 
 from corp_cli import __version__
 from corp_cli.commands import common as C
+from corp_cli.errors import EXIT_INTERRUPTED, EXIT_USAGE
 from corp_cli.commands.benchmark import benchmark_cmd
 from corp_cli.commands.calibrate import app as calibrate_app
 from corp_cli.commands.evaluate import evaluate_cmd
@@ -49,7 +52,27 @@ app.command("export")(export_cmd)
 
 
 def main() -> None:
-    app()
+    """Console entry point: usage errors become one `error:` line with exit code 2.
+
+    Click would otherwise draw a multi-line usage panel; batch logs want one line. Typer
+    may vendor its own copy of click, so its errors are recognised by their interface
+    (format_message + exit_code) rather than by click's classes.
+    """
+    try:
+        code = app(standalone_mode=False)
+    except typer.Abort:
+        sys.exit(EXIT_INTERRUPTED)
+    except Exception as e:
+        if not (hasattr(e, "format_message") and hasattr(e, "exit_code")):
+            raise
+        ctx = getattr(e, "ctx", None)
+        if type(e).__name__ == "NoArgsIsHelpError" and ctx is not None:
+            C.out.print(ctx.get_help(), markup=False, highlight=False)
+            sys.exit(EXIT_USAGE)
+        hint = f"; see `{ctx.command_path} --help`" if ctx is not None else ""
+        C.err.print(Text(f"error: {e.format_message()}{hint}", style="bold red"), soft_wrap=True)
+        sys.exit(int(e.exit_code))
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -162,3 +162,22 @@ def test_unsupported_models_are_refused_in_one_line(tmp_path: Path, name: str) -
     # resnet18's pretrained load fails offline first or the adapter refuses; both are one line
     assert len([l for l in res.output.strip().splitlines() if l.strip()]) <= 2
     assert "Traceback" not in res.output
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["calibrate", "deit_tiny_patch16_224", "--samples", "0", "--out", "x.safetensors"], "--samples"),
+        (["prune", "deit_tiny_patch16_224", "--bogus"], "No such option: --bogus"),
+        (["prune"], "Missing argument"),
+    ],
+)
+def test_console_usage_errors_are_one_line_exit_2(tmp_path: Path, args: list[str], needle: str) -> None:
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "corp_cli.cli", *args], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stderr
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], res.stderr
+    assert list(tmp_path.iterdir()) == []
