@@ -56,16 +56,19 @@ def abs_hist_bin_lower_edges(device: torch.device | str = "cpu") -> Tensor:
     return torch.cat([torch.zeros(1, dtype=ACC_DTYPE, device=device), edges])
 
 
-def _abs_hist_bins(h: Tensor) -> Tensor:
-    """Bin index of every |h| (same shape as h), read straight off the float32 bit pattern.
+def _abs_hist_flat_index(h2: Tensor) -> Tensor:
+    """Flat histogram index unit * HIST_BINS + bin of every |h| in h2 (N, D), as int32.
 
     For IEEE float32 the bits above the top log2(HIST_SUB) mantissa bits are exactly
-    (biased exponent, linear sub-octave bin), so one shift replaces log/frexp.
+    (biased exponent, linear sub-octave bin), so one shift replaces log/frexp; the unit
+    offset and the range clamp are fused into in-place passes (this runs on every token).
     """
+    d = h2.shape[1]
     shift = 23 - int(math.log2(HIST_SUB))
-    bits = (h.float().contiguous().view(torch.int32) & 0x7FFFFFFF) >> shift
-    idx = bits - ((127 + HIST_EXP_MIN) * HIST_SUB - 1)
-    return idx.clamp_(0, HIST_BINS - 1)
+    idx = h2.float().abs().view(torch.int32) >> shift
+    base = torch.arange(d, device=h2.device, dtype=torch.int32) * HIST_BINS
+    idx += base - ((127 + HIST_EXP_MIN) * HIST_SUB - 1)
+    return torch.clamp(idx, base, base + (HIST_BINS - 1), out=idx)
 
 
 def sym_gram(x: Tensor, chunks: int = 4) -> Tensor:
@@ -88,17 +91,17 @@ def sym_gram(x: Tensor, chunks: int = 4) -> Tensor:
 def mlp_batch_stats(h: Tensor, product_dtype: torch.dtype = ACC_DTYPE) -> dict[str, Tensor]:
     """Sums over one batch of hidden activations h (..., D): count, sum, Gram, |h| histogram.
 
-    The Gram product may run in float32 (`product_dtype`) and is then added into float64
-    sums: one batch's rounding error is tiny next to the calibration noise.
+    The Gram product and the sum may run in float32 (`product_dtype`) and are then added
+    into float64 sums: one batch's rounding error is tiny next to the calibration noise.
     """
     h2 = h.reshape(-1, h.shape[-1])
     n, d = h2.shape
     hp = h2.to(product_dtype)
     gram = sym_gram(hp).to(ACC_DTYPE)
-    total = h2.to(ACC_DTYPE).sum(0)
-    # int32 offsets keep bincount on its fast int32 path (d * HIST_BINS is far below 2^31)
-    bins = _abs_hist_bins(h2) + torch.arange(d, device=h.device, dtype=torch.int32) * HIST_BINS
-    hist = torch.bincount(bins.reshape(-1), minlength=d * HIST_BINS).reshape(d, HIST_BINS).to(torch.int64)
+    total = hp.sum(0).to(ACC_DTYPE)  # per-batch sum at the product precision, like the Gram
+    # int32 indices keep bincount on its fast path (d * HIST_BINS is far below 2^31)
+    flat = _abs_hist_flat_index(h2)
+    hist = torch.bincount(flat.reshape(-1), minlength=d * HIST_BINS).reshape(d, HIST_BINS).to(torch.int64)
     return {
         "count": torch.tensor([n], dtype=torch.int64, device=h.device),
         "sum": total,
