@@ -35,6 +35,7 @@ from corp_cli.artifacts import (
     write_json_atomic,
 )
 from corp_cli.compact import MODEL_FILE, load_pruned, read_pruned
+from corp_cli.hf import refuse_hf
 from corp_cli.errors import InputError, NumericalError
 
 log = logging.getLogger(__name__)
@@ -139,6 +140,7 @@ def export_model(
         check_out_file(metadata_path_for(out_path), overwrite=overwrite)
 
     _, meta = read_pruned(src)
+    refuse_hf("export", src, meta.get("architecture", {}).get("family"))
     model = load_pruned(src)
     ckpt = src / MODEL_FILE if src.is_dir() else src
     c, h, w = input_shape_of(model)

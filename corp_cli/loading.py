@@ -19,6 +19,7 @@ from torch import nn
 from corp_cli.compact import MODEL_FILE, load_pruned, read_pruned
 from corp_cli.errors import InputError
 from corp_cli.models import load_dense, resolve_device
+from corp_cli.hf import refuse_hf
 from corp_cli.preprocess import Preprocessing, resolve_preprocessing
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ def load_any(
     *,
     pretrained_cfg: Path | None = None,
     overrides: Mapping[str, Any] | None = None,
+    command: str = "benchmark",
 ) -> tuple[nn.Module, dict[str, Any], Preprocessing]:
     """(model in eval mode on `device`, a JSON-able description, its eval preprocessing).
 
@@ -59,12 +61,13 @@ def load_any(
     metadata; `checkpoint`/`num_classes` only make sense for a timm name.
     """
     dev = device if isinstance(device, torch.device) else resolve_device(device)
+    refuse_hf(command, model_or_dir)
     if is_pruned_path(model_or_dir):
         if checkpoint is not None:
             raise InputError(f"{model_or_dir} is a pruned model; --checkpoint applies only to a timm model name")
         if num_classes is not None:
             raise InputError(f"{model_or_dir} is a pruned model; its classifier size is fixed, drop --num-classes")
-        return _load_pruned_dir(Path(model_or_dir).expanduser(), dev, pretrained_cfg, overrides)
+        return _load_pruned_dir(Path(model_or_dir).expanduser(), dev, pretrained_cfg, overrides, command)
     loaded = load_dense(str(model_or_dir), checkpoint=checkpoint, num_classes=num_classes, device=dev)
     prep = resolve_preprocessing(
         loaded.model, checkpoint_meta=loaded.checkpoint_meta, pretrained_cfg_path=pretrained_cfg, overrides=overrides
@@ -83,9 +86,10 @@ def load_any(
 
 
 def _load_pruned_dir(
-    path: Path, dev: torch.device, pretrained_cfg: Path | None, overrides: Mapping[str, Any] | None
+    path: Path, dev: torch.device, pretrained_cfg: Path | None, overrides: Mapping[str, Any] | None, command: str
 ) -> tuple[nn.Module, dict[str, Any], Preprocessing]:
     _, meta = read_pruned(path)  # validates kind/format before building anything
+    refuse_hf(command, path, meta.get("architecture", {}).get("family"))
     model = load_pruned(path, device=dev)
     if "preprocessing" not in meta:
         raise InputError(f"{path}: pruned model metadata has no preprocessing record")

@@ -237,3 +237,23 @@ def test_evaluate_command_reports_embedding_fidelity(minilm_runs: dict[str, Path
     assert report["results"]["items"] == 64
     assert 0.8 < fid["cosine_mean"] < 1.0 and 0.0 <= fid["nn_agreement"] <= 1.0
     assert report["reference"]["matches_base"] is True  # the default reference is the folder it was pruned from
+
+
+@needs_minilm
+@pytest.mark.parametrize("command", ["benchmark", "export", "sweep"])
+def test_commands_without_hf_support_refuse_in_one_line(command: str, minilm_runs: dict[str, Path], tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from corp_cli.cli import app
+
+    pruned = str(minilm_runs["comp"])
+    args = {
+        "benchmark": ["benchmark", pruned],
+        "export": ["export", pruned],
+        "sweep": ["sweep", str(MINILM), "--stats", str(minilm_runs["stats"]), "--data", "synthetic",
+                  "--out", str(tmp_path / "o")],
+    }[command]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 2, res.output
+    assert f"corp {command} does not support Hugging Face encoders yet" in res.output
+    assert not (tmp_path / "o").exists()

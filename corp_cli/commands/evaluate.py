@@ -70,7 +70,7 @@ def load_reference(
             f"{model_arg} was pruned from local weights ({str(base['checkpoint'])[:23]}...); "
             "pass those dense weights with --reference-checkpoint PATH"
         )
-    ref_model, ref_desc, ref_prep = load_any(reference, reference_checkpoint, None, device)
+    ref_model, ref_desc, ref_prep = load_any(reference, reference_checkpoint, None, device, command="evaluate")
     if desc["kind"] == "pruned" and ref_desc.get("identity") is not None and ref_desc["identity"] != base:
         log.warning("the reference %s is not the model %s was pruned from (%s)", ref_desc["identity"], model_arg, base)
         ref_desc["matches_base"] = False
@@ -127,7 +127,7 @@ def evaluate_cmd(
     if checkpoint is not None:
         C.existing_file(checkpoint, "checkpoint")
     overrides = C.preprocessing_overrides(mean, std, input_size, interpolation, crop_pct, crop_mode)
-    net, desc, prep = load_any(model, checkpoint, num_classes, dev, pretrained_cfg=pretrained_cfg, overrides=overrides)
+    net, desc, prep = load_any(model, checkpoint, num_classes, dev, pretrained_cfg=pretrained_cfg, overrides=overrides, command="evaluate")
     source = open_eval_source(data, samples, seed, labels, desc.get("classes"))
     ref = load_reference(model, desc, reference, reference_checkpoint, dev)
     if not source.labels and ref is None:

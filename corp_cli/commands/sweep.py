@@ -12,6 +12,7 @@ from rich.table import Table
 
 from corp_cli.artifacts import atomic_dir, check_out_dir, write_bytes_atomic, write_json_atomic
 from corp_cli.commands import common as C
+from corp_cli.hf import refuse_hf
 from corp_cli.commands.calibrate import load_model_and_preprocessing
 from corp_cli.commands.evaluate import environment, open_eval_source
 from corp_cli.evaluate import label_remap
@@ -52,6 +53,7 @@ def sweep_cmd(
 ) -> None:
     """Accuracy (or fidelity) vs sparsity for CORP and the uncompensated baseline, with FLOPs."""
     t0 = time.perf_counter()
+    refuse_hf("sweep", model)
     points = parse_sparsities(sparsities)
     base = PruneOptions(target=target, ranker=ranker, qk_ranker=qk_ranker, round_to=round_to)  # type: ignore[arg-type]
     check_out_dir(out, overwrite=overwrite)

@@ -29,3 +29,14 @@ def is_hf_family(family: str | None) -> bool:
 def is_hf_module(model: object) -> bool:
     """A transformers PreTrainedModel (checked by class ancestry, without importing transformers)."""
     return any(c.__module__.startswith("transformers.") and c.__name__ == "PreTrainedModel" for c in type(model).__mro__)
+
+
+def refuse_hf(what: str, model: str | Path, family: str | None = None) -> None:
+    """Commands not yet built for HF encoders say so in one line instead of failing deep inside."""
+    if is_hf_model_spec(model) or is_hf_family(family):
+        from corp_cli.errors import InputError
+
+        raise InputError(
+            f"corp {what} does not support Hugging Face encoders yet (only timm ViTs); "
+            "calibrate, prune, evaluate and load_pruned do"
+        )
