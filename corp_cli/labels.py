@@ -52,8 +52,10 @@ def folder_label_map(folder_names: Iterable[str], class_names: Sequence[str] | N
         if unknown:
             raise InputError(f"class folder(s) {unknown[:5]} not among the model's class names {list(class_names)[:10]}")
         return {n: index[n] for n in names}
-    if any(i is not None for i in synsets.values()):
-        # Some but not all folders are synsets: numbering them 0..K-1 would silently
-        # disagree with an ImageNet head, so say so.
-        log.warning("only some class folders are ImageNet synsets; labelling folders 0..K-1 in sorted order")
+    # Numbering folders 0..K-1 is only right if the model's head was trained in that
+    # order; scored against an ImageNet head it would be silently wrong, so always say so.
+    kind = "only some class folders are ImageNet synsets" if any(i is not None for i in synsets.values()) else (
+        "class folders are not ImageNet synsets and the model carries no class names"
+    )
+    log.warning("%s; labelling the %d folders 0..K-1 in sorted order (ImageFolder convention)", kind, len(names))
     return {n: i for i, n in enumerate(names)}

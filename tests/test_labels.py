@@ -33,3 +33,11 @@ def test_folder_label_map_rules() -> None:
 def test_folder_not_in_class_names_is_an_error() -> None:
     with pytest.raises(InputError, match="dog"):
         folder_label_map(["cat", "dog"], class_names=["cat", "bird"])
+
+
+def test_plain_folder_names_fall_back_to_sorted_order_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    from corp_cli.labels import folder_label_map
+
+    with caplog.at_level("WARNING"):
+        assert folder_label_map(["dog", "cat"]) == {"cat": 0, "dog": 1}
+    assert "not ImageNet synsets" in caplog.text
