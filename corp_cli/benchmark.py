@@ -150,10 +150,21 @@ class BenchConfig:
     batch_sizes: tuple[int, ...]
     dtype: torch.dtype
     device: torch.device
-    input_size: tuple[int, int, int]
+    input_size: tuple[int, ...]  # (C, H, W) for images; (tokens,) for text models
     warmup: int = 3
     runs: int = 10
     compile: bool = False
+    vocab_size: int | None = None  # set for text models: inputs are token ids, not pixels
+
+
+def make_input(batch_size: int, cfg: BenchConfig) -> torch.Tensor | dict[str, torch.Tensor]:
+    """A fixed random batch: pixels in the model dtype, or full-length token ids for text."""
+    gen = torch.Generator().manual_seed(0)
+    if cfg.vocab_size is not None:
+        ids = torch.randint(0, cfg.vocab_size, (batch_size, *cfg.input_size), generator=gen)
+        return {"input_ids": ids.to(cfg.device), "attention_mask": torch.ones_like(ids).to(cfg.device)}
+    x = torch.randn(batch_size, *cfg.input_size, generator=gen)
+    return x.to(device=cfg.device, dtype=cfg.dtype)
 
 
 def prepare(model: nn.Module, cfg: BenchConfig) -> nn.Module:
@@ -166,21 +177,21 @@ def prepare(model: nn.Module, cfg: BenchConfig) -> nn.Module:
 
 def time_forward(model: nn.Module, batch_size: int, cfg: BenchConfig, on_run: Callable[[], None] | None = None) -> dict[str, Any]:
     """Latency (ms), throughput (images/s) and extra peak memory of one batch size."""
-    x = torch.randn(batch_size, *cfg.input_size, generator=torch.Generator().manual_seed(0))
-    x = x.to(device=cfg.device, dtype=cfg.dtype)
+    x = make_input(batch_size, cfg)
+    run = (lambda: model(**x)) if isinstance(x, dict) else (lambda: model(x))
     probe: _CpuPeak | _CudaPeak = _CudaPeak(cfg.device) if cfg.device.type == "cuda" else _CpuPeak()
     times: list[float] = []
     with torch.inference_mode():
         probe.start()
         for _ in range(cfg.warmup):  # first passes pay for kernel selection / compilation
-            model(x)
+            run()
             if on_run:
                 on_run()
         _sync(cfg.device)
         for _ in range(cfg.runs):
             _sync(cfg.device)
             t = time.perf_counter()
-            model(x)
+            run()
             _sync(cfg.device)
             times.append(time.perf_counter() - t)
             if on_run:

@@ -240,7 +240,7 @@ def test_evaluate_command_reports_embedding_fidelity(minilm_runs: dict[str, Path
 
 
 @needs_minilm
-@pytest.mark.parametrize("command", ["benchmark", "export", "sweep"])
+@pytest.mark.parametrize("command", ["export", "sweep"])
 def test_commands_without_hf_support_refuse_in_one_line(command: str, minilm_runs: dict[str, Path], tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
@@ -248,7 +248,6 @@ def test_commands_without_hf_support_refuse_in_one_line(command: str, minilm_run
 
     pruned = str(minilm_runs["comp"])
     args = {
-        "benchmark": ["benchmark", pruned],
         "export": ["export", pruned],
         "sweep": ["sweep", str(MINILM), "--stats", str(minilm_runs["stats"]), "--data", "synthetic",
                   "--out", str(tmp_path / "o")],
@@ -257,3 +256,21 @@ def test_commands_without_hf_support_refuse_in_one_line(command: str, minilm_run
     assert res.exit_code == 2, res.output
     assert f"corp {command} does not support Hugging Face encoders yet" in res.output
     assert not (tmp_path / "o").exists()
+
+
+@needs_minilm
+def test_benchmark_times_a_pruned_text_encoder_against_its_dense_source(minilm_runs: dict[str, Path]) -> None:
+    from typer.testing import CliRunner
+
+    from corp_cli.cli import app
+
+    res = CliRunner().invoke(app, ["benchmark", str(minilm_runs["comp"]), "--batch-sizes", "2", "--warmup", "0",
+                                   "--runs", "1", "--device", "cpu", "--json", "-"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["settings"]["input"] == "token ids" and report["settings"]["input_size"] == [128]
+    assert report["reference"] is not None  # the dense folder it was pruned from
+    assert report["model"]["params"] < report["reference"]["params"]
+    assert 0 < report["comparison"]["flop_reduction"] < 1
+    assert report["model"]["runs"][0]["latency_ms_median"] > 0
+

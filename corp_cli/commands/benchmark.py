@@ -44,9 +44,15 @@ def benchmark_cmd(
     sizes = parse_batch_sizes(batch_sizes) if batch_sizes else DEFAULT_BATCH_SIZES[dev.type]
     if checkpoint is not None:
         C.existing_file(checkpoint, "checkpoint")
-    net, desc, prep = load_any(model, checkpoint, num_classes, dev)
-    ref = load_reference(model, desc, reference, reference_checkpoint, dev)
-    cfg = BenchConfig(sizes, torch_dtype, dev, prep.input_size, warmup=warmup, runs=runs, compile=compile_)
+    from corp_cli.hf.evaluate import is_hf_target
+
+    if is_hf_target(model):
+        net, desc, input_size, vocab, ref = _load_hf(model, reference, dev)
+    else:
+        net, desc, prep = load_any(model, checkpoint, num_classes, dev)
+        ref = load_reference(model, desc, reference, reference_checkpoint, dev)
+        input_size, vocab = prep.input_size, None
+    cfg = BenchConfig(sizes, torch_dtype, dev, input_size, warmup=warmup, runs=runs, compile=compile_, vocab_size=vocab)
     warnings: list[str] = []
     if dev.type == "cuda":
         bad = misaligned_widths(net)
@@ -77,7 +83,7 @@ def benchmark_cmd(
         "comparison": None,
         "settings": {
             "batch_sizes": list(sizes), "dtype": dtype, "compile": compile_, "warmup": warmup, "runs": runs,
-            "input_size": list(prep.input_size), "inference_mode": True,
+            "input_size": list(input_size), "input": "token ids" if vocab else "pixels", "inference_mode": True,
             "peak_memory": "memory the passes needed beyond the resident weights and input ("
                            + ("torch.cuda.max_memory_allocated - memory_allocated before)" if dev.type == "cuda"
                               else "peak RSS - RSS before)"),
@@ -96,6 +102,22 @@ def benchmark_cmd(
     report["seconds"] = round(time.perf_counter() - t0, 3)
     if not C.write_json(json_out, report):
         print_report(report)
+
+
+def _load_hf(model: str, reference: str | None, dev: torch.device) -> tuple[Any, dict[str, Any], tuple[int, ...], int | None, Any]:
+    """A dense or pruned HF encoder, its input shape, and its reference (default: the dense model it came from)."""
+    from corp_cli.hf.evaluate import default_reference, load_for_eval
+
+    net, desc, prep, _ = load_for_eval(model, dev)
+    text = hasattr(prep, "max_length")
+    input_size = (int(prep.max_length),) if text else tuple(prep.input_size)
+    vocab = int(net.config.vocab_size) if text else None
+    ref_name = reference or default_reference(desc)
+    ref = None
+    if ref_name is not None:
+        ref_net, ref_desc, _, _ = load_for_eval(ref_name, dev)
+        ref = (ref_net, ref_desc)
+    return net, desc, input_size, vocab, ref
 
 
 def _mb(b: int) -> str:
