@@ -371,7 +371,13 @@ def mlp_predicted_error(
         sss = m.cov[keep][:, keep]
         bs = b @ sps.T
         r = spp - bs - bs.T + b @ sss @ b.T
-    return float(torch.einsum("oi,ij,oj->", w2p, r, w2p))
+    return weighted_trace(w2p, r)
+
+
+def weighted_trace(w: Tensor, r: Tensor) -> float:
+    """tr(W R W^T): the expected squared norm of W h for a second-moment matrix R of h."""
+    w = w.to(ACC_DTYPE)
+    return float(torch.einsum("oi,ij,oj->", w, r.to(ACC_DTYPE), w))
 
 
 def fold_mlp(

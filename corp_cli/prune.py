@@ -216,7 +216,7 @@ def _prune_mlp_block(ad: Any, i: int, st: dict[str, Tensor], keep: Tensor, o: Pr
     if b2n is not None:
         new2.bias.copy_(b2n)
     ad.set_mlp_linears(i, new1, new2)
-    out_energy = float(torch.einsum("oi,ij,oj->", w2.to(engine.ACC_DTYPE), m.second, w2.to(engine.ACC_DTYPE)))
+    out_energy = engine.weighted_trace(w2, m.second)
     return {
         "width": width,
         "kept": int(keep.numel()),
