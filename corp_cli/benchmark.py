@@ -176,7 +176,7 @@ def prepare(model: nn.Module, cfg: BenchConfig) -> nn.Module:
 
 
 def time_forward(model: nn.Module, batch_size: int, cfg: BenchConfig, on_run: Callable[[], None] | None = None) -> dict[str, Any]:
-    """Latency (ms), throughput (images/s) and extra peak memory of one batch size."""
+    """Latency (ms), throughput (items/s: images or sequences) and extra peak memory of one batch size."""
     x = make_input(batch_size, cfg)
     run = (lambda: model(**x)) if isinstance(x, dict) else (lambda: model(x))
     probe: _CpuPeak | _CudaPeak = _CudaPeak(cfg.device) if cfg.device.type == "cuda" else _CpuPeak()
@@ -203,7 +203,7 @@ def time_forward(model: nn.Module, batch_size: int, cfg: BenchConfig, on_run: Ca
         "latency_ms_median": 1e3 * median,
         "latency_ms_p90": 1e3 * percentile(times, 90),
         "latency_ms_min": 1e3 * min(times),
-        "throughput_images_per_s": batch_size / median,
+        "throughput_items_per_s": batch_size / median,
         "peak_memory_bytes": peak,
         "peak_memory_method": probe.method,
     }
@@ -215,7 +215,7 @@ def static_figures(model: nn.Module, dtype: torch.dtype) -> dict[str, Any]:
     return {
         "params": params,
         "param_bytes": params * torch.empty((), dtype=dtype).element_size(),
-        "flops_per_image": counts["flops"],
+        "flops_per_item": counts["flops"],
         "tokens": counts["tokens"],
         "per_block_flops": [b["total"] for b in counts["per_block"]],
     }
@@ -228,7 +228,7 @@ def compare(model_rows: list[dict[str, Any]], ref_rows: list[dict[str, Any]], fl
         out.append({
             "batch_size": m["batch_size"],
             "speedup_median": r["latency_ms_median"] / m["latency_ms_median"],
-            "throughput_ratio": m["throughput_images_per_s"] / r["throughput_images_per_s"],
+            "throughput_ratio": m["throughput_items_per_s"] / r["throughput_items_per_s"],
             "flop_reduction": 1.0 - flops / ref_flops,
             "flop_speedup_bound": ref_flops / flops,  # what the FLOPs alone would predict
         })

@@ -1,8 +1,15 @@
-"""Export a pruned model to a file that runs without corp or timm: a torch.export archive or ONNX.
+"""Export a pruned model to a file that runs without corp, timm or transformers: a torch.export archive or ONNX.
 
 The model is rebuilt from its checkpoint (load_pruned), traced once, saved atomically,
 then reloaded from the temporary file and checked against the eager model before it is
 renamed into place: a file under the final name always loads and matches.
+
+What is traced is described by an ExportSpec: the module (the timm ViT itself, or a
+wrapper around a Hugging Face encoder that returns plain tensors), its named inputs and
+outputs, and which of their dimensions are symbolic. timm ViTs take `image` and return
+`logits`; HF text encoders take `input_ids` + `attention_mask` (batch and sequence
+dynamic) and return `last_hidden_state` + `sentence_embedding`; HF ViT/DeiT take
+`pixel_values` (see corp_cli.hf.export).
 
 What the exported file is travels with it: in ONNX `metadata_props` (key "corp", one
 JSON object), and for the .pt2 archive, which has no free-form metadata, in a sidecar
@@ -18,10 +25,10 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -35,8 +42,8 @@ from corp_cli.artifacts import (
     write_json_atomic,
 )
 from corp_cli.compact import MODEL_FILE, load_pruned, read_pruned
-from corp_cli.hf import refuse_hf
 from corp_cli.errors import InputError, NumericalError
+from corp_cli.hf import is_hf_family
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +53,12 @@ SUFFIX = {"torch-export": ".pt2", "onnx": ".onnx"}
 ONNX_INSTALL_HINT = "pip install 'corp-cli[onnx]'"
 INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
+BATCH = "batch"
+SEQUENCE = "sequence"
 # opset 18 is the oldest the dynamo exporter targets natively and is widely supported by runtimes.
 ONNX_OPSET = 18
 # torch.export specialises a size-1 (or 0) example dimension to a constant, so a dynamic
-# batch has to be traced with at least 2 images.
+# batch has to be traced with at least 2 examples.
 MIN_DYNAMIC_TRACE_BATCH = 2
 # Upper bound recorded for the symbolic batch; only bounds shape guards, allocates nothing.
 MAX_DYNAMIC_BATCH = 1 << 16
@@ -58,17 +67,52 @@ MAX_DYNAMIC_BATCH = 1 << 16
 VERIFY_RTOL = 1e-4
 VERIFY_ATOL = 1e-5
 
+# (batch, sequence length or None, generator) -> example inputs, in input_names order
+MakeInputs = Callable[[int, int | None, torch.Generator], tuple[Tensor, ...]]
+T = TypeVar("T")
+
+
+@dataclass
+class ExportSpec:
+    """What is traced: a module taking positional tensors and returning a tensor or a tuple of them."""
+
+    module: nn.Module
+    input_names: list[str]
+    output_names: list[str]
+    # per input / output: which dims are symbolic in a dynamic export, e.g. {0: "batch", 1: "sequence"}
+    input_dims: list[dict[int, str]]
+    output_dims: list[dict[int, str]]
+    dim_bounds: dict[str, tuple[int, int]]  # symbolic dim name -> (min, max)
+    make_inputs: MakeInputs
+    load_hint: str
+    # sequence lengths: of a static export, of the dynamic trace, and of the dynamic check
+    # (a length other than the trace's, so the check proves the dimension really is symbolic);
+    # all None for inputs without a sequence dimension
+    static_seq: int | None = None
+    trace_seq: int | None = None
+    check_seq: int | None = None
+    # free-form descriptions merged into each input's / output's metadata entry
+    input_info: list[dict[str, Any]] = field(default_factory=list)
+    output_info: list[dict[str, Any]] = field(default_factory=list)
+    extra_meta: dict[str, Any] = field(default_factory=dict)
+
+    def run(self, inputs: Sequence[Tensor]) -> tuple[Tensor, ...]:
+        with torch.no_grad():
+            return as_outputs(self.module(*inputs))
+
 
 @dataclass
 class ExportResult:
     path: Path
     format: str
     dynamic_batch: bool
-    input_shape: list[int | str]
+    input_shape: list[int | str]  # the first input's shape
     max_abs_diff: float | None  # exported vs eager on a random batch; None when not checked
     exporter: str
     metadata_path: Path | None = None
     notes: list[str] = field(default_factory=list)
+    inputs: list[dict[str, Any]] = field(default_factory=list)  # name, shape, dtype of every input
+    outputs: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -77,6 +121,8 @@ class ExportResult:
             "exporter": self.exporter,
             "dynamic_batch": self.dynamic_batch,
             "input_shape": self.input_shape,
+            "inputs": self.inputs,
+            "outputs": self.outputs,
             "max_abs_diff": self.max_abs_diff,
             "metadata": str(self.metadata_path) if self.metadata_path else None,
             "notes": self.notes,
@@ -102,11 +148,37 @@ def metadata_path_for(out: Path) -> Path:
     return out.with_name(out.name + ".json")
 
 
+def as_outputs(out: Tensor | Sequence[Tensor]) -> tuple[Tensor, ...]:
+    return (out,) if isinstance(out, Tensor) else tuple(out)
+
+
 def input_shape_of(model: nn.Module) -> tuple[int, int, int]:
     """(C, H, W) the model accepts: timm ViTs check the patch-embed size strictly."""
     pe = model.patch_embed
     h, w = (int(s) for s in pe.img_size)
     return int(pe.proj.in_channels), h, w
+
+
+def timm_spec(model: nn.Module) -> ExportSpec:
+    c, h, w = input_shape_of(model)
+
+    def make(batch: int, _seq: int | None, gen: torch.Generator) -> tuple[Tensor, ...]:
+        return (torch.randn(batch, c, h, w, generator=gen),)
+
+    return ExportSpec(
+        module=model, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+        input_dims=[{0: BATCH}], output_dims=[{0: BATCH}], dim_bounds={BATCH: (1, MAX_DYNAMIC_BATCH)},
+        make_inputs=make, load_hint="torch.export.load(path).module()(image) -> logits",
+        input_info=[{"description": "normalised images; see preprocessing"}],
+    )
+
+
+def export_spec(model: nn.Module, meta: dict[str, Any], ckpt: Path) -> ExportSpec:
+    if is_hf_family(meta.get("architecture", {}).get("family")):
+        from corp_cli.hf.export import hf_export_spec
+
+        return hf_export_spec(model, meta, ckpt.parent)
+    return timm_spec(model)
 
 
 def export_model(
@@ -121,9 +193,10 @@ def export_model(
 ) -> ExportResult:
     """Export the pruned model in `src` (a corp output dir or its model.safetensors).
 
-    dynamic_batch=True makes the batch dimension symbolic (batch_size is then only the
-    tracing example, at least 2); if the exporter cannot keep it symbolic the export is
-    redone with a static batch of `batch_size` and a warning says so.
+    dynamic_batch=True makes the batch dimension symbolic (and, for text encoders, the
+    sequence dimension); batch_size is then only the tracing example, at least 2. If the
+    exporter cannot keep them symbolic the export is redone with a static batch of
+    `batch_size` (and the model's max_length as sequence length) and a warning says so.
     """
     if fmt not in FORMATS:
         raise InputError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
@@ -140,29 +213,19 @@ def export_model(
         check_out_file(metadata_path_for(out_path), overwrite=overwrite)
 
     _, meta = read_pruned(src)
-    refuse_hf("export", src, meta.get("architecture", {}).get("family"))
     model = load_pruned(src)
     ckpt = src / MODEL_FILE if src.is_dir() else src
-    c, h, w = input_shape_of(model)
-    gen = torch.Generator().manual_seed(0)
-    trace_batch = max(batch_size, MIN_DYNAMIC_TRACE_BATCH) if dynamic_batch else batch_size
-    example = torch.randn(trace_batch, c, h, w, generator=gen)
-    # A second batch of another size shows a dynamic export really is dynamic.
-    check_batch = trace_batch + 1 if dynamic_batch else batch_size
-    check_x = torch.randn(check_batch, c, h, w, generator=gen)
-    with torch.no_grad():
-        expected = model(check_x)
-
-    info = _export_info(meta, ckpt, fmt)
+    spec = export_spec(model, meta, ckpt)
+    info = _export_info(meta, ckpt, fmt, spec)
     if fmt == "torch-export":
-        result = _export_torch(model, example, out_path, dynamic_batch, batch_size, check_x, expected, verify, info)
+        result = _export_torch(spec, out_path, dynamic_batch, batch_size, verify, info)
     else:
-        result = _export_onnx(model, example, out_path, dynamic_batch, batch_size, check_x, expected, verify, info)
-    log.info("exported %s as %s (%s batch) to %s", ckpt, fmt, "dynamic" if result.dynamic_batch else "static", result.path)
+        result = _export_onnx(spec, out_path, dynamic_batch, batch_size, verify, info)
+    log.info("exported %s as %s (%s shapes) to %s", ckpt, fmt, "dynamic" if result.dynamic_batch else "static", result.path)
     return result
 
 
-def _export_info(meta: dict[str, Any], ckpt: Path, fmt: str) -> dict[str, Any]:
+def _export_info(meta: dict[str, Any], ckpt: Path, fmt: str, spec: ExportSpec) -> dict[str, Any]:
     """What the exported file is: the pruned architecture and its provenance, from the checkpoint."""
     keep = ("architecture", "base", "options", "preprocessing", "classes", "stats", "stock_timm", "tool_version")
     return {
@@ -171,26 +234,62 @@ def _export_info(meta: dict[str, Any], ckpt: Path, fmt: str) -> dict[str, Any]:
         "export_format": fmt,
         "corp_version": __version__,
         "torch_version": torch.__version__,
+        "family": meta.get("architecture", {}).get("family"),
         "source": {"checkpoint": str(ckpt), "sha256": sha256_file(ckpt)},
+        **spec.extra_meta,
         **{k: meta[k] for k in keep if k in meta},
     }
 
 
-def _dynamic_dim() -> Any:
-    return torch.export.Dim("batch", min=1, max=MAX_DYNAMIC_BATCH)
+def _dynamic_dim(name: str, lo: int, hi: int) -> Any:
+    return torch.export.Dim(name, min=lo, max=hi)
 
 
-def _static_example(example: Tensor, batch_size: int) -> Tensor:
-    return example[:batch_size] if example.shape[0] >= batch_size else example[:1].expand(batch_size, -1, -1, -1).contiguous()
+def _dynamic_shapes(spec: ExportSpec) -> tuple[dict[int, Any], ...]:
+    # one Dim object per name, shared by every input that has it: they must agree
+    dims = {name: _dynamic_dim(name, lo, hi) for name, (lo, hi) in spec.dim_bounds.items()}
+    return tuple({axis: dims[name] for axis, name in d.items()} for d in spec.input_dims)
 
 
-def _fallback_note(e: BaseException, batch_size: int) -> str:
+def _fallback_note(e: BaseException, spec: ExportSpec, batch_size: int) -> str:
     lines = str(e).strip().splitlines()
     first = lines[0] if lines else type(e).__name__
-    return (
-        f"the batch dimension could not be made dynamic ({type(e).__name__}: {first}); "
-        f"exported with a static batch of {batch_size} instead"
-    )
+    if spec.static_seq is None:
+        what, static = "the batch dimension", f"a static batch of {batch_size}"
+    else:
+        what, static = "the batch and sequence dimensions", f"a static batch of {batch_size} and sequence length {spec.static_seq}"
+    return f"{what} could not be made dynamic ({type(e).__name__}: {first}); exported with {static} instead"
+
+
+def _traced(
+    spec: ExportSpec, dynamic: bool, batch_size: int, export: Callable[[tuple[Tensor, ...], Any], T],
+) -> tuple[T, bool, tuple[Tensor, ...], list[str]]:
+    """export(example, dynamic_shapes or None), retried with static shapes if the dynamic one fails.
+
+    Returns (its result, whether it is dynamic, the example traced, notes).
+    """
+    notes: list[str] = []
+    gen = torch.Generator().manual_seed(0)
+    if dynamic:
+        example = spec.make_inputs(max(batch_size, MIN_DYNAMIC_TRACE_BATCH), spec.trace_seq, gen)
+        try:
+            with _quiet_exporters():
+                return export(example, _dynamic_shapes(spec)), True, example, notes
+        except Exception as e:  # exporter failures have no common base class
+            note = _fallback_note(e, spec, batch_size)
+            log.warning("%s", note)
+            notes.append(note)
+    example = spec.make_inputs(batch_size, spec.static_seq, gen)
+    with _quiet_exporters():
+        return export(example, None), False, example, notes
+
+
+def _check_inputs(spec: ExportSpec, dynamic: bool, example: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """Inputs for the verification: other values, and in a dynamic export other sizes than the trace."""
+    gen = torch.Generator().manual_seed(1)
+    if dynamic:
+        return spec.make_inputs(int(example[0].shape[0]) + 1, spec.check_seq, gen)
+    return spec.make_inputs(int(example[0].shape[0]), spec.static_seq, gen)
 
 
 def _check(name: str, got: Tensor, expected: Tensor) -> float:
@@ -204,6 +303,48 @@ def _check(name: str, got: Tensor, expected: Tensor) -> float:
             f"exported {name} disagrees with the eager model (max abs diff {diff:.3g} > {tol:.3g}); nothing was written"
         )
     return diff
+
+
+def _check_all(what: str, spec: ExportSpec, got: Sequence[Tensor], expected: Sequence[Tensor]) -> dict[str, float]:
+    if len(got) != len(expected):
+        raise NumericalError(f"exported {what} returned {len(got)} outputs, expected {len(expected)}; nothing was written")
+    many = len(expected) > 1
+    return {
+        name: _check(f"{what} ({name})" if many else what, g, e)
+        for name, g, e in zip(spec.output_names, got, expected)
+    }
+
+
+def _verification(diffs: dict[str, float] | None, check: tuple[Tensor, ...], spec: ExportSpec) -> dict[str, Any] | None:
+    if diffs is None:
+        return None
+    shape = {"batch": int(check[0].shape[0])}
+    if spec.static_seq is not None:
+        shape["sequence"] = int(check[0].shape[1])
+    return {"max_abs_diff": max(diffs.values()), "per_output": diffs, **shape}
+
+
+def _io_entries(
+    names: list[str], dims: list[dict[int, str]], tensors: Sequence[Tensor], infos: list[dict[str, Any]], dynamic: bool,
+) -> list[dict[str, Any]]:
+    entries = []
+    for i, (name, t) in enumerate(zip(names, tensors)):
+        shape: list[int | str] = [dims[i].get(a, n) if dynamic else n for a, n in enumerate(t.shape)]
+        dtype = str(t.dtype).removeprefix("torch.")
+        entries.append({"name": name, "shape": shape, "dtype": dtype, **(infos[i] if i < len(infos) else {})})
+    return entries
+
+
+def _describe(
+    spec: ExportSpec, dynamic: bool, example: tuple[Tensor, ...], expected: tuple[Tensor, ...],
+) -> dict[str, Any]:
+    return {
+        "dynamic_batch": dynamic,
+        # every symbolic dimension and the sizes it accepts; empty for a static export
+        "dynamic_dims": {n: list(b) for n, b in spec.dim_bounds.items()} if dynamic else {},
+        "inputs": _io_entries(spec.input_names, spec.input_dims, example, spec.input_info, dynamic),
+        "outputs": _io_entries(spec.output_names, spec.output_dims, expected, spec.output_info, dynamic),
+    }
 
 
 @contextlib.contextmanager
@@ -231,91 +372,79 @@ def _quiet_exporters() -> Iterator[None]:
 
 
 def _export_torch(
-    model: nn.Module, example: Tensor, out: Path, dynamic: bool, batch_size: int,
-    check_x: Tensor, expected: Tensor, verify: bool, info: dict[str, Any],
+    spec: ExportSpec, out: Path, dynamic: bool, batch_size: int, verify: bool, info: dict[str, Any],
 ) -> ExportResult:
-    notes: list[str] = []
-    ep = None
-    with _quiet_exporters():
-        if dynamic:
-            try:
-                ep = torch.export.export(model, (example,), dynamic_shapes=({0: _dynamic_dim()},))
-            except Exception as e:  # exporter failures have no common base class
-                note = _fallback_note(e, batch_size)
-                log.warning("%s", note)
-                notes.append(note)
-                dynamic = False
-        if ep is None:
-            example = _static_example(example, batch_size)
-            ep = torch.export.export(model, (example,))
-    if not dynamic and check_x.shape[0] != batch_size:
-        # the check batch was drawn for a dynamic export; a static program only takes batch_size
-        check_x = _static_example(check_x, batch_size)
-        with torch.no_grad():
-            expected = model(check_x)
-    diff: float | None = None
+    def export(example: tuple[Tensor, ...], shapes: Any) -> Any:
+        return torch.export.export(spec.module, example, dynamic_shapes=shapes)
+
+    ep, dynamic, example, notes = _traced(spec, dynamic, batch_size, export)
+    check = _check_inputs(spec, dynamic, example)
+    expected = spec.run(check)
+    diffs: dict[str, float] | None = None
     with _atomic_named(out) as tmp:
         torch.export.save(ep, str(tmp))
         if verify:
             # reload from the bytes just written: checks the archive, not the in-memory program
             loaded = torch.export.load(str(tmp)).module()
             with torch.no_grad():
-                diff = _check("program", loaded(check_x), expected)
-    shape: list[int | str] = ["batch" if dynamic else batch_size, *example.shape[1:]]
+                diffs = _check_all("program", spec, as_outputs(loaded(*check)), expected)
+    desc = _describe(spec, dynamic, example, expected)
     meta_path = metadata_path_for(out)
     sidecar = {
         **info,
         "file": out.name,
         "sha256": sha256_file(out),
         "exporter": f"torch.export {torch.__version__}",
-        "load": "torch.export.load(path).module()(x)",
-        "input": {"name": INPUT_NAME, "shape": shape, "dtype": "float32", "dynamic_batch": dynamic},
-        "output": {"name": OUTPUT_NAME, "shape": ["batch" if dynamic else batch_size, int(expected.shape[-1])]},
-        "verification": {"max_abs_diff": diff, "batch": int(check_x.shape[0])} if diff is not None else None,
+        "load": spec.load_hint,
+        **desc,
+        "verification": _verification(diffs, check, spec),
         "notes": notes,
     }
     write_json_atomic(meta_path, sidecar)
-    return ExportResult(out, "torch-export", dynamic, shape, diff, "torch.export", meta_path, notes)
+    return _result(out, "torch-export", "torch.export", desc, diffs, meta_path, notes)
+
+
+def _result(
+    out: Path, fmt: str, exporter: str, desc: dict[str, Any], diffs: dict[str, float] | None,
+    meta_path: Path | None, notes: list[str],
+) -> ExportResult:
+    inputs = [{k: e[k] for k in ("name", "shape", "dtype")} for e in desc["inputs"]]
+    outputs = [{k: e[k] for k in ("name", "shape", "dtype")} for e in desc["outputs"]]
+    return ExportResult(
+        out, fmt, desc["dynamic_batch"], list(inputs[0]["shape"]), max(diffs.values()) if diffs else None,
+        exporter, meta_path, notes, inputs, outputs,
+    )
 
 
 def _export_onnx(
-    model: nn.Module, example: Tensor, out: Path, dynamic: bool, batch_size: int,
-    check_x: Tensor, expected: Tensor, verify: bool, info: dict[str, Any],
+    spec: ExportSpec, out: Path, dynamic: bool, batch_size: int, verify: bool, info: dict[str, Any],
 ) -> ExportResult:
     import onnx
 
     # The dynamo exporter (torch's default since 2.9) needs onnxscript; the legacy
-    # TorchScript exporter needs only onnx and still handles these models.
+    # TorchScript exporter needs only onnx and still handles timm ViTs.
     use_dynamo = importlib.util.find_spec("onnxscript") is not None
     exporter = "torch.onnx dynamo" if use_dynamo else "torch.onnx legacy (TorchScript)"
     if not use_dynamo:
         log.info("onnxscript is not installed; using the legacy TorchScript ONNX exporter")
-    notes: list[str] = []
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent) as td:
         raw = Path(td) / "model.onnx"
-        try:
-            _onnx_export(model, example, raw, dynamic, use_dynamo)
-        except Exception as e:  # exporter failures have no common base class
-            if not dynamic:
-                raise
-            note = _fallback_note(e, batch_size)
-            log.warning("%s", note)
-            notes.append(note)
-            dynamic = False
-            example = _static_example(example, batch_size)
-            _onnx_export(model, example, raw, dynamic, use_dynamo)
+
+        def export(example: tuple[Tensor, ...], shapes: Any) -> None:
+            _onnx_export(spec, example, raw, shapes, use_dynamo)
+
+        _, dynamic, example, notes = _traced(spec, dynamic, batch_size, export)
         proto = onnx.load(str(raw))
-    if not dynamic and check_x.shape[0] != batch_size:
-        check_x = _static_example(check_x, batch_size)
-        with torch.no_grad():
-            expected = model(check_x)
-    shape: list[int | str] = ["batch" if dynamic else batch_size, *example.shape[1:]]
+    check = _check_inputs(spec, dynamic, example)
+    expected = spec.run(check)
+    desc = _describe(spec, dynamic, example, expected)
+    names = ", ".join(f"{n!r}: ..." for n in spec.input_names)
     meta = {
         **info,
         "exporter": f"{exporter} (torch {torch.__version__})",
-        "input": {"name": INPUT_NAME, "shape": shape, "dtype": "float32", "dynamic_batch": dynamic},
-        "output": {"name": OUTPUT_NAME, "shape": ["batch" if dynamic else batch_size, int(expected.shape[-1])]},
+        "load": f"onnxruntime.InferenceSession(path).run(None, {{{names}}}) -> [{', '.join(spec.output_names)}]",
+        **desc,
         "notes": notes,
     }
     base = info.get("architecture", {}).get("base_model", "model")
@@ -324,29 +453,29 @@ def _export_onnx(
     proto.producer_name = "corp-cli"
     proto.producer_version = __version__
     onnx.checker.check_model(proto)
-    diff: float | None = None
+    diffs: dict[str, float] | None = None
     with _atomic_named(out) as tmp:
         onnx.save(proto, str(tmp))
         if verify:
-            diff = _verify_onnx(tmp, check_x, expected)
-    return ExportResult(out, "onnx", dynamic, shape, diff, exporter, None, notes)
+            diffs = _verify_onnx(tmp, spec, check, expected)
+    return _result(out, "onnx", exporter, desc, diffs, None, notes)
 
 
-def _onnx_export(model: nn.Module, example: Tensor, path: Path, dynamic: bool, use_dynamo: bool) -> None:
+def _onnx_export(spec: ExportSpec, example: tuple[Tensor, ...], path: Path, shapes: Any, use_dynamo: bool) -> None:
     kwargs: dict[str, Any] = {
-        "input_names": [INPUT_NAME],
-        "output_names": [OUTPUT_NAME],
+        "input_names": spec.input_names,
+        "output_names": spec.output_names,
         "opset_version": ONNX_OPSET,
         "dynamo": use_dynamo,
         "verbose": False,
     }
-    if dynamic:
+    if shapes is not None:
         if use_dynamo:
-            kwargs["dynamic_shapes"] = ({0: _dynamic_dim()},)
+            kwargs["dynamic_shapes"] = shapes
         else:
-            kwargs["dynamic_axes"] = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}
-    with _quiet_exporters():
-        result = torch.onnx.export(model, (example,), str(path), **kwargs)
+            names = spec.input_names + spec.output_names
+            kwargs["dynamic_axes"] = dict(zip(names, spec.input_dims + spec.output_dims))
+    result = torch.onnx.export(spec.module, example, str(path), **kwargs)
     if use_dynamo and not path.exists() and result is not None:
         result.save(str(path))
 
@@ -361,12 +490,15 @@ def _set_metadata(proto: Any, entries: dict[str, str]) -> None:
         prop.value = v
 
 
-def _verify_onnx(path: Path, check_x: Tensor, expected: Tensor) -> float | None:
+def _verify_onnx(
+    path: Path, spec: ExportSpec, check: tuple[Tensor, ...], expected: tuple[Tensor, ...],
+) -> dict[str, float] | None:
     if importlib.util.find_spec("onnxruntime") is None:
         log.info("onnxruntime is not installed; the ONNX file was checked structurally but not run")
         return None
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    (got,) = sess.run([OUTPUT_NAME], {INPUT_NAME: check_x.numpy()})
-    return _check("ONNX model", torch.from_numpy(got), expected)
+    feed = {name: t.numpy() for name, t in zip(spec.input_names, check)}
+    got = sess.run(spec.output_names, feed)
+    return _check_all("ONNX model", spec, [torch.from_numpy(g) for g in got], expected)

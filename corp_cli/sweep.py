@@ -1,7 +1,9 @@
 """Accuracy (or fidelity) vs sparsity, with and without compensation, from ONE statistics file.
 
 Each point prunes a fresh deep copy of the already-loaded dense model; the dense model's
-outputs on the evaluation set are computed once and replayed as the fidelity reference.
+outputs on the evaluation set are computed once (by the first call of the Measure) and
+replayed as the fidelity reference. What is measured is the Measure's business: timm
+classifiers here, Hugging Face encoders in corp_cli.hf.sweep.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -31,8 +33,16 @@ log = logging.getLogger(__name__)
 ARMS = (("corp", True), ("no-compensation", False))
 CSV_COLUMNS = (
     "sparsity", "arm", "compensated", "metric", "value", "top1", "top5", "top1_agreement", "kl_mean",
-    "feature_cosine_mean", "params", "flops_per_image", "flops_reduction", "seconds",
+    "feature_cosine_mean", "cosine_mean", "nn_agreement", "params", "tokens", "flops_per_item", "flops_reduction",
+    "seconds",
 )
+# What each metric is, for plots and tables; fractions are shown as percentages.
+METRIC_LABELS = {
+    "top1": "top-1 accuracy (%)",
+    "top1_agreement": "top-1 agreement with dense (%)",
+    "cosine_mean": "embedding cosine to dense (mean)",
+}
+PERCENT_METRICS = ("top1", "top1_agreement")
 Batches = Iterable[tuple[Tensor, Tensor | None]]
 
 
@@ -90,16 +100,53 @@ def _filling(cache: list[tuple[Tensor, Tensor | None]], done: list[bool], it: It
     done[0] = True
 
 
-def _row(sparsity: float, arm: str, compensated: bool | None, result: dict[str, Any], counts: dict[str, Any],
+Measured = tuple[dict[str, Any], float]  # (flat metric fields, seconds)
+
+
+class Measure(Protocol):
+    """Scores one model of the sweep; the first call gets the dense model and keeps it as the reference."""
+
+    metric: str
+    progress: Callable[[int], None] | None  # told how many items each evaluation has done
+
+    def __call__(self, model: nn.Module, *, dense: bool) -> Measured: ...
+
+
+class ImageMeasure:
+    """timm classifiers: top-1 against labels, or agreement/KL/feature cosine with the dense outputs."""
+
+    def __init__(
+        self, batches: Callable[[], Batches], *, labelled: bool, remap: Tensor | None, device: torch.device,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
+        self.batches, self.labelled, self.remap, self.device, self.progress = batches, labelled, remap, device, progress
+        self.metric = "top1" if labelled else "top1_agreement"
+        self._ref: list[Outputs] = []
+
+    def __call__(self, model: nn.Module, *, dense: bool) -> Measured:
+        if dense:
+            run = evaluate(model, self.batches(), remap=self.remap, device=self.device, on_batch=self.progress,
+                           keep_outputs=self._ref)
+            if run.result["images"] == 0:
+                raise InputError("the evaluation data yielded no images")
+            if self.labelled and "accuracy" not in run.result:
+                raise InputError("the evaluation data has no usable labels")
+            fid: dict[str, Any] = {"top1_agreement": 1.0, "kl_mean": 0.0, "feature_cosine_mean": 1.0}
+        else:
+            run = evaluate(model, self.batches(), reference_outputs=self._ref, remap=self.remap, device=self.device,
+                           on_batch=self.progress)
+            fid = run.result.get("fidelity") or {}
+        acc = run.result.get("accuracy") or {}
+        fields = {"top1": acc.get("top1"), "top5": acc.get("top5"), "top1_agreement": fid.get("top1_agreement"),
+                  "kl_mean": fid.get("kl_mean"), "feature_cosine_mean": fid.get("feature_cosine_mean")}
+        return fields, run.seconds
+
+
+def _row(sparsity: float, arm: str, compensated: bool | None, fields: dict[str, Any], counts: dict[str, Any],
          dense_flops: int, metric: str, seconds: float) -> dict[str, Any]:
-    acc = result.get("accuracy") or {}
-    fid = result.get("fidelity") or {}
     row = {
-        "sparsity": sparsity, "arm": arm, "compensated": compensated, "metric": metric,
-        "top1": acc.get("top1"), "top5": acc.get("top5"),
-        "top1_agreement": fid.get("top1_agreement"), "kl_mean": fid.get("kl_mean"),
-        "feature_cosine_mean": fid.get("feature_cosine_mean"),
-        "params": counts["params"], "flops_per_image": counts["flops"],
+        "sparsity": sparsity, "arm": arm, "compensated": compensated, "metric": metric, **fields,
+        "params": counts["params"], "tokens": counts["tokens"], "flops_per_item": counts["flops"],
         "flops_reduction": 1.0 - counts["flops"] / dense_flops, "seconds": round(seconds, 3),
     }
     row["value"] = row[metric]
@@ -111,36 +158,27 @@ def run_sweep(
     stats: Statistics,
     sparsities: list[float],
     base: PruneOptions,
-    batches: Callable[[], Batches],
+    measure: Measure,
     *,
-    labelled: bool,
-    remap: Tensor | None,
-    device: torch.device,
-    on_batch: Callable[[int], None] | None = None,
     on_point: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """(dense row, one row per sparsity and arm). The metric is top-1 with labels, else agreement."""
-    metric = "top1" if labelled else "top1_agreement"
-    ref_out: list[Outputs] = []
+    """(dense row, one row per sparsity and arm), each scored by `measure` on `measure.metric`."""
+    metric = measure.metric
     dense_counts = model_counts(dense)
-    run = evaluate(dense, batches(), remap=remap, device=device, on_batch=on_batch, keep_outputs=ref_out)
-    if run.result["images"] == 0:
-        raise InputError("the evaluation data yielded no images")
-    if labelled and "accuracy" not in run.result:
-        raise InputError("the evaluation data has no usable labels")
-    dense_res = {**run.result, "fidelity": {"top1_agreement": 1.0, "kl_mean": 0.0, "feature_cosine_mean": 1.0}}
-    dense_row = _row(0.0, "dense", None, dense_res, dense_counts, dense_counts["flops"], metric, run.seconds)
+    fields, seconds = measure(dense, dense=True)
+    dense_row = _row(0.0, "dense", None, fields, dense_counts, dense_counts["flops"], metric, seconds)
+    if on_point is not None:
+        on_point(dense_row)
     rows: list[dict[str, Any]] = []
     for s in sparsities:
         opts = replace(base, mlp_sparsity=s, attn_sparsity=s)
         masks = plan_masks(dense, stats, opts)  # ranking is the same for both arms
         for arm, compensated in ARMS:
             model = copy.deepcopy(dense)
-            arm_opts = replace(opts, compensation=compensated)
-            apply_masks(model, stats, masks, arm_opts)
+            apply_masks(model, stats, masks, replace(opts, compensation=compensated))
             counts = model_counts(model)
-            r = evaluate(model, batches(), reference_outputs=ref_out, remap=remap, device=device, on_batch=on_batch)
-            row = _row(s, arm, compensated, r.result, counts, dense_counts["flops"], metric, r.seconds)
+            fields, seconds = measure(model, dense=False)
+            row = _row(s, arm, compensated, fields, counts, dense_counts["flops"], metric, seconds)
             rows.append(row)
             log.info("sparsity %.3g %s: %s=%.4f", s, arm, metric, row["value"])
             if on_point is not None:
@@ -166,29 +204,33 @@ def have_matplotlib() -> bool:
     return True
 
 
-def plot(path: Path, dense_row: dict[str, Any], rows: list[dict[str, Any]], title: str) -> None:
-    """Metric vs sparsity for both arms (left axis), GFLOPs per image (right axis)."""
+def metric_scale(metric: str) -> float:
+    return 100.0 if metric in PERCENT_METRICS else 1.0
+
+
+def plot(path: Path, dense_row: dict[str, Any], rows: list[dict[str, Any]], title: str, item: str = "image") -> None:
+    """Metric vs sparsity for both arms (left axis), GFLOPs per item (right axis)."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)  # files only; never needs a display
     import matplotlib.pyplot as plt
 
     metric = dense_row["metric"]
-    label = {"top1": "top-1 accuracy (%)", "top1_agreement": "top-1 agreement with dense (%)"}[metric]
+    k = metric_scale(metric)
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     try:
         for arm, style in (("corp", "o-"), ("no-compensation", "s--")):
             pts = [r for r in rows if r["arm"] == arm]
-            ax.plot([100 * r["sparsity"] for r in pts], [100 * r["value"] for r in pts], style, label=arm)
-        ax.axhline(100 * dense_row["value"], color="grey", lw=1, ls=":", label="dense")
+            ax.plot([100 * r["sparsity"] for r in pts], [k * r["value"] for r in pts], style, label=arm)
+        ax.axhline(k * dense_row["value"], color="grey", lw=1, ls=":", label="dense")
         ax.set_xlabel("sparsity (%)")
-        ax.set_ylabel(label)
+        ax.set_ylabel(METRIC_LABELS[metric])
         ax.grid(alpha=0.3)
         ax2 = ax.twinx()
         pts = [r for r in rows if r["arm"] == "corp"]
-        ax2.plot([100 * r["sparsity"] for r in pts], [r["flops_per_image"] / 1e9 for r in pts], "^:", color="tab:green",
-                 label="GFLOPs / image")
-        ax2.set_ylabel("GFLOPs / image", color="tab:green")
+        ax2.plot([100 * r["sparsity"] for r in pts], [r["flops_per_item"] / 1e9 for r in pts], "^:", color="tab:green",
+                 label=f"GFLOPs / {item}")
+        ax2.set_ylabel(f"GFLOPs / {item}", color="tab:green")
         ax2.set_ylim(bottom=0)
         lines = ax.get_legend_handles_labels()
         lines2 = ax2.get_legend_handles_labels()

@@ -115,6 +115,7 @@ def ws(tmp_path_factory: pytest.TempPathFactory, tiny_ckpt: Path) -> Workspace:
     save_masks(root / "other.masks.safetensors", keep, identity=ModelIdentity(**other_id), shapes=shapes, options={}, stats_fingerprint="x")
     save_masks(root / "range.masks.safetensors", [BlockMasks(mlp=torch.arange(400, 769)) for _ in shapes],
                identity=ident, shapes=shapes, options={}, stats_fingerprint="x")
+    save_masks(root / "mlp.masks.safetensors", keep, identity=ident, shapes=shapes, options={}, stats_fingerprint="x")
 
     # checkpoints: malicious pickle, missing/unexpected keys, truncated, garbage, NaN weights
     torch.save({"state_dict": {"w": torch.zeros(1)}, "payload": _Evil(w.marker)}, root / "evil.pth")
@@ -256,6 +257,10 @@ CASES = [
     _c("prune-masks-out-of-range", PRUNE_OUT + " --target mlp --masks {root}/range.masks.safetensors", 2,
        "indices outside [0, 768)"),
     _c("prune-stats-as-masks", PRUNE_OUT + " --masks {stats}", 2, "expected a corp masks file"),
+    _c("prune-masks-other-target", PRUNE_OUT + " --target both --masks {root}/mlp.masks.safetensors", 2,
+       "--masks hold target mlp", "--target is both"),
+    _c("prune-masks-with-sparsity", PRUNE_OUT + " --sparsity 0.3 --masks {root}/mlp.masks.safetensors", 2,
+       "--masks fixes which units", "--sparsity"),
     _c("prune-malicious-pickle", PRUNE_OUT.replace("{ckpt}", "{root}/evil.pth"), 2, "refused", "save_file"),
     _c("prune-missing-keys", PRUNE_OUT.replace("{ckpt}", "{root}/missing_keys.safetensors"), 2, "missing keys"),
     _c("prune-existing-out", PRUNE + " --out {root}/existing_dir", 2, "not empty", "--overwrite"),

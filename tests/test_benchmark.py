@@ -21,10 +21,10 @@ from corp_cli.preprocess import resolve_preprocessing
 
 runner = CliRunner()
 RUN_KEYS = {
-    "batch_size", "latency_ms_median", "latency_ms_p90", "latency_ms_min", "throughput_images_per_s",
+    "batch_size", "latency_ms_median", "latency_ms_p90", "latency_ms_min", "throughput_items_per_s",
     "peak_memory_bytes", "peak_memory_method",
 }
-FIGURE_KEYS = {"params", "param_bytes", "flops_per_image", "tokens", "per_block_flops", "runs", "kind", "name"}
+FIGURE_KEYS = {"params", "param_bytes", "flops_per_item", "tokens", "per_block_flops", "runs", "kind", "name"}
 
 
 def _model() -> torch.nn.Module:
@@ -65,14 +65,14 @@ def test_benchmark_json_has_every_field(tmp_path: Path, files: tuple[Path, Path]
         for r in rep[side]["runs"]:
             assert set(r) >= RUN_KEYS
             assert 0 < r["latency_ms_min"] <= r["latency_ms_median"] <= r["latency_ms_p90"]
-            assert r["throughput_images_per_s"] == pytest.approx(1e3 * r["batch_size"] / r["latency_ms_median"])
+            assert r["throughput_items_per_s"] == pytest.approx(1e3 * r["batch_size"] / r["latency_ms_median"])
             assert r["peak_memory_bytes"] >= 0
     m, ref = rep["model"], rep["reference"]
     assert m["kind"] == "pruned" and ref["kind"] == "dense"
-    assert ref["flops_per_image"] == 2_507_366_400  # dense deit_tiny, checked by brute force in test_flops
-    assert m["flops_per_image"] < ref["flops_per_image"] and m["params"] < ref["params"]
+    assert ref["flops_per_item"] == 2_507_366_400  # dense deit_tiny, checked by brute force in test_flops
+    assert m["flops_per_item"] < ref["flops_per_item"] and m["params"] < ref["params"]
     cmp = rep["comparison"]
-    assert cmp["flop_reduction"] == pytest.approx(1 - m["flops_per_image"] / ref["flops_per_image"])
+    assert cmp["flop_reduction"] == pytest.approx(1 - m["flops_per_item"] / ref["flops_per_item"])
     for c, mr, rr in zip(cmp["per_batch_size"], m["runs"], ref["runs"]):
         assert set(c) == {"batch_size", "speedup_median", "throughput_ratio", "flop_reduction", "flop_speedup_bound"}
         assert c["speedup_median"] == pytest.approx(rr["latency_ms_median"] / mr["latency_ms_median"])

@@ -78,7 +78,11 @@ def test_torch_export_runs_without_corp_or_timm(pruned_dir: Path, probe: tuple[P
     side = json.loads((tmp_path / "sub" / "model.pt2.json").read_text())
     assert side["architecture"]["base_model"] == "deit_tiny_patch16_224"
     assert [b["qk_dim"] for b in side["architecture"]["blocks"]] == [32] * DEPTH
-    assert side["input"]["dynamic_batch"] is True and side["load"].startswith("torch.export.load")
+    assert side["dynamic_batch"] is True and side["load"].startswith("torch.export.load")
+    assert side["inputs"] == [{"name": "image", "shape": ["batch", 3, 224, 224], "dtype": "float32",
+                               "description": "normalised images; see preprocessing"}]
+    assert side["outputs"][0]["name"] == "logits" and side["outputs"][0]["shape"] == ["batch", 1000]
+    assert side["family"] == "timm-vit" and side["dynamic_dims"] == {"batch": [1, 1 << 16]}
     assert side["source"]["sha256"] and side["sha256"]
     assert [p.name for p in (tmp_path / "sub").iterdir() if p.name.startswith(".")] == []  # no temp left
 
@@ -104,7 +108,7 @@ def test_torch_export_runs_without_corp_or_timm(pruned_dir: Path, probe: tuple[P
 def test_static_fallback_when_batch_cannot_be_dynamic(
     pruned_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    def refuse() -> object:
+    def refuse(*_: object) -> object:
         raise RuntimeError("symbolic batch not supported here")
 
     monkeypatch.setattr(export_mod, "_dynamic_dim", refuse)
@@ -162,7 +166,7 @@ def test_onnx_runs_in_onnxruntime_without_corp_or_timm(pruned_dir: Path, probe: 
     props = {p.key: p.value for p in onnx.load(str(out), load_external_data=False).metadata_props}
     meta = json.loads(props["corp"])
     assert meta["architecture"]["base_model"] == "deit_tiny_patch16_224"
-    assert meta["input"]["dynamic_batch"] is res.dynamic_batch
+    assert meta["dynamic_batch"] is res.dynamic_batch and meta["inputs"][0]["name"] == "image"
 
     probe_path, _ = probe
     stdout = _run_child(f"""

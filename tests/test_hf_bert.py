@@ -240,22 +240,64 @@ def test_evaluate_command_reports_embedding_fidelity(minilm_runs: dict[str, Path
 
 
 @needs_minilm
-@pytest.mark.parametrize("command", ["export", "sweep"])
-def test_commands_without_hf_support_refuse_in_one_line(command: str, minilm_runs: dict[str, Path], tmp_path: Path) -> None:
+def test_sweep_scores_embedding_fidelity_of_a_text_encoder(minilm_runs: dict[str, Path], tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
     from corp_cli.cli import app
 
-    pruned = str(minilm_runs["comp"])
-    args = {
-        "export": ["export", pruned],
-        "sweep": ["sweep", str(MINILM), "--stats", str(minilm_runs["stats"]), "--data", "synthetic",
-                  "--out", str(tmp_path / "o")],
-    }[command]
-    res = CliRunner().invoke(app, args)
+    out = tmp_path / "sweep"
+    res = CliRunner().invoke(app, ["sweep", str(MINILM), "--stats", str(minilm_runs["stats"]), "--target", "mlp",
+                                   "--sparsities", "0.5", "--data", "text:pydoc@eval", "--samples", "48",
+                                   "--out", str(out), "--json", "-"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.stdout)
+    assert rep["metric"] == "cosine_mean" and rep["data"]["count"] == 48
+    assert rep["per_item"] == "128-token sequence"
+    rows = {r["arm"]: r for r in rep["points"]}
+    assert rep["dense"]["value"] == 1.0
+    # the 50% arm must reproduce what the prune command's own folders give on the same sentences
+    from corp_cli.hf.evaluate import text_fidelity
+    from corp_cli.hf.text import open_text_source
+
+    texts = open_text_source("text:pydoc@eval", samples=48, seed=0).texts
+    dense = load_hf_dense(MINILM).model
+    tok, prep = load_tokenizer(MINILM), text_preprocessing(Path(MINILM))
+    for arm, folder in (("corp", "comp"), ("no-compensation", "none")):
+        fid = text_fidelity(load_pruned(minilm_runs[folder]), dense, tok, texts, prep)
+        assert rows[arm]["cosine_mean"] == pytest.approx(fid["cosine_mean"], abs=1e-6), arm
+        assert rows[arm]["nn_agreement"] == pytest.approx(fid["nn_agreement"]), arm
+    assert rows["corp"]["value"] > rows["no-compensation"]["value"]
+    assert rows["corp"]["flops_per_item"] == rows["no-compensation"]["flops_per_item"] < rep["dense"]["flops_per_item"]
+    assert (out / "sweep.csv").read_text().splitlines()[0].split(",")[:5] == ["sparsity", "arm", "compensated", "metric", "value"]
+
+
+@needs_minilm
+def test_reapplied_masks_reproduce_the_pruned_encoder_and_its_options(minilm_runs: dict[str, Path], tmp_path: Path) -> None:
+    """--masks alone (the default --target is both) records what the masks prune: MLP only, as the first run did."""
+    from typer.testing import CliRunner
+
+    from corp_cli.cli import app
+
+    again = tmp_path / "again"
+    res = CliRunner().invoke(app, ["prune", str(MINILM), "--stats", str(minilm_runs["stats"]),
+                                   "--masks", str(minilm_runs["comp"] / "masks.safetensors"), "--out", str(again)])
+    assert res.exit_code == 0, res.output
+    assert json.loads((again / "report.json").read_text())["options"]["target"] == "mlp"
+    for name in ("model.safetensors", "masks.safetensors"):
+        assert (again / name).read_bytes() == (minilm_runs["comp"] / name).read_bytes(), name
+
+
+@needs_minilm
+def test_a_timm_model_cannot_take_an_hf_reference(minilm_runs: dict[str, Path], tiny_ckpt: Path) -> None:
+    from typer.testing import CliRunner
+
+    from corp_cli.cli import app
+
+    res = CliRunner().invoke(app, ["evaluate", "deit_tiny_patch16_224", "--checkpoint", str(tiny_ckpt), "--data",
+                                   "synthetic", "--reference", str(minilm_runs["comp"])])
     assert res.exit_code == 2, res.output
-    assert f"corp {command} does not support Hugging Face encoders yet" in res.output
-    assert not (tmp_path / "o").exists()
+    assert "is a Hugging Face encoder, but a timm model is expected here" in res.output
+    assert "Traceback" not in res.output
 
 
 @needs_minilm

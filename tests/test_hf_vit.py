@@ -121,6 +121,38 @@ def test_cli_chain_on_a_local_hf_vit_folder(tmp_path: Path) -> None:
     assert 0.0 < fid["cosine_mean"] <= 1.0 and 0.0 <= fid["top1_agreement"] <= 1.0
 
 
+def test_sweep_on_an_hf_vit_matches_prune_then_evaluate(tmp_path: Path) -> None:
+    """The sweep's CORP point is the model `corp prune` writes, scored as `corp evaluate` scores it."""
+    from typer.testing import CliRunner
+
+    from corp_cli.cli import app
+
+    runner = CliRunner()
+    folder = tmp_path / "vit"
+    tiny("vit").save_pretrained(folder)
+    stats = tmp_path / "stats.safetensors"
+    common = ["--batch-size", "4", "--workers", "0"]
+    r = runner.invoke(app, ["calibrate", str(folder), "--data", "synthetic", "--samples", "8", "--out", str(stats), *common])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["sweep", str(folder), "--stats", str(stats), "--sparsities", "0.5", "--data", "synthetic",
+                            "--samples", "6", "--out", str(tmp_path / "sweep"), "--json", "-", *common])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    assert rep["metric"] == "top1_agreement" and rep["per_item"] == "image"  # a classifier: agreement of its logits
+    corp_row = next(p for p in rep["points"] if p["arm"] == "corp")
+    r = runner.invoke(app, ["prune", str(folder), "--stats", str(stats), "--sparsity", "0.5", "--out", str(tmp_path / "p")])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["evaluate", str(tmp_path / "p"), "--data", "synthetic", "--samples", "6", "--json", "-", *common])
+    assert r.exit_code == 0, r.output
+    fid = json.loads(r.stdout)["results"]["fidelity"]
+    assert corp_row["cosine_mean"] == pytest.approx(fid["cosine_mean"], abs=1e-6)
+    assert corp_row["top1_agreement"] == fid["top1_agreement"]
+    r = runner.invoke(app, ["sweep", str(folder), "--stats", str(stats), "--labels", "--data", "synthetic",
+                            "--out", str(tmp_path / "s2")])
+    assert r.exit_code == 2 and "fidelity to the dense model, not on labels" in r.output
+    assert not (tmp_path / "s2").exists()
+
+
 def test_unsupported_hf_folder_is_refused_in_one_line(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 

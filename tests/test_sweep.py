@@ -46,11 +46,11 @@ def test_sweep_writes_csv_json_and_plot(tmp_path: Path, inputs: tuple[Path, Path
         ("0.0", "dense"), ("0.5", "corp"), ("0.5", "no-compensation"),
     ]
     assert all(r["metric"] == "top1_agreement" for r in rows)  # synthetic images: fidelity, not accuracy
-    flops = {r["sparsity"]: int(r["flops_per_image"]) for r in rows}
+    flops = {r["sparsity"]: int(r["flops_per_item"]) for r in rows}
     assert flops["0.0"] > flops["0.5"] and float(rows[1]["flops_reduction"]) > 0.3
     # both arms share masks, so the same FLOPs, but compensation changes the weights and so the outputs
     pairs = {(r["sparsity"], r["arm"]): r for r in rows}
-    assert pairs[("0.5", "corp")]["flops_per_image"] == pairs[("0.5", "no-compensation")]["flops_per_image"]
+    assert pairs[("0.5", "corp")]["flops_per_item"] == pairs[("0.5", "no-compensation")]["flops_per_item"]
     assert pairs[("0.5", "corp")]["kl_mean"] != pairs[("0.5", "no-compensation")]["kl_mean"]
 
     rep = json.loads((out / "sweep.json").read_text())

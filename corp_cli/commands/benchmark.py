@@ -95,9 +95,9 @@ def benchmark_cmd(
         report["reference"] = {**ref[1], **figures["reference"], "runs": rows["reference"]}
         report["comparison"] = {
             "params_reduction": 1.0 - figures["model"]["params"] / figures["reference"]["params"],
-            "flop_reduction": 1.0 - figures["model"]["flops_per_image"] / figures["reference"]["flops_per_image"],
-            "per_batch_size": compare(rows["model"], rows["reference"], figures["model"]["flops_per_image"],
-                                      figures["reference"]["flops_per_image"]),
+            "flop_reduction": 1.0 - figures["model"]["flops_per_item"] / figures["reference"]["flops_per_item"],
+            "per_batch_size": compare(rows["model"], rows["reference"], figures["model"]["flops_per_item"],
+                                      figures["reference"]["flops_per_item"]),
         }
     report["seconds"] = round(time.perf_counter() - t0, 3)
     if not C.write_json(json_out, report):
@@ -129,16 +129,17 @@ def print_report(report: dict[str, Any]) -> None:
     entries = [("model", report["model"])] + ([("reference", report["reference"])] if report["reference"] else [])
     cmp = report["comparison"]
     title = f"corp benchmark {report['model']['name']} ({report['model']['kind']})"
+    item = "sequence" if s.get("input") == "token ids" else "image"
     sizes = Table(title=title)
-    for col in ("", "params", "GFLOPs/image", "reduction"):
+    for col in ("", "params", f"GFLOPs/{item}", "reduction"):
         sizes.add_column(col, justify="right" if col else "left")
     for label, e in entries:
         red = f"-{100 * cmp['params_reduction']:.1f}% params, -{100 * cmp['flop_reduction']:.1f}% FLOPs" if cmp and label == "model" else ""
-        sizes.add_row(label, f"{e['params'] / 1e6:.2f}M", f"{e['flops_per_image'] / 1e9:.3f}", red)
+        sizes.add_row(label, f"{e['params'] / 1e6:.2f}M", f"{e['flops_per_item'] / 1e9:.3f}", red)
     C.out.print(sizes)
     speed = Table(title=f"{s['dtype']} on {report['environment']['device']}{', compiled' if s['compile'] else ''}, "
                         f"{s['runs']} timed runs after {s['warmup']} warm-up")
-    for col in ("batch", "", "median ms", "p90 ms", "images/s", "peak MB", "speed-up"):
+    for col in ("batch", "", "median ms", "p90 ms", f"{item}s/s", "peak MB", "speed-up"):
         speed.add_column(col, justify="right" if col else "left")
     per_bs = {c["batch_size"]: c for c in (cmp or {}).get("per_batch_size", [])}
     for i, bs in enumerate(s["batch_sizes"]):
@@ -147,7 +148,7 @@ def print_report(report: dict[str, Any]) -> None:
             c = per_bs.get(bs) if label == "model" else None
             speed.add_row(
                 str(bs) if label == "model" else "", label, f"{r['latency_ms_median']:.2f}", f"{r['latency_ms_p90']:.2f}",
-                f"{r['throughput_images_per_s']:,.1f}", _mb(r["peak_memory_bytes"]),
+                f"{r['throughput_items_per_s']:,.1f}", _mb(r["peak_memory_bytes"]),
                 f"{c['speedup_median']:.2f}x" if c else "",
             )
     C.out.print(speed)

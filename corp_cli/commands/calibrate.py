@@ -189,7 +189,7 @@ def run_cmd(
     check_precision(precision)
     overrides = C.preprocessing_overrides(mean, std, input_size, interpolation, crop_pct, crop_mode)
     check_out_file(out, overwrite=overwrite)
-    stats, loaded, _, seconds = run_calibration(
+    stats, loaded, prep, seconds = run_calibration(
         model, data=data, samples=samples, seed=seed, shard=shard_ix, checkpoint=checkpoint,
         num_classes=num_classes, pretrained_cfg=pretrained_cfg, overrides=overrides,
         device=device, batch_size=batch_size, workers=workers, parts=part_list, precision=precision,
@@ -201,9 +201,11 @@ def run_cmd(
     if not C.write_json(json_out, summary):
         synth = " [SYNTHETIC DATA: smoke test only]" if stats.meta["synthetic"] else ""
         skipped = f", {summary['skipped_images']} undecodable skipped" if summary["skipped_images"] else ""
+        # the statistics count "images" in their metadata whatever the modality; say what they were
+        unit = "texts" if prep.to_dict().get("kind") == "text" else "images"
         C.out.print(
-            f"wrote {out}: {loaded.identity.name}, {stats.meta['images']} images{skipped}, {stats.meta['tokens']} tokens, "
-            f"{len(stats.blocks)} blocks, {seconds:.1f}s ({summary['images_per_second']} images/s){synth}"
+            f"wrote {out}: {loaded.identity.name}, {stats.meta['images']} {unit}{skipped}, {stats.meta['tokens']} tokens, "
+            f"{len(stats.blocks)} blocks, {seconds:.1f}s ({summary['images_per_second']} {unit}/s){synth}"
         )
 
 

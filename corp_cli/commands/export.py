@@ -19,13 +19,22 @@ def export_cmd(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Batch size of the traced example (the fixed batch when static).")] = 1,
     dynamic_batch: Annotated[
         bool,
-        typer.Option("--dynamic-batch/--static-batch", help="Symbolic batch dimension (falls back to static, with a warning, if the exporter cannot)."),
+        typer.Option(
+            "--dynamic-batch/--static-batch",
+            help="Symbolic batch dimension, and sequence dimension for text encoders (falls back to static, with a "
+                 "warning, if the exporter cannot). Static text exports take sequences of exactly max_length tokens.",
+        ),
     ] = True,
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Reload the written file and compare it with the eager model.")] = True,
     overwrite: C.OverwriteOpt = False,
     json_out: C.JsonOpt = None,
 ) -> None:
-    """Export a pruned model so that it loads with torch (or an ONNX runtime) alone: no corp, no timm."""
+    """Export a pruned model so that it loads with torch (or an ONNX runtime) alone: no corp, timm or transformers.
+
+    timm ViTs: image -> logits.
+    HF text encoders (BERT, e.g. MiniLM): input_ids, attention_mask -> last_hidden_state, sentence_embedding (tokenize with DIR/tokenizer).
+    HF ViT/DeiT: pixel_values -> logits (classifiers) or the CLS embedding.
+    """
     # Imported here so `corp --help` does not pay for torch.export / onnx imports.
     from corp_cli.export import FORMATS, export_model
 
@@ -36,8 +45,9 @@ def export_cmd(
     )
     if C.write_json(json_out, result.to_dict()):
         return
-    batch = "dynamic batch" if result.dynamic_batch else f"static batch {result.input_shape[0]}"
+    shapes = "dynamic batch" if result.dynamic_batch else f"static batch {result.input_shape[0]}"
+    inputs = ", ".join(f"{i['name']} {list(i['shape'])}" for i in result.inputs)
     check = f", max |diff| vs eager {result.max_abs_diff:.2g}" if result.max_abs_diff is not None else ", not run-checked"
-    C.out.print(f"exported {fmt} -> {result.path} ({batch}, input {list(result.input_shape)}{check})")
+    C.out.print(f"exported {fmt} -> {result.path} ({shapes}, input {inputs}{check})")
     if result.metadata_path is not None:
         C.out.print(f"metadata -> {result.metadata_path}")

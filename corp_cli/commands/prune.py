@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -69,6 +70,32 @@ def build_options(config: Path | None, cli: dict[str, Any]) -> PruneOptions:
         if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or math.isnan(v)):
             raise InputError(f"--{name.replace('_', '-')} must be a number in [0, 1), got {v!r}")
     return PruneOptions(**merged)
+
+
+# The options that choose masks; with --masks the file's own record of them is what applied.
+MASK_CHOOSERS = ("mlp_sparsity", "attn_sparsity", "ranker", "qk_ranker", "round_to", "min_keep", "min_qk_dim")
+
+
+def options_for_masks(
+    opts: PruneOptions, masks: list[BlockMasks], mmeta: dict[str, Any], *, explicit_target: str | None,
+) -> PruneOptions:
+    """The options recorded for a --masks run: what the masks prune, and how the masks' own run chose them.
+
+    The target is what the masks hold, so an explicit --target that disagrees is an error
+    rather than a record that says one thing while the checkpoint does another.
+    """
+    has_mlp = any(m.mlp is not None for m in masks)
+    has_attn = any(m.attn is not None for m in masks)
+    held = "both" if has_mlp and has_attn else "attn" if has_attn else "mlp"
+    if explicit_target is not None and explicit_target != held:
+        raise InputError(f"--masks hold target {held} (what they prune), but --target is {explicit_target}: "
+                         "drop --target or use matching masks")
+    recorded = mmeta.get("options") or {}
+    chosen = {k: recorded[k] for k in MASK_CHOOSERS if k in recorded}
+    try:
+        return replace(opts, target=held, **chosen)  # type: ignore[arg-type]
+    except (TypeError, InputError) as e:
+        raise ArtifactError(f"--masks: the options recorded in the masks file are invalid ({e})") from None
 
 
 def check_plan(
@@ -181,8 +208,15 @@ def prune_cmd(
     preset: list[BlockMasks] | None = None
     mmeta: dict[str, Any] = {}
     if masks_path is not None:
+        chooser_flags = {"--sparsity": sparsity, "--mlp-sparsity": mlp_sparsity, "--attn-sparsity": attn_sparsity,
+                         "--ranker": ranker, "--qk-ranker": qk_ranker, "--round-to": round_to, "--min-keep": min_keep,
+                         "--min-qk-dim": min_qk_dim}
+        given = [flag for flag, value in chooser_flags.items() if value is not None]
+        if given:
+            raise InputError(f"--masks fixes which units every block keeps; {', '.join(given)} only choose masks: drop them")
         # Against the file's own shapes for now; against the model's once they are known.
         preset, mmeta = load_masks(C.existing_file(masks_path, "--masks"))
+        opts = options_for_masks(opts, preset, mmeta, explicit_target=target)
     calibrated_here = stats_path is None
     if stats_path is not None:
         stats = Statistics.load(C.existing_file(stats_path, "--stats"))

@@ -12,14 +12,25 @@ from rich.table import Table
 
 from corp_cli.artifacts import atomic_dir, check_out_dir, write_bytes_atomic, write_json_atomic
 from corp_cli.commands import common as C
-from corp_cli.hf import refuse_hf
+from corp_cli.errors import InputError
+from corp_cli.hf import is_hf_model_spec
 from corp_cli.commands.calibrate import load_model_and_preprocessing
 from corp_cli.commands.evaluate import environment, open_eval_source
 from corp_cli.evaluate import label_remap
 from corp_cli.loading import parse_classes
 from corp_cli.prune import MLP_RANKERS, QK_RANKERS, PruneOptions
 from corp_cli.stats import Statistics, check_matches
-from corp_cli.sweep import batch_provider, csv_text, have_matplotlib, parse_sparsities, plot, run_sweep
+from corp_cli.sweep import (
+    METRIC_LABELS,
+    PERCENT_METRICS,
+    ImageMeasure,
+    batch_provider,
+    csv_text,
+    have_matplotlib,
+    parse_sparsities,
+    plot,
+    run_sweep,
+)
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +42,7 @@ PLOT_HINT = "pip install 'corp-cli[plot]' (or: pip install matplotlib) to get sw
 def sweep_cmd(
     model: C.ModelArg,
     stats_path: Annotated[Path, typer.Option("--stats", help="Statistics from `corp calibrate` (used for every point; no re-calibration).")],
-    data: Annotated[str, typer.Option("--data", help="Evaluation images: folder, hf:NAME[:CONFIG][@SPLIT] or synthetic.")],
+    data: Annotated[str, typer.Option("--data", help="Evaluation data: image folder, hf:NAME[:CONFIG][@SPLIT] or synthetic; text:pydoc[@eval], text:FILE or hf:NAME for text encoders.")],
     out: Annotated[Path, typer.Option("--out", help="Output directory (sweep.csv, sweep.json, sweep.png).")],
     sparsities: Annotated[str, typer.Option("--sparsities", help="Comma list, or a run a,b,...,c.")] = "0.1,0.2,...,0.7",
     target: Annotated[str, typer.Option("--target", help="mlp, attn or both.")] = "both",
@@ -39,7 +50,7 @@ def sweep_cmd(
     qk_ranker: Annotated[str, typer.Option("--qk-ranker", help=f"Q/K ranking: {', '.join(QK_RANKERS)}.")] = "energy",
     round_to: Annotated[int, typer.Option("--round-to", min=1, help="Keep survivor counts multiples of N.")] = 1,
     labels: Annotated[bool | None, typer.Option("--labels/--no-labels", help="Plot top-1 accuracy (labels) or agreement with the dense model (default: labels when the data has them).")] = None,
-    samples: Annotated[int | None, typer.Option("--samples", min=1, help="Evaluate on this many images (default: all).")] = None,
+    samples: Annotated[int | None, typer.Option("--samples", min=1, help="Evaluate on this many images or texts (default: all).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed for choosing the --samples subset of a folder.")] = 0,
     cache_mb: Annotated[int, typer.Option("--cache-mb", min=0, help="Keep decoded evaluation images in memory up to this size.")] = 1024,
     checkpoint: C.CheckpointOpt = None,
@@ -51,37 +62,52 @@ def sweep_cmd(
     overwrite: C.OverwriteOpt = False,
     json_out: C.JsonOpt = None,
 ) -> None:
-    """Accuracy (or fidelity) vs sparsity for CORP and the uncompensated baseline, with FLOPs."""
+    """Accuracy (or fidelity) vs sparsity for CORP and the uncompensated baseline, with FLOPs.
+
+    timm ViTs are scored on top-1 (labelled data) or agreement with the dense model;
+    Hugging Face encoders on the fidelity of their embeddings to the dense model's
+    (--data text:pydoc@eval, text:FILE or hf:NAME for text; images for HF ViT/DeiT).
+    """
     t0 = time.perf_counter()
-    refuse_hf("sweep", model)
     points = parse_sparsities(sparsities)
     base = PruneOptions(target=target, ranker=ranker, qk_ranker=qk_ranker, round_to=round_to)  # type: ignore[arg-type]
+    hf = is_hf_model_spec(model)
+    if hf and labels:
+        raise InputError("--labels: Hugging Face models are scored on fidelity to the dense model, not on labels")
     check_out_dir(out, overwrite=overwrite)
     stats = Statistics.load(C.existing_file(stats_path, "--stats"))
     loaded, prep = load_model_and_preprocessing(model, checkpoint, num_classes, pretrained_cfg, {}, device)
     check_matches(stats, loaded.identity)
     dev = next(loaded.model.parameters()).device
-    classes = parse_classes(loaded.checkpoint_meta.get("classes"))
-    source = open_eval_source(data, samples, seed, labels, classes)
-    remap = label_remap(source, loaded.identity.num_classes, classes) if source.labels else None
-    batches = batch_provider(source, prep.transform(), batch_size, workers, cache_mb * 2**20, prep.input_size)
     evals = 1 + 2 * len(points)
-    total = source.num_items * evals if source.num_items is not None else None
-    with C.progress_bar(f"sweeping {len(points)} sparsities x 2 arms", total) as advance:
-        dense_row, rows = run_sweep(
-            loaded.model, stats, points, base, batches, labelled=source.labels, remap=remap, device=dev, on_batch=advance,
-        )
+    if hf:
+        from corp_cli.hf.commands import sweep_measure
+
+        measure, source, item, count = sweep_measure(loaded.model, prep, data, samples, seed, batch_size, workers,
+                                                     cache_mb * 2**20)
+    else:
+        classes = parse_classes(loaded.checkpoint_meta.get("classes"))
+        source = open_eval_source(data, samples, seed, labels, classes)
+        remap = label_remap(source, loaded.identity.num_classes, classes) if source.labels else None
+        batches = batch_provider(source, prep.transform(), batch_size, workers, cache_mb * 2**20, prep.input_size)
+        measure, item, count = ImageMeasure(batches, labelled=source.labels, remap=remap, device=dev), "image", source.num_items
+    total = count * evals if count is not None else None
+    unit = "images" if item == "image" else "texts"
+    with C.progress_bar(f"sweeping {len(points)} sparsities x 2 arms", total, unit=unit) as advance:
+        measure.progress = advance
+        dense_row, rows = run_sweep(loaded.model, stats, points, base, measure)
     report: dict[str, Any] = {
         "command": "sweep",
         "model": loaded.identity.to_dict(),
-        "stats": {"path": str(stats_path), "fingerprint": stats.fingerprint(), "images": stats.meta.get("images"),
+        "stats": {"path": str(stats_path), "fingerprint": stats.fingerprint(), "items": stats.meta.get("images"),
                   "synthetic": stats.meta.get("synthetic")},
         "data": source.describe(),
-        "synthetic": source.synthetic,
+        "synthetic": bool(getattr(source, "synthetic", False)),
         "preprocessing": prep.to_dict(),
         "options": base.to_dict(),
         "sparsities": points,
         "metric": dense_row["metric"],
+        "per_item": item,
         "dense": dense_row,
         "points": rows,
         "environment": environment(dev),
@@ -91,8 +117,8 @@ def sweep_cmd(
     with atomic_dir(out) as tmp:
         write_bytes_atomic(tmp / CSV_FILE, csv_text([dense_row, *rows]).encode())
         if plotted:
-            title = f"{loaded.identity.name} on {source.spec} ({source.describe()['count'] or '?'} images), target {target}"
-            plot(tmp / PNG_FILE, dense_row, rows, title)
+            title = f"{loaded.identity.name} on {source.spec} ({source.describe()['count'] or '?'} {unit}), target {target}"
+            plot(tmp / PNG_FILE, dense_row, rows, title, item)
         report["seconds"] = round(time.perf_counter() - t0, 3)
         write_json_atomic(tmp / JSON_FILE, report)
     if not plotted:
@@ -101,24 +127,26 @@ def sweep_cmd(
         print_report(out, report)
 
 
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.2f}"
+def _fmt(x: float | None, metric: str) -> str:
+    if x is None:
+        return "-"
+    return f"{100 * x:.2f}" if metric in PERCENT_METRICS else f"{x:.4f}"
 
 
 def print_report(out: Path, report: dict[str, Any]) -> None:
     metric = report["metric"]
-    name = "top-1 %" if metric == "top1" else "agreement %"
-    table = Table(title=f"corp sweep -> {out}  ({name} vs sparsity)")
-    for col in ("sparsity", "corp", "no-compensation", "GFLOPs/img", "FLOP cut"):
+    item = report["per_item"]
+    table = Table(title=f"corp sweep -> {out}  ({METRIC_LABELS[metric]} vs sparsity)")
+    for col in ("sparsity", "corp", "no-compensation", f"GFLOPs/{item}", "FLOP cut"):
         table.add_column(col, justify="right")
     d = report["dense"]
-    table.add_row("dense", _pct(d["value"]), _pct(d["value"]), f"{d['flops_per_image'] / 1e9:.3f}", "")
+    table.add_row("dense", _fmt(d["value"], metric), _fmt(d["value"], metric), f"{d['flops_per_item'] / 1e9:.3f}", "")
     by = {(r["sparsity"], r["arm"]): r for r in report["points"]}
     for s in report["sparsities"]:
         c, u = by[(s, "corp")], by[(s, "no-compensation")]
         table.add_row(
-            f"{s:g}", _pct(c["value"]), _pct(u["value"]),
-            f"{c['flops_per_image'] / 1e9:.3f}", f"-{100 * c['flops_reduction']:.1f}%",
+            f"{s:g}", _fmt(c["value"], metric), _fmt(u["value"], metric),
+            f"{c['flops_per_item'] / 1e9:.3f}", f"-{100 * c['flops_reduction']:.1f}%",
         )
     C.out.print(table)
     synth = "  [SYNTHETIC data: smoke test only]" if report["synthetic"] or report["stats"]["synthetic"] else ""

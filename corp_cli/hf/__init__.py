@@ -32,11 +32,11 @@ def is_hf_module(model: object) -> bool:
 
 
 def refuse_hf(what: str, model: str | Path, family: str | None = None) -> None:
-    """Commands not yet built for HF encoders say so in one line instead of failing deep inside."""
+    """Where a timm model is expected (a timm MODEL's --reference), an HF encoder is refused in one line."""
     if is_hf_model_spec(model) or is_hf_family(family):
         from corp_cli.errors import InputError
 
         raise InputError(
-            f"corp {what} does not support Hugging Face encoders yet (only timm ViTs); "
-            "calibrate, prune, evaluate and load_pruned do"
+            f"corp {what}: {model} is a Hugging Face encoder, but a timm model is expected here; "
+            "compare HF models with HF models and timm models with timm models"
         )

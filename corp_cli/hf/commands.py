@@ -40,3 +40,26 @@ def check_hf_model_inputs(
 
         check_config_file(Path(model).expanduser())
     return dev
+
+
+def sweep_measure(
+    model: Any, prep: Any, data: str, samples: int | None, seed: int, batch_size: int, workers: int, cache_bytes: int,
+) -> tuple[Any, Any, str, int | None]:
+    """(measure, evaluation source, what one FLOP count is per, items per evaluation) for `corp sweep`."""
+    from corp_cli.hf.models import SOURCE_ATTR, TextPreprocessing, load_tokenizer
+    from corp_cli.hf.sweep import ImageEmbeddingMeasure, TextMeasure
+
+    if isinstance(prep, TextPreprocessing):
+        from corp_cli.hf.text import open_text_source
+
+        source = open_text_source(data, samples=samples, seed=seed)
+        measure: Any = TextMeasure(load_tokenizer(getattr(model, SOURCE_ATTR)), source.texts, prep, batch_size)
+        return measure, source, f"{prep.max_length}-token sequence", len(source.texts)
+    from corp_cli.data import open_source
+    from corp_cli.sweep import batch_provider
+
+    source_img = open_source(data, samples=samples, seed=seed)
+    pairs = batch_provider(source_img, prep.transform(), batch_size, workers, cache_bytes, prep.input_size)
+    classifier = getattr(model, "classifier", None) is not None
+    measure = ImageEmbeddingMeasure(lambda: (x for x, _ in pairs()), classifier=classifier)
+    return measure, source_img, "image", source_img.num_items
