@@ -48,7 +48,7 @@ def canonical_json(obj: Any) -> str:
 def atomic_path(final: Path) -> Iterator[Path]:
     """Yield a temp path beside `final`; rename it onto `final` only if the block succeeds."""
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    made = _make_parents(final.parent)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
     os.close(fd)
     tmp = Path(tmp_name)
@@ -60,6 +60,26 @@ def atomic_path(final: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+            _remove_if_empty(made)  # the write failed: take back the folders made for it
+
+
+def _make_parents(folder: Path) -> list[Path]:
+    """mkdir -p, returning the folders it created (innermost first) so a failed write can take them back."""
+    missing: list[Path] = []
+    p = folder
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    return missing
+
+
+def _remove_if_empty(folders: list[Path]) -> None:
+    for p in folders:  # innermost first; stop at one something else has written into meanwhile
+        try:
+            p.rmdir()
+        except OSError:
+            return
 
 
 def _test_pause(final: Path) -> None:
@@ -206,7 +226,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     `.name.*.tmp` sibling can remain, never a half-written `final`).
     """
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    made = _make_parents(final.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     old: Path | None = None
     try:
@@ -231,6 +251,8 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         for p in (tmp, old):
             if p is not None and p.exists():
                 shutil.rmtree(p, ignore_errors=True)
+        if not final.exists():
+            _remove_if_empty(made)  # the build failed: take back the folders made for it
 
 
 _RENAME_EXCHANGE = 2

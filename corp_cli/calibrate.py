@@ -28,7 +28,7 @@ PARTS = ("mlp", "attn")
 @dataclass
 class CalibrationSums:
     blocks: list[dict[str, dict[str, Tensor]]]
-    images: int
+    samples: int  # images, or token sequences
     tokens: int
 
 
@@ -46,7 +46,7 @@ def collect_statistics(
     for dicts only the masked-in tokens are counted.
 
     product_dtype is the dtype of the per-batch Gram products (float32 is ~2x faster on
-    CPU; sums are float64 either way). on_batch(n_images) is called after each batch.
+    CPU; sums are float64 either way). on_batch(n_samples) is called after each batch.
     """
     ad = adapter_for(model)
     nblocks = len(ad.blocks)
@@ -94,7 +94,7 @@ def collect_statistics(
             handles.append(k_site.register_forward_hook(k_hook(i)))
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    images = 0
+    samples = 0
     tokens = 0
     try:
         with torch.inference_mode():
@@ -103,7 +103,7 @@ def collect_statistics(
                     x = {k: v.to(device) for k, v in x.items()}
                     token_mask[0] = x["attention_mask"].bool()
                     ad.forward_trunk(x)
-                    images += int(token_mask[0].shape[0])
+                    samples += int(token_mask[0].shape[0])
                     if on_batch is not None:
                         on_batch(int(token_mask[0].shape[0]))
                     continue
@@ -112,14 +112,14 @@ def collect_statistics(
                     ad.forward_trunk(x)
                 else:
                     model.forward_features(x)  # the classifier head is not pruned; skip it
-                images += x.shape[0]
+                samples += x.shape[0]
                 if on_batch is not None:
                     on_batch(x.shape[0])
     finally:
         for h in handles:
             h.remove()
-    if images == 0:
-        raise ValueError("no calibration images were processed")
+    if samples == 0:
+        raise ValueError("no calibration samples were processed")
     blocks: list[dict[str, dict[str, Tensor]]] = []
     for i, b in enumerate(acc):
         out: dict[str, dict[str, Tensor]] = {}
@@ -130,7 +130,7 @@ def collect_statistics(
         blocks.append(out)
     first = blocks[0]
     tokens = int(next(iter(first.values()))["count"].sum())
-    return CalibrationSums(blocks=blocks, images=images, tokens=tokens)
+    return CalibrationSums(blocks=blocks, samples=samples, tokens=tokens)
 
 
 def block_shapes(model: nn.Module) -> list[dict[str, int]]:
@@ -155,7 +155,7 @@ def calibrate(
     try:
         sums = collect_statistics(loaded.model, batches, parts=parts, product_dtype=product_dtype, on_batch=on_batch)
     except ValueError as e:
-        if "no calibration images" in str(e):
+        if "no calibration samples" in str(e):
             raise InputError(
                 f"no calibration image could be decoded from {source.spec} ({source.skipped} skipped)"
             ) from None
@@ -168,11 +168,11 @@ def calibrate(
         parts=list(parts),
         preprocessing=preprocessing.to_dict(),
         data=source.describe(),
-        images=sums.images,
+        samples=sums.samples,
         tokens=sums.tokens,
         seed=source.seed,
         shard=source.shard,
         product_dtype=str(product_dtype).removeprefix("torch."),
-        skipped_images=source.skipped,
+        skipped_samples=source.skipped,
     )
     return Statistics(blocks=sums.blocks, meta=meta)

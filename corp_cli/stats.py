@@ -68,14 +68,29 @@ class Statistics:
     @staticmethod
     def load(path: Path) -> Statistics:
         tensors, meta = read_safetensors(path, kind=KIND)
+        meta = _renamed_counts(meta)
         blocks = _validate(tensors, meta, Path(path))
         return Statistics(blocks=blocks, meta=meta, path=Path(path), file_sha256=sha256_file(path))
 
 
+# corp 0.x before the sample counts were renamed wrote them as images; read those files too.
+_OLD_COUNT_KEYS = {"images": "samples", "skipped_images": "skipped_samples"}
+
+
+def _renamed_counts(meta: Any) -> Any:
+    if not isinstance(meta, dict):
+        return meta  # validation says what is wrong with it
+    out = dict(meta)
+    for old, new in _OLD_COUNT_KEYS.items():
+        if old in out and new not in out:
+            out[new] = out.pop(old)
+    return out
+
+
 def new_meta(
     *, identity: ModelIdentity, shapes: list[dict[str, int]], parts: list[str], preprocessing: dict[str, Any],
-    data: dict[str, Any], images: int, tokens: int, seed: int, shard: tuple[int, int] | None,
-    product_dtype: str, skipped_images: int = 0,
+    data: dict[str, Any], samples: int, tokens: int, seed: int, shard: tuple[int, int] | None,
+    product_dtype: str, skipped_samples: int = 0,
 ) -> dict[str, Any]:
     index, count = shard if shard is not None else (0, 1)
     return {
@@ -88,9 +103,9 @@ def new_meta(
         "preprocessing": preprocessing,
         "data": data,
         "synthetic": bool(data.get("synthetic", False)),
-        "images": images,
+        "samples": samples,
         "tokens": tokens,
-        "skipped_images": skipped_images,
+        "skipped_samples": skipped_samples,
         "seed": seed,
         "shards": {"indices": [index], "count": count},
         "product_dtype": product_dtype,
@@ -136,11 +151,11 @@ def _check_meta(meta: dict[str, Any]) -> tuple[list[dict[str, int]], list[str]]:
         or not all(_is_count(x) and x < shards["count"] for x in indices) or len(set(indices)) != len(indices)
     ):
         raise ValueError(f"bad shard record: indices {indices!r} must be distinct integers in [0, {shards['count']})")
-    for key in ("images", "tokens"):
+    for key in ("samples", "tokens"):
         if not _is_count(meta.get(key), 1):
             raise ValueError(f"{key} is {meta.get(key)!r}, expected a positive integer")
-    if not _is_count(meta.get("skipped_images", 0)):
-        raise ValueError(f"skipped_images is {meta.get('skipped_images')!r}, expected an integer >= 0")
+    if not _is_count(meta.get("skipped_samples", 0)):
+        raise ValueError(f"skipped_samples is {meta.get('skipped_samples')!r}, expected an integer >= 0")
     for key in ("data", "preprocessing"):
         if not isinstance(meta.get(key), dict):
             raise ValueError(f"{key} must be an object")
@@ -226,9 +241,9 @@ def merge(items: list[Statistics]) -> Statistics:
     ]
     meta = dict(first.meta)
     meta["tool_version"] = __version__
-    meta["images"] = sum(int(st.meta["images"]) for st in items)
+    meta["samples"] = sum(int(st.meta["samples"]) for st in items)
     meta["tokens"] = sum(int(st.meta["tokens"]) for st in items)
-    meta["skipped_images"] = sum(int(st.meta.get("skipped_images", 0)) for st in items)
+    meta["skipped_samples"] = sum(int(st.meta.get("skipped_samples", 0)) for st in items)
     meta["shards"] = {"indices": sorted(seen), "count": first.meta["shards"]["count"]}
     meta["data"] = {**first.meta["data"], "shard": None, "merged_from": [st.meta["data"].get("fingerprint") for st in items]}
     return Statistics(blocks=blocks, meta=meta)

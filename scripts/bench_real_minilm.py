@@ -52,7 +52,7 @@ def main() -> None:
     t0 = time.perf_counter()
     stats = calibrate_text(loaded, prep, calib, batch_size=32, tokenizer=tok)
     calib_s = time.perf_counter() - t0
-    log.info("calibrated on %d sentences (%d tokens) in %.1fs", stats.meta["images"], stats.meta["tokens"], calib_s)
+    log.info("calibrated on %d sentences (%d tokens) in %.1fs", stats.meta["samples"], stats.meta["tokens"], calib_s)
     ref = embed_texts(loaded.model, tok, held_out, prep)
 
     mlp_rankers = ("energy",) if args.quick else MLP_RANKERS
@@ -82,7 +82,7 @@ def main() -> None:
                  fid["cosine_mean"], fid["nn_agreement"], prune_s)
 
     out = sys.stdout
-    out.write(f"\nall-MiniLM-L6-v2, {stats.meta['images']} calibration sentences ({stats.meta['tokens']} tokens), "
+    out.write(f"\nall-MiniLM-L6-v2, {stats.meta['samples']} calibration sentences ({stats.meta['tokens']} tokens), "
               f"{len(held_out)} held-out; calibrate {calib_s:.1f}s (mlp+attn statistics), torch threads {torch.get_num_threads()}\n\n")
     out.write("| pruned | sparsity | ranker | compensation | mean cosine | NN agreement | prune s |\n")
     out.write("|---|---|---|---|---|---|---|\n")

@@ -147,6 +147,7 @@ def ws(tmp_path_factory: pytest.TempPathFactory, tiny_ckpt: Path) -> Workspace:
     (root / "existing_dir" / "keep.txt").write_text("previous contents")
     (root / "a_file").write_text("a regular file, not a directory")
     (root / "config_missing_dir").mkdir()
+    (root / "both.yaml").write_text("target: both\nsparsity: 0.3\n")
     return w
 
 
@@ -259,6 +260,8 @@ CASES = [
     _c("prune-stats-as-masks", PRUNE_OUT + " --masks {stats}", 2, "expected a corp masks file"),
     _c("prune-masks-other-target", PRUNE_OUT + " --target both --masks {root}/mlp.masks.safetensors", 2,
        "--masks hold target mlp", "--target is both"),
+    _c("prune-masks-other-config-target", PRUNE_OUT + " --config {root}/both.yaml --masks {root}/mlp.masks.safetensors", 2,
+       "--masks hold target mlp", "both.yaml sets target both"),
     _c("prune-masks-with-sparsity", PRUNE_OUT + " --sparsity 0.3 --masks {root}/mlp.masks.safetensors", 2,
        "--masks fixes which units", "--sparsity"),
     _c("prune-malicious-pickle", PRUNE_OUT.replace("{ckpt}", "{root}/evil.pth"), 2, "refused", "save_file"),
@@ -331,7 +334,7 @@ def test_mixed_image_modes_converted_undecodable_skipped_and_counted(tmp_path: P
                               "--batch-size", "4", "--workers", "0", "--parts", "attn", "--json", "-", "--out", str(stats)])
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout)
-    assert summary["images"] == 5 and summary["skipped_images"] == 2
+    assert summary["samples"] == 5 and summary["skipped_samples"] == 2
     assert any("asked for 50 samples but only 7 exist" in w for w in summary["warnings"])
     assert "asked for 50 samples" in res.stderr  # the warning is also shown, not only recorded
 
@@ -341,8 +344,8 @@ def test_mixed_image_modes_converted_undecodable_skipped_and_counted(tmp_path: P
                               "--sparsity", "0.25", "--json", "-", "--out", str(out)])
     assert res.exit_code == 0, res.output
     report = json.loads((out / "report.json").read_text())
-    assert report["stats"]["skipped_images"] == 2 and report["stats"]["images"] == 5
-    assert json.loads(res.stdout)["stats"]["skipped_images"] == 2
+    assert report["stats"]["skipped_samples"] == 2 and report["stats"]["samples"] == 5
+    assert json.loads(res.stdout)["stats"]["skipped_samples"] == 2
 
 
 def test_qk_solve_with_zero_lambda_on_collinear_dims_raises_lambda(caplog: pytest.LogCaptureFixture) -> None:

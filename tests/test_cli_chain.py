@@ -39,11 +39,11 @@ def test_calibrate_prune_load_chain(tmp_path: Path, tiny_ckpt: Path) -> None:
     stats = tmp_path / "stats.safetensors"
     out = json.loads(_invoke("calibrate", "deit_tiny_patch16_224", "--checkpoint", tiny_ckpt, "--data", data,
                              "--samples", 6, "--out", stats, "--batch-size", 4, "--workers", 0, "--json", "-"))
-    assert out["images"] == 6 and out["tokens"] == 6 * 197 and not out["synthetic"]
+    assert out["samples"] == 6 and out["tokens"] == 6 * 197 and not out["synthetic"]
     meta = Statistics.load(stats).meta
     assert meta["model"]["name"] == "deit_tiny_patch16_224"
     assert meta["model"]["checkpoint"].startswith("sha256:")
-    assert meta["data"]["fingerprint"] and meta["images"] == 6 and meta["seed"] == 0
+    assert meta["data"]["fingerprint"] and meta["samples"] == 6 and meta["seed"] == 0
     assert meta["tool_version"] and meta["preprocessing"]["interpolation"] == "bicubic"
 
     pruned = tmp_path / "pruned"
@@ -66,6 +66,15 @@ def test_calibrate_prune_load_chain(tmp_path: Path, tiny_ckpt: Path) -> None:
             "--masks", pruned / "masks.safetensors", "--out", again)
     assert (again / "model.safetensors").read_bytes() == (pruned / "model.safetensors").read_bytes()
     assert (again / "masks.safetensors").read_bytes() == (pruned / "masks.safetensors").read_bytes()
+
+    # a preset's mask-choosing keys give way to the masks, and the run says so
+    preset = tmp_path / "preset.yaml"
+    preset.write_text("target: mlp\nsparsity: 0.25\nranker: magnitude\n")
+    third = tmp_path / "third"
+    said = _invoke("prune", "deit_tiny_patch16_224", "--checkpoint", tiny_ckpt, "--stats", stats, "--config", preset,
+                   "--masks", pruned / "masks.safetensors", "--out", third)
+    assert "mlp_sparsity, attn_sparsity, ranker superseded by --masks" in " ".join(said.split())
+    assert (third / "model.safetensors").read_bytes() == (pruned / "model.safetensors").read_bytes()
 
     # same inputs -> byte-identical statistics
     stats2 = tmp_path / "stats2.safetensors"
@@ -102,7 +111,7 @@ def test_merged_shards_equal_one_run(tmp_path: Path, tiny_ckpt: Path) -> None:
     merged = tmp_path / "merged.safetensors"
     _invoke("calibrate", "merge", *shards, "--out", merged)
     a, b = Statistics.load(whole), Statistics.load(merged)
-    assert b.meta["images"] == 6 and b.meta["shards"] == {"indices": [0, 1, 2], "count": 3}
+    assert b.meta["samples"] == 6 and b.meta["shards"] == {"indices": [0, 1, 2], "count": 3}
     for ba, bb in zip(a.blocks, b.blocks):
         for part in ("mlp", "attn"):
             for k in ba[part]:

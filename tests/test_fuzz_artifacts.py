@@ -55,7 +55,7 @@ def _valid_stats(shard: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, Any
     meta = new_meta(
         identity=IDENTITY, shapes=SHAPES, parts=["mlp", "attn"], preprocessing={"input_size": [3, 224, 224]},
         data={"spec": "synthetic", "base_fingerprint": "f" * 64, "fingerprint": f"{shard}" * 64, "synthetic": True},
-        images=2, tokens=TOKENS, seed=0, shard=(shard, 2), product_dtype="float32",
+        samples=2, tokens=TOKENS, seed=0, shard=(shard, 2), product_dtype="float32",
     )
     return tensors, meta
 
@@ -176,6 +176,17 @@ def test_the_uncorrupted_fixtures_load(workdir: Path) -> None:
     assert masks[1].attn.tolist() == [[0, 1], [1, 2]]
 
 
+def test_statistics_from_before_the_count_rename_still_load(workdir: Path) -> None:
+    """Files written when the sample counts were called images/skipped_images read as samples."""
+    tensors, meta = _valid_stats(0)
+    old = {("images" if k == "samples" else "skipped_images" if k == "skipped_samples" else k): v for k, v in meta.items()}
+    old["images"], old["skipped_images"] = 7, 1
+    _write(workdir / "old.safetensors", tensors, old)
+    loaded = Statistics.load(workdir / "old.safetensors")
+    assert (loaded.meta["samples"], loaded.meta["skipped_samples"]) == (7, 1)
+    assert "images" not in loaded.meta and "skipped_images" not in loaded.meta
+
+
 @FUZZ
 @given(data=st.data())
 def test_corrupt_statistics_raise_corp_errors_only(workdir: Path, data: st.DataObject) -> None:
@@ -196,7 +207,7 @@ def test_corrupt_statistics_raise_corp_errors_only(workdir: Path, data: st.DataO
         check_matches(stats, IDENTITY)
         check_plan(PruneOptions(), stats.meta["block_shapes"], stats.parts, None)
         merged = merge([stats, Statistics.load(workdir / "shard1.safetensors")])
-        assert merged.meta["images"] >= 1
+        assert merged.meta["samples"] >= 1
     except CorpError:
         pass
     for b in stats.blocks:

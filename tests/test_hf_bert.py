@@ -205,7 +205,7 @@ def test_minilm_compensation_halves_the_embedding_error(minilm_runs: dict[str, P
     from corp_cli.hf.text import open_text_source
 
     meta = json.loads(__import__("safetensors").safe_open(str(minilm_runs["stats"]), "pt").metadata()["corp"])
-    assert meta["data"]["spec"] == "text:pydoc@calib" and meta["images"] == 160
+    assert meta["data"]["spec"] == "text:pydoc@calib" and meta["samples"] == 160
     held_out = open_text_source("text:pydoc@eval", samples=128, seed=0).texts
     dense = load_hf_dense(MINILM).model
     prep = text_preprocessing(Path(MINILM))

@@ -169,7 +169,7 @@ def test_control_run_replaces_out(runs: dict[str, Run]) -> None:
     assert sorted(p.name for p in run.workdir.iterdir()) == ["pruned"]  # no temp siblings
     # prune calibrated itself here: the report carries the undecodable-image count (none for synthetic data)
     report = json.loads((run.out / "report.json").read_text())
-    assert report["stats"]["skipped_images"] == 0 and report["stats"]["images"] == 2
+    assert report["stats"]["skipped_samples"] == 0 and report["stats"]["samples"] == 2
 
 
 def test_atomic_dir_failure_keeps_previous_and_success_swaps(tmp_path: Path) -> None:
@@ -185,6 +185,20 @@ def test_atomic_dir_failure_keeps_previous_and_success_swaps(tmp_path: Path) -> 
         (tmp / "new.txt").write_text("new")
     assert sorted(p.name for p in out.iterdir()) == ["new.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no .tmp / .old siblings
+
+
+def test_a_failed_write_takes_back_the_folders_it_made(tmp_path: Path) -> None:
+    from corp_cli.artifacts import atomic_path
+
+    (tmp_path / "a").mkdir()
+    for writer in (atomic_dir, atomic_path):
+        with pytest.raises(RuntimeError):
+            with writer(tmp_path / "a" / "b" / "c" / "out"):
+                raise RuntimeError("failed half way")
+        assert [p.name for p in tmp_path.rglob("*")] == ["a"]  # b/c gone, a was there before
+    with atomic_path(tmp_path / "a" / "b" / "f") as tmp:
+        tmp.write_text("kept")
+    assert (tmp_path / "a" / "b" / "f").read_text() == "kept"
 
 
 def test_sigterm_handler_is_restored_after_a_command(tiny_ckpt: Path, tmp_path: Path) -> None:

@@ -197,16 +197,20 @@ def run_cmd(
     stats.save(out)
     summary = stats_summary(stats, out)
     summary["seconds"] = round(seconds, 3)
-    summary["images_per_second"] = round(stats.meta["images"] / max(seconds, 1e-9), 2)
+    summary["samples_per_second"] = round(stats.meta["samples"] / max(seconds, 1e-9), 2)
     if not C.write_json(json_out, summary):
         synth = " [SYNTHETIC DATA: smoke test only]" if stats.meta["synthetic"] else ""
-        skipped = f", {summary['skipped_images']} undecodable skipped" if summary["skipped_images"] else ""
-        # the statistics count "images" in their metadata whatever the modality; say what they were
-        unit = "texts" if prep.to_dict().get("kind") == "text" else "images"
+        skipped = f", {summary['skipped_samples']} undecodable skipped" if summary["skipped_samples"] else ""
+        unit = _unit(stats)
         C.out.print(
-            f"wrote {out}: {loaded.identity.name}, {stats.meta['images']} {unit}{skipped}, {stats.meta['tokens']} tokens, "
-            f"{len(stats.blocks)} blocks, {seconds:.1f}s ({summary['images_per_second']} {unit}/s){synth}"
+            f"wrote {out}: {loaded.identity.name}, {stats.meta['samples']} {unit}{skipped}, {stats.meta['tokens']} tokens, "
+            f"{len(stats.blocks)} blocks, {seconds:.1f}s ({summary['samples_per_second']} {unit}/s){synth}"
         )
+
+
+def _unit(stats: Statistics) -> str:
+    """What the statistics' samples were: their count is modality-neutral in the file."""
+    return "texts" if stats.meta["preprocessing"].get("kind") == "text" else "images"
 
 
 def stats_summary(stats: Statistics, path: Path) -> dict[str, Any]:
@@ -215,9 +219,9 @@ def stats_summary(stats: Statistics, path: Path) -> dict[str, Any]:
         "path": str(path),
         "fingerprint": stats.fingerprint(),
         "model": m["model"],
-        "images": m["images"],
+        "samples": m["samples"],
         "tokens": m["tokens"],
-        "skipped_images": m.get("skipped_images", 0),
+        "skipped_samples": m.get("skipped_samples", 0),
         "warnings": m["data"].get("warnings", []),
         "synthetic": m["synthetic"],
         "data": m["data"],
@@ -246,5 +250,5 @@ def merge_cmd(
         sh = merged.meta["shards"]
         C.out.print(
             f"wrote {out}: {len(items)} files, shards {sh['indices']} of {sh['count']}, "
-            f"{merged.meta['images']} images, {merged.meta['tokens']} tokens"
+            f"{merged.meta['samples']} {_unit(merged)}, {merged.meta['tokens']} tokens"
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import replace
@@ -31,6 +32,8 @@ from corp_cli.masks import load_masks, save_masks
 from corp_cli.models import ModelIdentity
 from corp_cli.prune import MLP_RANKERS, QK_RANKERS, BlockMasks, PruneOptions, apply_masks, plan_masks
 from corp_cli.stats import Statistics, check_block_shapes, check_matches
+
+log = logging.getLogger(__name__)
 
 MASKS_FILE = "masks.safetensors"
 REPORT_FILE = "report.json"
@@ -77,12 +80,15 @@ MASK_CHOOSERS = ("mlp_sparsity", "attn_sparsity", "ranker", "qk_ranker", "round_
 
 
 def options_for_masks(
-    opts: PruneOptions, masks: list[BlockMasks], mmeta: dict[str, Any], *, explicit_target: str | None,
+    opts: PruneOptions, masks: list[BlockMasks], mmeta: dict[str, Any], *,
+    explicit_target: str | None, preset: dict[str, Any] | None = None, preset_path: Path | None = None,
 ) -> PruneOptions:
     """The options recorded for a --masks run: what the masks prune, and how the masks' own run chose them.
 
-    The target is what the masks hold, so an explicit --target that disagrees is an error
-    rather than a record that says one thing while the checkpoint does another.
+    The target is what the masks hold, so a --target (or a --config preset's target) that
+    disagrees is an error rather than a record that says one thing while the checkpoint
+    does another. A preset's other mask-choosing keys are superseded by the masks: said in
+    a warning, since a preset is often shared between runs that rank and runs that reapply.
     """
     has_mlp = any(m.mlp is not None for m in masks)
     has_attn = any(m.attn is not None for m in masks)
@@ -90,6 +96,13 @@ def options_for_masks(
     if explicit_target is not None and explicit_target != held:
         raise InputError(f"--masks hold target {held} (what they prune), but --target is {explicit_target}: "
                          "drop --target or use matching masks")
+    preset = preset or {}
+    if explicit_target is None and preset.get("target", held) != held:
+        raise InputError(f"--masks hold target {held} (what they prune), but --config {preset_path} sets target "
+                         f"{preset['target']}: pass --target {held} or use matching masks")
+    superseded = [k for k in (*MASK_CHOOSERS, "block_overrides") if k in preset]
+    if superseded:
+        log.warning("--config %s: %s superseded by --masks, which fix the kept units", preset_path, ", ".join(superseded))
     recorded = mmeta.get("options") or {}
     chosen = {k: recorded[k] for k in MASK_CHOOSERS if k in recorded}
     try:
@@ -216,7 +229,8 @@ def prune_cmd(
             raise InputError(f"--masks fixes which units every block keeps; {', '.join(given)} only choose masks: drop them")
         # Against the file's own shapes for now; against the model's once they are known.
         preset, mmeta = load_masks(C.existing_file(masks_path, "--masks"))
-        opts = options_for_masks(opts, preset, mmeta, explicit_target=target)
+        opts = options_for_masks(opts, preset, mmeta, explicit_target=target,
+                                 preset=load_prune_config(config) if config else None, preset_path=config)
     calibrated_here = stats_path is None
     if stats_path is not None:
         stats = Statistics.load(C.existing_file(stats_path, "--stats"))
@@ -244,7 +258,7 @@ def prune_cmd(
     arch = architecture(loaded.model, loaded.identity.name, {"num_classes": loaded.identity.num_classes})
     provenance = {
         "base": loaded.identity.to_dict(),
-        "stats": {k: stats.meta[k] for k in ("data", "images", "tokens", "synthetic", "seed", "shards", "tool_version")},
+        "stats": {k: stats.meta[k] for k in ("data", "samples", "tokens", "synthetic", "seed", "shards", "tool_version")},
         "options": opts.to_dict(),
         "preprocessing": prep.to_dict(),
         "classes": loaded.checkpoint_meta.get("classes"),
@@ -270,8 +284,8 @@ def _report(
     return {
         "corp_version": __version__,
         "model": loaded.identity.to_dict(),
-        "stats": {"fingerprint": fingerprint, "images": stats.meta["images"], "tokens": stats.meta["tokens"],
-                  "skipped_images": stats.meta.get("skipped_images", 0),
+        "stats": {"fingerprint": fingerprint, "samples": stats.meta["samples"], "tokens": stats.meta["tokens"],
+                  "skipped_samples": stats.meta.get("skipped_samples", 0),
                   "warnings": stats.meta["data"].get("warnings", []),
                   "synthetic": stats.meta["synthetic"], "data": stats.meta["data"]},
         "synthetic": stats.meta["synthetic"],

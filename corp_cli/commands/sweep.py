@@ -99,7 +99,7 @@ def sweep_cmd(
     report: dict[str, Any] = {
         "command": "sweep",
         "model": loaded.identity.to_dict(),
-        "stats": {"path": str(stats_path), "fingerprint": stats.fingerprint(), "items": stats.meta.get("images"),
+        "stats": {"path": str(stats_path), "fingerprint": stats.fingerprint(), "samples": stats.meta.get("samples"),
                   "synthetic": stats.meta.get("synthetic")},
         "data": source.describe(),
         "synthetic": bool(getattr(source, "synthetic", False)),

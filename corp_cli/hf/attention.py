@@ -12,16 +12,18 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from corp_cli.compact import sdpa_mixed_width
 
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
     # transformers hands over either a boolean (True = attend) or an additive float mask,
     # broadcastable to (B, H, N, N); scaled_dot_product_attention takes both as they are.
+    # The timm path's mixed-width call keeps the fused CPU kernel despite narrow q/k.
     if mask is not None and mask.dtype != torch.bool and mask.dtype != q.dtype:
         mask = mask.to(q.dtype)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return sdpa_mixed_width(q, k, v, attn_mask=mask, is_causal=False, scale=scale)
 
 
 class _NarrowQKV(nn.Module):

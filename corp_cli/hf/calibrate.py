@@ -44,7 +44,7 @@ def calibrate_text(
         parts=list(parts),
         preprocessing=prep.to_dict(),
         data=source.describe(),
-        images=sums.images,  # sequences: the field keeps its name so shards merge like image stats
+        samples=sums.samples,
         tokens=sums.tokens,
         seed=source.seed,
         shard=source.shard,
