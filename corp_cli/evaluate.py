@@ -48,7 +48,7 @@ class Accumulator:
 
     num_classes: int
     topk: tuple[int, ...] = TOPK
-    images: int = 0
+    samples: int = 0
     labelled: int = 0
     correct: dict[int, int] = field(default_factory=dict)
     ref_correct: dict[int, int] = field(default_factory=dict)
@@ -60,7 +60,7 @@ class Accumulator:
     cos_min: float = 1.0
 
     def update(self, out: Outputs, labels: Tensor | None, ref: Outputs | None = None) -> None:
-        self.images += out.logits.shape[0]
+        self.samples += out.logits.shape[0]
         if labels is not None:
             self._update_topk(self.correct, out.logits, labels)
             if ref is not None:
@@ -105,7 +105,7 @@ class Accumulator:
         self.cos_min = min(self.cos_min, float(cos.min()))
 
     def result(self) -> dict[str, Any]:
-        res: dict[str, Any] = {"images": self.images}
+        res: dict[str, Any] = {"samples": self.samples}
         if self.labelled:
             res["accuracy"] = {
                 "labelled": self.labelled,

@@ -127,7 +127,7 @@ class ImageMeasure:
         if dense:
             run = evaluate(model, self.batches(), remap=self.remap, device=self.device, on_batch=self.progress,
                            keep_outputs=self._ref)
-            if run.result["images"] == 0:
+            if run.result["samples"] == 0:
                 raise InputError("the evaluation data yielded no images")
             if self.labelled and "accuracy" not in run.result:
                 raise InputError("the evaluation data has no usable labels")

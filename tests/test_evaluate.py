@@ -95,7 +95,7 @@ def test_folder_top1_top5_match_direct_computation(tmp_path: Path, ckpt: Path, l
     assert rep["results"]["accuracy"]["labelled"] == 6
     assert "fidelity" not in rep["results"]  # no reference, no fidelity
     assert rep["model"]["kind"] == "dense" and rep["data"]["labels"] is True
-    assert rep["images_per_second"] > 0 and rep["environment"]["torch_version"] == torch.__version__
+    assert rep["samples_per_second"] > 0 and rep["environment"]["torch_version"] == torch.__version__
     assert "top-1" in stdout and "50.00%" in stdout  # the table still goes to stdout
 
 

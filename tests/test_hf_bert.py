@@ -234,7 +234,7 @@ def test_evaluate_command_reports_embedding_fidelity(minilm_runs: dict[str, Path
     assert r.exit_code == 0, r.output
     report = json.loads(r.stdout)
     fid = report["results"]["fidelity"]
-    assert report["results"]["items"] == 64
+    assert report["results"]["samples"] == 64
     assert 0.8 < fid["cosine_mean"] < 1.0 and 0.0 <= fid["nn_agreement"] <= 1.0
     assert report["reference"]["matches_base"] is True  # the default reference is the folder it was pruned from
 

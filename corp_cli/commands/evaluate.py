@@ -153,9 +153,9 @@ def evaluate_cmd(
         "results": run.result,
         "seconds": round(run.seconds, 3),
         "forward_seconds": round(run.model_seconds, 3),
-        "images_per_second": round(run.result["images"] / max(run.seconds, 1e-9), 2),
+        "samples_per_second": round(run.result["samples"] / max(run.seconds, 1e-9), 2),
     }
-    if run.result["images"] == 0:
+    if run.result["samples"] == 0:
         raise InputError(f"{data}: no image could be decoded")
     if not C.write_json(json_out, report):
         print_report(report)
@@ -192,6 +192,6 @@ def print_report(report: dict[str, Any]) -> None:
     synth = "  [SYNTHETIC images: smoke test only]" if report["synthetic"] else ""
     skipped = report["data"].get("skipped") or 0
     C.out.print(
-        f"{res['images']} images{n_lab}{f', {skipped} skipped' if skipped else ''}, "
-        f"{report['seconds']:.1f}s ({report['images_per_second']:.1f} images/s){synth}"
+        f"{res['samples']} images{n_lab}{f', {skipped} skipped' if skipped else ''}, "
+        f"{report['seconds']:.1f}s ({report['samples_per_second']:.1f} images/s){synth}"
     )

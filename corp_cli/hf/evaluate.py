@@ -214,8 +214,8 @@ def hf_evaluate_cmd(
     report = {
         "command": "evaluate", "model": desc, "reference": {"spec": ref_name, **ref_desc}, "data": source.describe(),
         "synthetic": bool(getattr(source, "synthetic", False)), "preprocessing": prep.to_dict(),
-        "batch_size": batch_size, "environment": environment(dev), "results": {"items": items, "fidelity": res},
-        "seconds": round(seconds, 3),
+        "batch_size": batch_size, "environment": environment(dev), "results": {"samples": items, "fidelity": res},
+        "seconds": round(seconds, 3), "samples_per_second": round(items / max(seconds, 1e-9), 2),
     }
     if write_json(json_out, report):
         return
@@ -229,4 +229,5 @@ def hf_evaluate_cmd(
     if "top1_agreement" in res:
         table.add_row("top-1 agreement", f"{100 * res['top1_agreement']:.2f}%")
     C.out.print(table)
-    C.out.print(f"{items} items, {seconds:.1f}s")
+    unit = "texts" if isinstance(prep, TextPreprocessing) else "images"
+    C.out.print(f"{items} {unit}, {seconds:.1f}s ({items / max(seconds, 1e-9):.1f} {unit}/s)")
