@@ -201,16 +201,11 @@ def run_cmd(
     if not C.write_json(json_out, summary):
         synth = " [SYNTHETIC DATA: smoke test only]" if stats.meta["synthetic"] else ""
         skipped = f", {summary['skipped_samples']} undecodable skipped" if summary["skipped_samples"] else ""
-        unit = _unit(stats)
+        unit = C.sample_unit(stats.meta["preprocessing"])
         C.out.print(
             f"wrote {out}: {loaded.identity.name}, {stats.meta['samples']} {unit}{skipped}, {stats.meta['tokens']} tokens, "
             f"{len(stats.blocks)} blocks, {seconds:.1f}s ({summary['samples_per_second']} {unit}/s){synth}"
         )
-
-
-def _unit(stats: Statistics) -> str:
-    """What the statistics' samples were: their count is modality-neutral in the file."""
-    return "texts" if stats.meta["preprocessing"].get("kind") == "text" else "images"
 
 
 def stats_summary(stats: Statistics, path: Path) -> dict[str, Any]:
@@ -250,5 +245,5 @@ def merge_cmd(
         sh = merged.meta["shards"]
         C.out.print(
             f"wrote {out}: {len(items)} files, shards {sh['indices']} of {sh['count']}, "
-            f"{merged.meta['samples']} {_unit(merged)}, {merged.meta['tokens']} tokens"
+            f"{merged.meta['samples']} {C.sample_unit(merged.meta['preprocessing'])}, {merged.meta['tokens']} tokens"
         )

@@ -125,6 +125,11 @@ def emit_json(obj: Any) -> None:
     sys.stdout.flush()
 
 
+def sample_unit(preprocessing: dict[str, Any]) -> str:
+    """What a run's samples were, for people: counts in files and JSON are modality-neutral."""
+    return "texts" if preprocessing.get("kind") == "text" else "images"
+
+
 class RateColumn(ProgressColumn):
     """Items per second, with the item's name (images/s)."""
 

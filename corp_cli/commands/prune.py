@@ -56,9 +56,9 @@ def _lambda(text: str | None) -> float | None | str:
     return v
 
 
-def build_options(config: Path | None, cli: dict[str, Any]) -> PruneOptions:
-    """Defaults (PruneOptions) < --config YAML < explicit CLI flags."""
-    merged: dict[str, Any] = load_prune_config(C.existing_file(config, "--config")) if config else {}
+def build_options(config: dict[str, Any], cli: dict[str, Any]) -> PruneOptions:
+    """Defaults (PruneOptions) < --config YAML (as load_prune_config read it) < explicit CLI flags."""
+    merged = dict(config)
     sparsity = cli.pop("sparsity")
     if sparsity is not None:
         merged["mlp_sparsity"] = merged["attn_sparsity"] = sparsity
@@ -81,7 +81,7 @@ MASK_CHOOSERS = ("mlp_sparsity", "attn_sparsity", "ranker", "qk_ranker", "round_
 
 def options_for_masks(
     opts: PruneOptions, masks: list[BlockMasks], mmeta: dict[str, Any], *,
-    explicit_target: str | None, preset: dict[str, Any] | None = None, preset_path: Path | None = None,
+    explicit_target: str | None, config: dict[str, Any] | None = None, config_path: Path | None = None,
 ) -> PruneOptions:
     """The options recorded for a --masks run: what the masks prune, and how the masks' own run chose them.
 
@@ -96,13 +96,13 @@ def options_for_masks(
     if explicit_target is not None and explicit_target != held:
         raise InputError(f"--masks hold target {held} (what they prune), but --target is {explicit_target}: "
                          "drop --target or use matching masks")
-    preset = preset or {}
-    if explicit_target is None and preset.get("target", held) != held:
-        raise InputError(f"--masks hold target {held} (what they prune), but --config {preset_path} sets target "
-                         f"{preset['target']}: pass --target {held} or use matching masks")
-    superseded = [k for k in (*MASK_CHOOSERS, "block_overrides") if k in preset]
+    config = config or {}
+    if explicit_target is None and config.get("target", held) != held:
+        raise InputError(f"--masks hold target {held} (what they prune), but --config {config_path} sets target "
+                         f"{config['target']}: pass --target {held} or use matching masks")
+    superseded = [k for k in (*MASK_CHOOSERS, "block_overrides") if k in config]
     if superseded:
-        log.warning("--config %s: %s superseded by --masks, which fix the kept units", preset_path, ", ".join(superseded))
+        log.warning("--config %s: %s superseded by --masks, which fix the kept units", config_path, ", ".join(superseded))
     recorded = mmeta.get("options") or {}
     chosen = {k: recorded[k] for k in MASK_CHOOSERS if k in recorded}
     try:
@@ -206,8 +206,9 @@ def prune_cmd(
         raise InputError(f"--qk-fold must be balanced or q, got {qk_fold!r}")
     if stats_path is not None and calib_data is not None:
         raise InputError("give either --stats or --calib-data, not both")
+    config_keys = load_prune_config(C.existing_file(config, "--config")) if config else {}
     opts = build_options(
-        config,
+        config_keys,
         {
             "sparsity": sparsity, "mlp_sparsity": mlp_sparsity, "attn_sparsity": attn_sparsity, "target": target,
             "ranker": ranker, "qk_ranker": qk_ranker, "lam": _lambda(lam),
@@ -229,8 +230,7 @@ def prune_cmd(
             raise InputError(f"--masks fixes which units every block keeps; {', '.join(given)} only choose masks: drop them")
         # Against the file's own shapes for now; against the model's once they are known.
         preset, mmeta = load_masks(C.existing_file(masks_path, "--masks"))
-        opts = options_for_masks(opts, preset, mmeta, explicit_target=target,
-                                 preset=load_prune_config(config) if config else None, preset_path=config)
+        opts = options_for_masks(opts, preset, mmeta, explicit_target=target, config=config_keys, config_path=config)
     calibrated_here = stats_path is None
     if stats_path is not None:
         stats = Statistics.load(C.existing_file(stats_path, "--stats"))

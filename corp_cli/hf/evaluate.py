@@ -229,5 +229,5 @@ def hf_evaluate_cmd(
     if "top1_agreement" in res:
         table.add_row("top-1 agreement", f"{100 * res['top1_agreement']:.2f}%")
     C.out.print(table)
-    unit = "texts" if isinstance(prep, TextPreprocessing) else "images"
-    C.out.print(f"{items} {unit}, {seconds:.1f}s ({items / max(seconds, 1e-9):.1f} {unit}/s)")
+    unit = C.sample_unit(report["preprocessing"])
+    C.out.print(f"{items} {unit}, {seconds:.1f}s ({report['samples_per_second']:.1f} {unit}/s)")
