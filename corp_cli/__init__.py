@@ -1,15 +1,33 @@
-"""corp: one-shot structured pruning of trained transformers with closed-form compensation (CORP)."""
+"""corp: one-shot structured pruning of trained transformers with closed-form compensation (CORP).
+
+The Python API (see corp_cli.api): calibrate, prune, save_pruned, load_pruned. Attributes
+are imported on first use, so `import corp_cli` (and the CLI's --help) stays cheap.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "load_pruned"]
+_API = {
+    "adopt": "corp_cli.api",
+    "calibrate": "corp_cli.api",
+    "prune": "corp_cli.api",
+    "save_pruned": "corp_cli.api",
+    "PruneResult": "corp_cli.api",
+    "load_pruned": "corp_cli.compact",
+    "PruneOptions": "corp_cli.pruning",
+    "Statistics": "corp_cli.stats",
+    "ModelOptions": "corp_cli.family",
+}
+
+__all__ = ["__version__", *_API]
 
 
-def __getattr__(name: str):  # lazy so `import corp_cli` stays cheap for the CLI's --help
-    if name == "load_pruned":
-        from corp_cli.compact import load_pruned
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        import importlib
 
-        return load_pruned
+        return getattr(importlib.import_module(_API[name]), name)
     raise AttributeError(name)

@@ -22,15 +22,14 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from corp_cli.adapters import adapter_for
 from corp_cli.errors import InputError
+from corp_cli.family import Batch, Loaded
 from corp_cli.flops import model_counts
 
 log = logging.getLogger(__name__)
@@ -68,12 +67,12 @@ def percentile(values: list[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
-def misaligned_widths(model: nn.Module, align: int = CUDA_ALIGN) -> list[str]:
+def misaligned_widths(loaded: Loaded, align: int = CUDA_ALIGN) -> list[str]:
     """Pruned widths that are not multiples of `align` (slow GEMM shapes on CUDA)."""
-    ad = adapter_for(model)
+    fam, model = loaded.family, loaded.model
     bad = []
-    for i in range(len(ad.blocks)):
-        s = ad.shape(i)
+    for i in range(fam.num_blocks(model)):
+        s = fam.shape(model, i)
         if s.mlp_hidden % align:
             bad.append(f"block {i} MLP hidden {s.mlp_hidden}")
         if s.qk_dim % align:
@@ -150,35 +149,27 @@ class BenchConfig:
     batch_sizes: tuple[int, ...]
     dtype: torch.dtype
     device: torch.device
-    input_size: tuple[int, ...]  # (C, H, W) for images; (tokens,) for text models
     warmup: int = 3
     runs: int = 10
     compile: bool = False
-    vocab_size: int | None = None  # set for text models: inputs are token ids, not pixels
 
 
-def make_input(batch_size: int, cfg: BenchConfig) -> torch.Tensor | dict[str, torch.Tensor]:
-    """A fixed random batch: pixels in the model dtype, or full-length token ids for text."""
-    gen = torch.Generator().manual_seed(0)
-    if cfg.vocab_size is not None:
-        ids = torch.randint(0, cfg.vocab_size, (batch_size, *cfg.input_size), generator=gen)
-        return {"input_ids": ids.to(cfg.device), "attention_mask": torch.ones_like(ids).to(cfg.device)}
-    x = torch.randn(batch_size, *cfg.input_size, generator=gen)
-    return x.to(device=cfg.device, dtype=cfg.dtype)
-
-
-def prepare(model: nn.Module, cfg: BenchConfig) -> nn.Module:
+def prepare(loaded: Loaded, cfg: BenchConfig) -> Loaded:
     """The model as it will be timed: on the device, in the dtype, compiled if asked."""
-    model = model.to(device=cfg.device, dtype=cfg.dtype).eval()
+    model = loaded.model.to(device=cfg.device, dtype=cfg.dtype).eval()
     if cfg.compile:
         model = torch.compile(model)  # type: ignore[assignment]
-    return model
+    return replace(loaded, model=model)
 
 
-def time_forward(model: nn.Module, batch_size: int, cfg: BenchConfig, on_run: Callable[[], None] | None = None) -> dict[str, Any]:
+def time_forward(loaded: Loaded, batch_size: int, cfg: BenchConfig, on_run: Callable[[], None] | None = None) -> dict[str, Any]:
     """Latency (ms), throughput (items/s: images or sequences) and extra peak memory of one batch size."""
-    x = make_input(batch_size, cfg)
-    run = (lambda: model(**x)) if isinstance(x, dict) else (lambda: model(x))
+    batch: Batch = loaded.family.example_batch(loaded, batch_size, dtype=cfg.dtype, device=cfg.device)
+    fam, model = loaded.family, loaded.model
+
+    def run() -> Any:
+        return fam.forward(model, batch)
+
     probe: _CpuPeak | _CudaPeak = _CudaPeak(cfg.device) if cfg.device.type == "cuda" else _CpuPeak()
     times: list[float] = []
     with torch.inference_mode():
@@ -209,9 +200,9 @@ def time_forward(model: nn.Module, batch_size: int, cfg: BenchConfig, on_run: Ca
     }
 
 
-def static_figures(model: nn.Module, dtype: torch.dtype) -> dict[str, Any]:
-    counts = model_counts(model)
-    params = sum(p.numel() for p in model.parameters())
+def static_figures(loaded: Loaded, dtype: torch.dtype) -> dict[str, Any]:
+    counts = model_counts(loaded.model, family=loaded.family)
+    params = counts["params"]
     return {
         "params": params,
         "param_bytes": params * torch.empty((), dtype=dtype).element_size(),

@@ -1,20 +1,26 @@
-"""YAML presets for `corp prune --config`: PruneOptions fields, strictly checked.
+"""Prune options from their three sources: defaults < a YAML preset (--config) < explicit flags; and --masks.
 
-Keys are PruneOptions field names (with `lambda` for `lam`, `sparsity` setting both
+Preset keys are PruneOptions field names (with `lambda` for `lam`, `sparsity` setting both
 sparsities) plus `blocks:`, a map from block index to per-block overrides. An unknown
-key is an error, never ignored.
+key is an error, never ignored. check_plan refuses, from block shapes alone, what pruning
+would refuse later, so a bad option fails before any expensive work.
 """
 
 from __future__ import annotations
 
-from dataclasses import fields
+import logging
+import math
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from corp_cli.errors import InputError
-from corp_cli.prune import BLOCK_OVERRIDABLE, PruneOptions
+from corp_cli.errors import ArtifactError, InputError
+from corp_cli.family import ModelIdentity
+from corp_cli.pruning import BLOCK_OVERRIDABLE, BlockMasks, PruneOptions
+
+log = logging.getLogger(__name__)
 
 _ALIASES = {"lambda": "lam"}
 
@@ -71,3 +77,110 @@ def _blocks(value: Any, path: Path) -> dict[int, dict[str, Any]]:
                 raise InputError(f"--config {path}: block {i} has unknown key {k!r}; allowed: {', '.join(BLOCK_OVERRIDABLE)}")
         res[i] = clean
     return res
+
+
+def parse_lambda(text: str | None) -> float | None | str:
+    """'auto' -> None (automatic), a number -> float, absent -> sentinel 'unset'."""
+    if text is None:
+        return "unset"
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        v = float(text)
+    except ValueError:
+        raise InputError(f"--lambda must be 'auto' or a number, got {text!r}") from None
+    if not math.isfinite(v) or v < 0:
+        raise InputError(f"--lambda must be 'auto' or a finite number >= 0, got {text!r}")
+    return v
+
+
+def build_options(config: dict[str, Any], cli: dict[str, Any]) -> PruneOptions:
+    """Defaults (PruneOptions) < --config YAML (as load_prune_config read it) < explicit CLI flags."""
+    merged = dict(config)
+    sparsity = cli.pop("sparsity")
+    if sparsity is not None:
+        merged["mlp_sparsity"] = merged["attn_sparsity"] = sparsity
+    for k, v in cli.items():
+        if k == "lam":
+            if v != "unset":
+                merged[k] = v  # None here means an explicit 'auto'
+        elif v is not None:
+            merged[k] = v
+    for name in ("mlp_sparsity", "attn_sparsity"):
+        v = merged.get(name)
+        if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or math.isnan(v)):
+            raise InputError(f"--{name.replace('_', '-')} must be a number in [0, 1), got {v!r}")
+    return PruneOptions(**merged)
+
+
+# The options that choose masks; with --masks the file's own record of them is what applied.
+MASK_CHOOSERS = ("mlp_sparsity", "attn_sparsity", "ranker", "qk_ranker", "round_to", "min_keep", "min_qk_dim")
+
+
+def options_for_masks(
+    opts: PruneOptions, masks: list[BlockMasks], mmeta: dict[str, Any], *,
+    explicit_target: str | None, config: dict[str, Any] | None = None, config_path: Path | None = None,
+) -> PruneOptions:
+    """The options recorded for a --masks run: what the masks prune, and how the masks' own run chose them.
+
+    The target is what the masks hold, so a --target (or a --config preset's target) that
+    disagrees is an error rather than a record that says one thing while the checkpoint
+    does another. A preset's other mask-choosing keys are superseded by the masks: said in
+    a warning, since a preset is often shared between runs that rank and runs that reapply.
+    """
+    has_mlp = any(m.mlp is not None for m in masks)
+    has_attn = any(m.attn is not None for m in masks)
+    held = "both" if has_mlp and has_attn else "attn" if has_attn else "mlp"
+    if explicit_target is not None and explicit_target != held:
+        raise InputError(f"--masks hold target {held} (what they prune), but --target is {explicit_target}: "
+                         "drop --target or use matching masks")
+    config = config or {}
+    if explicit_target is None and config.get("target", held) != held:
+        raise InputError(f"--masks hold target {held} (what they prune), but --config {config_path} sets target "
+                         f"{config['target']}: pass --target {held} or use matching masks")
+    superseded = [k for k in (*MASK_CHOOSERS, "block_overrides") if k in config]
+    if superseded:
+        log.warning("--config %s: %s superseded by --masks, which fix the kept units", config_path, ", ".join(superseded))
+    recorded = mmeta.get("options") or {}
+    chosen = {k: recorded[k] for k in MASK_CHOOSERS if k in recorded}
+    try:
+        return replace(opts, target=held, **chosen)  # type: ignore[arg-type]
+    except (TypeError, InputError) as e:
+        raise ArtifactError(f"--masks: the options recorded in the masks file are invalid ({e})") from None
+
+
+def check_plan(
+    opts: PruneOptions, shapes: list[dict[str, int]], parts: list[str], masks: list[BlockMasks] | None,
+) -> None:
+    """What plan_masks/apply_masks would refuse, checked from shapes alone, before any expensive work."""
+    nblocks = len(shapes)
+    bad = [i for i in opts.block_overrides if not (isinstance(i, int) and 0 <= i < nblocks)]
+    if bad:
+        raise InputError(f"per-block overrides name block(s) {bad}, but the model has blocks 0..{nblocks - 1}")
+    for i, shape in enumerate(shapes):
+        try:
+            o = opts.for_block(i)  # validates the block's overrides (sparsity range, floors)
+        except TypeError as e:
+            raise InputError(f"block {i} override has a value of the wrong type ({e})") from None
+        if masks is not None:
+            for part, kept in (("mlp", masks[i].mlp), ("attn", masks[i].attn)):
+                if kept is not None and part not in parts:
+                    raise InputError(f"--masks prune block {i}'s {part}, but the statistics have no {part} sums")
+            continue
+        if o.prune_mlp and o.mlp_sparsity > 0:
+            if "mlp" not in parts:
+                raise InputError("these statistics have no MLP sums; recalibrate with --parts mlp,attn")
+            if o.min_keep > shape["mlp_hidden"]:
+                raise InputError(f"block {i}: --min-keep {o.min_keep} exceeds its {shape['mlp_hidden']} MLP units")
+        if o.prune_attn and o.attn_sparsity > 0:
+            if "attn" not in parts:
+                raise InputError("these statistics have no attention sums; recalibrate with --parts mlp,attn or use --target mlp")
+            if o.min_qk_dim > shape["head_dim"]:
+                raise InputError(f"block {i}: --min-qk-dim {o.min_qk_dim} exceeds the head dim {shape['head_dim']}")
+
+
+def check_masks_for(masks_path: Path, mmeta: dict[str, Any], identity: ModelIdentity, shapes: list[dict[str, int]], what: str) -> None:
+    if mmeta["model"] != identity.to_dict():
+        raise ArtifactError(f"--masks {masks_path} were made for {mmeta['model']}, not the {what} {identity.to_dict()}")
+    if mmeta["block_shapes"] != shapes:
+        raise ArtifactError(f"--masks {masks_path} were made for a model with different block shapes than the {what}")

@@ -380,14 +380,14 @@ def weighted_trace(w: Tensor, r: Tensor) -> float:
     return float(torch.einsum("oi,ij,oj->", w, r.to(ACC_DTYPE), w))
 
 
-def fold_mlp(
-    w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
-    keep: Tensor, prune: Tensor, sol: RidgeSolution | None,
-) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
-    """Narrow fc1 to S and fold the compensation into fc2 (W2' = W2_S + W2_P B, b2' = b2 + W2_P c)."""
+def fold_mlp_output(
+    w2: Tensor, b2: Tensor | None, keep: Tensor, prune: Tensor, sol: RidgeSolution | None,
+) -> tuple[Tensor, Tensor | None]:
+    """The output projection over the kept units, with the compensation folded in.
+
+    W2' = W2_S + W2_P B, b2' = b2 + W2_P c; without a solution, W2_S and b2 as they were.
+    """
     dtype = w2.dtype
-    w1n = w1[keep].clone()
-    b1n = b1[keep].clone() if b1 is not None else None
     w2a = w2.to(ACC_DTYPE)
     w2n = w2a[:, keep]
     b2n = b2.to(ACC_DTYPE).clone() if b2 is not None else None
@@ -396,7 +396,17 @@ def fold_mlp(
         w2n = w2n + w2p @ sol.b
         shift = w2p @ sol.c
         b2n = shift if b2n is None else b2n + shift
-    return w1n, b1n, w2n.to(dtype), (b2n.to(dtype) if b2n is not None else None)
+    return w2n.to(dtype), (b2n.to(dtype) if b2n is not None else None)
+
+
+def fold_mlp(
+    w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
+    keep: Tensor, prune: Tensor, sol: RidgeSolution | None,
+) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
+    """Narrow fc1 to S and fold the compensation into fc2 (see fold_mlp_output)."""
+    w1n = w1[keep].clone()
+    b1n = b1[keep].clone() if b1 is not None else None
+    return (w1n, b1n, *fold_mlp_output(w2, b2, keep, prune, sol))
 
 
 # --------------------------------------------------------------------------------------

@@ -1,9 +1,11 @@
-"""Accuracy and fidelity of a (pruned) classifier: top-k against labels, agreement with a reference.
+"""Accuracy and fidelity of a (pruned) model of any family: top-k against labels, agreement with a reference.
 
-Fidelity compares two models on the *same input tensors*: top-1 agreement, mean
-KL(reference || model) of the softmax outputs, and the cosine similarity of the final
-pooled features (`forward_head(forward_features(x), pre_logits=True)`), i.e. what the
-classifier sees. Sums are accumulated in float64 so the result does not depend on batching.
+Fidelity compares two models on the *same inputs*. On the pooled feature every family
+defines (a timm ViT's pre-logits feature, a sentence embedding, a CLS state): mean and
+min cosine, and nearest-neighbour agreement (is each item's nearest other item the same
+under both models, i.e. does retrieval survive). With classifier logits on both sides:
+top-1 agreement and mean KL(reference || model). Sums are accumulated in float64 so the
+result does not depend on batching.
 """
 
 from __future__ import annotations
@@ -16,10 +18,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from corp_cli.data import ImageSource
 from corp_cli.errors import InputError
+from corp_cli.family import Batch, Loaded, Outputs
 from corp_cli.labels import synset_to_imagenet_index
 
 log = logging.getLogger(__name__)
@@ -29,22 +31,12 @@ IMAGENET_CLASSES = 1000
 
 
 @dataclass
-class Outputs:
-    logits: Tensor  # (B, classes)
-    features: Tensor  # (B, D) pooled pre-logits features
-
-
-def forward_outputs(model: nn.Module, x: Tensor) -> Outputs:
-    """Logits and pooled pre-logits features from one pass through the trunk."""
-    feats = model.forward_features(x)
-    pooled = model.forward_head(feats, pre_logits=True)
-    logits = model.forward_head(feats)
-    return Outputs(logits=logits, features=pooled)
-
-
-@dataclass
 class Accumulator:
-    """Running sums for top-k accuracy and fidelity; `result()` turns them into means."""
+    """Running sums for top-k accuracy and fidelity; `result()` turns them into means.
+
+    Features of both models are kept (float32, on the CPU) for nearest-neighbour agreement,
+    which needs the whole evaluation set.
+    """
 
     num_classes: int
     topk: tuple[int, ...] = TOPK
@@ -53,17 +45,20 @@ class Accumulator:
     correct: dict[int, int] = field(default_factory=dict)
     ref_correct: dict[int, int] = field(default_factory=dict)
     compared: int = 0
+    logits_compared: int = 0
     agree: int = 0
     kl_sum: float = 0.0
     kl_max: float = 0.0
     cos_sum: float = 0.0
     cos_min: float = 1.0
+    feats: list[Tensor] = field(default_factory=list)
+    ref_feats: list[Tensor] = field(default_factory=list)
 
     def update(self, out: Outputs, labels: Tensor | None, ref: Outputs | None = None) -> None:
-        self.samples += out.logits.shape[0]
-        if labels is not None:
+        self.samples += out.features.shape[0]
+        if labels is not None and out.logits is not None:
             self._update_topk(self.correct, out.logits, labels)
-            if ref is not None:
+            if ref is not None and ref.logits is not None:
                 self._update_topk(self.ref_correct, ref.logits, labels)
         if ref is not None:
             self._update_fidelity(out, ref)
@@ -88,21 +83,26 @@ class Accumulator:
             self.labelled += int(have.sum())
 
     def _update_fidelity(self, out: Outputs, ref: Outputs) -> None:
-        a, b = ref.logits.double(), out.logits.double()
-        if a.shape != b.shape:
-            raise InputError(f"model and reference disagree on the number of classes ({b.shape[1]} vs {a.shape[1]})")
-        self.compared += a.shape[0]
-        self.agree += int((a.argmax(1) == b.argmax(1)).sum())
-        la, lb = F.log_softmax(a, dim=1), F.log_softmax(b, dim=1)
-        kl = (la.exp() * (la - lb)).sum(1)
-        self.kl_sum += float(kl.sum())
-        self.kl_max = max(self.kl_max, float(kl.max()))
+        n = out.features.shape[0]
+        self.compared += n
+        if out.logits is not None and ref.logits is not None:
+            a, b = ref.logits.double(), out.logits.double()
+            if a.shape != b.shape:
+                raise InputError(f"model and reference disagree on the number of classes ({b.shape[1]} vs {a.shape[1]})")
+            self.logits_compared += n
+            self.agree += int((a.argmax(1) == b.argmax(1)).sum())
+            la, lb = F.log_softmax(a, dim=1), F.log_softmax(b, dim=1)
+            kl = (la.exp() * (la - lb)).sum(1)
+            self.kl_sum += float(kl.sum())
+            self.kl_max = max(self.kl_max, float(kl.max()))
         fa, fb = ref.features.double(), out.features.double()
         if fa.shape != fb.shape:
             raise InputError(f"model and reference features differ in shape ({tuple(fb.shape)} vs {tuple(fa.shape)})")
         cos = F.cosine_similarity(fa, fb, dim=1, eps=1e-30)
         self.cos_sum += float(cos.sum())
         self.cos_min = min(self.cos_min, float(cos.min()))
+        self.feats.append(out.features.float().cpu())
+        self.ref_feats.append(ref.features.float().cpu())
 
     def result(self) -> dict[str, Any]:
         res: dict[str, Any] = {"samples": self.samples}
@@ -115,18 +115,35 @@ class Accumulator:
                 res["reference_accuracy"] = {f"top{k}": self.ref_correct.get(k, 0) / self.labelled for k in self.topk}
         if self.compared:
             n = self.compared
-            res["fidelity"] = {
-                "compared": n,
-                "top1_agreement": self.agree / n,
-                "kl_mean": self.kl_sum / n,
-                "kl_max": self.kl_max,
-                "feature_cosine_mean": self.cos_sum / n,
-                "feature_cosine_min": self.cos_min,
-            }
+            fid: dict[str, Any] = {"compared": n}
+            if self.logits_compared:
+                m = self.logits_compared
+                fid.update({"top1_agreement": self.agree / m, "kl_mean": self.kl_sum / m, "kl_max": self.kl_max})
+            fid.update({"feature_cosine_mean": self.cos_sum / n, "feature_cosine_min": self.cos_min})
+            if n >= 3:
+                fid["nn_agreement"] = nn_agreement(torch.cat(self.feats), torch.cat(self.ref_feats))
+            res["fidelity"] = fid
         return res
 
 
-def label_remap(source: ImageSource, num_classes: int, class_names: Sequence[str] | None) -> Tensor | None:
+def nearest_neighbours(emb: Tensor, chunk: int = 4096) -> Tensor:
+    """Index of each row's most cosine-similar other row (in row chunks: memory stays O(chunk * N))."""
+    e = F.normalize(emb.double(), dim=-1)
+    out = torch.empty(e.shape[0], dtype=torch.int64)
+    for start in range(0, e.shape[0], chunk):
+        sim = e[start:start + chunk] @ e.T
+        rows = torch.arange(sim.shape[0])
+        sim[rows, rows + start] = -float("inf")
+        out[start:start + chunk] = sim.argmax(1)
+    return out
+
+
+def nn_agreement(feats: Tensor, ref: Tensor) -> float:
+    """How often an item's nearest other item is the same under the model as under the reference."""
+    return float((nearest_neighbours(feats) == nearest_neighbours(ref)).double().mean())
+
+
+def label_remap(source: Any, num_classes: int, class_names: Sequence[str] | None) -> Tensor | None:
     """A dataset-label -> model-class lookup table, or None when the labels are already model indices.
 
     Folder sources are mapped by data.py already (synsets via timm's ImageNet list). A
@@ -155,7 +172,7 @@ def label_remap(source: ImageSource, num_classes: int, class_names: Sequence[str
     return None
 
 
-def hf_label_names(source: ImageSource) -> list[str] | None:
+def hf_label_names(source: Any) -> list[str] | None:
     # data.py keeps the streamed dataset private; its ClassLabel names are what we need.
     ds = getattr(source, "_ds", None)
     col = getattr(source, "_label_col", None)
@@ -174,36 +191,35 @@ class EvalRun:
 
 
 def evaluate(
-    model: nn.Module,
-    batches: Iterable[tuple[Tensor, Tensor | None]],
+    loaded: Loaded,
+    batches: Iterable[tuple[Batch, Tensor | None]],
     *,
-    reference: nn.Module | None = None,
+    reference: Loaded | None = None,
     reference_outputs: Sequence[Outputs] | None = None,
     remap: Tensor | None = None,
     device: torch.device | str = "cpu",
     on_batch: Callable[[int], None] | None = None,
     keep_outputs: list[Outputs] | None = None,
 ) -> EvalRun:
-    """Score `model` on `batches` (labels, fidelity to `reference`, or to precomputed reference outputs).
+    """Score `loaded` on `batches` (labels, fidelity to `reference`, or to precomputed reference outputs).
 
     `keep_outputs`, when given, receives the model's CPU outputs per batch: a sweep
     computes the dense reference once and replays it with `reference_outputs`.
     """
     if reference is not None and reference_outputs is not None:
         raise ValueError("give reference or reference_outputs, not both")
-    num_classes = int(getattr(model, "num_classes", 0))
-    acc = Accumulator(num_classes=num_classes)
+    acc = Accumulator(num_classes=loaded.identity.num_classes if loaded.family.has_classifier(loaded.model) else 0)
     t0 = time.perf_counter()
     model_s = 0.0
     with torch.inference_mode():
-        for i, (x, labels) in enumerate(batches):
-            x = x.to(device, non_blocking=True)
+        for i, (batch, labels) in enumerate(batches):
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             if labels is not None and remap is not None:
                 known = labels >= 0
                 labels = torch.where(known, remap[labels.clamp(min=0)], labels)
             t = time.perf_counter()
-            out = _cpu(forward_outputs(model, x))
-            ref = _cpu(forward_outputs(reference, x)) if reference is not None else None
+            out = _cpu(loaded.family.outputs(loaded, batch))
+            ref = _cpu(reference.family.outputs(reference, batch)) if reference is not None else None
             model_s += time.perf_counter() - t
             if reference_outputs is not None:
                 if i >= len(reference_outputs):
@@ -213,10 +229,10 @@ def evaluate(
             if keep_outputs is not None:
                 keep_outputs.append(out)
             if on_batch is not None:
-                on_batch(x.shape[0])
+                on_batch(int(out.features.shape[0]))
     seconds = time.perf_counter() - t0
     return EvalRun(acc.result(), seconds, model_s)
 
 
 def _cpu(o: Outputs) -> Outputs:
-    return Outputs(o.logits.float().cpu(), o.features.float().cpu())
+    return Outputs(o.logits.float().cpu() if o.logits is not None else None, o.features.float().cpu())

@@ -4,12 +4,12 @@ The model is rebuilt from its checkpoint (load_pruned), traced once, saved atomi
 then reloaded from the temporary file and checked against the eager model before it is
 renamed into place: a file under the final name always loads and matches.
 
-What is traced is described by an ExportSpec: the module (the timm ViT itself, or a
-wrapper around a Hugging Face encoder that returns plain tensors), its named inputs and
+What is traced is described by an ExportSpec, which the model's family builds: the module
+(the model itself, or a wrapper that returns plain tensors), its named inputs and
 outputs, and which of their dimensions are symbolic. timm ViTs take `image` and return
 `logits`; HF text encoders take `input_ids` + `attention_mask` (batch and sequence
 dynamic) and return `last_hidden_state` + `sentence_embedding`; HF ViT/DeiT take
-`pixel_values` (see corp_cli.hf.export).
+`pixel_values`.
 
 What the exported file is travels with it: in ONNX `metadata_props` (key "corp", one
 JSON object), and for the .pt2 archive, which has no free-form metadata, in a sidecar
@@ -41,9 +41,8 @@ from corp_cli.artifacts import (
     sha256_file,
     write_json_atomic,
 )
-from corp_cli.compact import MODEL_FILE, load_pruned, read_pruned
+from corp_cli.compact import MODEL_FILE, load_pruned_loaded, read_pruned
 from corp_cli.errors import InputError, NumericalError
-from corp_cli.hf import is_hf_family
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +50,6 @@ ExportFormat = Literal["torch-export", "onnx"]
 FORMATS: tuple[str, ...] = ("torch-export", "onnx")
 SUFFIX = {"torch-export": ".pt2", "onnx": ".onnx"}
 ONNX_INSTALL_HINT = "pip install 'corp-cli[onnx]'"
-INPUT_NAME = "image"
-OUTPUT_NAME = "logits"
 BATCH = "batch"
 SEQUENCE = "sequence"
 # opset 18 is the oldest the dynamo exporter targets natively and is widely supported by runtimes.
@@ -152,33 +149,21 @@ def as_outputs(out: Tensor | Sequence[Tensor]) -> tuple[Tensor, ...]:
     return (out,) if isinstance(out, Tensor) else tuple(out)
 
 
-def input_shape_of(model: nn.Module) -> tuple[int, int, int]:
-    """(C, H, W) the model accepts: timm ViTs check the patch-embed size strictly."""
-    pe = model.patch_embed
-    h, w = (int(s) for s in pe.img_size)
-    return int(pe.proj.in_channels), h, w
-
-
-def timm_spec(model: nn.Module) -> ExportSpec:
-    c, h, w = input_shape_of(model)
+def image_spec(module: nn.Module, chw: tuple[int, int, int], input_name: str, output_name: str,
+               description: str) -> ExportSpec:
+    """One image tensor in (dynamic batch), one tensor out."""
+    c, h, w = chw
 
     def make(batch: int, _seq: int | None, gen: torch.Generator) -> tuple[Tensor, ...]:
         return (torch.randn(batch, c, h, w, generator=gen),)
 
     return ExportSpec(
-        module=model, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+        module=module.eval(), input_names=[input_name], output_names=[output_name],
         input_dims=[{0: BATCH}], output_dims=[{0: BATCH}], dim_bounds={BATCH: (1, MAX_DYNAMIC_BATCH)},
-        make_inputs=make, load_hint="torch.export.load(path).module()(image) -> logits",
+        make_inputs=make, load_hint=f"torch.export.load(path).module()({input_name}) -> {output_name}",
         input_info=[{"description": "normalised images; see preprocessing"}],
+        output_info=[{"description": description}],
     )
-
-
-def export_spec(model: nn.Module, meta: dict[str, Any], ckpt: Path) -> ExportSpec:
-    if is_hf_family(meta.get("architecture", {}).get("family")):
-        from corp_cli.hf.export import hf_export_spec
-
-        return hf_export_spec(model, meta, ckpt.parent)
-    return timm_spec(model)
 
 
 def export_model(
@@ -213,9 +198,9 @@ def export_model(
         check_out_file(metadata_path_for(out_path), overwrite=overwrite)
 
     _, meta = read_pruned(src)
-    model = load_pruned(src)
+    loaded = load_pruned_loaded(src)
     ckpt = src / MODEL_FILE if src.is_dir() else src
-    spec = export_spec(model, meta, ckpt)
+    spec = loaded.family.export_spec(loaded, meta, ckpt.parent)
     info = _export_info(meta, ckpt, fmt, spec)
     if fmt == "torch-export":
         result = _export_torch(spec, out_path, dynamic_batch, batch_size, verify, info)

@@ -9,6 +9,7 @@ import os
 import socket
 import threading
 from collections.abc import Iterator
+from typing import Any
 from urllib.parse import urlparse
 
 log = logging.getLogger(__name__)
@@ -77,3 +78,19 @@ def offline_from_env() -> Iterator[None]:
     finally:
         for (m, a), v in zip(targets, saved):
             setattr(m, a, v)
+
+
+def transformers_module() -> Any:
+    """`transformers`, imported on first use (an optional dependency), with its own chatter off."""
+    try:
+        import transformers
+    except ImportError:
+        from corp_cli.errors import InputError
+
+        raise InputError(
+            "Hugging Face models and tokenizers need the optional `transformers` dependency: pip install 'corp-cli[hf]'"
+        ) from None
+    # its load reports and progress bars would clutter corp's own output (stdout is for results)
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    return transformers

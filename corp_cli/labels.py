@@ -7,9 +7,11 @@ ImageNet-1k heads; there is deliberately no hand-copied class table here.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import re
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from corp_cli.errors import InputError
 
@@ -59,3 +61,17 @@ def folder_label_map(folder_names: Iterable[str], class_names: Sequence[str] | N
     )
     log.warning("%s; labelling the %d folders 0..K-1 in sorted order (ImageFolder convention)", kind, len(names))
     return {n: i for i, n in enumerate(names)}
+
+
+def parse_classes(raw: Any) -> list[str] | None:
+    """Class names from checkpoint metadata: a list, or (safetensors metadata is str->str) its JSON text."""
+    if raw is None:
+        return None
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError:
+            raise InputError(f"checkpoint metadata 'classes' is not JSON: {raw[:80]!r}") from None
+    if not isinstance(raw, list) or not all(isinstance(c, str) for c in raw):
+        raise InputError("checkpoint metadata 'classes' must be a list of class names")
+    return list(raw)

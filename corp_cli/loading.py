@@ -1,7 +1,7 @@
-"""Load whatever a user names as a model: a timm name (+ local checkpoint) or a `corp prune` output.
+"""Load whatever a user names as a model: a dense model of any family, or a `corp prune` output.
 
-Commands that only *use* a model (evaluate, benchmark) go through `load_any`, so a pruned
-directory and a dense model are interchangeable everywhere downstream.
+Commands resolve the model once, here, and never branch on its family afterwards: a
+pruned directory and a dense model are interchangeable everywhere downstream.
 """
 
 from __future__ import annotations
@@ -9,120 +9,120 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from corp_cli.compact import MODEL_FILE, load_pruned, read_pruned
+from corp_cli.artifacts import META_KEY
+from corp_cli.devices import resolve_device
 from corp_cli.errors import InputError
-from corp_cli.models import load_dense, resolve_device
-from corp_cli.hf import refuse_hf
-from corp_cli.preprocess import Preprocessing, resolve_preprocessing
+from corp_cli.family import Loaded, ModelFamily, ModelOptions
+from corp_cli.registry import check_options, resolve
 
 log = logging.getLogger(__name__)
 
+MODEL_FILE = "model.safetensors"
 
-def is_pruned_path(model_or_dir: str | Path) -> bool:
-    """A path on disk (a corp output dir or its model.safetensors), as opposed to a timm name."""
-    p = Path(model_or_dir).expanduser()
+
+def _corp_model_meta(path: Path) -> dict[str, Any] | None:
+    """The corp metadata of a model checkpoint, read from the header only; None if it is not one."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as h:
+            meta = json.loads((h.metadata() or {}).get(META_KEY, "null"))
+    except Exception:  # noqa: BLE001 - unreadable files are reported by whoever reads them for real
+        return None
+    return meta if isinstance(meta, dict) and meta.get("kind") == "model" else None
+
+
+def is_pruned_path(spec: str | Path) -> bool:
+    """A corp output dir or checkpoint (as opposed to a model name or a dense model folder)."""
+    p = Path(spec).expanduser()
+    ckpt = p / MODEL_FILE if p.is_dir() else p
+    if ckpt.is_file() and ckpt.suffix == ".safetensors" and _corp_model_meta(ckpt) is not None:
+        return True
+    if p.is_dir() and (p / "config.json").is_file():
+        return False  # a dense Hugging Face folder
+    # anything else on disk is read as a corp output, so its own errors are the ones reported
     return p.is_dir() or (p.is_file() and p.suffix == ".safetensors")
 
 
-def parse_classes(raw: Any) -> list[str] | None:
-    """Class names from checkpoint metadata: a list, or (safetensors metadata is str->str) its JSON text."""
-    if raw is None:
-        return None
-    if isinstance(raw, str):
-        try:
-            raw = json.loads(raw)
-        except json.JSONDecodeError:
-            raise InputError(f"checkpoint metadata 'classes' is not JSON: {raw[:80]!r}") from None
-    if not isinstance(raw, list) or not all(isinstance(c, str) for c in raw):
-        raise InputError("checkpoint metadata 'classes' must be a list of class names")
-    return list(raw)
+def readable(path: Path, what: str) -> Path:
+    """The file exists and can be read (os.access says yes to root for anything; opening is the real test)."""
+    if not path.is_file():
+        raise InputError(f"{what} {path} does not exist or is not a file")
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as e:
+        raise InputError(f"{what} {path} cannot be read ({e.strerror or e})") from None
+    return path
 
 
-def load_any(
-    model_or_dir: str | Path,
-    checkpoint: Path | None,
-    num_classes: int | None,
-    device: str | torch.device,
-    *,
-    pretrained_cfg: Path | None = None,
-    overrides: Mapping[str, Any] | None = None,
-    command: str = "benchmark",
-) -> tuple[nn.Module, dict[str, Any], Preprocessing]:
-    """(model in eval mode on `device`, a JSON-able description, its eval preprocessing).
+def resolve_model(spec: str, options: ModelOptions) -> tuple[ModelFamily, str]:
+    """The family and full name of a dense model spec, with every cheap check done: fail in seconds, not minutes."""
+    fam, name = resolve(spec)
+    check_options(fam, options)
+    if options.checkpoint is not None:
+        readable(Path(options.checkpoint), "checkpoint")
+    if options.pretrained_cfg is not None:
+        readable(Path(options.pretrained_cfg), "--pretrained-cfg")
+    fam.check(name, options)
+    return fam, name
 
-    A pruned DIR brings its own architecture, preprocessing and class names in its
-    metadata; `checkpoint`/`num_classes` only make sense for a timm name.
+
+def load_dense(spec: str | Path, options: ModelOptions | None = None, device: str | torch.device = "cpu") -> Loaded:
+    options = options or ModelOptions()
+    fam, name = resolve_model(str(spec), options)
+    return fam.load(name, options, resolve_device(device))
+
+
+def load_any(spec: str | Path, options: ModelOptions | None = None, device: str | torch.device = "cpu") -> Loaded:
+    """A dense model (name, folder, hub id) or a pruned corp output, in eval mode on `device`.
+
+    A pruned model brings its own architecture, preprocessing and class names; of the model
+    options only preprocessing overrides apply to it (explicit flags win over the record).
     """
-    dev = device if isinstance(device, torch.device) else resolve_device(device)
-    refuse_hf(command, model_or_dir)
-    if is_pruned_path(model_or_dir):
-        if checkpoint is not None:
-            raise InputError(f"{model_or_dir} is a pruned model; --checkpoint applies only to a timm model name")
-        if num_classes is not None:
-            raise InputError(f"{model_or_dir} is a pruned model; its classifier size is fixed, drop --num-classes")
-        return _load_pruned_dir(Path(model_or_dir).expanduser(), dev, pretrained_cfg, overrides, command)
-    loaded = load_dense(str(model_or_dir), checkpoint=checkpoint, num_classes=num_classes, device=dev)
-    prep = resolve_preprocessing(
-        loaded.model, checkpoint_meta=loaded.checkpoint_meta, pretrained_cfg_path=pretrained_cfg, overrides=overrides
-    )
-    desc = {
-        "kind": "dense",
+    options = options or ModelOptions()
+    dev = resolve_device(device)
+    if not is_pruned_path(spec):
+        return load_dense(str(spec), options, dev)
+    for name, why in (("checkpoint", "--checkpoint applies only to a dense model name"),
+                      ("num_classes", "its classifier size is fixed, drop --num-classes"),
+                      ("model_args", "its architecture is fixed by the checkpoint, drop --model-arg")):
+        if name in options.given():
+            raise InputError(f"{spec} is a pruned model; {why}")
+    from corp_cli.compact import load_pruned_loaded
+
+    loaded = load_pruned_loaded(Path(spec).expanduser(), device=dev)
+    check_options(loaded.family, dataclasses.replace(options, checkpoint=None, num_classes=None))
+    if options.pretrained_cfg is not None or any(v is not None for v in options.preprocessing.values()):
+        from corp_cli.preprocess import override_preprocessing
+
+        loaded.preprocessing = override_preprocessing(loaded.model, loaded.preprocessing, options)
+    log.info("loaded pruned %s from %s", loaded.identity.name, spec)
+    return loaded
+
+
+def describe(loaded: Loaded, spec: str | Path, *, pruned: bool) -> dict[str, Any]:
+    """The JSON-able description of a loaded model that reports carry."""
+    desc: dict[str, Any] = {
+        "kind": "pruned" if pruned else "dense",
         "name": loaded.identity.name,
-        "path": str(checkpoint) if checkpoint is not None else None,
-        "identity": loaded.identity.to_dict(),
+        "spec": str(spec),
+        "family": loaded.family.name,
+        "identity": None if pruned else loaded.identity.to_dict(),
         "base": loaded.identity.to_dict(),
         "num_classes": loaded.identity.num_classes,
-        "classes": parse_classes(loaded.checkpoint_meta.get("classes")),
-        "preprocessing": prep.to_dict(),
+        "classes": loaded.classes,
+        "preprocessing": loaded.preprocessing.to_dict(),
     }
-    return loaded.model, desc, prep
-
-
-def _load_pruned_dir(
-    path: Path, dev: torch.device, pretrained_cfg: Path | None, overrides: Mapping[str, Any] | None, command: str
-) -> tuple[nn.Module, dict[str, Any], Preprocessing]:
-    _, meta = read_pruned(path)  # validates kind/format before building anything
-    refuse_hf(command, path, meta.get("architecture", {}).get("family"))
-    model = load_pruned(path, device=dev)
-    if "preprocessing" not in meta:
-        raise InputError(f"{path}: pruned model metadata has no preprocessing record")
-    prep = Preprocessing.from_dict(meta["preprocessing"])
-    if pretrained_cfg is not None or overrides:
-        # The recorded preprocessing plays the role of the checkpoint layer; explicit flags still win.
-        prep = resolve_preprocessing(
-            model, checkpoint_meta={"preprocessing": json.dumps(_fields_only(prep))},
-            pretrained_cfg_path=pretrained_cfg, overrides=overrides,
-        )
-    base = meta.get("base") or {}
-    arch = meta["architecture"]
-    desc = {
-        "kind": "pruned",
-        "name": arch["base_model"],
-        "path": str(path / MODEL_FILE if path.is_dir() else path),
-        "identity": None,
-        "base": base,
-        "num_classes": int(getattr(model, "num_classes", 0)),
-        "classes": parse_classes(meta.get("classes")),
-        "options": meta.get("options"),
-        "stats": meta.get("stats"),
-        "architecture": arch,
-        "preprocessing": prep.to_dict(),
-    }
-    log.info("loaded pruned %s from %s", arch["base_model"], path)
-    return model, desc, prep
-
-
-def _fields_only(prep: Preprocessing) -> dict[str, Any]:
-    return {k: v for k, v in prep.to_dict().items() if k != "source"}
-
-
-def same_preprocessing(a: Preprocessing, b: Preprocessing) -> bool:
-    """Equal in everything that changes the pixels (the provenance string does not)."""
-    return dataclasses.replace(a, source="") == dataclasses.replace(b, source="")
+    if pruned:
+        p = Path(spec).expanduser()
+        meta = _corp_model_meta(p / MODEL_FILE if p.is_dir() else p) or {}
+        arch = meta.get("architecture") or {}
+        desc.update({"path": str(Path(spec).expanduser()), "options": meta.get("options"), "stats": meta.get("stats"),
+                     "architecture": arch, "source": arch.get("source")})
+    return desc

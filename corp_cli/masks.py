@@ -12,8 +12,8 @@ from torch import Tensor
 from corp_cli import __version__
 from corp_cli.artifacts import FORMAT_VERSION, read_safetensors, save_safetensors_atomic
 from corp_cli.errors import ArtifactError
-from corp_cli.models import ModelIdentity
-from corp_cli.prune import BlockMasks
+from corp_cli.family import ModelIdentity
+from corp_cli.pruning import BlockMasks
 
 KIND = "masks"
 _KEY = re.compile(r"blocks\.(0|[1-9][0-9]{0,5})\.(mlp|attn)\.keep")  # ASCII digits only: int() must parse it

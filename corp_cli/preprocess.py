@@ -14,7 +14,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar, Iterator
 
 from timm.models import PretrainedCfg
 from torch import nn
@@ -43,6 +43,8 @@ class Preprocessing:
     crop_mode: str
     source: str
 
+    kind: ClassVar[str] = "image"
+
     def __post_init__(self) -> None:
         # Validate once here so every construction path (from_dict, resolve) is covered.
         _check_fields(dataclasses.asdict(self), where="preprocessing")
@@ -64,6 +66,13 @@ class Preprocessing:
             raise InputError(f"preprocessing: missing key(s) {missing}")
         fields = _normalise(dict(data), where="preprocessing")
         return cls(**fields, source=str(data["source"]))
+
+    def batches(self, source: Any, batch_size: int, workers: int = 0) -> Iterator[tuple[dict[str, Any], Any]]:
+        """({"pixel_values": images}, labels or None) per batch, in source order."""
+        from corp_cli.data import make_batches
+
+        for x, labels in make_batches(source, self.transform(), batch_size, workers):
+            yield {"pixel_values": x}, labels
 
     def transform(self) -> Callable[[Any], Any]:
         from timm.data import create_transform
@@ -274,3 +283,19 @@ def _is_pos_int(v: Any) -> bool:
 
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def preprocessing_from_dict(d: Mapping[str, Any], tokenizer_dir: Path | None = None) -> Any:
+    """The preprocessing record of an artifact: text (kind 'text') or image."""
+    if isinstance(d, Mapping) and d.get("kind") == "text":
+        from corp_cli.text import TextPreprocessing
+
+        return TextPreprocessing.from_dict(dict(d), tokenizer_dir)
+    return Preprocessing.from_dict(d)
+
+
+def override_preprocessing(model: nn.Module, recorded: Preprocessing, options: Any) -> Preprocessing:
+    """A pruned model's recorded preprocessing, with explicit --pretrained-cfg / flags winning over it."""
+    fields = {k: v for k, v in recorded.to_dict().items() if k != "source"}
+    return resolve_preprocessing(model, checkpoint_meta={"preprocessing": json.dumps(fields)},
+                                 pretrained_cfg_path=options.pretrained_cfg, overrides=options.preprocessing)

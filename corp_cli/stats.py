@@ -12,7 +12,7 @@ from torch import Tensor
 from corp_cli import __version__, engine
 from corp_cli.artifacts import FORMAT_VERSION, read_safetensors, save_safetensors_atomic, sha256_file
 from corp_cli.errors import ArtifactError
-from corp_cli.models import ModelIdentity
+from corp_cli.family import ModelIdentity
 
 KIND = "stats"
 
@@ -269,6 +269,18 @@ def check_block_shapes(stats: Statistics, shapes: list[dict[str, int]]) -> None:
         raise ArtifactError(
             f"statistics {stats.path} record block shapes that differ from the model {stats.identity.name}'s; "
             "recalibrate with this model"
+        )
+
+
+def check_preprocessing(stats: Statistics, preprocessing: dict[str, Any]) -> None:
+    """The preprocessing flags of a run that reuses statistics must be the ones the statistics were made with."""
+    def fields(d: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in d.items() if k != "source"}
+
+    if fields(stats.meta["preprocessing"]) != fields(preprocessing):
+        raise ArtifactError(
+            f"statistics {stats.path} were calibrated with preprocessing {fields(stats.meta['preprocessing'])}, but the "
+            f"preprocessing options given make it {fields(preprocessing)}; drop them or recalibrate with them"
         )
 
 

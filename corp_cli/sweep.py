@@ -2,8 +2,9 @@
 
 Each point prunes a fresh deep copy of the already-loaded dense model; the dense model's
 outputs on the evaluation set are computed once (by the first call of the Measure) and
-replayed as the fidelity reference. What is measured is the Measure's business: timm
-classifiers here, Hugging Face encoders in corp_cli.hf.sweep.
+replayed as the fidelity reference. Classifiers are scored on top-1 (labelled data) or
+top-1 agreement with the dense model; models without a classifier (backbones, text
+encoders) on the cosine of their pooled feature to the dense model's.
 """
 
 from __future__ import annotations
@@ -19,13 +20,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from corp_cli.data import ImageSource, make_batches
 from corp_cli.errors import InputError
-from corp_cli.evaluate import Outputs, evaluate
+from corp_cli.evaluate import evaluate
+from corp_cli.family import Batch, Loaded, Outputs
 from corp_cli.flops import model_counts
-from corp_cli.prune import PruneOptions, apply_masks, plan_masks
+from corp_cli.pruning import PruneOptions, apply_masks, plan_masks
 from corp_cli.stats import Statistics
 
 log = logging.getLogger(__name__)
@@ -33,17 +34,17 @@ log = logging.getLogger(__name__)
 ARMS = (("corp", True), ("no-compensation", False))
 CSV_COLUMNS = (
     "sparsity", "arm", "compensated", "metric", "value", "top1", "top5", "top1_agreement", "kl_mean",
-    "feature_cosine_mean", "cosine_mean", "nn_agreement", "params", "tokens", "flops_per_item", "flops_reduction",
+    "feature_cosine_mean", "nn_agreement", "params", "tokens", "flops_per_item", "flops_reduction",
     "seconds",
 )
 # What each metric is, for plots and tables; fractions are shown as percentages.
 METRIC_LABELS = {
     "top1": "top-1 accuracy (%)",
     "top1_agreement": "top-1 agreement with dense (%)",
-    "cosine_mean": "embedding cosine to dense (mean)",
+    "feature_cosine_mean": "feature cosine to dense (mean)",
 }
 PERCENT_METRICS = ("top1", "top1_agreement")
-Batches = Iterable[tuple[Tensor, Tensor | None]]
+Batches = Iterable[tuple[Batch, Tensor | None]]
 
 
 def parse_sparsities(text: str) -> list[float]:
@@ -72,27 +73,26 @@ def parse_sparsities(text: str) -> list[float]:
 
 
 def batch_provider(
-    source: ImageSource, transform: Callable[[Any], Tensor], batch_size: int, workers: int, cache_bytes: int,
-    input_size: tuple[int, int, int],
+    prep: Any, source: Any, batch_size: int, workers: int, cache_bytes: int,
 ) -> Callable[[], Batches]:
     """A function giving the evaluation batches again and again, decoded once when they fit in memory."""
-    per_image = 4 * input_size[0] * input_size[1] * input_size[2]
+    per_item = 4 * math.prod(prep.input_size) if prep.kind == "image" else 3 * 8 * prep.max_length
     n = source.num_items
-    if n is None or n * per_image > cache_bytes:
-        log.info("evaluation set not cached (%s images); decoding it for every point", n)
-        return lambda: make_batches(source, transform, batch_size, workers)
-    cache: list[tuple[Tensor, Tensor | None]] = []
+    if n is None or n * per_item > cache_bytes:
+        log.info("evaluation set not cached (%s items); decoding it for every point", n)
+        return lambda: prep.batches(source, batch_size, workers)
+    cache: list[tuple[Batch, Tensor | None]] = []
     done = [False]
 
     def get() -> Batches:
         if done[0]:
             return cache
-        return _filling(cache, done, make_batches(source, transform, batch_size, workers))
+        return _filling(cache, done, prep.batches(source, batch_size, workers))
 
     return get
 
 
-def _filling(cache: list[tuple[Tensor, Tensor | None]], done: list[bool], it: Iterator[Any]) -> Iterator[Any]:
+def _filling(cache: list[tuple[Batch, Tensor | None]], done: list[bool], it: Iterator[Any]) -> Iterator[Any]:
     cache.clear()
     for item in it:
         cache.append(item)
@@ -109,36 +109,40 @@ class Measure(Protocol):
     metric: str
     progress: Callable[[int], None] | None  # told how many items each evaluation has done
 
-    def __call__(self, model: nn.Module, *, dense: bool) -> Measured: ...
+    def __call__(self, loaded: Loaded, *, dense: bool) -> Measured: ...
 
 
-class ImageMeasure:
-    """timm classifiers: top-1 against labels, or agreement/KL/feature cosine with the dense outputs."""
+class EvalMeasure:
+    """Top-1 against labels, or fidelity (agreement, KL, feature cosine, NN agreement) to the dense outputs."""
 
     def __init__(
-        self, batches: Callable[[], Batches], *, labelled: bool, remap: Tensor | None, device: torch.device,
-        progress: Callable[[int], None] | None = None,
+        self, batches: Callable[[], Batches], *, labelled: bool, classifier: bool, remap: Tensor | None,
+        device: torch.device, progress: Callable[[int], None] | None = None,
     ) -> None:
         self.batches, self.labelled, self.remap, self.device, self.progress = batches, labelled, remap, device, progress
-        self.metric = "top1" if labelled else "top1_agreement"
+        self.classifier = classifier
+        self.metric = "top1" if labelled else "top1_agreement" if classifier else "feature_cosine_mean"
         self._ref: list[Outputs] = []
 
-    def __call__(self, model: nn.Module, *, dense: bool) -> Measured:
+    def __call__(self, loaded: Loaded, *, dense: bool) -> Measured:
         if dense:
-            run = evaluate(model, self.batches(), remap=self.remap, device=self.device, on_batch=self.progress,
+            run = evaluate(loaded, self.batches(), remap=self.remap, device=self.device, on_batch=self.progress,
                            keep_outputs=self._ref)
             if run.result["samples"] == 0:
-                raise InputError("the evaluation data yielded no images")
+                raise InputError("the evaluation data yielded no items")
             if self.labelled and "accuracy" not in run.result:
                 raise InputError("the evaluation data has no usable labels")
-            fid: dict[str, Any] = {"top1_agreement": 1.0, "kl_mean": 0.0, "feature_cosine_mean": 1.0}
+            fid: dict[str, Any] = {"feature_cosine_mean": 1.0, "nn_agreement": 1.0}
+            if self.classifier:
+                fid.update({"top1_agreement": 1.0, "kl_mean": 0.0})
         else:
-            run = evaluate(model, self.batches(), reference_outputs=self._ref, remap=self.remap, device=self.device,
+            run = evaluate(loaded, self.batches(), reference_outputs=self._ref, remap=self.remap, device=self.device,
                            on_batch=self.progress)
             fid = run.result.get("fidelity") or {}
         acc = run.result.get("accuracy") or {}
         fields = {"top1": acc.get("top1"), "top5": acc.get("top5"), "top1_agreement": fid.get("top1_agreement"),
-                  "kl_mean": fid.get("kl_mean"), "feature_cosine_mean": fid.get("feature_cosine_mean")}
+                  "kl_mean": fid.get("kl_mean"), "feature_cosine_mean": fid.get("feature_cosine_mean"),
+                  "nn_agreement": fid.get("nn_agreement")}
         return fields, run.seconds
 
 
@@ -154,7 +158,7 @@ def _row(sparsity: float, arm: str, compensated: bool | None, fields: dict[str, 
 
 
 def run_sweep(
-    dense: nn.Module,
+    dense: Loaded,
     stats: Statistics,
     sparsities: list[float],
     base: PruneOptions,
@@ -164,7 +168,8 @@ def run_sweep(
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(dense row, one row per sparsity and arm), each scored by `measure` on `measure.metric`."""
     metric = measure.metric
-    dense_counts = model_counts(dense)
+    fam = dense.family
+    dense_counts = model_counts(dense.model, family=fam)
     fields, seconds = measure(dense, dense=True)
     dense_row = _row(0.0, "dense", None, fields, dense_counts, dense_counts["flops"], metric, seconds)
     if on_point is not None:
@@ -172,12 +177,12 @@ def run_sweep(
     rows: list[dict[str, Any]] = []
     for s in sparsities:
         opts = replace(base, mlp_sparsity=s, attn_sparsity=s)
-        masks = plan_masks(dense, stats, opts)  # ranking is the same for both arms
+        masks = plan_masks(dense.model, stats, opts, family=fam)  # ranking is the same for both arms
         for arm, compensated in ARMS:
-            model = copy.deepcopy(dense)
-            apply_masks(model, stats, masks, replace(opts, compensation=compensated))
-            counts = model_counts(model)
-            fields, seconds = measure(model, dense=False)
+            model = copy.deepcopy(dense.model)
+            apply_masks(model, stats, masks, replace(opts, compensation=compensated), family=fam)
+            counts = model_counts(model, family=fam)
+            fields, seconds = measure(replace(dense, model=model), dense=False)
             row = _row(s, arm, compensated, fields, counts, dense_counts["flops"], metric, seconds)
             rows.append(row)
             log.info("sparsity %.3g %s: %s=%.4f", s, arm, metric, row["value"])

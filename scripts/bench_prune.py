@@ -20,10 +20,10 @@ from pathlib import Path
 import timm
 import torch
 
-from corp_cli.calibrate import collect_statistics
+from corp_cli.calibration import collect_statistics
 from corp_cli.data import make_batches, open_source
 from corp_cli.preprocess import resolve_preprocessing
-from corp_cli.prune import PruneOptions, apply_masks, plan_masks
+from corp_cli.pruning import PruneOptions, apply_masks, plan_masks
 from corp_cli.stats import Statistics
 
 SHARED_IMAGES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "imagenet-sample"

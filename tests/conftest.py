@@ -45,3 +45,28 @@ def calib_images(n: int = 8, seed: int = 0, size: int = 224) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 3, size // 16, size // 16, generator=g)
     return torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+
+
+def adopt(model: torch.nn.Module):
+    """The Loaded wrapper corp builds around an in-memory model (its family, identity, preprocessing)."""
+    from corp_cli.api import as_loaded
+
+    return as_loaded(model)
+
+
+def save_model(folder: Path, model, **extra_meta: object) -> Path:
+    """Write a (pruned) model as a corp checkpoint, with the base/preprocessing record a reload needs."""
+    from corp_cli.compact import save_pruned_checkpoint
+
+    loaded = adopt(model) if isinstance(model, torch.nn.Module) else model
+    meta = {"base": loaded.identity.to_dict(), "preprocessing": loaded.preprocessing.to_dict(), **extra_meta}
+    folder.mkdir(parents=True, exist_ok=True)
+    save_pruned_checkpoint(folder, loaded, meta)
+    return folder
+
+
+def narrowed(name: str, blocks: list[dict[str, int]], family: str = "timm-vit", **kwargs: object) -> torch.nn.Module:
+    """A model with the given per-block widths, built the way load_pruned builds one (weights random)."""
+    from corp_cli.registry import by_name
+
+    return by_name(family).build({"family": family, "base_model": name, "model_kwargs": kwargs, "blocks": blocks}).eval()

@@ -19,22 +19,15 @@ from torch import Tensor, nn
 from torch.testing import assert_close
 from typer.testing import CliRunner
 
-from corp_cli.calibrate import collect_statistics
+from corp_cli.calibration import collect_statistics
 from corp_cli.cli import app
-from corp_cli.compact import (
-    MODEL_FILE,
-    QKNormPrunedAttention,
-    QKPrunedAttention,
-    architecture,
-    load_pruned,
-    read_pruned,
-    save_pruned,
-)
+from corp_cli.compact import MODEL_FILE, architecture, load_pruned, read_pruned
+from corp_cli.families.timm_vit import QKNormPrunedAttention, QKPrunedAttention
 from corp_cli.errors import ArtifactError
-from corp_cli.prune import BlockMasks, PruneOptions, apply_masks, plan_masks
+from corp_cli.pruning import BlockMasks, PruneOptions, apply_masks, plan_masks
 from corp_cli.stats import Statistics
 
-from .conftest import calib_images, random_model
+from .conftest import adopt, calib_images, random_model, save_model
 
 # Blocks whose logits are checked against the brute-force all-pairs error / a masked reference.
 # The float64 checks use a 4-block deit_tiny: every block is alike, and float64 on CPU is slow.
@@ -288,9 +281,9 @@ def test_qk_norm_model_prunes_equals_masked_and_reloads(tmp_path: Path) -> None:
             assert_close(attn(xb), masked(xb), rtol=1e-10, atol=1e-12)
 
     model = copy.deepcopy(pruned).float()
-    arch = architecture(model, "deit_tiny_patch16_224", kwargs)
+    arch = architecture(adopt(model))
     assert all(blk.get("qk_norm") is True for blk in arch["blocks"])
-    save_pruned(tmp_path / MODEL_FILE, model, arch, {})
+    save_model(tmp_path, model)
     assert "stock_timm" not in read_pruned(tmp_path)[1]
     loaded = load_pruned(tmp_path)
     assert all(isinstance(blk.attn, QKNormPrunedAttention) for blk in loaded.blocks)
@@ -303,7 +296,7 @@ def test_non_norm_architecture_records_no_qk_norm_field(
     pruned_unbalanced: tuple[nn.Module, list[BlockMasks], list[dict]],
 ) -> None:
     # checkpoints of models without q/k norms keep exactly the fields they always had
-    arch = architecture(pruned_unbalanced[0], "deit_tiny_patch16_224", {})
+    arch = architecture(adopt(pruned_unbalanced[0]))
     assert all(set(b) == {"mlp_hidden", "qk_dim"} for b in arch["blocks"])
 
 

@@ -28,8 +28,8 @@ from corp_cli.artifacts import META_KEY, read_safetensors, safetensors_bytes
 from corp_cli.cli import app
 from corp_cli.errors import EXIT_RUNTIME
 from corp_cli.masks import save_masks
-from corp_cli.models import ModelIdentity
-from corp_cli.prune import BlockMasks
+from corp_cli.family import ModelIdentity
+from corp_cli.pruning import BlockMasks
 
 runner = CliRunner()
 MODEL = "deit_tiny_patch16_224"
@@ -181,8 +181,8 @@ PRUNE_OUT = PRUNE + " --out {root}/new_out"
 
 CASES = [
     # ---- corp calibrate
-    _c("cal-unknown-model", f"calibrate deit_tiny_patc16_224 --data synthetic --out {{root}}/n.safetensors", 2,
-       "unknown timm model", "did you mean deit_tiny_patch16_224"),
+    _c("cal-unknown-model", "calibrate deit_tiny_patc16_224 --data synthetic --out {root}/n.safetensors", 2,
+       "unknown model", "did you mean deit_tiny_patch16_224"),
     _c("cal-unsupported-model", "calibrate resnet18 --data synthetic --out {root}/n.safetensors", 2, "not supported"),
     _c("cal-samples-zero", CAL.replace("--samples 2", "--samples 0") + " --out {root}/n.safetensors", 2,
        "Invalid value for '--samples'", one_line=False),

@@ -15,9 +15,10 @@ from typer.testing import CliRunner
 from corp_cli.artifacts import sha256_file
 from corp_cli.benchmark import _CpuPeak, misaligned_widths, parse_batch_sizes, percentile
 from corp_cli.cli import app
-from corp_cli.compact import MODEL_FILE, apply_architecture, architecture, save_pruned
 from corp_cli.errors import InputError
 from corp_cli.preprocess import resolve_preprocessing
+
+from .conftest import adopt, narrowed, save_model
 
 runner = CliRunner()
 RUN_KEYS = {
@@ -41,13 +42,9 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     save_file(dense.state_dict(), str(ckpt))
     prep = resolve_preprocessing(dense)
     blocks = [{"mlp_hidden": 300 + 10 * i, "qk_dim": 30 if i % 2 else 64} for i in range(12)]
-    apply_architecture(dense, {"base_model": "deit_tiny_patch16_224", "blocks": blocks})
-    out = root / "pruned"
-    out.mkdir()
-    save_pruned(out / MODEL_FILE, dense, architecture(dense, "deit_tiny_patch16_224", {"num_classes": 1000}), {
-        "base": {"name": "deit_tiny_patch16_224", "checkpoint": f"sha256:{sha256_file(ckpt)}", "num_classes": 1000},
-        "preprocessing": prep.to_dict(), "classes": None,
-    })
+    out = save_model(root / "pruned", narrowed("deit_tiny_patch16_224", blocks),
+                     base={"name": "deit_tiny_patch16_224", "checkpoint": f"sha256:{sha256_file(ckpt)}", "num_classes": 1000},
+                     preprocessing=prep.to_dict(), classes=None)
     return ckpt, out
 
 
@@ -103,13 +100,12 @@ def test_bad_options_are_usage_errors(files: tuple[Path, Path]) -> None:
 
 
 def test_misaligned_widths_names_the_blocks(files: tuple[Path, Path]) -> None:
-    from corp_cli.compact import load_pruned
+    from corp_cli.compact import load_pruned_loaded
 
-    model = load_pruned(files[1])
-    bad = misaligned_widths(model)
+    bad = misaligned_widths(load_pruned_loaded(files[1]))
     # hidden 300+10i is a multiple of 8 only for i = 2, 6, 10; Q/K 30 in odd blocks
     assert sum("MLP" in b for b in bad) == 9 and sum("Q/K" in b for b in bad) == 6
-    assert misaligned_widths(_model()) == []
+    assert misaligned_widths(adopt(_model())) == []
 
 
 def test_percentile_matches_numpy() -> None:

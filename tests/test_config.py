@@ -8,7 +8,7 @@ import pytest
 
 from corp_cli.config import load_prune_config
 from corp_cli.errors import InputError
-from corp_cli.prune import PruneOptions
+from corp_cli.pruning import PruneOptions
 
 from .conftest import REPO
 

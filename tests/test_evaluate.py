@@ -16,7 +16,8 @@ from timm.data import ImageNetInfo, create_transform, resolve_data_config
 from typer.testing import CliRunner
 
 from corp_cli.cli import app
-from corp_cli.evaluate import Accumulator, Outputs
+from corp_cli.evaluate import Accumulator
+from corp_cli.family import Outputs
 from corp_cli.loading import load_any
 
 runner = CliRunner()
@@ -159,23 +160,19 @@ def make_pruned_dir(out: Path, ckpt: Path) -> Path:
     The metadata is written by the same functions `corp prune` uses, so loaders see the real format.
     """
     from corp_cli.artifacts import sha256_file
-    from corp_cli.compact import MODEL_FILE, apply_architecture, architecture, save_pruned
     from corp_cli.preprocess import resolve_preprocessing
 
-    model = _model()
-    model.load_state_dict(load_file(str(ckpt)))
-    prep = resolve_preprocessing(model)
+    from .conftest import narrowed, save_model
+
+    prep = resolve_preprocessing(_model())
     torch.manual_seed(1)
-    apply_architecture(model, {"base_model": "deit_tiny_patch16_224", "blocks": [{"mlp_hidden": 384, "qk_dim": 32}] * 12})
-    arch = architecture(model, "deit_tiny_patch16_224", {"num_classes": 1000})
-    out.mkdir(parents=True)
-    save_pruned(out / MODEL_FILE, model, arch, {
-        "base": {"name": "deit_tiny_patch16_224", "checkpoint": f"sha256:{sha256_file(ckpt)}", "num_classes": 1000},
-        "options": {"mlp_sparsity": 0.5, "attn_sparsity": 0.5, "target": "both"},
-        "preprocessing": prep.to_dict(),
-        "classes": None,
-    })
-    return out
+    model = narrowed("deit_tiny_patch16_224", [{"mlp_hidden": 384, "qk_dim": 32}] * 12)
+    dense = load_file(str(ckpt))
+    model.load_state_dict({k: v for k, v in dense.items() if not k.startswith("blocks.")}, strict=False)
+    return save_model(out, model, base={"name": "deit_tiny_patch16_224", "checkpoint": f"sha256:{sha256_file(ckpt)}",
+                                        "num_classes": 1000},
+                      options={"mlp_sparsity": 0.5, "attn_sparsity": 0.5, "target": "both"},
+                      preprocessing=prep.to_dict(), classes=None)
 
 
 @pytest.fixture(scope="module")
@@ -204,12 +201,17 @@ def test_pruned_dir_reference_needs_local_weights(pruned_dir: Path) -> None:
 
 
 def test_load_any_reads_pruned_metadata(pruned_dir: Path) -> None:
-    model, desc, prep = load_any(pruned_dir, None, None, "cpu")
+    from corp_cli.family import ModelOptions
+    from corp_cli.loading import describe
+
+    loaded = load_any(pruned_dir)
+    desc = describe(loaded, pruned_dir, pruned=True)
     assert desc["kind"] == "pruned" and desc["base"]["name"] == "deit_tiny_patch16_224"
-    assert model.blocks[0].mlp.fc1.out_features == 384
+    assert loaded.model.blocks[0].mlp.fc1.out_features == 384
+    prep = loaded.preprocessing
     assert prep.input_size == (3, 224, 224) and prep.to_dict() == desc["preprocessing"]
     with pytest.raises(Exception, match="--checkpoint applies only"):
-        load_any(pruned_dir, pruned_dir / "model.safetensors", None, "cpu")
+        load_any(pruned_dir, ModelOptions(checkpoint=pruned_dir / "model.safetensors"))
 
 
 def test_no_labels_and_no_reference_is_a_usage_error(ckpt: Path) -> None:

@@ -14,14 +14,14 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from corp_cli import export as export_mod
-from corp_cli.calibrate import collect_statistics
+from corp_cli.calibration import collect_statistics
 from corp_cli.cli import app
-from corp_cli.compact import MODEL_FILE, QKPrunedAttention, architecture, save_pruned
+from corp_cli.families.timm_vit import QKPrunedAttention
 from corp_cli.errors import NumericalError
-from corp_cli.prune import PruneOptions, apply_masks, plan_masks
+from corp_cli.pruning import PruneOptions, apply_masks, plan_masks
 from corp_cli.stats import Statistics
 
-from .conftest import calib_images, random_model
+from .conftest import calib_images, random_model, save_model
 
 DEPTH = 3
 # Fails the child if loading the export pulled corp or timm in behind our back.
@@ -42,9 +42,7 @@ def pruned_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert all(isinstance(b.attn, QKPrunedAttention) and b.attn.qk_dim == 32 for b in model.blocks)
     assert all(b.mlp.fc1.out_features == 384 for b in model.blocks)
     out = tmp_path_factory.mktemp("pruned")
-    arch = architecture(model, "deit_tiny_patch16_224", {"num_classes": 1000, "depth": DEPTH})
-    save_pruned(out / MODEL_FILE, model, arch, {"base": {"name": "deit_tiny_patch16_224"}})
-    return out
+    return save_model(out, model)
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,9 @@ import timm
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from corp_cli.compact import apply_architecture
 from corp_cli.flops import block_flops, model_counts
+
+from .conftest import narrowed
 
 aten = torch.ops.aten
 
@@ -104,13 +105,9 @@ def _dense() -> torch.nn.Module:
 
 def _pruned() -> torch.nn.Module:
     """Uneven per-block widths, MLP and Q/K pruned, as `corp prune` can produce them."""
-    model = _dense()
-    arch = {
-        "base_model": "deit_tiny_patch16_224",
-        "model_kwargs": {},
-        "blocks": [{"mlp_hidden": 768 - 53 * i, "qk_dim": 64 - 5 * i if i % 3 else 64} for i in range(12)],
-    }
-    return apply_architecture(model, arch).eval()
+    torch.manual_seed(0)
+    blocks = [{"mlp_hidden": 768 - 53 * i, "qk_dim": 64 - 5 * i if i % 3 else 64} for i in range(12)]
+    return narrowed("deit_tiny_patch16_224", blocks)
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["sdpa", "explicit-matmuls"])
@@ -127,9 +124,9 @@ def test_dense_deit_tiny_matches_brute_force(fused: bool) -> None:
 @pytest.fixture
 def unpadded_attention(monkeypatch: pytest.MonkeyPatch) -> None:
     """Count the narrow Q/K computation itself, not the CPU kernel's zero padding of it."""
-    import corp_cli.compact
+    import corp_cli.attention
 
-    monkeypatch.setattr(corp_cli.compact, "PAD_NARROW_QK_ON_CPU", False)
+    monkeypatch.setattr(corp_cli.attention, "PAD_NARROW_QK_ON_CPU", False)
 
 
 def test_pruned_deit_tiny_matches_brute_force(unpadded_attention: None) -> None:

@@ -22,11 +22,11 @@ from safetensors.torch import save as st_save
 
 from corp_cli import engine
 from corp_cli.artifacts import META_KEY
-from corp_cli.commands.prune import check_plan
+from corp_cli.config import check_plan
 from corp_cli.errors import CorpError
 from corp_cli.masks import load_masks, save_masks
-from corp_cli.models import ModelIdentity
-from corp_cli.prune import BlockMasks, PruneOptions
+from corp_cli.family import ModelIdentity
+from corp_cli.pruning import BlockMasks, PruneOptions
 from corp_cli.stats import FIELDS, Statistics, check_matches, merge, new_meta
 
 SHAPES = [{"dim": 6, "mlp_hidden": 4, "num_heads": 2, "head_dim": 3, "qk_dim": 3} for _ in range(2)]

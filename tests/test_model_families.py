@@ -8,12 +8,12 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from corp_cli.calibrate import collect_statistics
-from corp_cli.compact import architecture, load_pruned, save_pruned
-from corp_cli.prune import PruneOptions, apply_masks, plan_masks
+from corp_cli.calibration import collect_statistics
+from corp_cli.compact import load_pruned
+from corp_cli.pruning import PruneOptions, apply_masks, plan_masks
 from corp_cli.stats import Statistics
 
-from .conftest import calib_images, random_model
+from .conftest import calib_images, random_model, save_model
 
 FAMILIES = [
     "deit_tiny_patch16_224",
@@ -41,7 +41,7 @@ def test_family_prunes_and_reloads(name: str, tmp_path: Path) -> None:
         comp = torch.tensor(entry["attn"]["predicted_logit_error_compensated"])
         unc = torch.tensor(entry["attn"]["predicted_logit_error_uncompensated"])
         assert bool((comp <= unc * (1 + 1e-9) + 1e-12).all())
-    save_pruned(tmp_path / "model.safetensors", model, architecture(model, name, kwargs), {})
+    save_model(tmp_path, model)
     again = load_pruned(tmp_path)
     y = calib_images(2, seed=1, size=size)
     with torch.no_grad():

@@ -12,13 +12,12 @@ import torch
 from torch.testing import assert_close
 
 from corp_cli import engine
-from corp_cli.adapters import adapter_for
-from corp_cli.calibrate import collect_statistics
-from corp_cli.compact import architecture, load_pruned, save_pruned
-from corp_cli.prune import PruneOptions, apply_masks, plan_masks
+from corp_cli.calibration import collect_statistics
+from corp_cli.compact import load_pruned
+from corp_cli.pruning import PruneOptions, apply_masks, plan_masks
 from corp_cli.stats import Statistics
 
-from .conftest import calib_images, random_model
+from .conftest import adopt, calib_images, random_model, save_model
 
 
 def _stats(model: torch.nn.Module, x: torch.Tensor, precision: torch.dtype = torch.float64) -> Statistics:
@@ -27,10 +26,10 @@ def _stats(model: torch.nn.Module, x: torch.Tensor, precision: torch.dtype = tor
 
 
 def _hidden_inputs(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
-    ad = adapter_for(model)
-    seen: list[list[torch.Tensor]] = [[] for _ in ad.blocks]
-    hooks = [ad.mlp_hidden_site(i).register_forward_pre_hook(lambda m, a, i=i: seen[i].append(a[0].reshape(-1, a[0].shape[-1])))
-             for i in range(len(ad.blocks))]
+    fam = adopt(model).family
+    seen: list[list[torch.Tensor]] = [[] for _ in range(fam.num_blocks(model))]
+    hooks = [h for i in range(fam.num_blocks(model))
+             for h in fam.mlp_hook(model, i, lambda t, i=i: seen[i].append(t.reshape(-1, t.shape[-1])))]
     with torch.no_grad():
         model.forward_features(x[:4])
         model.forward_features(x[4:])
@@ -104,7 +103,7 @@ def test_float32_products_match_float64_on_a_real_forward() -> None:
 
 def test_masks_are_deterministic_and_byte_identical(tmp_path: Path) -> None:
     from corp_cli.masks import save_masks
-    from corp_cli.models import ModelIdentity
+    from corp_cli.family import ModelIdentity
 
     ident = ModelIdentity("deit_tiny_patch16_224", "sha256:x", 1000)
     blobs = []
@@ -128,7 +127,7 @@ def test_save_and_reload_in_a_fresh_process(tmp_path: Path) -> None:
     masks = plan_masks(dense, stats, opts)
     apply_masks(dense, stats, masks, opts)
     out = tmp_path / "pruned"
-    save_pruned(out / "model.safetensors", dense, architecture(dense, "deit_tiny_patch16_224", {"num_classes": 1000}), {})
+    save_model(out, dense)
     y = calib_images(2, seed=3)
     with torch.no_grad():
         expected = dense(y)
@@ -153,7 +152,7 @@ def test_reloaded_model_is_a_narrower_model_not_a_masked_one(tmp_path: Path) -> 
     stats = _stats(dense, calib_images(8), torch.float32)
     opts = PruneOptions(target="mlp", mlp_sparsity=0.5)
     apply_masks(dense, stats, plan_masks(dense, stats, opts), opts)
-    save_pruned(tmp_path / "model.safetensors", dense, architecture(dense, "deit_tiny_patch16_224", {"num_classes": 1000}), {})
+    save_model(tmp_path, dense)
     m = load_pruned(tmp_path)
     fc1 = m.blocks[3].mlp.fc1
     assert isinstance(fc1, torch.nn.Linear) and fc1.weight.shape == (384, 192)

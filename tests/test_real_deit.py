@@ -12,11 +12,11 @@ import torch
 from typer.testing import CliRunner
 
 from corp_cli import load_pruned
-from corp_cli.calibrate import calibrate
+from corp_cli.calibration import calibrate
 from corp_cli.data import make_batches, open_source
-from corp_cli.models import load_dense
-from corp_cli.preprocess import resolve_preprocessing
-from corp_cli.prune import PruneOptions, apply_masks, plan_masks
+from corp_cli.family import ModelOptions
+from corp_cli.loading import load_dense
+from corp_cli.pruning import PruneOptions, apply_masks, plan_masks
 
 from .conftest import CIFAR_CKPT, CIFAR_DIR, IMAGENET_SAMPLE, IN1K_CKPT, needs_shared_data
 
@@ -46,10 +46,10 @@ def _top1(model: torch.nn.Module, source_spec: Path, transform, class_names=None
 
 def test_compensation_rescues_half_the_mlp_of_real_deit_tiny(tmp_path: Path) -> None:
     calib_dir, eval_dir = _split_imagenet(tmp_path)
-    loaded = load_dense("deit_tiny_patch16_224", checkpoint=IN1K_CKPT)
-    prep = resolve_preprocessing(loaded.model)
+    loaded = load_dense("deit_tiny_patch16_224", ModelOptions(checkpoint=IN1K_CKPT))
+    prep = loaded.preprocessing
     tf = prep.transform()
-    stats = calibrate(loaded, prep, open_source(str(calib_dir), samples=None), batch_size=50, workers=2)
+    stats = calibrate(loaded, open_source(str(calib_dir), samples=None), batch_size=50, workers=2)
     dense_acc = _top1(loaded.model, eval_dir, tf)
     accs = {}
     for comp in (True, False):
@@ -90,7 +90,7 @@ def test_cifar_checkpoint_calibrates_prunes_and_reloads_with_its_own_preprocessi
     from corp_cli.preprocess import Preprocessing
 
     tf = Preprocessing.from_dict(prep).transform()
-    dense = load_dense("deit_tiny_patch16_224", checkpoint=CIFAR_CKPT).model
+    dense = load_dense("deit_tiny_patch16_224", ModelOptions(checkpoint=CIFAR_CKPT)).model
     dense_acc = _top1(dense, CIFAR_DIR / "test", tf, classes, samples=300)
     pruned_acc = _top1(pruned, CIFAR_DIR / "test", tf, classes, samples=300)
     print(f"CIFAR-10 deit_tiny, 30% MLP: dense {dense_acc:.3f}, pruned {pruned_acc:.3f}")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from corp_cli.errors import InputError
-from corp_cli.hf.text import MAX_WORDS, MIN_WORDS, open_text_source, pydoc_sentences, split_sentences
+from corp_cli.text import MAX_WORDS, MIN_WORDS, open_text_source, pydoc_sentences, split_sentences
 
 PROSE = """Title of the page
 *****************

@@ -9,59 +9,54 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from corp_cli.benchmark import (
-    BenchConfig, DEFAULT_BATCH_SIZES, compare, misaligned_widths, parse_batch_sizes, parse_dtype, prepare,
-    static_figures, time_forward,
-)
+from corp_cli import defaults as D
 from corp_cli.commands import common as C
-from corp_cli.commands.evaluate import ReferenceCkptOpt, ReferenceOpt, environment, load_reference
+from corp_cli.commands.evaluate import ReferenceCkptOpt, ReferenceOpt, load_reference
 from corp_cli.errors import InputError
-from corp_cli.loading import load_any
-from corp_cli.models import resolve_device
 
 log = logging.getLogger(__name__)
 
 
 @C.handle_errors
 def benchmark_cmd(
-    model: Annotated[str, typer.Argument(help="timm model name (with --checkpoint) or a pruned DIR from `corp prune`.", show_default=False)],
+    model: Annotated[str, typer.Argument(help="A model name / folder (with --checkpoint for timm weights) or a pruned DIR from `corp prune`.", show_default=False)],
     reference: ReferenceOpt = None,
     reference_checkpoint: ReferenceCkptOpt = None,
     batch_sizes: Annotated[str | None, typer.Option("--batch-sizes", help="Comma list (default: 1,8 on CPU, 1,32,256 on CUDA).")] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="fp32, bf16 or fp16 (weights and inputs cast).")] = "fp32",
     compile_: Annotated[bool, typer.Option("--compile", help="torch.compile both models first (warm-up absorbs compilation).")] = False,
-    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed passes per batch size.")] = 3,
-    runs: Annotated[int, typer.Option("--runs", min=1, help="Timed passes per batch size.")] = 10,
+    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed passes per batch size.")] = D.BENCH_WARMUP,
+    runs: Annotated[int, typer.Option("--runs", min=1, help="Timed passes per batch size.")] = D.BENCH_RUNS,
     checkpoint: C.CheckpointOpt = None,
     num_classes: C.NumClassesOpt = None,
-    device: C.DeviceOpt = "auto",
+    device: C.DeviceOpt = D.DEVICE,
     json_out: C.JsonOpt = None,
 ) -> None:
     """Time MODEL (and --reference) forward passes: median/p90 latency, throughput, peak memory, FLOPs."""
+    from corp_cli.benchmark import (
+        BenchConfig, compare, misaligned_widths, parse_batch_sizes, parse_dtype, prepare, static_figures, time_forward,
+    )
+    from corp_cli.devices import environment, resolve_device
+    from corp_cli.loading import describe, is_pruned_path, load_any
+
     t0 = time.perf_counter()
     dev = resolve_device(device)
     torch_dtype = parse_dtype(dtype)
-    sizes = parse_batch_sizes(batch_sizes) if batch_sizes else DEFAULT_BATCH_SIZES[dev.type]
-    if checkpoint is not None:
-        C.existing_file(checkpoint, "checkpoint")
-    from corp_cli.hf.evaluate import is_hf_target
-
-    if is_hf_target(model):
-        net, desc, input_size, vocab, ref = _load_hf(model, reference, dev)
-    else:
-        net, desc, prep = load_any(model, checkpoint, num_classes, dev)
-        ref = load_reference(model, desc, reference, reference_checkpoint, dev)
-        input_size, vocab = prep.input_size, None
-    cfg = BenchConfig(sizes, torch_dtype, dev, input_size, warmup=warmup, runs=runs, compile=compile_, vocab_size=vocab)
+    sizes = parse_batch_sizes(batch_sizes) if batch_sizes else D.BENCH_BATCH_SIZES[dev.type]
+    options = C.model_options(checkpoint, num_classes)
+    loaded = load_any(model, options, dev)
+    desc = describe(loaded, model, pruned=is_pruned_path(model))
+    ref = load_reference(model, desc, reference, reference_checkpoint, dev)
+    cfg = BenchConfig(sizes, torch_dtype, dev, warmup=warmup, runs=runs, compile=compile_)
     warnings: list[str] = []
     if dev.type == "cuda":
-        bad = misaligned_widths(net)
+        bad = misaligned_widths(loaded)
         if bad:
             msg = f"{len(bad)} pruned width(s) are not multiples of 8 ({', '.join(bad[:3])}...); CUDA GEMMs run slower on such shapes (prune with --round-to 8)"
             log.warning("%s", msg)
             warnings.append(msg)
-    figures = {"model": static_figures(net, torch_dtype)}
-    models = {"model": prepare(net, cfg)}
+    figures = {"model": static_figures(loaded, torch_dtype)}
+    models = {"model": prepare(loaded, cfg)}
     if ref is not None:
         figures["reference"] = static_figures(ref[0], torch_dtype)
         models["reference"] = prepare(ref[0], cfg)
@@ -76,6 +71,9 @@ def benchmark_cmd(
         if compile_ and ("compile" in str(e).lower() or "inductor" in str(e).lower()):
             raise InputError(f"torch.compile failed on this machine ({str(e).splitlines()[0][:160]}); rerun without --compile") from None
         raise
+    example = loaded.family.example_batch(loaded, 1, dtype=torch_dtype, device=dev)
+    text = "input_ids" in example
+    input_size = list(example["input_ids"].shape[1:]) if text else list(example["pixel_values"].shape[1:])
     report: dict[str, Any] = {
         "command": "benchmark",
         "model": {**desc, **figures["model"], "runs": rows["model"]},
@@ -83,7 +81,7 @@ def benchmark_cmd(
         "comparison": None,
         "settings": {
             "batch_sizes": list(sizes), "dtype": dtype, "compile": compile_, "warmup": warmup, "runs": runs,
-            "input_size": list(input_size), "input": "token ids" if vocab else "pixels", "inference_mode": True,
+            "input_size": input_size, "input": "token ids" if text else "pixels", "inference_mode": True,
             "peak_memory": "memory the passes needed beyond the resident weights and input ("
                            + ("torch.cuda.max_memory_allocated - memory_allocated before)" if dev.type == "cuda"
                               else "peak RSS - RSS before)"),
@@ -102,22 +100,6 @@ def benchmark_cmd(
     report["seconds"] = round(time.perf_counter() - t0, 3)
     if not C.write_json(json_out, report):
         print_report(report)
-
-
-def _load_hf(model: str, reference: str | None, dev: torch.device) -> tuple[Any, dict[str, Any], tuple[int, ...], int | None, Any]:
-    """A dense or pruned HF encoder, its input shape, and its reference (default: the dense model it came from)."""
-    from corp_cli.hf.evaluate import default_reference, load_for_eval
-
-    net, desc, prep, _ = load_for_eval(model, dev)
-    text = hasattr(prep, "max_length")
-    input_size = (int(prep.max_length),) if text else tuple(prep.input_size)
-    vocab = int(net.config.vocab_size) if text else None
-    ref_name = reference or default_reference(desc)
-    ref = None
-    if ref_name is not None:
-        ref_net, ref_desc, _, _ = load_for_eval(ref_name, dev)
-        ref = (ref_net, ref_desc)
-    return net, desc, input_size, vocab, ref
 
 
 def _mb(b: int) -> str:

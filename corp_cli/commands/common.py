@@ -160,7 +160,9 @@ def progress_bar(description: str, total: int | None, unit: str = "images") -> I
 
 # ---- option types shared by subcommands (one definition each)
 
-ModelArg = Annotated[str, typer.Argument(help="timm model name, e.g. deit_small_patch16_224", show_default=False)]
+ModelArg = Annotated[str, typer.Argument(
+    help="A timm name (deit_small_patch16_224, or short: deit_small), a Hugging Face folder or hf-model:ID.",
+    show_default=False)]
 CheckpointOpt = Annotated[
     Path | None,
     typer.Option("--checkpoint", help="Local weights (.safetensors, or .pth loaded with weights_only=True). Default: timm pretrained weights (hub or HF cache)."),
@@ -178,8 +180,8 @@ InterpOpt = Annotated[str | None, typer.Option("--interpolation", help="Resize i
 CropPctOpt = Annotated[float | None, typer.Option("--crop-pct", help="Center-crop fraction override (1.0 = no crop).")]
 CropModeOpt = Annotated[str | None, typer.Option("--crop-mode", help="center, squash (resize to the exact size, no crop) or border.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N].")]
-BatchSizeOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")]
-WorkersOpt = Annotated[int, typer.Option("--workers", min=0, help="Image decoding worker processes.")]
+BatchSizeOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images or texts per forward pass.")]
+WorkersOpt = Annotated[int | None, typer.Option("--workers", min=0, help="Image decoding worker processes (default: up to 4; images only).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for choosing the calibration subset.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")]
 # `--json PATH` writes the summary to a file (atomically) and keeps the table on stdout;
@@ -189,7 +191,6 @@ JsonOpt = Annotated[
     typer.Option("--json", metavar="PATH", help="Write a machine-readable JSON summary to PATH ('-' for stdout, instead of the table)."),
 ]
 
-DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
 
 
 def parse_floats(text: str | None, name: str) -> tuple[float, ...] | None:
@@ -203,8 +204,8 @@ def parse_floats(text: str | None, name: str) -> tuple[float, ...] | None:
 
 
 def preprocessing_overrides(
-    mean: str | None, std: str | None, input_size: int | None, interpolation: str | None,
-    crop_pct: float | None, crop_mode: str | None,
+    mean: str | None = None, std: str | None = None, input_size: int | None = None, interpolation: str | None = None,
+    crop_pct: float | None = None, crop_mode: str | None = None,
 ) -> dict[str, Any]:
     return {
         "mean": parse_floats(mean, "--mean"),
@@ -214,6 +215,28 @@ def preprocessing_overrides(
         "crop_pct": crop_pct,
         "crop_mode": crop_mode,
     }
+
+
+def model_options(
+    checkpoint: Path | None = None, num_classes: int | None = None, pretrained_cfg: Path | None = None,
+    **preprocessing: Any,
+) -> Any:
+    """The model options a command was given (corp_cli.family.ModelOptions); the family says which apply."""
+    from corp_cli.family import ModelOptions
+
+    return ModelOptions(checkpoint=checkpoint, num_classes=num_classes, pretrained_cfg=pretrained_cfg,
+                        preprocessing=preprocessing_overrides(**preprocessing))
+
+
+def workers_for(modality: str, workers: int | None) -> int:
+    """--workers decodes images; on text models it is refused rather than ignored."""
+    from corp_cli import defaults
+
+    if modality == "text":
+        if workers is not None:
+            raise CorpError("--workers does not apply to text models: text is tokenised in the main process")
+        return 0
+    return defaults.workers() if workers is None else workers
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:

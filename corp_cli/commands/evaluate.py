@@ -1,33 +1,23 @@
-"""`corp evaluate`: top-1/top-5 on labelled images and fidelity to a reference (dense) model."""
+"""`corp evaluate`: top-1/top-5 on labelled data and fidelity to a reference (dense) model, for any family."""
 
 from __future__ import annotations
 
 import logging
-import platform
 from pathlib import Path
 from typing import Annotated, Any
 
-import timm
-import torch
 import typer
 from rich.table import Table
-from torch import nn
 
-from corp_cli import __version__
-from corp_cli.artifacts import write_json_atomic
+from corp_cli import defaults as D
 from corp_cli.commands import common as C
-from corp_cli.data import ImageSource, make_batches, open_source
 from corp_cli.errors import InputError
-from corp_cli.evaluate import evaluate, label_remap
-from corp_cli.loading import is_pruned_path, load_any, same_preprocessing
-from corp_cli.models import resolve_device
-from corp_cli.preprocess import Preprocessing
 
 log = logging.getLogger(__name__)
 
 ReferenceOpt = Annotated[
     str | None,
-    typer.Option("--reference", help="Reference model (timm name, or a pruned DIR) for fidelity / side-by-side figures."),
+    typer.Option("--reference", help="Reference model (a model name, folder, or a pruned DIR) for fidelity / side-by-side figures (default for a pruned Hugging Face model: the folder it was pruned from)."),
 ]
 ReferenceCkptOpt = Annotated[
     Path | None,
@@ -35,27 +25,18 @@ ReferenceCkptOpt = Annotated[
 ]
 
 
-def environment(device: torch.device) -> dict[str, Any]:
-    env: dict[str, Any] = {
-        "corp_version": __version__,
-        "torch_version": torch.__version__,
-        "timm_version": timm.__version__,
-        "python": platform.python_version(),
-        "device": str(device),
-        "cpu_threads": torch.get_num_threads(),
-    }
-    if device.type == "cuda":
-        env["device_name"] = torch.cuda.get_device_name(device)
-    return env
+def load_reference(model_arg: str, desc: dict[str, Any], reference: str | None, reference_checkpoint: Path | None,
+                   device: Any) -> tuple[Any, dict[str, Any]] | None:
+    """The reference model, if asked for or recorded; a pruned model's base is the natural default."""
+    from corp_cli.family import ModelOptions
+    from corp_cli.loading import describe, is_pruned_path, load_any
 
-
-def load_reference(
-    model_arg: str, desc: dict[str, Any], reference: str | None, reference_checkpoint: Path | None, device: torch.device,
-) -> tuple[nn.Module, dict[str, Any], Preprocessing] | None:
-    """The reference model, if asked for; a pruned model's base is the natural default name."""
-    if reference is None and reference_checkpoint is None:
-        return None
     base = desc.get("base") or {}
+    if reference is None and reference_checkpoint is None:
+        src = desc.get("source") if desc["kind"] == "pruned" else None
+        if not src or not (str(src).startswith("hf-model:") or Path(src).is_dir()):
+            return None
+        reference = str(src)
     if reference is None:
         if desc["kind"] != "pruned":
             raise InputError("--reference-checkpoint needs --reference MODEL")
@@ -65,44 +46,53 @@ def load_reference(
     elif (
         desc["kind"] == "pruned" and not is_pruned_path(reference)
         and reference.split(".", 1)[0] == base.get("name") and str(base.get("checkpoint", "")).startswith("sha256:")
+        and desc.get("source") is None
     ):
         raise InputError(
             f"{model_arg} was pruned from local weights ({str(base['checkpoint'])[:23]}...); "
             "pass those dense weights with --reference-checkpoint PATH"
         )
-    ref_model, ref_desc, ref_prep = load_any(reference, reference_checkpoint, None, device, command="evaluate")
-    if desc["kind"] == "pruned" and ref_desc.get("identity") is not None and ref_desc["identity"] != base:
-        log.warning("the reference %s is not the model %s was pruned from (%s)", ref_desc["identity"], model_arg, base)
-        ref_desc["matches_base"] = False
-    elif desc["kind"] == "pruned":
-        ref_desc["matches_base"] = ref_desc.get("identity") == base
-    return ref_model, ref_desc, ref_prep
+    ref = load_any(reference, ModelOptions(checkpoint=reference_checkpoint), device)
+    ref_desc = describe(ref, reference, pruned=is_pruned_path(reference))
+    if desc["kind"] == "pruned" and ref_desc.get("identity") is not None:
+        ref_desc["matches_base"] = ref_desc["identity"] == base
+        if not ref_desc["matches_base"]:
+            log.warning("the reference %s is not the model %s was pruned from (%s)", ref_desc["identity"], model_arg, base)
+    return ref, ref_desc
 
 
-def open_eval_source(
-    data: str, samples: int | None, seed: int, labels: bool | None, class_names: list[str] | None
-) -> ImageSource:
-    """Labels when asked for; in auto mode, when the source has them (class folders, a label column)."""
+def open_eval_source(data: str, loaded: Any, samples: int | None, seed: int, labels: bool | None) -> Any:
+    """Labels when asked for; in auto mode, when the model has a classifier and the source has labels."""
+    from corp_cli.sources import open_data
+
+    classifier = loaded.family.has_classifier(loaded.model) and loaded.modality == "image"
+    if labels and not classifier:
+        raise InputError(f"--labels: {loaded.identity.name} has no classifier to score labels with "
+                         "(it is scored on fidelity to --reference)")
     if labels and data == "synthetic":
         raise InputError("--labels: synthetic images have no labels (use --reference for fidelity)")
+    if labels is None and not classifier:
+        log.info("%s has no classifier: scoring the fidelity of its pooled features, no labels", loaded.identity.name)
+        labels = False
+    kw = {"samples": samples, "seed": seed, "class_names": loaded.classes}
     if labels is not None or data == "synthetic":
-        return open_source(data, samples=samples, seed=seed, labels=bool(labels), class_names=class_names)
+        return open_data(data, loaded.modality, labels=bool(labels), **kw)
     try:
-        return open_source(data, samples=samples, seed=seed, labels=True, class_names=class_names)
+        return open_data(data, loaded.modality, labels=True, **kw)
     except InputError as e:
         log.info("no labels in %s (%s); measuring fidelity only", data, e)
-        return open_source(data, samples=samples, seed=seed, labels=False, class_names=class_names)
+        return open_data(data, loaded.modality, labels=False, **kw)
 
 
 @C.handle_errors
 def evaluate_cmd(
-    model: Annotated[str, typer.Argument(help="timm model name (with --checkpoint) or a pruned DIR from `corp prune`.", show_default=False)],
-    data: Annotated[str, typer.Option("--data", help="Image folder (synset class folders give labels), hf:NAME[:CONFIG][@SPLIT], or synthetic.")],
+    model: Annotated[str, typer.Argument(help="A model name / folder (with --checkpoint for timm weights) or a pruned DIR from `corp prune`.", show_default=False)],
+    data: Annotated[str, typer.Option("--data", help="Images: a folder (synset class folders give labels), hf:NAME[:CONFIG][@SPLIT] or synthetic. Text: text:pydoc@eval, text:FILE or hf:NAME.")],
     reference: ReferenceOpt = None,
     reference_checkpoint: ReferenceCkptOpt = None,
-    labels: Annotated[bool | None, typer.Option("--labels/--no-labels", help="Score against labels (default: when the data has them).")] = None,
-    samples: Annotated[int | None, typer.Option("--samples", min=1, help="Evaluate on this many images (seeded subset) (default: all).")] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Seed for choosing the --samples subset of a folder.")] = 0,
+    labels: Annotated[bool | None, typer.Option("--labels/--no-labels", help="Score against labels (default: when the model has a classifier and the data has labels).")] = None,
+    samples: Annotated[int | None, typer.Option("--samples", min=1, help="Evaluate on this many items (seeded subset) (default: all).")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for choosing the --samples subset.")] = D.SEED,
     checkpoint: C.CheckpointOpt = None,
     num_classes: C.NumClassesOpt = None,
     pretrained_cfg: C.PretrainedCfgOpt = None,
@@ -112,42 +102,46 @@ def evaluate_cmd(
     interpolation: C.InterpOpt = None,
     crop_pct: C.CropPctOpt = None,
     crop_mode: C.CropModeOpt = None,
-    device: C.DeviceOpt = "auto",
-    batch_size: C.BatchSizeOpt = 64,
-    workers: C.WorkersOpt = C.DEFAULT_WORKERS,
+    device: C.DeviceOpt = D.DEVICE,
+    batch_size: C.BatchSizeOpt = D.EVAL_BATCH_SIZE,
+    workers: C.WorkersOpt = None,
     json_out: C.JsonOpt = None,
 ) -> None:
-    """Evaluate MODEL: top-1/top-5 with labels; agreement, KL and feature cosine against --reference."""
-    from corp_cli.hf.evaluate import hf_evaluate_cmd, is_hf_target
+    """Evaluate MODEL: top-1/top-5 with labels; agreement, KL, feature cosine and nearest-neighbour agreement against a reference."""
+    from corp_cli.devices import environment, resolve_device
+    from corp_cli.evaluate import evaluate, label_remap
+    from corp_cli.loading import describe, is_pruned_path, load_any
 
-    if is_hf_target(model):  # HF encoders: fidelity of the pooled embeddings to the reference
-        return hf_evaluate_cmd(model, data=data, reference=reference, samples=samples, seed=seed, device=device,
-                               batch_size=batch_size, json_out=json_out)
     dev = resolve_device(device)
-    if checkpoint is not None:
-        C.existing_file(checkpoint, "checkpoint")
-    overrides = C.preprocessing_overrides(mean, std, input_size, interpolation, crop_pct, crop_mode)
-    net, desc, prep = load_any(model, checkpoint, num_classes, dev, pretrained_cfg=pretrained_cfg, overrides=overrides, command="evaluate")
-    source = open_eval_source(data, samples, seed, labels, desc.get("classes"))
+    options = C.model_options(checkpoint, num_classes, pretrained_cfg, mean=mean, std=std, input_size=input_size,
+                              interpolation=interpolation, crop_pct=crop_pct, crop_mode=crop_mode)
+    loaded = load_any(model, options, dev)
+    n_workers = C.workers_for(loaded.modality, workers)
+    desc = describe(loaded, model, pruned=is_pruned_path(model))
+    source = open_eval_source(data, loaded, samples, seed, labels)
     ref = load_reference(model, desc, reference, reference_checkpoint, dev)
     if not source.labels and ref is None:
-        raise InputError(f"{data} has no labels and no --reference was given: nothing to score (pass --reference MODEL)")
-    if ref is not None and not same_preprocessing(prep, ref[2]):
-        log.warning("the reference's own preprocessing differs; both models are fed %s's preprocessing", model)
-    remap = label_remap(source, desc["num_classes"], desc.get("classes")) if source.labels else None
-    total = source.num_items if source.num_items is not None else samples
-    with C.progress_bar(f"evaluating {desc['name']}", total) as advance:
-        run = evaluate(
-            net, make_batches(source, prep.transform(), batch_size, workers), reference=ref[0] if ref else None,
-            remap=remap, device=dev, on_batch=advance,
-        )
+        raise InputError(f"{data} gives no labels to score {loaded.identity.name} on and no --reference was given: "
+                         "nothing to score (pass --reference MODEL)")
+    if ref is not None:
+        if ref[0].modality != loaded.modality:
+            raise InputError(f"the reference is a {ref[0].modality} model but {model} is a {loaded.modality} model")
+        if _fields(ref[0].preprocessing.to_dict()) != _fields(loaded.preprocessing.to_dict()):
+            log.warning("the reference's own preprocessing differs; both models are fed %s's preprocessing", model)
+    remap = label_remap(source, loaded.identity.num_classes, loaded.classes) if source.labels else None
+    unit = C.sample_unit(loaded.preprocessing.to_dict())
+    with C.progress_bar(f"evaluating {desc['name']}", source.num_items, unit=unit) as advance:
+        run = evaluate(loaded, loaded.preprocessing.batches(source, batch_size, n_workers),
+                       reference=ref[0] if ref else None, remap=remap, device=dev, on_batch=advance)
+    if run.result["samples"] == 0:
+        raise InputError(f"{data}: no item could be read")
     report = {
         "command": "evaluate",
         "model": desc,
         "reference": ref[1] if ref else None,
         "data": source.describe(),
-        "synthetic": source.synthetic,
-        "preprocessing": prep.to_dict(),
+        "synthetic": bool(getattr(source, "synthetic", False)),
+        "preprocessing": loaded.preprocessing.to_dict(),
         "batch_size": batch_size,
         "environment": environment(dev),
         "results": run.result,
@@ -155,10 +149,12 @@ def evaluate_cmd(
         "forward_seconds": round(run.model_seconds, 3),
         "samples_per_second": round(run.result["samples"] / max(run.seconds, 1e-9), 2),
     }
-    if run.result["samples"] == 0:
-        raise InputError(f"{data}: no image could be decoded")
     if not C.write_json(json_out, report):
         print_report(report)
+
+
+def _fields(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if k not in ("source", "tokenizer")}
 
 
 def _pct(x: float | None) -> str:
@@ -169,7 +165,8 @@ def print_report(report: dict[str, Any]) -> None:
     res = report["results"]
     # a reference column only carries numbers when there are labels to score it on
     has_ref = report["reference"] is not None and bool(res.get("reference_accuracy"))
-    table = Table(title=f"corp evaluate {report['model']['name']} ({report['model']['kind']}) on {report['data']['spec']}")
+    title = f"corp evaluate {report['model']['name']} ({report['model']['kind']}) on {report['data']['spec']}"
+    table = Table(title=title)
     table.add_column("metric")
     table.add_column("model", justify="right")
     if has_ref:
@@ -182,16 +179,20 @@ def print_report(report: dict[str, Any]) -> None:
     fid = res.get("fidelity")
     if fid:
         extra = [""] if has_ref else []
-        table.add_row("top-1 agreement", _pct(fid["top1_agreement"]), *extra)
-        table.add_row("KL(ref || model) mean", f"{fid['kl_mean']:.4g}", *extra)
-        table.add_row("KL(ref || model) max", f"{fid['kl_max']:.4g}", *extra)
+        if "top1_agreement" in fid:
+            table.add_row("top-1 agreement", _pct(fid["top1_agreement"]), *extra)
+            table.add_row("KL(ref || model) mean", f"{fid['kl_mean']:.4g}", *extra)
+            table.add_row("KL(ref || model) max", f"{fid['kl_max']:.4g}", *extra)
         table.add_row("feature cosine mean", f"{fid['feature_cosine_mean']:.5f}", *extra)
         table.add_row("feature cosine min", f"{fid['feature_cosine_min']:.5f}", *extra)
+        if "nn_agreement" in fid:
+            table.add_row("nearest-neighbour agreement", _pct(fid["nn_agreement"]), *extra)
     C.out.print(table)
+    unit = C.sample_unit(report["preprocessing"])
     n_lab = f", {acc['labelled']} labelled" if acc else ""
     synth = "  [SYNTHETIC images: smoke test only]" if report["synthetic"] else ""
     skipped = report["data"].get("skipped") or 0
     C.out.print(
-        f"{res['samples']} images{n_lab}{f', {skipped} skipped' if skipped else ''}, "
-        f"{report['seconds']:.1f}s ({report['samples_per_second']:.1f} images/s){synth}"
+        f"{res['samples']} {unit}{n_lab}{f', {skipped} skipped' if skipped else ''}, "
+        f"{report['seconds']:.1f}s ({report['samples_per_second']:.1f} {unit}/s){synth}"
     )

@@ -10,27 +10,9 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from corp_cli.artifacts import atomic_dir, check_out_dir, write_bytes_atomic, write_json_atomic
+from corp_cli import defaults as D
 from corp_cli.commands import common as C
-from corp_cli.errors import InputError
-from corp_cli.hf import is_hf_model_spec
-from corp_cli.commands.calibrate import load_model_and_preprocessing
-from corp_cli.commands.evaluate import environment, open_eval_source
-from corp_cli.evaluate import label_remap
-from corp_cli.loading import parse_classes
-from corp_cli.prune import MLP_RANKERS, QK_RANKERS, PruneOptions
-from corp_cli.stats import Statistics, check_matches
-from corp_cli.sweep import (
-    METRIC_LABELS,
-    PERCENT_METRICS,
-    ImageMeasure,
-    batch_provider,
-    csv_text,
-    have_matplotlib,
-    parse_sparsities,
-    plot,
-    run_sweep,
-)
+from corp_cli.commands.evaluate import open_eval_source
 
 log = logging.getLogger(__name__)
 
@@ -42,60 +24,60 @@ PLOT_HINT = "pip install 'corp-cli[plot]' (or: pip install matplotlib) to get sw
 def sweep_cmd(
     model: C.ModelArg,
     stats_path: Annotated[Path, typer.Option("--stats", help="Statistics from `corp calibrate` (used for every point; no re-calibration).")],
-    data: Annotated[str, typer.Option("--data", help="Evaluation data: image folder, hf:NAME[:CONFIG][@SPLIT] or synthetic; text:pydoc[@eval], text:FILE or hf:NAME for text encoders.")],
+    data: Annotated[str, typer.Option("--data", help="Evaluation data: an image folder, hf:NAME[:CONFIG][@SPLIT] or synthetic; text:pydoc@eval, text:FILE or hf:NAME for text models.")],
     out: Annotated[Path, typer.Option("--out", help="Output directory (sweep.csv, sweep.json, sweep.png).")],
-    sparsities: Annotated[str, typer.Option("--sparsities", help="Comma list, or a run a,b,...,c.")] = "0.1,0.2,...,0.7",
-    target: Annotated[str, typer.Option("--target", help="mlp, attn or both.")] = "both",
-    ranker: Annotated[str, typer.Option("--ranker", help=f"MLP ranking: {', '.join(MLP_RANKERS)}.")] = "energy",
-    qk_ranker: Annotated[str, typer.Option("--qk-ranker", help=f"Q/K ranking: {', '.join(QK_RANKERS)}.")] = "energy",
-    round_to: Annotated[int, typer.Option("--round-to", min=1, help="Keep survivor counts multiples of N.")] = 1,
-    labels: Annotated[bool | None, typer.Option("--labels/--no-labels", help="Plot top-1 accuracy (labels) or agreement with the dense model (default: labels when the data has them).")] = None,
+    sparsities: Annotated[str, typer.Option("--sparsities", help="Comma list, or a run a,b,...,c.")] = D.SWEEP_SPARSITIES,
+    target: Annotated[str, typer.Option("--target", help="mlp, attn or both.")] = D.TARGET,
+    ranker: Annotated[str, typer.Option("--ranker", help=f"MLP ranking: {', '.join(D.MLP_RANKERS)}.")] = D.RANKER,
+    qk_ranker: Annotated[str, typer.Option("--qk-ranker", help=f"Q/K ranking: {', '.join(D.QK_RANKERS)}.")] = D.QK_RANKER,
+    round_to: Annotated[int, typer.Option("--round-to", min=1, help="Keep survivor counts multiples of N.")] = D.ROUND_TO,
+    labels: Annotated[bool | None, typer.Option("--labels/--no-labels", help="Plot top-1 accuracy (labels) or agreement with the dense model (default: labels when the model has a classifier and the data has them).")] = None,
     samples: Annotated[int | None, typer.Option("--samples", min=1, help="Evaluate on this many images or texts (default: all).")] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Seed for choosing the --samples subset of a folder.")] = 0,
-    cache_mb: Annotated[int, typer.Option("--cache-mb", min=0, help="Keep decoded evaluation images in memory up to this size.")] = 1024,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for choosing the --samples subset.")] = D.SEED,
+    cache_mb: Annotated[int, typer.Option("--cache-mb", min=0, help="Keep decoded evaluation batches in memory up to this size.")] = D.SWEEP_CACHE_MB,
     checkpoint: C.CheckpointOpt = None,
     num_classes: C.NumClassesOpt = None,
     pretrained_cfg: C.PretrainedCfgOpt = None,
-    device: C.DeviceOpt = "auto",
-    batch_size: C.BatchSizeOpt = 64,
-    workers: C.WorkersOpt = C.DEFAULT_WORKERS,
+    device: C.DeviceOpt = D.DEVICE,
+    batch_size: C.BatchSizeOpt = D.EVAL_BATCH_SIZE,
+    workers: C.WorkersOpt = None,
     overwrite: C.OverwriteOpt = False,
     json_out: C.JsonOpt = None,
 ) -> None:
     """Accuracy (or fidelity) vs sparsity for CORP and the uncompensated baseline, with FLOPs.
 
-    timm ViTs are scored on top-1 (labelled data) or agreement with the dense model;
-    Hugging Face encoders on the fidelity of their embeddings to the dense model's
-    (--data text:pydoc@eval, text:FILE or hf:NAME for text; images for HF ViT/DeiT).
+    Classifiers are scored on top-1 (labelled data) or agreement with the dense model;
+    backbones and text encoders on the cosine of their pooled feature to the dense model's.
     """
+    from corp_cli.artifacts import atomic_dir, check_out_dir, write_bytes_atomic, write_json_atomic
+    from corp_cli.devices import environment
+    from corp_cli.evaluate import label_remap
+    from corp_cli.loading import load_dense
+    from corp_cli.pruning import PruneOptions
+    from corp_cli.stats import Statistics, check_matches
+    from corp_cli.sweep import EvalMeasure, batch_provider, csv_text, have_matplotlib, parse_sparsities, plot, run_sweep
+
     t0 = time.perf_counter()
     points = parse_sparsities(sparsities)
     base = PruneOptions(target=target, ranker=ranker, qk_ranker=qk_ranker, round_to=round_to)  # type: ignore[arg-type]
-    hf = is_hf_model_spec(model)
-    if hf and labels:
-        raise InputError("--labels: Hugging Face models are scored on fidelity to the dense model, not on labels")
     check_out_dir(out, overwrite=overwrite)
     stats = Statistics.load(C.existing_file(stats_path, "--stats"))
-    loaded, prep = load_model_and_preprocessing(model, checkpoint, num_classes, pretrained_cfg, {}, device)
+    loaded = load_dense(model, C.model_options(checkpoint, num_classes, pretrained_cfg), device)
+    n_workers = C.workers_for(loaded.modality, workers)
     check_matches(stats, loaded.identity)
     dev = next(loaded.model.parameters()).device
-    evals = 1 + 2 * len(points)
-    if hf:
-        from corp_cli.hf.commands import sweep_measure
-
-        measure, source, item, count = sweep_measure(loaded.model, prep, data, samples, seed, batch_size, workers,
-                                                     cache_mb * 2**20)
-    else:
-        classes = parse_classes(loaded.checkpoint_meta.get("classes"))
-        source = open_eval_source(data, samples, seed, labels, classes)
-        remap = label_remap(source, loaded.identity.num_classes, classes) if source.labels else None
-        batches = batch_provider(source, prep.transform(), batch_size, workers, cache_mb * 2**20, prep.input_size)
-        measure, item, count = ImageMeasure(batches, labelled=source.labels, remap=remap, device=dev), "image", source.num_items
-    total = count * evals if count is not None else None
-    unit = "images" if item == "image" else "texts"
+    source = open_eval_source(data, loaded, samples, seed, labels)
+    remap = label_remap(source, loaded.identity.num_classes, loaded.classes) if source.labels else None
+    batches = batch_provider(loaded.preprocessing, source, batch_size, n_workers, cache_mb * 2**20)
+    measure = EvalMeasure(batches, labelled=source.labels, classifier=loaded.family.has_classifier(loaded.model),
+                          remap=remap, device=dev)
+    unit = C.sample_unit(loaded.preprocessing.to_dict())
+    item = "image" if loaded.modality == "image" else f"{loaded.family.tokens_per_item(loaded.model)}-token sequence"
+    count = source.num_items
+    total = count * (1 + 2 * len(points)) if count is not None else None
     with C.progress_bar(f"sweeping {len(points)} sparsities x 2 arms", total, unit=unit) as advance:
         measure.progress = advance
-        dense_row, rows = run_sweep(loaded.model, stats, points, base, measure)
+        dense_row, rows = run_sweep(loaded, stats, points, base, measure)
     report: dict[str, Any] = {
         "command": "sweep",
         "model": loaded.identity.to_dict(),
@@ -103,7 +85,7 @@ def sweep_cmd(
                   "synthetic": stats.meta.get("synthetic")},
         "data": source.describe(),
         "synthetic": bool(getattr(source, "synthetic", False)),
-        "preprocessing": prep.to_dict(),
+        "preprocessing": loaded.preprocessing.to_dict(),
         "options": base.to_dict(),
         "sparsities": points,
         "metric": dense_row["metric"],
@@ -128,12 +110,16 @@ def sweep_cmd(
 
 
 def _fmt(x: float | None, metric: str) -> str:
+    from corp_cli.sweep import PERCENT_METRICS
+
     if x is None:
         return "-"
     return f"{100 * x:.2f}" if metric in PERCENT_METRICS else f"{x:.4f}"
 
 
 def print_report(out: Path, report: dict[str, Any]) -> None:
+    from corp_cli.sweep import METRIC_LABELS
+
     metric = report["metric"]
     item = report["per_item"]
     table = Table(title=f"corp sweep -> {out}  ({METRIC_LABELS[metric]} vs sparsity)")

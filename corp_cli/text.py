@@ -1,4 +1,4 @@
-"""Text calibration / evaluation sources and tokenised batches for HF text encoders.
+"""Text calibration / evaluation sources, the text preprocessing record, and tokenised batches.
 
 Spec forms for `open_text_source`:
   text:pydoc[@PART]           sentences of Python's own documentation (pydoc_data.topics), on every install
@@ -18,10 +18,12 @@ import itertools
 import logging
 import re
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 
 from corp_cli.artifacts import canonical_json
 from corp_cli.errors import InputError
@@ -216,3 +218,65 @@ def text_batches(
         chunk = [texts[i] for i in idx[start:start + batch_size]]
         enc = tokenizer(chunk, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
         yield {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+
+
+@dataclass(frozen=True)
+class TextPreprocessing:
+    """How text becomes model inputs and how token states become one embedding.
+
+    `tokenizer` is provenance (where the tokenizer was read from when the record was made);
+    `tokenizer_dir` is where this process loads it from (a pruned model's own copy), and is
+    not part of the record.
+    """
+
+    tokenizer: str
+    max_length: int
+    pooling: str  # "mean" over real tokens, or "cls"
+    normalize: bool
+    tokenizer_dir: Path | None = field(default=None, compare=False)
+
+    kind: ClassVar[str] = "text"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "text", "tokenizer": self.tokenizer, "max_length": self.max_length,
+                "pooling": self.pooling, "normalize": self.normalize}
+
+    @staticmethod
+    def from_dict(d: dict[str, Any], tokenizer_dir: Path | None = None) -> TextPreprocessing:
+        try:
+            return TextPreprocessing(str(d["tokenizer"]), int(d["max_length"]), str(d["pooling"]), bool(d["normalize"]),
+                                     tokenizer_dir=tokenizer_dir)
+        except (KeyError, TypeError, ValueError) as e:
+            raise InputError(f"text preprocessing record is malformed ({e})") from None
+
+    def load_tokenizer(self) -> Any:
+        folder = self.tokenizer_dir or Path(self.tokenizer)
+        return load_tokenizer(folder)
+
+    def batches(self, source: TextSource, batch_size: int, workers: int = 0) -> Iterator[tuple[dict[str, torch.Tensor], None]]:
+        """Tokenised batches of similar lengths (little padding), in a fixed order; no labels."""
+        tok = self.load_tokenizer()
+        order = length_order(source.texts, tok, self.max_length)
+        for batch in text_batches(source.texts, tok, batch_size, self.max_length, order):
+            yield batch, None
+
+    def pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) token states -> (B, D) sentence embeddings, padding excluded."""
+        if self.pooling == "cls":
+            emb = hidden[:, 0]
+        else:
+            m = mask.to(hidden.dtype).unsqueeze(-1)
+            emb = (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
+        return F.normalize(emb, dim=-1) if self.normalize else emb
+
+
+def load_tokenizer(folder: str | Path) -> Any:
+    from corp_cli.hub import transformers_module
+
+    transformers = transformers_module()
+    try:
+        with offline_from_env():
+            return transformers.AutoTokenizer.from_pretrained(str(folder))
+    except Exception as e:  # noqa: BLE001
+        detail = str(e).splitlines()[0][:120] if str(e) else ""
+        raise InputError(f"{folder}: no usable tokenizer ({type(e).__name__}: {detail})") from None

@@ -1,0 +1,184 @@
+"""Streaming calibration: one pass over the data, the family's hooks feed each block's sums to the engine.
+
+Memory is the model plus the sums: activations are reduced batch by batch and dropped.
+Only real tokens enter the sums: a batch's "attention_mask" (text) drops the padding.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from corp_cli import engine
+from corp_cli.errors import InputError
+from corp_cli.family import Batch, Loaded, ModelFamily
+from corp_cli.stats import Statistics, finite_or_raise, new_meta
+
+log = logging.getLogger(__name__)
+
+PARTS = ("mlp", "attn")
+
+
+@dataclass
+class CalibrationSums:
+    blocks: list[dict[str, dict[str, Tensor]]]
+    samples: int  # images, or token sequences
+    tokens: int
+
+
+def as_batch(x: Tensor | Batch) -> Batch:
+    """A bare tensor is a batch of images."""
+    return x if isinstance(x, dict) else {"pixel_values": x}
+
+
+def collect_statistics(
+    model: nn.Module,
+    batches: Iterable[Tensor | Batch],
+    *,
+    family: ModelFamily | None = None,
+    parts: tuple[str, ...] = PARTS,
+    product_dtype: torch.dtype = torch.float32,
+    on_batch: Callable[[int], None] | None = None,
+) -> CalibrationSums:
+    """Run the model over `batches` and accumulate every block's sufficient statistics.
+
+    A batch is an image tensor or a dict of model inputs; with an `attention_mask` only
+    the masked-in tokens are counted. product_dtype is the dtype of the per-batch Gram
+    products (float32 is ~2x faster on CPU; sums are float64 either way).
+    on_batch(n_samples) is called after each batch.
+    """
+    from corp_cli.registry import family_of
+
+    fam = family or family_of(model)
+    nblocks = fam.num_blocks(model)
+    acc: list[dict[str, dict[str, Tensor] | None]] = [{p: None for p in parts} for _ in range(nblocks)]
+    token_mask: list[Tensor | None] = [None]  # the current batch's real tokens, set before its forward
+
+    def real_tokens(h: Tensor) -> Tensor:
+        m = token_mask[0]
+        return h if m is None else h[m]
+
+    def real_heads(x: Tensor) -> Tensor:
+        """(B, H, N, d) -> the real tokens of all sequences as one sequence (1, H, T, d).
+
+        The statistics are per-token sums, so which sequence a token came from does not matter.
+        """
+        m = token_mask[0]
+        return x if m is None else x.transpose(1, 2)[m].unsqueeze(0).transpose(1, 2)
+
+    def on_mlp(i: int) -> Callable[[Tensor], None]:
+        def emit(h: Tensor) -> None:
+            st = engine.mlp_batch_stats(real_tokens(h.detach()), product_dtype)
+            finite_or_raise(st["sum"], f"block {i} MLP hidden units")
+            acc[i]["mlp"] = engine.add_stats(acc[i]["mlp"], st)
+        return emit
+
+    def on_qk(i: int) -> Callable[[Tensor, Tensor], None]:
+        def emit(q: Tensor, k: Tensor) -> None:
+            st = engine.qk_batch_stats(real_heads(q.detach()), real_heads(k.detach()), product_dtype)
+            finite_or_raise(st["qk_sq"], f"block {i} attention queries/keys")
+            acc[i]["attn"] = engine.add_stats(acc[i]["attn"], st)
+        return emit
+
+    handles: list[Any] = []
+    try:
+        for i in range(nblocks):
+            if "mlp" in parts:
+                handles += fam.mlp_hook(model, i, on_mlp(i))
+            if "attn" in parts:
+                handles += fam.qk_hook(model, i, on_qk(i))
+        param = next(model.parameters())
+        samples = 0
+        with torch.inference_mode():
+            for x in batches:
+                batch = {k: v.to(param.device, dtype=param.dtype) if v.is_floating_point() else v.to(param.device)
+                         for k, v in as_batch(x).items()}
+                mask = batch.get("attention_mask")
+                token_mask[0] = mask.bool() if mask is not None else None
+                fam.forward_trunk(model, batch)
+                n = int(next(iter(batch.values())).shape[0])
+                samples += n
+                if on_batch is not None:
+                    on_batch(n)
+    finally:
+        for h in handles:
+            h.remove()
+    if samples == 0:
+        raise ValueError("no calibration samples were processed")
+    blocks: list[dict[str, dict[str, Tensor]]] = []
+    for i, b in enumerate(acc):
+        out: dict[str, dict[str, Tensor]] = {}
+        for p, d in b.items():
+            if d is None:
+                raise RuntimeError(f"block {i}: no {p} activations were observed")
+            out[p] = {k: v.cpu() for k, v in d.items()}
+        blocks.append(out)
+    tokens = int(next(iter(blocks[0].values()))["count"].sum())
+    return CalibrationSums(blocks=blocks, samples=samples, tokens=tokens)
+
+
+def block_shapes(loaded_or_model: Loaded | nn.Module, family: ModelFamily | None = None) -> list[dict[str, int]]:
+    """Per-block shapes as recorded in statistics and masks metadata."""
+    if isinstance(loaded_or_model, Loaded):
+        model, fam = loaded_or_model.model, loaded_or_model.family
+    else:
+        from corp_cli.registry import family_of
+
+        model, fam = loaded_or_model, family or family_of(loaded_or_model)
+    return [fam.shape(model, i).to_dict() for i in range(fam.num_blocks(model))]
+
+
+def check_parts(loaded: Loaded, parts: tuple[str, ...]) -> None:
+    """Refuse attention statistics for blocks whose Q/K cannot be hooked, before the pass."""
+    if "attn" not in parts:
+        return
+    fam, model = loaded.family, loaded.model
+    for i in range(fam.num_blocks(model)):
+        why = fam.qk_refusal(model, i)
+        if why is not None:
+            raise InputError(f"{why}; calibrate with --parts mlp")
+
+
+def calibrate(
+    loaded: Loaded,
+    source: Any,
+    *,
+    batch_size: int = 32,
+    workers: int = 0,
+    parts: tuple[str, ...] = PARTS,
+    product_dtype: torch.dtype = torch.float32,
+    on_batch: Callable[[int], None] | None = None,
+) -> Statistics:
+    """Stream `source` (an image or text source of the model's modality) through the model once."""
+    check_parts(loaded, parts)
+    prep = loaded.preprocessing
+    batches = (b for b, _ in prep.batches(source, batch_size, workers))
+    try:
+        sums = collect_statistics(loaded.model, batches, family=loaded.family, parts=parts,
+                                  product_dtype=product_dtype, on_batch=on_batch)
+    except ValueError as e:
+        if "no calibration samples" in str(e):
+            what = "text could be read" if loaded.modality == "text" else "image could be decoded"
+            raise InputError(f"no calibration {what} from {source.spec} ({source.skipped} skipped)") from None
+        raise
+    if source.skipped:
+        log.warning("%d calibration image(s) could not be decoded and were skipped", source.skipped)
+    meta = new_meta(
+        identity=loaded.identity,
+        shapes=block_shapes(loaded),
+        parts=list(parts),
+        preprocessing=prep.to_dict(),
+        data=source.describe(),
+        samples=sums.samples,
+        tokens=sums.tokens,
+        seed=source.seed,
+        shard=source.shard,
+        product_dtype=str(product_dtype).removeprefix("torch."),
+        skipped_samples=source.skipped,
+    )
+    return Statistics(blocks=sums.blocks, meta=meta)

@@ -1,0 +1,42 @@
+"""Every default a user can see, in one place, importable without torch (the CLI's --help reads it)."""
+
+from __future__ import annotations
+
+# prune
+TARGET = "both"
+MLP_SPARSITY = 0.5
+ATTN_SPARSITY = 0.5
+RANKER = "energy"
+QK_RANKER = "energy"
+ROUND_TO = 1
+MIN_KEEP = 1
+MIN_QK_DIM = 1
+QK_FOLD = "balanced"
+TARGETS = ("mlp", "attn", "both")
+MLP_RANKERS = ("energy", "active-energy", "magnitude", "obs", "obs-greedy")
+QK_RANKERS = ("energy", "joint", "magnitude")
+
+# calibration
+CALIB_DATA = {"image": "hf:timm/mini-imagenet@validation", "text": "text:pydoc@calib"}
+CALIB_SAMPLES = 512
+CALIB_BATCH_SIZE = 32
+PARTS = ("mlp", "attn")
+PRECISION = "float32"
+
+# evaluation and the rest
+EVAL_BATCH_SIZE = 64
+DEVICE = "auto"
+SEED = 0
+SWEEP_SPARSITIES = "0.1,0.2,...,0.7"
+SWEEP_CACHE_MB = 1024
+BENCH_WARMUP = 3
+BENCH_RUNS = 10
+BENCH_BATCH_SIZES = {"cpu": (1, 8), "cuda": (1, 32, 256)}
+EXPORT_FORMAT = "torch-export"
+
+
+def workers() -> int:
+    """Image decoding worker processes: up to 4, never more than the CPUs."""
+    import os
+
+    return min(4, os.cpu_count() or 1)

@@ -1,0 +1,286 @@
+"""What every timm image family shares: names, loading, preprocessing, rebuild, FLOPs of the stem, export.
+
+A timm family subclasses TimmFamily and says which timm modules its models come from,
+how its blocks are laid out, and how narrower blocks are installed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import Tensor, nn
+
+from corp_cli.artifacts import sha256_file
+from corp_cli.checkpoints import first_line, load_strict, read_checkpoint, state_dict_digest
+from corp_cli.errors import ArtifactError, InputError, UnsupportedModelError
+from corp_cli.family import Batch, Loaded, ModelFamily, ModelIdentity, ModelOptions, Outputs
+from corp_cli.hub import offline_from_env, offline_requested
+from corp_cli.preprocess import resolve_preprocessing
+
+log = logging.getLogger(__name__)
+
+# A short name resolves to its plain 224-px model: patch 16 when there is one, else the one
+# patch size at 224 (e.g. vit_huge -> vit_huge_patch14_224).
+_PLAIN_224 = re.compile(r"_patch\d+_224$")
+
+
+class TimmFamily(ModelFamily):
+    modality = "image"
+    options = frozenset({"checkpoint", "num_classes", "pretrained_cfg", "preprocessing"})
+    # timm modules whose models this family prunes (timm.models.is_model_in_modules)
+    modules: tuple[str, ...] = ()
+
+    # ---- names
+
+    def claim(self, spec: str) -> bool:
+        arch = spec.split(".", 1)[0]
+        if "/" in arch or arch.startswith((".", "~")):
+            return False
+        return bool(timm.is_model(arch)) and bool(timm.models.is_model_in_modules(arch, list(self.modules)))
+
+    def near_miss(self, spec: str) -> tuple[str, str] | None:
+        arch = spec.split(".", 1)[0]
+        if "/" in arch or not timm.is_model(arch):
+            return None
+        from timm.models._registry import _model_to_module
+
+        module = _model_to_module.get(arch, "?")
+        return f"timm's {arch} (timm.models.{module})", f"{self.name} prunes timm.models.{{{','.join(self.modules)}}} models"
+
+    def _names(self) -> list[str]:
+        return _names_in(self.modules)
+
+    def candidates(self, spec: str) -> list[str]:
+        if "/" in spec or "." in spec:
+            return []
+        names = [n for n in self._names() if n.startswith(spec + "_")]
+        plain = [n for n in names if _PLAIN_224.search(n) and n[len(spec) + 1:].startswith("patch")]
+        for pick in (f"{spec}_patch16_224",):
+            if pick in plain:
+                return [pick]
+        if len(plain) == 1:
+            return plain
+        return plain or names
+
+    def close_matches(self, spec: str) -> list[str]:
+        return difflib.get_close_matches(spec.split(".", 1)[0], self._names(), n=3, cutoff=0.6)
+
+    # ---- loading
+
+    def check(self, spec: str, options: ModelOptions) -> None:
+        if options.num_classes is not None and options.num_classes < 0:
+            raise InputError(f"--num-classes must be >= 0, got {options.num_classes}")
+        with torch.device("meta"):  # shapes only: refuse unsupported layouts before any weight is read
+            probe = self._create(spec.split(".", 1)[0], pretrained=False, **self._kwargs(options))
+        self.validate(probe)
+
+    def validate(self, model: nn.Module) -> None:
+        """Raise UnsupportedModelError when `model` has a layout this family cannot prune."""
+
+    def _kwargs(self, options: ModelOptions) -> dict[str, Any]:
+        return {"num_classes": options.num_classes} if options.num_classes is not None else {}
+
+    def _create(self, arch: str, **kwargs: Any) -> nn.Module:
+        try:
+            return timm.create_model(arch, **kwargs)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise InputError(f"timm could not build {arch!r} with {kwargs}: {first_line(e)}") from None
+
+    def load(self, spec: str, options: ModelOptions, device: torch.device) -> Loaded:
+        """num_classes precedence: explicit > checkpoint metadata > the checkpoint's head shape > timm's default."""
+        arch = spec.split(".", 1)[0]
+        kwargs = self._kwargs(options)
+        meta: dict[str, str] = {}
+        if options.checkpoint is not None:
+            sd, meta = read_checkpoint(options.checkpoint)
+            if "num_classes" not in kwargs and "num_classes" in meta:
+                try:
+                    kwargs["num_classes"] = int(meta["num_classes"])
+                except ValueError:
+                    raise InputError(f"checkpoint {options.checkpoint}: metadata num_classes={meta['num_classes']!r} "
+                                     "is not an integer") from None
+            if "num_classes" not in kwargs and (n := self._head_classes(sd)) is not None:
+                kwargs["num_classes"] = n
+            model = self._create(arch, pretrained=False, **kwargs)
+            load_strict(model, sd, options.checkpoint, "check the model name and --num-classes")
+            identity = ModelIdentity(arch, f"sha256:{sha256_file(options.checkpoint)}", _num_classes(model))
+        else:
+            try:
+                with offline_from_env():
+                    model = timm.create_model(spec, pretrained=True, **kwargs)
+            except Exception as e:  # noqa: BLE001 - hub/cache failures come in many types
+                why = ("offline: HF_HUB_OFFLINE is set and they are not in the local Hugging Face cache;"
+                       if offline_requested() else "offline?")
+                raise InputError(
+                    f"could not load pretrained weights for {spec!r} ({first_line(e, 120)}); {why} "
+                    "pass --checkpoint FILE (.safetensors or .pth) or put the weights in the Hugging Face cache"
+                ) from None
+            tag = getattr(model, "pretrained_cfg", {}).get("tag") or "default"
+            identity = ModelIdentity(arch, f"timm-pretrained:{arch}.{tag}", _num_classes(model))
+        self.validate(model)
+        prep = resolve_preprocessing(model, checkpoint_meta=meta, pretrained_cfg_path=options.pretrained_cfg,
+                                     overrides=options.preprocessing)
+        from corp_cli.labels import parse_classes
+
+        model.to(device).eval()
+        return Loaded(model=model, family=self, identity=identity, preprocessing=prep, checkpoint_meta=meta,
+                      classes=parse_classes(meta.get("classes")), model_kwargs={"num_classes": identity.num_classes})
+
+    def _head_classes(self, sd: dict[str, Tensor]) -> int | None:
+        w = sd.get("head.weight")
+        return int(w.shape[0]) if w is not None and w.ndim == 2 else None
+
+    def adopt(self, model: nn.Module, model_kwargs: dict[str, Any] | None = None) -> Loaded:
+        """An in-memory timm model: rebuilt later from its architecture name and constructor options.
+
+        timm models do not record the options they were built with; the common ones are read
+        back off the module (see infer_kwargs), or given as `model_kwargs`. Either way the
+        rebuild is tried on the meta device now, so a model corp could not reload is refused here.
+        """
+        self.validate(model)
+        arch = _arch_name(model)
+        kwargs = dict(model_kwargs) if model_kwargs is not None else self._inferred_kwargs(model, arch)
+        self._check_rebuild(model, arch, kwargs)
+        identity = ModelIdentity(arch, f"in-memory:{state_dict_digest(model)}", _num_classes(model))
+        return Loaded(model=model, family=self, identity=identity, preprocessing=resolve_preprocessing(model),
+                      model_kwargs=kwargs)
+
+    def infer_kwargs(self, model: nn.Module) -> dict[str, Any]:
+        """Constructor options read back off a built model (subclasses add their own)."""
+        found: dict[str, Any] = {"num_classes": _num_classes(model), "depth": self.num_blocks(model)}
+        pe = getattr(model, "patch_embed", None)
+        if pe is not None and getattr(pe, "img_size", None) is not None:
+            found["img_size"] = tuple(int(s) for s in pe.img_size)
+        return found
+
+    def _inferred_kwargs(self, model: nn.Module, arch: str) -> dict[str, Any]:
+        with torch.device("meta"):
+            default = self._create(arch, pretrained=False)
+        theirs = self.infer_kwargs(default)
+        # only what differs from the architecture's defaults, so records stay minimal
+        return {k: v for k, v in self.infer_kwargs(model).items() if theirs.get(k) != v}
+
+    def _check_rebuild(self, model: nn.Module, arch: str, kwargs: dict[str, Any]) -> None:
+        record = {"family": self.name, "base_model": arch, "model_kwargs": kwargs, "blocks": self.block_specs(model)}
+        with torch.device("meta"):
+            probe = self.build(record)
+        own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        theirs = {k: tuple(v.shape) for k, v in probe.state_dict().items()}
+        if own != theirs:
+            diff = sorted(set(own.items()) ^ set(theirs.items()))[:2]
+            raise UnsupportedModelError(
+                f"timm.create_model({arch!r}, **{kwargs}) does not rebuild this model (differs at {diff}); pass the "
+                "options it was built with: corp_cli.adopt(model, model_kwargs={...})"
+            )
+
+    def block_specs(self, model: nn.Module) -> list[dict[str, Any]]:
+        """Per-block widths as the checkpoint records them."""
+        raise NotImplementedError
+
+    # ---- rebuild
+
+    def build(self, arch: dict[str, Any]) -> nn.Module:
+        model = self._create(arch["base_model"], pretrained=False, **kwargs_from_record(arch["model_kwargs"]))
+        blocks = arch["blocks"]
+        if len(blocks) != self.num_blocks(model):
+            raise ArtifactError(f"architecture lists {len(blocks)} blocks but {arch['base_model']} has {self.num_blocks(model)}")
+        for i, spec in enumerate(blocks):
+            self.narrow_block_for(model, i, spec, arch)
+        return model
+
+    def narrow_block_for(self, model: nn.Module, i: int, spec: dict[str, Any], arch: dict[str, Any]) -> None:
+        """Replace block i's modules with empty ones of the recorded widths."""
+        raise NotImplementedError
+
+    # ---- counting, outputs, export
+
+    def tokens_per_item(self, model: nn.Module) -> int:
+        return int(model.patch_embed.num_patches) + int(getattr(model, "num_prefix_tokens", 1))
+
+    def outer_flops(self, model: nn.Module, tokens: int) -> int:
+        pe = model.patch_embed.proj
+        n_patches = int(model.patch_embed.num_patches)
+        embed = 2 * n_patches * pe.out_channels * pe.in_channels * pe.kernel_size[0] * pe.kernel_size[1]
+        head = 0
+        for name in ("head", "head_dist"):
+            lin = getattr(model, name, None)
+            if isinstance(lin, nn.Linear):
+                head += 2 * lin.in_features * lin.out_features
+        return embed + head
+
+    def has_classifier(self, model: nn.Module) -> bool:
+        return _num_classes(model) > 0
+
+    def forward(self, model: nn.Module, batch: Batch) -> Any:
+        return model(batch["pixel_values"])
+
+    def forward_trunk(self, model: nn.Module, batch: Batch) -> Any:
+        return model.forward_features(batch["pixel_values"])  # the classifier head is not pruned: skip it
+
+    def outputs(self, loaded: Loaded, batch: Batch) -> Outputs:
+        model = loaded.model
+        feats = model.forward_features(batch["pixel_values"])
+        pooled = model.forward_head(feats, pre_logits=True)
+        logits = model.forward_head(feats) if self.has_classifier(model) else None
+        return Outputs(logits=logits, features=pooled)
+
+    def input_shape(self, model: nn.Module) -> tuple[int, int, int]:
+        """(C, H, W) the model accepts: timm ViTs check the patch-embed size strictly."""
+        pe = model.patch_embed
+        h, w = (int(s) for s in pe.img_size)
+        return int(pe.proj.in_channels), h, w
+
+    def example_batch(self, loaded: Loaded, batch_size: int, *, dtype: torch.dtype, device: torch.device) -> Batch:
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(batch_size, *loaded.preprocessing.input_size, generator=gen)
+        return {"pixel_values": x.to(device=device, dtype=dtype)}
+
+    def export_spec(self, loaded: Loaded, meta: dict[str, Any], folder: Path) -> Any:
+        from corp_cli.export import image_spec
+
+        model = loaded.model
+        if self.has_classifier(model):
+            return image_spec(model, self.input_shape(model), "image", "logits", "classifier logits")
+        return image_spec(_PooledFeatures(model), self.input_shape(model), "image", "features",
+                          "pooled pre-logits feature (the model has no classifier)")
+
+
+class _PooledFeatures(nn.Module):
+    """A headless timm model's pooled feature, as its forward_head(pre_logits=True) gives it."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: Tensor) -> Tensor:
+        return self.model.forward_head(self.model.forward_features(image), pre_logits=True)
+
+
+@functools.lru_cache(maxsize=None)
+def _names_in(modules: tuple[str, ...]) -> list[str]:
+    return [n for n in timm.list_models() if timm.models.is_model_in_modules(n, list(modules))]
+
+
+def _num_classes(model: nn.Module) -> int:
+    return int(getattr(model, "num_classes", 0))
+
+
+def _arch_name(model: nn.Module) -> str:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    arch = cfg.get("architecture")
+    if not arch or not timm.is_model(arch):
+        raise UnsupportedModelError(f"{type(model).__name__}: not built by timm.create_model (no pretrained_cfg "
+                                    "architecture), so corp cannot rebuild it")
+    return str(arch)
+
+
+def kwargs_from_record(kwargs: dict[str, Any]) -> dict[str, Any]:
+    # JSON turns tuples into lists; timm wants tuples for sizes
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}

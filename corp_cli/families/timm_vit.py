@@ -1,0 +1,334 @@
+"""timm VisionTransformer: DeiT, ViT, DeiT-III (LayerScale), distilled DeiT, DINOv2, and q/k-norm ViTs.
+
+Block i: mlp.fc1 -> act -> mlp.fc2 (the hidden units h are fc2's input); attention is one
+fused qkv projection, per-head q_norm/k_norm (Identity unless qk_norm=True), SDPA, proj.
+Q/K pruning rebuilds the attention as QKPrunedAttention (narrow q/k rows of the fused
+projection) or, with q/k norms, QKNormPrunedAttention (full projection and norms, then
+per-head maps to the kept dims).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import timm
+import torch
+from timm.layers import Mlp
+from timm.models.vision_transformer import Attention, VisionTransformer
+from torch import Tensor, nn
+
+from corp_cli import engine
+from corp_cli.attention import sdpa_mixed_width
+from corp_cli.errors import ArtifactError, UnsupportedModelError
+from corp_cli.family import BlockShape, Hook, Loaded, MlpWeights
+from corp_cli.families.timm_base import TimmFamily, kwargs_from_record
+
+SUPPORTED = (
+    "timm VisionTransformer models whose blocks use Mlp (fc1 -> act -> fc2) and fused-qkv Attention, "
+    "e.g. deit_tiny/small/base_patch16_224, vit_small/base_patch16_224, deit3_small_patch16_224, "
+    "deit_base_distilled_patch16_224, vit_small_patch14_dinov2"
+)
+
+
+class QKPrunedAttention(nn.Module):
+    """Self-attention whose queries/keys keep `qk_dim` dims per head while values keep `head_dim`.
+
+    The fused projection emits [q (H*qk_dim) | k (H*qk_dim) | v (H*head_dim)]. The softmax
+    scale is the ORIGINAL head_dim^-1/2: the compensated logits reconstruct the dense
+    ones, so they must not be re-normalised for the smaller width.
+    """
+
+    def __init__(
+        self, dim: int, num_heads: int, head_dim: int, qk_dim: int, *,
+        scale: float, qkv_bias: bool = True, proj_bias: bool = True, dim_out: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.qk_dim = qk_dim
+        self.scale = scale
+        self.qkv = nn.Linear(dim, num_heads * (2 * qk_dim + head_dim), bias=qkv_bias)
+        self.proj = nn.Linear(num_heads * head_dim, dim_out or dim, bias=proj_bias)
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        b, n, _ = x.shape
+        h, dq, dv = self.num_heads, self.qk_dim, self.head_dim
+        q, k, v = self.qkv(x).split([h * dq, h * dq, h * dv], dim=-1)
+        q = q.reshape(b, n, h, dq).transpose(1, 2)
+        k = k.reshape(b, n, h, dq).transpose(1, 2)
+        v = v.reshape(b, n, h, dv).transpose(1, 2)
+        out = sdpa_mixed_width(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale)
+        return self.proj(out.transpose(1, 2).reshape(b, n, h * dv))
+
+
+class QKNormPrunedAttention(nn.Module):
+    """Q/K-pruned attention for bases with per-head q/k norms (timm `qk_norm=True`).
+
+    The norms see all head_dim dims (their mean/variance need every one), so the fused
+    projection stays full width and the norms are kept as they were; each head then maps
+    its normalised q and k to `qk_dim` dims with (qk_dim x head_dim) matrices that select
+    the kept dims and carry the folded (I + M) compensation. Only the logit and softmax
+    work shrinks, not the projection. The softmax scale is the ORIGINAL head_dim^-1/2.
+    """
+
+    def __init__(
+        self, dim: int, num_heads: int, head_dim: int, qk_dim: int, q_norm: nn.Module, k_norm: nn.Module, *,
+        scale: float, qkv_bias: bool = True, proj_bias: bool = True, dim_out: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.qk_dim = qk_dim
+        self.scale = scale
+        self.qkv = nn.Linear(dim, 3 * num_heads * head_dim, bias=qkv_bias)
+        self.q_norm = q_norm
+        self.k_norm = k_norm
+        self.q_out = nn.Parameter(torch.zeros(num_heads, qk_dim, head_dim))
+        self.k_out = nn.Parameter(torch.zeros(num_heads, qk_dim, head_dim))
+        self.proj = nn.Linear(num_heads * head_dim, dim_out or dim, bias=proj_bias)
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        b, n, _ = x.shape
+        h, d = self.num_heads, self.head_dim
+        q, k, v = self.qkv(x).reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+        q = torch.einsum("bhnd,hsd->bhns", self.q_norm(q), self.q_out)
+        k = torch.einsum("bhnd,hsd->bhns", self.k_norm(k), self.k_out)
+        out = sdpa_mixed_width(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale)
+        return self.proj(out.transpose(1, 2).reshape(b, n, h * d))
+
+
+def has_qk_norm(attn: nn.Module) -> bool:
+    """Whether the attention normalises q/k per head (timm qk_norm), which changes how it is pruned."""
+    return any(not isinstance(getattr(attn, part, nn.Identity()), nn.Identity) for part in ("q_norm", "k_norm"))
+
+
+def narrow_attention(attn: nn.Module, qk_dim: int) -> QKPrunedAttention | QKNormPrunedAttention:
+    """An empty Q/K-narrow module with `attn`'s other widths, dtype and device."""
+    w = attn.qkv.weight
+    common = dict(scale=float(attn.scale), qkv_bias=attn.qkv.bias is not None,
+                  proj_bias=attn.proj.bias is not None, dim_out=attn.proj.out_features)
+    if has_qk_norm(attn):
+        new: nn.Module = QKNormPrunedAttention(
+            attn.qkv.in_features, attn.num_heads, attn.head_dim, qk_dim,
+            copy.deepcopy(attn.q_norm), copy.deepcopy(attn.k_norm), **common,  # type: ignore[arg-type]
+        )
+    else:
+        new = QKPrunedAttention(attn.qkv.in_features, attn.num_heads, attn.head_dim, qk_dim, **common)  # type: ignore[arg-type]
+    return new.to(device=w.device, dtype=w.dtype)  # type: ignore[return-value]
+
+
+def narrow_linear(lin: nn.Linear, *, rows: Tensor | None = None, in_features: int | None = None) -> nn.Linear:
+    """A fresh Linear like `lin`: only its output `rows` (weights copied), or a new input width (empty)."""
+    kw = {"device": lin.weight.device, "dtype": lin.weight.dtype}
+    if rows is None:
+        return nn.Linear(in_features or lin.in_features, lin.out_features, bias=lin.bias is not None, **kw)
+    new = nn.Linear(lin.in_features, int(rows.numel()), bias=lin.bias is not None, **kw)
+    with torch.no_grad():
+        new.weight.copy_(lin.weight[rows])
+        if lin.bias is not None:
+            new.bias.copy_(lin.bias[rows])
+    return new
+
+
+class TimmViTFamily(TimmFamily):
+    name = "timm-vit"
+    modules = ("vision_transformer", "deit")
+    option_reasons = {}
+    examples = ("deit_base_patch16_224", "vit_base_patch16_224", "deit3_small_patch16_224", "vit_small_patch14_dinov2")
+    summary = "timm VisionTransformer (DeiT, ViT, DeiT-III, distilled DeiT, DINOv2)"
+
+    def owns(self, model: nn.Module) -> bool:
+        return isinstance(model, VisionTransformer)
+
+    def validate(self, model: nn.Module) -> None:
+        if not isinstance(model, VisionTransformer):
+            raise UnsupportedModelError(f"{type(model).__name__} is not supported; corp prunes {SUPPORTED}")
+        for i, blk in enumerate(model.blocks):
+            mlp = getattr(blk, "mlp", None)
+            if not isinstance(mlp, Mlp) or not isinstance(getattr(mlp, "norm", nn.Identity()), nn.Identity):
+                raise UnsupportedModelError(
+                    f"block {i} has a {type(mlp).__name__} MLP (gated or normalised hidden units are not supported "
+                    f"in this family); corp prunes {SUPPORTED}"
+                )
+            if not isinstance(blk.attn, (Attention, QKPrunedAttention, QKNormPrunedAttention)):
+                raise UnsupportedModelError(f"block {i} has a {type(blk.attn).__name__} attention; corp prunes {SUPPORTED}")
+
+    # ---- blocks
+
+    def num_blocks(self, model: nn.Module) -> int:
+        return len(model.blocks)
+
+    def shape(self, model: nn.Module, i: int) -> BlockShape:
+        blk = model.blocks[i]
+        attn = blk.attn
+        return BlockShape(dim=blk.mlp.fc1.in_features, mlp_hidden=blk.mlp.fc1.out_features,
+                          num_heads=attn.num_heads, head_dim=attn.head_dim,
+                          qk_dim=getattr(attn, "qk_dim", attn.head_dim))
+
+    def mlp_hook(self, model: nn.Module, i: int, emit: Callable[[Tensor], None]) -> list[Hook]:
+        return [model.blocks[i].mlp.fc2.register_forward_pre_hook(lambda _m, args: emit(args[0]))]
+
+    def mlp_weights(self, model: nn.Module, i: int) -> MlpWeights:
+        mlp = model.blocks[i].mlp
+        return MlpWeights([mlp.fc1.weight.detach()], mlp.fc2.weight.detach(), _bias(mlp.fc2))
+
+    def narrow_mlp(self, model: nn.Module, i: int, keep: Tensor, out_weight: Tensor, out_bias: Tensor | None) -> None:
+        mlp = model.blocks[i].mlp
+        fc2 = narrow_linear(mlp.fc2, in_features=int(keep.numel()))
+        with torch.no_grad():
+            fc2.weight.copy_(out_weight)
+            if out_bias is not None:
+                fc2.bias.copy_(out_bias)
+        mlp.fc1 = narrow_linear(mlp.fc1, rows=keep.to(mlp.fc1.weight.device))
+        mlp.fc2 = fc2
+
+    def qk_refusal(self, model: nn.Module, i: int) -> str | None:
+        attn = model.blocks[i].attn
+        if not isinstance(attn, Attention):
+            return f"block {i}: attention is already Q/K-pruned; prune the dense model instead"
+        # A norm over the attention output is not per-head Q/K work and is not something the
+        # pruned modules reproduce.
+        if not isinstance(getattr(attn, "norm", nn.Identity()), nn.Identity):
+            return (f"block {i}: attention has a norm layer over its output (scale_norm), which Q/K-pruned "
+                    "attention does not support (prune --target mlp instead)")
+        return None
+
+    def qk_hook(self, model: nn.Module, i: int, emit: Callable[[Tensor, Tensor], None]) -> list[Hook]:
+        attn = model.blocks[i].attn
+        pending: list[Tensor] = []
+
+        def on_q(_m: nn.Module, _a: Any, out: Tensor) -> None:
+            pending.append(out)
+
+        def on_k(_m: nn.Module, _a: Any, out: Tensor) -> None:
+            emit(pending.pop(), out)
+
+        # q_norm / k_norm are Identity without qk_norm: either way their outputs are the q and k
+        # that enter the logits, already (B, H, N, d)
+        return [attn.q_norm.register_forward_hook(on_q), attn.k_norm.register_forward_hook(on_k)]
+
+    def qk_weights(self, model: nn.Module, i: int) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
+        attn = model.blocks[i].attn
+        w, b = attn.qkv.weight.detach(), _bias(attn.qkv)
+        n = attn.num_heads * attn.head_dim
+        return w[:n], (b[:n] if b is not None else None), w[n:2 * n], (b[n:2 * n] if b is not None else None)
+
+    def softmax_scale(self, model: nn.Module, i: int) -> float:
+        return float(model.blocks[i].attn.scale)
+
+    def narrow_qk(self, model: nn.Module, i: int, keep: Tensor, m: Tensor, *, balanced: bool) -> None:
+        blk = model.blocks[i]
+        attn = blk.attn
+        if has_qk_norm(attn):
+            blk.attn = _qk_norm_pruned(attn, keep, m, balanced)
+            return
+        wq, bq, wk, bk = self.qk_weights(model, i)
+        wqn, bqn, wkn, bkn = engine.fold_qk(wq, bq, wk, bk, keep, m, balanced=balanced)
+        hd = attn.num_heads * attn.head_dim
+        new = narrow_attention(attn, keep.shape[1])
+        with torch.no_grad():
+            new.qkv.weight.copy_(torch.cat([wqn, wkn, attn.qkv.weight[2 * hd:]], 0))
+            if attn.qkv.bias is not None:
+                new.qkv.bias.copy_(torch.cat([bqn, bkn, attn.qkv.bias[2 * hd:]], 0))
+            new.proj.load_state_dict(attn.proj.state_dict())
+        blk.attn = new
+
+    # ---- the checkpoint
+
+    def infer_kwargs(self, model: nn.Module) -> dict[str, Any]:
+        found = super().infer_kwargs(model)
+        attn = model.blocks[0].attn if len(model.blocks) else None
+        found["qk_norm"] = attn is not None and has_qk_norm(attn)
+        return found
+
+    def architecture(self, loaded: Loaded) -> dict[str, Any]:
+        return {"family": self.name, "base_model": loaded.identity.name, "model_kwargs": dict(loaded.model_kwargs),
+                "blocks": self.block_specs(loaded.model)}
+
+    def block_specs(self, model: nn.Module) -> list[dict[str, Any]]:
+        blocks: list[dict[str, Any]] = []
+        for i, blk in enumerate(model.blocks):
+            s = self.shape(model, i)
+            spec: dict[str, Any] = {"mlp_hidden": s.mlp_hidden, "qk_dim": s.qk_dim}
+            if isinstance(blk.attn, QKNormPrunedAttention):
+                # only written when true, so checkpoints without q/k norms are unchanged; it is
+                # needed because this layout exists even when no dim was pruned (qk_dim == head_dim)
+                spec["qk_norm"] = True
+            blocks.append(spec)
+        return blocks
+
+    def narrow_block_for(self, model: nn.Module, i: int, spec: dict[str, Any], arch: dict[str, Any]) -> None:
+        shape = self.shape(model, i)
+        blk = model.blocks[i]
+        if int(spec["mlp_hidden"]) != shape.mlp_hidden:
+            width = int(spec["mlp_hidden"])
+            blk.mlp.fc1 = nn.Linear(blk.mlp.fc1.in_features, width, bias=blk.mlp.fc1.bias is not None)
+            blk.mlp.fc2 = narrow_linear(blk.mlp.fc2, in_features=width)
+        if spec.get("qk_norm"):
+            if not has_qk_norm(blk.attn):
+                raise ArtifactError(f"block {i} is recorded with q/k norms but {arch['base_model']} has none")
+            blk.attn = narrow_attention(blk.attn, int(spec["qk_dim"]))
+        elif int(spec["qk_dim"]) != shape.qk_dim:
+            blk.attn = narrow_attention(blk.attn, int(spec["qk_dim"]))
+
+    def checkpoint_meta(self, arch: dict[str, Any]) -> dict[str, Any]:
+        stock = stock_timm_kwargs(self, arch)
+        return {"stock_timm": {"model_name": arch["base_model"], "kwargs": stock}} if stock is not None else {}
+
+    def stock_loader(self, arch: dict[str, Any]) -> Any:
+        stock = stock_timm_kwargs(self, arch)
+        if stock is None:
+            return None
+        return lambda: timm.create_model(arch["base_model"], pretrained=False, **kwargs_from_record(stock))
+
+
+def stock_timm_kwargs(fam: TimmViTFamily, arch: dict[str, Any]) -> dict[str, Any] | None:
+    """timm.create_model kwargs that build this architecture with stock timm classes, if any.
+
+    Possible when only the MLP was pruned and every block kept the same width: then it is
+    a ViT with a different mlp_ratio.
+    """
+    widths = {int(b["mlp_hidden"]) for b in arch["blocks"]}
+    if len(widths) != 1:
+        return None
+    with torch.device("meta"):  # shapes only: no weights allocated or initialised
+        probe = timm.create_model(arch["base_model"], pretrained=False, **kwargs_from_record(arch["model_kwargs"]))
+    if any(int(b["qk_dim"]) != fam.shape(probe, i).head_dim or b.get("qk_norm") for i, b in enumerate(arch["blocks"])):
+        return None
+    dim = fam.shape(probe, 0).dim
+    (hidden,) = widths
+    ratio = hidden / dim
+    if int(dim * ratio) != hidden:  # timm computes int(dim * mlp_ratio)
+        return None
+    return {**arch["model_kwargs"], "mlp_ratio": ratio}
+
+
+def _qk_norm_pruned(attn: nn.Module, keep: Tensor, m: Tensor, balanced: bool) -> nn.Module:
+    """Pruned attention for a base with q/k norms: full projection and norms, then per-head maps.
+
+    The per-head (ds x d) maps are fold_qk applied to the identity: exactly the rows it
+    would fold into W_Q/W_K, but acting on the normalised q/k instead of on x.
+    """
+    nh, ds = keep.shape
+    d = attn.head_dim
+    eye = torch.eye(nh * d, dtype=engine.ACC_DTYPE, device=keep.device)
+    sq, _, sk, _ = engine.fold_qk(eye, None, eye, None, keep, m, balanced=balanced)
+    heads = torch.arange(nh, device=keep.device)
+    # (H*ds, H*d) is block diagonal over heads; keep each head's own (ds, d) block
+    q_out = sq.reshape(nh, ds, nh, d)[heads, :, heads, :]
+    k_out = sk.reshape(nh, ds, nh, d)[heads, :, heads, :]
+    new = narrow_attention(attn, ds)
+    with torch.no_grad():
+        new.qkv.load_state_dict(attn.qkv.state_dict())
+        new.q_norm.load_state_dict(attn.q_norm.state_dict())
+        new.k_norm.load_state_dict(attn.k_norm.state_dict())
+        new.q_out.copy_(q_out)
+        new.k_out.copy_(k_out)
+        new.proj.load_state_dict(attn.proj.state_dict())
+    return new
+
+
+def _bias(lin: nn.Linear) -> Tensor | None:
+    return lin.bias.detach() if lin.bias is not None else None

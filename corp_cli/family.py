@@ -1,0 +1,328 @@
+"""The model-family interface: everything corp asks of an architecture, and nothing more.
+
+A family (one file under corp_cli/families/) claims the model specs it understands,
+loads the dense model and its preprocessing, exposes each block's MLP and attention
+(where the hidden units h and the queries/keys are read, which weights rank them, how
+narrower modules are installed), describes and rebuilds its architecture for the
+checkpoint, counts the FLOPs outside the blocks, and says how it is exported and
+evaluated. Shared code calls these methods and never asks which family it holds; core
+modules never import a family: corp_cli.registry loads them by module name.
+
+The math is not here: every family feeds the same engine functions (one MLP solve path,
+one Q/K solve path). A family only moves tensors between its modules and the engine.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from corp_cli.errors import UnsupportedModelError
+
+if TYPE_CHECKING:
+    from corp_cli.export import ExportSpec
+
+# One batch of model inputs by name: {"pixel_values": x} for images, {"input_ids",
+# "attention_mask", ...} for text. An "attention_mask" marks the real tokens: only those
+# enter the statistics.
+Batch = dict[str, Tensor]
+Hook = torch.utils.hooks.RemovableHandle
+
+
+@dataclass(frozen=True)
+class BlockShape:
+    """The widths of one block: what statistics and masks are shaped by."""
+
+    dim: int
+    mlp_hidden: int
+    num_heads: int
+    head_dim: int  # value / output width per head
+    qk_dim: int  # kept Q/K dims per head (== head_dim when unpruned)
+
+    def to_dict(self) -> dict[str, int]:
+        return {"dim": self.dim, "mlp_hidden": self.mlp_hidden, "num_heads": self.num_heads,
+                "head_dim": self.head_dim, "qk_dim": self.qk_dim}
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What statistics and masks must match: the architecture, its weights, its head."""
+
+    name: str
+    checkpoint: str  # "sha256:<hex>" of local weights, or "timm-pretrained:<name>.<tag>"
+    num_classes: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "checkpoint": self.checkpoint, "num_classes": self.num_classes}
+
+    @staticmethod
+    def from_dict(d: Any) -> ModelIdentity:
+        """From artifact metadata, which may be foreign: anything malformed is a ValueError."""
+        if not isinstance(d, dict):
+            raise ValueError(f"model record must be an object, got {type(d).__name__}")
+        name, ckpt, ncls = d.get("name"), d.get("checkpoint"), d.get("num_classes")
+        if not isinstance(name, str) or not name or not isinstance(ckpt, str) or not ckpt:
+            raise ValueError("model record needs non-empty 'name' and 'checkpoint' strings")
+        if isinstance(ncls, bool) or not isinstance(ncls, int) or ncls < 0:
+            raise ValueError(f"model record has num_classes {ncls!r}, expected an integer >= 0")
+        return ModelIdentity(name=name, checkpoint=ckpt, num_classes=ncls)
+
+
+# The model options a command may be given, by the name families declare support with,
+# and the flag that sets each (for the one-line refusal).
+OPTION_FLAGS: dict[str, str] = {
+    "checkpoint": "--checkpoint",
+    "num_classes": "--num-classes",
+    "pretrained_cfg": "--pretrained-cfg",
+    "preprocessing": "--mean/--std/--input-size/--interpolation/--crop-pct/--crop-mode",
+    "model_args": "--model-arg",
+}
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """What the user said about the dense model besides its name; None/empty means not given."""
+
+    checkpoint: Path | None = None
+    num_classes: int | None = None
+    pretrained_cfg: Path | None = None
+    preprocessing: Mapping[str, Any] = field(default_factory=dict)  # image preprocessing overrides
+    model_args: Mapping[str, Any] = field(default_factory=dict)  # constructor options (timm kwargs)
+
+    def given(self) -> list[str]:
+        """The option names that were set, in OPTION_FLAGS order."""
+        values = {"checkpoint": self.checkpoint, "num_classes": self.num_classes,
+                  "pretrained_cfg": self.pretrained_cfg,
+                  "preprocessing": {k: v for k, v in self.preprocessing.items() if v is not None},
+                  "model_args": self.model_args}
+        return [k for k in OPTION_FLAGS if values[k] not in (None, {}, [])]
+
+    def flags(self, name: str) -> str:
+        """The flag(s) the user actually typed for option `name`."""
+        if name == "preprocessing":
+            set_ = [k for k, v in self.preprocessing.items() if v is not None]
+            return "/".join(f"--{k.replace('_', '-')}" for k in set_) or OPTION_FLAGS[name]
+        return OPTION_FLAGS[name]
+
+
+@dataclass
+class Loaded:
+    """A dense (or pruned) model in eval mode, with what the rest of corp needs to know about it."""
+
+    model: nn.Module
+    family: ModelFamily
+    identity: ModelIdentity
+    preprocessing: Any  # preprocess.Preprocessing (images) or text.TextPreprocessing
+    checkpoint_meta: dict[str, str] = field(default_factory=dict)
+    classes: list[str] | None = None
+    # constructor options a rebuild needs besides the architecture name (timm create kwargs)
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    # where the model was read from (a folder, for tokenizer files and as a default reference)
+    source_dir: Path | None = None
+
+    @property
+    def modality(self) -> str:
+        return self.preprocessing.kind
+
+
+@dataclass
+class Outputs:
+    """What evaluation compares: classifier logits (None for a backbone) and the pooled feature."""
+
+    logits: Tensor | None
+    features: Tensor
+
+
+@dataclass(frozen=True)
+class MlpWeights:
+    """One block's MLP as the ranker and the solve see it.
+
+    `inputs` are the weights whose rows are the hidden units (fc1; gate and up for a gated
+    MLP); `out_weight` (out, D) / `out_bias` is the projection the hidden units feed (fc2).
+    """
+
+    inputs: list[Tensor]
+    out_weight: Tensor
+    out_bias: Tensor | None
+
+
+class ModelFamily(abc.ABC):
+    """One architecture family. Instances are stateless; every method takes the model."""
+
+    name: str = ""  # recorded in checkpoints as architecture["family"]
+    modality: str = "image"  # "image" or "text": which data sources and preprocessing apply
+    # The ModelOptions this family honours; any other one given is refused in one line.
+    options: frozenset[str] = frozenset()
+    # Why an option does not apply, keyed by option name, for the refusal line.
+    option_reasons: Mapping[str, str] = {}
+    # For README / --help: example names and what can be pruned.
+    examples: tuple[str, ...] = ()
+    summary: str = ""
+
+    # ---- specs and loading
+
+    @abc.abstractmethod
+    def claim(self, spec: str) -> bool:
+        """Whether `spec` (a CLI MODEL argument) names a model of this family. Cheap: no weights."""
+
+    def near_miss(self, spec: str) -> tuple[str, str] | None:
+        """For a spec this family recognises as its library's but cannot prune: (what it is, what this family prunes)."""
+        return None
+
+    def candidates(self, spec: str) -> list[str]:
+        """Full names this family would accept for a short `spec` (e.g. deit_base); [] if none."""
+        return []
+
+    def check(self, spec: str, options: ModelOptions) -> None:
+        """Everything that can be checked without reading weights (shapes on the meta device, files)."""
+
+    @abc.abstractmethod
+    def load(self, spec: str, options: ModelOptions, device: torch.device) -> Loaded:
+        """The dense model in eval mode on `device`, its identity and preprocessing."""
+
+    @abc.abstractmethod
+    def owns(self, model: nn.Module) -> bool:
+        """Whether an in-memory module belongs to this family."""
+
+    @abc.abstractmethod
+    def adopt(self, model: nn.Module, model_kwargs: dict[str, Any] | None = None) -> Loaded:
+        """Describe a user's in-memory module (the Python API): identity from its weights, default preprocessing.
+
+        `model_kwargs` are the constructor options a rebuild needs, where the family cannot read them off the module.
+        """
+
+    # ---- blocks
+
+    @abc.abstractmethod
+    def num_blocks(self, model: nn.Module) -> int: ...
+
+    @abc.abstractmethod
+    def shape(self, model: nn.Module, i: int) -> BlockShape: ...
+
+    def forward(self, model: nn.Module, batch: Batch) -> Any:
+        """The model's own full forward on one batch (what a benchmark times)."""
+        return model(**batch)
+
+    @abc.abstractmethod
+    def forward_trunk(self, model: nn.Module, batch: Batch) -> Any:
+        """Run the blocks on one batch (the classifier head is not pruned, so it may be skipped)."""
+
+    # MLP
+
+    def mlp_refusal(self, model: nn.Module, i: int) -> str | None:
+        """Why block i's MLP cannot be pruned correctly, or None when it can."""
+        return None
+
+    @abc.abstractmethod
+    def mlp_hook(self, model: nn.Module, i: int, emit: Callable[[Tensor], None]) -> list[Hook]:
+        """Hooks that call emit(h) with block i's hidden activations (..., D) on every forward."""
+
+    @abc.abstractmethod
+    def mlp_weights(self, model: nn.Module, i: int) -> MlpWeights: ...
+
+    @abc.abstractmethod
+    def narrow_mlp(self, model: nn.Module, i: int, keep: Tensor, out_weight: Tensor, out_bias: Tensor | None) -> None:
+        """Install narrower MLP modules in block i: input rows `keep`, the given (folded) output projection."""
+
+    # attention (Q/K)
+
+    def qk_refusal(self, model: nn.Module, i: int) -> str | None:
+        """Why block i's Q/K dims cannot be pruned, or None when they can."""
+        return f"{self.name} models do not support Q/K pruning (prune --target mlp instead)"
+
+    def qk_hook(self, model: nn.Module, i: int, emit: Callable[[Tensor, Tensor], None]) -> list[Hook]:
+        """Hooks that call emit(q, k), each (B, H, N, d) as they enter the logits, on every forward."""
+        raise UnsupportedModelError(self.qk_refusal(model, i) or f"{self.name}: no Q/K hook")
+
+    def qk_weights(self, model: nn.Module, i: int) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
+        """W_Q, b_Q, W_K, b_K as (H*d, dim) row blocks (for the magnitude ranker)."""
+        raise UnsupportedModelError(self.qk_refusal(model, i) or f"{self.name}: no Q/K weights")
+
+    def softmax_scale(self, model: nn.Module, i: int) -> float:
+        raise UnsupportedModelError(self.qk_refusal(model, i) or f"{self.name}: no softmax scale")
+
+    def narrow_qk(self, model: nn.Module, i: int, keep: Tensor, m: Tensor, *, balanced: bool) -> None:
+        """Install Q/K-narrow attention in block i: kept dims (H, ds), folded correction M (H, ds, ds)."""
+        raise UnsupportedModelError(self.qk_refusal(model, i) or f"{self.name}: Q/K pruning unsupported")
+
+    # ---- the compacted checkpoint
+
+    @abc.abstractmethod
+    def architecture(self, loaded: Loaded) -> dict[str, Any]:
+        """Self-description of the (possibly pruned) model: enough to rebuild it with no other file."""
+
+    @abc.abstractmethod
+    def build(self, arch: dict[str, Any]) -> nn.Module:
+        """The model `arch` describes, with the recorded widths; its weights are loaded right after."""
+
+    def checkpoint_meta(self, arch: dict[str, Any]) -> dict[str, Any]:
+        """Extra metadata for the checkpoint (e.g. how a stock library can load it)."""
+        return {}
+
+    def write_extras(self, loaded: Loaded, arch: dict[str, Any], folder: Path) -> None:
+        """Files written beside model.safetensors (tokenizer, a library-native config)."""
+
+    def reloaded(self, model: nn.Module, meta: dict[str, Any], folder: Path) -> Loaded:
+        """Wrap a rebuilt pruned model: identity of its base, preprocessing from the metadata."""
+        from corp_cli.errors import ArtifactError
+        from corp_cli.labels import parse_classes
+        from corp_cli.preprocess import preprocessing_from_dict
+
+        try:
+            identity = ModelIdentity.from_dict(meta.get("base"))
+            prep = preprocessing_from_dict(meta["preprocessing"])
+        except (KeyError, ValueError) as e:
+            raise ArtifactError(f"{folder}: pruned model metadata lacks its base or preprocessing record ({e})") from None
+        return Loaded(model=model, family=self, identity=identity, preprocessing=prep,
+                      classes=parse_classes(meta.get("classes")),
+                      model_kwargs=dict(meta["architecture"].get("model_kwargs") or {}), source_dir=folder)
+
+    def stock_loader(self, arch: dict[str, Any]) -> Callable[[], nn.Module] | None:
+        """A builder using only the model's own library classes (no corp modules), when the pruning allows one."""
+        return None
+
+    # ---- counting, evaluation, export, benchmark
+
+    @abc.abstractmethod
+    def tokens_per_item(self, model: nn.Module) -> int:
+        """Sequence length one item runs at (patches + prefix tokens; a text model's max length)."""
+
+    @abc.abstractmethod
+    def outer_flops(self, model: nn.Module, tokens: int) -> int:
+        """FLOPs outside the blocks per item: the stem (patch embedding) and the heads."""
+
+    @abc.abstractmethod
+    def outputs(self, loaded: Loaded, batch: Batch) -> Outputs:
+        """Logits (None without a classifier) and the pooled feature the head or the user sees."""
+
+    @abc.abstractmethod
+    def export_spec(self, loaded: Loaded, meta: dict[str, Any], folder: Path) -> ExportSpec: ...
+
+    @abc.abstractmethod
+    def example_batch(self, loaded: Loaded, batch_size: int, *, dtype: torch.dtype, device: torch.device) -> Batch:
+        """A fixed random full-size input (benchmark)."""
+
+    def evaluation(self, model: nn.Module) -> str:
+        """What `corp evaluate` scores by default: 'classifier' (labels when there are any) or 'embedding'."""
+        return "classifier" if self.has_classifier(model) else "embedding"
+
+    def has_classifier(self, model: nn.Module) -> bool:
+        return False
+
+    def describe(self) -> str:
+        return self.summary or self.name
+
+
+def item_name(modality: str) -> str:
+    """What one sample is called in summaries; counts in files are modality-neutral."""
+    return "texts" if modality == "text" else "images"
+
+
+def iter_blocks(family: ModelFamily, model: nn.Module) -> Iterator[int]:
+    return iter(range(family.num_blocks(model)))
