@@ -27,13 +27,13 @@ from torch import Tensor, nn
 
 from corp_cli import __version__
 from corp_cli.artifacts import atomic_dir, check_out_dir, write_json_atomic
-from corp_cli.calibration import PARTS, as_batch, block_shapes, check_parts, collect_statistics
+from corp_cli.calibration import as_batch, block_shapes, check_parts, collect_statistics
 from corp_cli.compact import load_pruned, save_pruned_checkpoint
 from corp_cli.errors import ArtifactError, InputError
 from corp_cli.family import Batch, Loaded, ModelOptions
 from corp_cli.flops import model_counts
 from corp_cli.masks import save_masks
-from corp_cli.pruning import BlockMasks, PruneOptions, apply_masks, plan_masks
+from corp_cli.pruning import BlockMasks, PruneOptions, apply_masks, check_prunable, default_target, plan_masks, supported_parts
 from corp_cli.stats import Statistics, check_block_shapes, check_matches, new_meta
 
 MASKS_FILE = "masks.safetensors"
@@ -90,19 +90,21 @@ def calibrate(
     shard: tuple[int, int] | None = None,
     batch_size: int = 32,
     workers: int = 0,
-    parts: tuple[str, ...] = PARTS,
+    parts: tuple[str, ...] | None = None,
     precision: str = "float32",
     device: str | torch.device = "cpu",
     progress: Progress | None = None,
 ) -> Statistics:
     """One streaming pass over `data`; the per-block float64 sums, with their provenance.
 
-    `data` is a data spec (an image folder, hf:NAME, text:pydoc, ...), an opened source,
+    `parts` defaults to what the model can be pruned by (attention statistics only where
+    its Q/K dims can be pruned). `data` is a data spec (an image folder, hf:NAME, text:pydoc, ...), an opened source,
     or an iterable of batches: image tensors (B, C, H, W) already preprocessed, or dicts of
     model inputs (text: input_ids + attention_mask; padding is never counted).
     """
     product_dtype = check_precision(precision)
     loaded = as_loaded(model, options, device)
+    parts = supported_parts(loaded.family, loaded.model) if parts is None else tuple(parts)
     check_parts(loaded, parts)
     progress = progress or _no_progress
     if isinstance(data, str):
@@ -203,18 +205,22 @@ def prune(
     """Rank (unless `masks` are given), compensate and compact. Returns the narrower model and its report.
 
     Options are PruneOptions fields, as `options=` or as keywords (`sparsity=` sets both
-    sparsities): prune(model, stats, target="mlp", sparsity=0.3, ranker="obs").
+    sparsities): prune(model, stats, target="mlp", sparsity=0.3, ranker="obs"). Without a
+    target, what the model allows is pruned (MLP and Q/K, or the MLP alone).
     A model handed in (a module or a Loaded) is pruned on a deep copy unless inplace=True.
     """
     t0 = time.perf_counter()
-    opts = _options(options, option_values)
     loaded = as_loaded(model, None, device)
+    if options is None and "target" not in option_values and masks is None:
+        option_values = {**option_values, "target": default_target(loaded.family, loaded.model)}
+    opts = _options(options, option_values)
     if not inplace and not isinstance(model, str):  # a model loaded here is nobody else's
         loaded = replace(loaded, model=copy.deepcopy(loaded.model))
     check_matches(stats, loaded.identity)
     shapes = block_shapes(loaded)
     check_block_shapes(stats, shapes)
     fam = loaded.family
+    check_prunable(fam, loaded.model, opts)
     chosen = masks if masks is not None else plan_masks(loaded.model, stats, opts, family=fam)
     if len(chosen) != fam.num_blocks(loaded.model):
         raise InputError(f"{len(chosen)} block masks for a model with {fam.num_blocks(loaded.model)} blocks")

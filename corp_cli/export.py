@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from corp_cli import __version__
 from corp_cli.artifacts import (
@@ -42,6 +42,7 @@ from corp_cli.artifacts import (
     write_json_atomic,
 )
 from corp_cli.compact import MODEL_FILE, load_pruned_loaded, read_pruned
+from corp_cli.export_spec import ExportSpec, as_outputs
 from corp_cli.errors import InputError, NumericalError
 
 log = logging.getLogger(__name__)
@@ -50,52 +51,17 @@ ExportFormat = Literal["torch-export", "onnx"]
 FORMATS: tuple[str, ...] = ("torch-export", "onnx")
 SUFFIX = {"torch-export": ".pt2", "onnx": ".onnx"}
 ONNX_INSTALL_HINT = "pip install 'corp-cli[onnx]'"
-BATCH = "batch"
-SEQUENCE = "sequence"
 # opset 18 is the oldest the dynamo exporter targets natively and is widely supported by runtimes.
 ONNX_OPSET = 18
 # torch.export specialises a size-1 (or 0) example dimension to a constant, so a dynamic
 # batch has to be traced with at least 2 examples.
 MIN_DYNAMIC_TRACE_BATCH = 2
-# Upper bound recorded for the symbolic batch; only bounds shape guards, allocates nothing.
-MAX_DYNAMIC_BATCH = 1 << 16
 # Exported vs eager: same kernels in float32, so differences are rounding-level; anything
 # above this (relative to the output scale) means the export changed the computation.
 VERIFY_RTOL = 1e-4
 VERIFY_ATOL = 1e-5
 
-# (batch, sequence length or None, generator) -> example inputs, in input_names order
-MakeInputs = Callable[[int, int | None, torch.Generator], tuple[Tensor, ...]]
 T = TypeVar("T")
-
-
-@dataclass
-class ExportSpec:
-    """What is traced: a module taking positional tensors and returning a tensor or a tuple of them."""
-
-    module: nn.Module
-    input_names: list[str]
-    output_names: list[str]
-    # per input / output: which dims are symbolic in a dynamic export, e.g. {0: "batch", 1: "sequence"}
-    input_dims: list[dict[int, str]]
-    output_dims: list[dict[int, str]]
-    dim_bounds: dict[str, tuple[int, int]]  # symbolic dim name -> (min, max)
-    make_inputs: MakeInputs
-    load_hint: str
-    # sequence lengths: of a static export, of the dynamic trace, and of the dynamic check
-    # (a length other than the trace's, so the check proves the dimension really is symbolic);
-    # all None for inputs without a sequence dimension
-    static_seq: int | None = None
-    trace_seq: int | None = None
-    check_seq: int | None = None
-    # free-form descriptions merged into each input's / output's metadata entry
-    input_info: list[dict[str, Any]] = field(default_factory=list)
-    output_info: list[dict[str, Any]] = field(default_factory=list)
-    extra_meta: dict[str, Any] = field(default_factory=dict)
-
-    def run(self, inputs: Sequence[Tensor]) -> tuple[Tensor, ...]:
-        with torch.no_grad():
-            return as_outputs(self.module(*inputs))
 
 
 @dataclass
@@ -143,27 +109,6 @@ def default_out(src: Path, fmt: str) -> Path:
 
 def metadata_path_for(out: Path) -> Path:
     return out.with_name(out.name + ".json")
-
-
-def as_outputs(out: Tensor | Sequence[Tensor]) -> tuple[Tensor, ...]:
-    return (out,) if isinstance(out, Tensor) else tuple(out)
-
-
-def image_spec(module: nn.Module, chw: tuple[int, int, int], input_name: str, output_name: str,
-               description: str) -> ExportSpec:
-    """One image tensor in (dynamic batch), one tensor out."""
-    c, h, w = chw
-
-    def make(batch: int, _seq: int | None, gen: torch.Generator) -> tuple[Tensor, ...]:
-        return (torch.randn(batch, c, h, w, generator=gen),)
-
-    return ExportSpec(
-        module=module.eval(), input_names=[input_name], output_names=[output_name],
-        input_dims=[{0: BATCH}], output_dims=[{0: BATCH}], dim_bounds={BATCH: (1, MAX_DYNAMIC_BATCH)},
-        make_inputs=make, load_hint=f"torch.export.load(path).module()({input_name}) -> {output_name}",
-        input_info=[{"description": "normalised images; see preprocessing"}],
-        output_info=[{"description": description}],
-    )
 
 
 def export_model(

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from corp_cli.errors import UnsupportedModelError
 
 if TYPE_CHECKING:
-    from corp_cli.export import ExportSpec
+    from corp_cli.export_spec import ExportSpec
 
 # One batch of model inputs by name: {"pixel_values": x} for images, {"input_ids",
 # "attention_mask", ...} for text. An "attention_mask" marks the real tokens: only those
@@ -220,8 +220,12 @@ class ModelFamily(abc.ABC):
         return None
 
     @abc.abstractmethod
-    def mlp_hook(self, model: nn.Module, i: int, emit: Callable[[Tensor], None]) -> list[Hook]:
-        """Hooks that call emit(h) with block i's hidden activations (..., D) on every forward."""
+    def mlp_hook(self, model: nn.Module, i: int, emit: Callable[[Tensor], Tensor | None]) -> list[Hook]:
+        """Hooks that call emit(h) with block i's hidden activations (..., D) on every forward.
+
+        When emit returns a tensor, it replaces h for the rest of the forward (the contract
+        test builds its masked reference this way).
+        """
 
     @abc.abstractmethod
     def mlp_weights(self, model: nn.Module, i: int) -> MlpWeights: ...
@@ -236,8 +240,12 @@ class ModelFamily(abc.ABC):
         """Why block i's Q/K dims cannot be pruned, or None when they can."""
         return f"{self.name} models do not support Q/K pruning (prune --target mlp instead)"
 
-    def qk_hook(self, model: nn.Module, i: int, emit: Callable[[Tensor, Tensor], None]) -> list[Hook]:
-        """Hooks that call emit(q, k), each (B, H, N, d) as they enter the logits, on every forward."""
+    def qk_hook(self, model: nn.Module, i: int,
+                emit: Callable[[Tensor, Tensor], tuple[Tensor, Tensor] | None]) -> list[Hook]:
+        """Hooks that call emit(q, k), each (B, H, N, d) as they enter the logits, on every forward.
+
+        When emit returns (q', k'), those enter the logits instead.
+        """
         raise UnsupportedModelError(self.qk_refusal(model, i) or f"{self.name}: no Q/K hook")
 
     def qk_weights(self, model: nn.Module, i: int) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:

@@ -49,6 +49,17 @@ def is_pruned_path(spec: str | Path) -> bool:
     return p.is_dir() or (p.is_file() and p.suffix == ".safetensors")
 
 
+def findable(spec: str) -> bool:
+    """Whether a recorded model spec can be loaded here (a folder that still exists, a name some family claims)."""
+    from corp_cli.errors import CorpError
+
+    try:
+        resolve(spec)
+    except CorpError:
+        return False
+    return True
+
+
 def readable(path: Path, what: str) -> Path:
     """The file exists and can be read (os.access says yes to root for anything; opening is the real test)."""
     if not path.is_file():

@@ -261,3 +261,23 @@ def _prune_attn_block(fam: ModelFamily, model: nn.Module, i: int, st: dict[str, 
         "predicted_logit_error_compensated": [float(x) for x in sol.err_compensated],
         "predicted_logit_error_uncompensated": [float(x) for x in sol.err_uncompensated],
     }
+
+
+def supported_parts(fam: ModelFamily, model: nn.Module) -> tuple[str, ...]:
+    """The statistics parts a model can be pruned by: the MLP always, attention where every block allows it."""
+    attn = all(fam.qk_refusal(model, i) is None for i in range(fam.num_blocks(model)))
+    return ("mlp", "attn") if attn else ("mlp",)
+
+
+def default_target(fam: ModelFamily, model: nn.Module) -> str:
+    return "both" if "attn" in supported_parts(fam, model) else "mlp"
+
+
+def check_prunable(fam: ModelFamily, model: nn.Module, opts: PruneOptions) -> None:
+    """Refuse, before any expensive work, a part the family cannot prune correctly in some block."""
+    for i in range(fam.num_blocks(model)):
+        o = opts.for_block(i)
+        why = fam.mlp_refusal(model, i) if o.prune_mlp and o.mlp_sparsity > 0 else None
+        why = why or (fam.qk_refusal(model, i) if o.prune_attn and o.attn_sparsity > 0 else None)
+        if why is not None:
+            raise UnsupportedModelError(why)

@@ -96,36 +96,10 @@ def test_padding_never_enters_the_statistics(tmp_path: Path) -> None:
         assert torch.equal(a["attn"]["count"], b["attn"]["count"])
 
 
-def _masked_equivalent(dense: torch.nn.Module, pruned: torch.nn.Module, masks) -> torch.nn.Module:
-    """The dense model with pruned units/dims zeroed and the pruned model's folded weights in place."""
-    masked = copy.deepcopy(dense)
-    heads = dense.config.num_attention_heads
-    with torch.no_grad():
-        for i, (ml, pl) in enumerate(zip(masked.encoder.layer, pruned.encoder.layer)):
-            keep = masks[i].mlp
-            if keep is not None:
-                w = torch.zeros_like(ml.output.dense.weight)
-                w[:, keep] = pl.output.dense.weight
-                ml.output.dense.weight.copy_(w)
-                ml.output.dense.bias.copy_(pl.output.dense.bias)
-            qk = masks[i].attn
-            if qk is not None:
-                d = ml.attention.self.attention_head_size
-                rows = (torch.arange(heads)[:, None] * d + qk).reshape(-1)
-                for name in ("query", "key"):
-                    full, narrow = getattr(ml.attention.self, name), getattr(pl.attention.self, name)
-                    w = torch.zeros_like(full.weight)
-                    b = torch.zeros_like(full.bias)
-                    w[rows] = narrow.weight
-                    b[rows] = narrow.bias
-                    full.weight.copy_(w)
-                    full.bias.copy_(b)
-    return masked
-
-
 @needs_minilm
 @pytest.mark.parametrize("compensation", [True, False])
-def test_compacted_bert_equals_masked_dense_and_reloads(tmp_path: Path, compensation: bool) -> None:
+def test_pruned_bert_reloads_from_its_folder_alone_with_its_tokenizer(tmp_path: Path, compensation: bool) -> None:
+    """Per-block widths and the tokenizer travel with the checkpoint (compact == masked: test_family_contract)."""
     folder = tiny_bert_dir(tmp_path)
     loaded = load_dense(str(folder))
     dense = loaded.model
@@ -139,13 +113,9 @@ def test_compacted_bert_equals_masked_dense_and_reloads(tmp_path: Path, compensa
     assert pruned.encoder.layer[0].intermediate.dense.out_features == 64
     assert pruned.encoder.layer[1].intermediate.dense.out_features == 96
     assert pruned.encoder.layer[0].attention.self.query.out_features == 4 * 8
-    masked = _masked_equivalent(dense, pruned, masks)
     x = _encode(tok, ["An unseen sentence for the check.", "Another, somewhat longer, unseen sentence for it."])
     with torch.no_grad():
         got = pruned(**x).last_hidden_state
-        assert_close(got, masked(**x).last_hidden_state, rtol=1e-5, atol=1e-5)
-        # and the pruning really changed the function (the comparison above is not vacuous)
-        assert float((got - dense(**x).last_hidden_state).abs().max()) > 1e-3
 
     out = tmp_path / "pruned"
     pruned_loaded = dataclasses.replace(loaded, model=pruned)

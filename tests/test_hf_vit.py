@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.testing import assert_close
 
 transformers = pytest.importorskip("transformers")
 
@@ -42,30 +41,9 @@ def _stats(model: torch.nn.Module, x: torch.Tensor) -> Statistics:
     return Statistics(blocks=sums.blocks, meta={})
 
 
-def _masked(dense: torch.nn.Module, pruned: torch.nn.Module, masks) -> torch.nn.Module:
-    masked = copy.deepcopy(dense)
-    heads = dense.config.num_attention_heads
-    with torch.no_grad():
-        for i, (ml, pl) in enumerate(zip(masked.base_model.layers, pruned.base_model.layers)):
-            w = torch.zeros_like(ml.mlp.fc2.weight)
-            w[:, masks[i].mlp] = pl.mlp.fc2.weight
-            ml.mlp.fc2.weight.copy_(w)
-            ml.mlp.fc2.bias.copy_(pl.mlp.fc2.bias)
-            d = ml.attention.head_dim
-            rows = (torch.arange(heads)[:, None] * d + masks[i].attn).reshape(-1)
-            for name in ("q_proj", "k_proj"):
-                full, narrow = getattr(ml.attention, name), getattr(pl.attention, name)
-                w = torch.zeros_like(full.weight)
-                b = torch.zeros_like(full.bias)
-                w[rows] = narrow.weight
-                b[rows] = narrow.bias
-                full.weight.copy_(w)
-                full.bias.copy_(b)
-    return masked
-
-
 @pytest.mark.parametrize("kind", ["vit", "deit"])
-def test_compacted_hf_vit_equals_masked_and_reloads(tmp_path: Path, kind: str) -> None:
+def test_pruned_hf_vit_and_deit_reload_as_their_own_class(tmp_path: Path, kind: str) -> None:
+    """Per-block widths survive the reload (compact == masked: test_family_contract)."""
     dense = tiny(kind)
     stats = _stats(dense, images(16))
     opts = PruneOptions(target="both", mlp_sparsity=0.5, attn_sparsity=0.5, block_overrides={0: {"mlp_sparsity": 0.25}})
@@ -78,8 +56,6 @@ def test_compacted_hf_vit_equals_masked_and_reloads(tmp_path: Path, kind: str) -
     y = images(3, seed=1)
     with torch.no_grad():
         got = pruned(pixel_values=y).logits
-        assert_close(got, _masked(dense, pruned, masks)(pixel_values=y).logits, rtol=1e-5, atol=1e-5)
-        assert float((got - dense(pixel_values=y).logits).abs().max()) > 1e-4
 
     arch = architecture(adopt(pruned))
     assert arch["family"] == "hf-vit" and arch["tokenizer"] is None

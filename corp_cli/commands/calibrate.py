@@ -46,7 +46,7 @@ def default_data(modality: str) -> str:
 
 def calibrate_model(
     model: str, options: Any, *, data: str | None, samples: int | None, seed: int, shard: tuple[int, int] | None,
-    device: str, batch_size: int, workers: int | None, parts: tuple[str, ...], precision: str,
+    device: str, batch_size: int, workers: int | None, parts: tuple[str, ...] | None, precision: str,
     data_flag: str = "--data",
 ) -> tuple[Any, Any, float]:
     """Cheap checks (model, options, data), then the weights, then the pass: (statistics, loaded model, seconds)."""
@@ -79,7 +79,7 @@ def run_cmd(
     samples: Annotated[int, typer.Option("--samples", min=1, help="Number of calibration images or texts.")] = DEFAULT_SAMPLES,
     seed: C.SeedOpt = 0,
     shard: Annotated[str | None, typer.Option("--shard", help="I/N: calibrate only the I-th (0-based) of N disjoint slices.")] = None,
-    parts: Annotated[str, typer.Option("--parts", help="Which statistics to gather: mlp, attn or both.")] = ",".join(D.PARTS),
+    parts: Annotated[str | None, typer.Option("--parts", help="Which statistics to gather: mlp, attn or both (default: what the model can be pruned by).")] = None,
     precision: Annotated[str, typer.Option("--precision", help="Per-batch product dtype: float32 (fast) or float64; sums are float64 always.")] = D.PRECISION,
     checkpoint: C.CheckpointOpt = None,
     num_classes: C.NumClassesOpt = None,
@@ -99,7 +99,7 @@ def run_cmd(
     from corp_cli.artifacts import check_out_file
 
     # Every option and path is checked before the model loads or an image is read.
-    shard_ix, part_list = C.parse_shard(shard), parse_parts(parts)
+    shard_ix, part_list = C.parse_shard(shard), (parse_parts(parts) if parts is not None else None)
     options = C.model_options(checkpoint, num_classes, pretrained_cfg, mean=mean, std=std, input_size=input_size,
                               interpolation=interpolation, crop_pct=crop_pct, crop_mode=crop_mode)
     check_out_file(out, overwrite=overwrite)

@@ -29,12 +29,12 @@ def load_reference(model_arg: str, desc: dict[str, Any], reference: str | None, 
                    device: Any) -> tuple[Any, dict[str, Any]] | None:
     """The reference model, if asked for or recorded; a pruned model's base is the natural default."""
     from corp_cli.family import ModelOptions
-    from corp_cli.loading import describe, is_pruned_path, load_any
+    from corp_cli.loading import describe, findable, is_pruned_path, load_any
 
     base = desc.get("base") or {}
     if reference is None and reference_checkpoint is None:
         src = desc.get("source") if desc["kind"] == "pruned" else None
-        if not src or not (str(src).startswith("hf-model:") or Path(src).is_dir()):
+        if not src or not findable(str(src)):
             return None
         reference = str(src)
     if reference is None:

@@ -52,6 +52,7 @@ def prune_cmd(
 ) -> None:
     """Prune MODEL with CORP: remove MLP units and Q/K dims, fold the closed-form compensation in."""
     import time
+    from dataclasses import replace
 
     from corp_cli import api
     from corp_cli.artifacts import check_out_dir
@@ -60,6 +61,7 @@ def prune_cmd(
     from corp_cli.devices import resolve_device
     from corp_cli.loading import resolve_model
     from corp_cli.masks import load_masks
+    from corp_cli.pruning import check_prunable
     from corp_cli.stats import Statistics, check_block_shapes, check_matches, check_preprocessing
 
     t0 = time.perf_counter()
@@ -100,13 +102,18 @@ def prune_cmd(
         opts = options_for_masks(opts, preset, mmeta, explicit_target=target, config=config_keys, config_path=config)
     calibrated_here = stats_path is None
     dev = resolve_device(device)
+    # the default target is what the model allows; a target given is honoured or refused
+    target_given = target is not None or "target" in config_keys or preset is not None
     if stats_path is not None:
         stats = Statistics.load(C.existing_file(stats_path, "--stats"))
         shapes = stats.meta["block_shapes"]
         if preset is not None:
             check_masks_for(masks_path, mmeta, stats.identity, shapes, "statistics")  # type: ignore[arg-type]
-        check_plan(opts, shapes, stats.parts, preset)
         loaded = fam.load(name, options, dev)
+        if not target_given:
+            opts = _default_target(opts, loaded)
+        check_plan(opts, shapes, stats.parts, preset)
+        check_prunable(loaded.family, loaded.model, opts)
         check_matches(stats, loaded.identity)
         check_block_shapes(stats, block_shapes(loaded))
         if {"preprocessing", "pretrained_cfg"} & set(options.given()):
@@ -118,6 +125,9 @@ def prune_cmd(
         source = open_data(calib_data or D.CALIB_DATA[fam.modality], fam.modality,
                            samples=samples or D.CALIB_SAMPLES, seed=seed or 0, flag="--calib-data")
         loaded = fam.load(name, options, dev)
+        if not target_given:
+            opts = _default_target(opts, loaded)
+        check_prunable(loaded.family, loaded.model, opts)
         shapes = block_shapes(loaded)
         prunes_attn = opts.prune_attn or (preset is not None and any(m.attn is not None for m in preset))
         parts = ("mlp", "attn") if prunes_attn else ("mlp",)
@@ -130,6 +140,20 @@ def prune_cmd(
     report = api.save_pruned(result, out, overwrite=overwrite, save_stats=calibrated_here, started=t0)
     if not C.write_json(json_out, {"out": str(out), **report}):
         _print_summary(out, report)
+
+
+def _default_target(opts: Any, loaded: Any) -> Any:
+    import logging
+    from dataclasses import replace
+
+    from corp_cli.pruning import default_target
+
+    target = default_target(loaded.family, loaded.model)
+    if target != opts.target:
+        logging.getLogger(__name__).warning("%s: %s; pruning --target %s", loaded.identity.name,
+                                            loaded.family.qk_refusal(loaded.model, 0), target)
+        return replace(opts, target=target)
+    return opts
 
 
 def _print_summary(out: Path, report: dict[str, Any]) -> None:

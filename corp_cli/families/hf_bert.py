@@ -143,7 +143,7 @@ class TextEncoderExport(nn.Module):
 
 
 def _text_spec(fam: HFBertFamily, loaded: Loaded, meta: dict[str, Any]) -> Any:
-    from corp_cli.export import BATCH, MAX_DYNAMIC_BATCH, SEQUENCE, ExportSpec
+    from corp_cli.export_spec import BATCH, MAX_DYNAMIC_BATCH, SEQUENCE, ExportSpec
 
     model = loaded.model
     cfg = model.config

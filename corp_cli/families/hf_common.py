@@ -351,8 +351,14 @@ class HFFamily(ModelFamily):
         def on_q(_m: nn.Module, _a: Any, out: Tensor) -> None:
             pending.append(split(out))
 
-        def on_k(_m: nn.Module, _a: Any, out: Tensor) -> None:
-            emit(pending.pop(), split(out))
+        def on_k(_m: nn.Module, _a: Any, out: Tensor) -> Tensor | None:
+            q = pending.pop()
+            replaced = emit(q, split(out))
+            if replaced is None:
+                return None
+            q.copy_(replaced[0])  # a view of the q projection's output: replaced where it lies
+            b, n, w = out.shape
+            return replaced[1].transpose(1, 2).reshape(b, n, w)
 
         return [q_lin.register_forward_hook(on_q), k_lin.register_forward_hook(on_k)]
 

@@ -133,7 +133,7 @@ class HFViTFamily(HFFamily):
         return {"pixel_values": x.to(device=device, dtype=dtype)}
 
     def export_spec(self, loaded: Loaded, meta: dict[str, Any], folder: Path) -> Any:
-        from corp_cli.export import image_spec
+        from corp_cli.export_spec import image_spec
 
         classifier = self.has_classifier(loaded.model)
         wrapper = ImageEncoderExport(loaded.model, classifier).eval()

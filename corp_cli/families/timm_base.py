@@ -243,7 +243,7 @@ class TimmFamily(ModelFamily):
         return {"pixel_values": x.to(device=device, dtype=dtype)}
 
     def export_spec(self, loaded: Loaded, meta: dict[str, Any], folder: Path) -> Any:
-        from corp_cli.export import image_spec
+        from corp_cli.export_spec import image_spec
 
         model = loaded.model
         if self.has_classifier(model):

@@ -202,8 +202,13 @@ class TimmViTFamily(TimmFamily):
         def on_q(_m: nn.Module, _a: Any, out: Tensor) -> None:
             pending.append(out)
 
-        def on_k(_m: nn.Module, _a: Any, out: Tensor) -> None:
-            emit(pending.pop(), out)
+        def on_k(_m: nn.Module, _a: Any, out: Tensor) -> Tensor | None:
+            q = pending.pop()
+            replaced = emit(q, out)
+            if replaced is None:
+                return None
+            q.copy_(replaced[0])  # q is already computed: it is replaced where it lies
+            return replaced[1]
 
         # q_norm / k_norm are Identity without qk_norm: either way their outputs are the q and k
         # that enter the logits, already (B, H, N, d)
