@@ -28,6 +28,7 @@ FAMILIES: tuple[str, ...] = (
     "corp_cli.families.hf_bert:HFBertFamily",
     "corp_cli.families.hf_vit:HFViTFamily",
     "corp_cli.families.timm_vit:TimmViTFamily",
+    "corp_cli.families.timm_eva:TimmEvaFamily",
 )
 ENTRY_POINT_GROUP = "corp.families"
 

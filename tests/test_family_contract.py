@@ -1,0 +1,221 @@
+"""The family contract, over every registered family (small random-init configs, built offline).
+
+calibrate -> prune (MLP, and Q/K where the family allows it) -> compacted == masked
+numerically -> save -> reload in a fresh process -> export -> reload without corp.
+
+The masked reference is the dense model run with the removed hidden units replaced by the
+affine prediction B h_S + c and the removed Q/K dims zeroed with the kept ones mixed by
+(I + M): the function the folded, narrower weights must compute. It is built from the
+engine's own solves and the family's hooks, so it is the same for every family.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+from torch import Tensor
+
+from corp_cli import api, engine
+from corp_cli.calibration import as_batch
+from corp_cli.compact import load_pruned_loaded
+from corp_cli.family import Loaded
+from corp_cli.registry import families
+
+transformers = pytest.importorskip("transformers")
+
+SEQ = 12
+
+
+def _images(n: int, size: int, seed: int = 0) -> Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, max(2, size // 8), max(2, size // 8), generator=g)
+    return torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+
+
+def _tokens(n: int, vocab: int, seed: int = 0) -> dict[str, Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, vocab, (n, SEQ), generator=g)
+    mask = torch.ones(n, SEQ, dtype=torch.long)
+    mask[0, SEQ // 2:] = 0  # padding, which must not count
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _timm(name: str, size: int, **kw: object) -> Callable[[Path], tuple[Loaded, list, dict]]:
+    def make(_tmp: Path) -> tuple[Loaded, list, dict]:
+        torch.manual_seed(0)
+        model = timm.create_model(name, pretrained=False, img_size=size, depth=2, num_classes=7, **kw).eval()
+        x = _images(12, size)
+        return api.adopt(model), [x[:6], x[6:]], {"pixel_values": _images(3, size, seed=9)}
+    return make
+
+
+def _bert(tmp: Path) -> tuple[Loaded, list, dict]:
+    from corp_cli.loading import load_dense
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=200, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=64)
+    folder = tmp / "bert"
+    transformers.BertModel(cfg).save_pretrained(folder)
+    return load_dense(folder), [_tokens(6, 200), _tokens(6, 200, seed=1)], _tokens(3, 200, seed=9)
+
+
+def _hf_vit(tmp: Path) -> tuple[Loaded, list, dict]:
+    from corp_cli.loading import load_dense
+
+    torch.manual_seed(0)
+    cfg = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                 image_size=16, patch_size=4, num_labels=5)
+    folder = tmp / "vit"
+    transformers.ViTForImageClassification(cfg).save_pretrained(folder)
+    x = _images(12, 16)
+    return load_dense(folder), [x[:6], x[6:]], {"pixel_values": _images(3, 16, seed=9)}
+
+
+# (family name, case id) -> the dense model, calibration batches, check inputs
+CASES: dict[str, tuple[str, Callable[[Path], tuple[Loaded, list, dict]]]] = {
+    "timm-vit": ("timm-vit", _timm("deit_tiny_patch16_224", 32)),
+    "timm-vit-qknorm": ("timm-vit", _timm("vit_small_patch16_224", 32, qk_norm=True)),
+    "timm-eva": ("timm-eva", _timm("eva02_tiny_patch14_224", 28)),
+    "hf-bert": ("hf-bert", _bert),
+    "hf-vit": ("hf-vit", _hf_vit),
+}
+
+
+def test_every_registered_family_has_a_contract_case() -> None:
+    assert {f.name for f in families()} <= {fam for fam, _ in CASES.values()}
+
+
+def _masked_reference(dense: Loaded, result: api.PruneResult) -> Loaded:
+    """The dense model with hooks that do what the compacted weights do: predict removed units, mix kept Q/K dims."""
+    fam, model, stats = dense.family, copy.deepcopy(dense.model), result.stats
+    ref = dataclasses.replace(dense, model=model)
+    for i, bm in enumerate(result.masks):
+        entry = result.blocks[i]
+        if bm.mlp is not None:
+            m = engine.mlp_moments(stats.blocks[i]["mlp"])
+            keep = bm.mlp
+            prune = engine.complement(keep, m.mean.shape[0])
+            sol = engine.ridge_compensation(m, keep, prune, entry["mlp"]["lambda"])
+
+            def on_h(h: Tensor, keep: Tensor = keep, prune: Tensor = prune, sol: engine.RidgeSolution = sol) -> Tensor:
+                out = h.clone()
+                out[..., prune] = (h[..., keep].double() @ sol.b.T + sol.c).to(h.dtype)
+                return out
+
+            fam.mlp_hook(model, i, on_h)
+        if bm.attn is not None:
+            st = stats.blocks[i]["attn"]
+            n = int(st["count"].sum())
+            d = st["q_gram"].shape[-1]
+            keep = bm.attn
+            prune = torch.stack([engine.complement(k, d) for k in keep])
+            lam = torch.tensor(entry["attn"]["lambda_per_head"], dtype=torch.float64)
+            sol = engine.qk_compensation(st["q_gram"] / n, st["k_gram"] / n, keep, prune, lam=None,
+                                         scale=fam.softmax_scale(dense.model, i))
+            assert torch.allclose(sol.lam, lam)
+            mix = torch.eye(keep.shape[1], dtype=torch.float64) + sol.m  # (H, ds, ds)
+
+            def on_qk(q: Tensor, k: Tensor, keep: Tensor = keep, mix: Tensor = mix) -> tuple[Tensor, Tensor]:
+                q2, k2 = torch.zeros_like(q), torch.zeros_like(k)
+                for h, s in enumerate(keep):  # logit = q_S^T (I + M) k_S, removed dims contribute nothing
+                    q2[:, h][..., s] = (q[:, h][..., s].double() @ mix[h]).to(q.dtype)
+                    k2[:, h][..., s] = k[:, h][..., s]
+                return q2, k2
+
+            fam.qk_hook(model, i, on_qk)
+    return ref
+
+
+def _outputs(loaded: Loaded, batch: dict) -> tuple[Tensor | None, Tensor]:
+    with torch.inference_mode():
+        out = loaded.family.outputs(loaded, batch)
+    return out.logits, out.features
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_family_contract(case: str, tmp_path: Path) -> None:
+    family_name, make = CASES[case]
+    dense, batches, check = make(tmp_path)
+    dense.model.double()
+    assert dense.family.name == family_name
+    stats = api.calibrate(dense, [{k: v.double() if v.is_floating_point() else v for k, v in as_batch(b).items()}
+                                  for b in batches], precision="float64")
+    result = api.prune(dense, stats, sparsity=0.5)  # on a copy; the default target is what the family allows
+    fam = dense.family
+    check = {k: v.double() if v.is_floating_point() else v for k, v in check.items()}
+    pruned_attn = any(m.attn is not None for m in result.masks)
+    assert pruned_attn == (fam.qk_refusal(dense.model, 0) is None), "Q/K pruned exactly where the family allows it"
+    widths = [fam.shape(dense.model, i).mlp_hidden for i in range(fam.num_blocks(dense.model))]
+    assert [m.mlp.numel() for m in result.masks] == [w - w // 2 for w in widths]
+
+    # compacted == masked, in float64: the narrower modules compute the masked, compensated function
+    got_logits, got_feats = _outputs(result.loaded, check)
+    ref_logits, ref_feats = _outputs(_masked_reference(dense, result), check)
+    torch.testing.assert_close(got_feats, ref_feats, rtol=1e-9, atol=1e-9)
+    if ref_logits is not None:
+        torch.testing.assert_close(got_logits, ref_logits, rtol=1e-9, atol=1e-9)
+    dense_logits, dense_feats = _outputs(dense, check)
+    assert float((got_feats - dense_feats).abs().max()) > 1e-6  # pruning changed the function: the check is not vacuous
+
+    # save -> reload in a fresh process, from the checkpoint alone
+    result.loaded.model.float()
+    out = tmp_path / "pruned"
+    api.save_pruned(result, out)
+    with torch.inference_mode():
+        expected = fam.forward(result.loaded.model, {k: v.float() if v.is_floating_point() else v for k, v in check.items()})
+    expected_t = expected if isinstance(expected, Tensor) else (expected.logits if hasattr(expected, "logits") and
+                                                                expected.logits is not None else expected[0])
+    probe = tmp_path / "probe.safetensors"
+    save_file({**{k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in check.items()},
+               "expected": expected_t.float().contiguous()}, str(probe))
+    code = (
+        "import sys, torch\n"
+        "from safetensors.torch import load_file\n"
+        "from corp_cli.compact import load_pruned_loaded\n"
+        f"loaded = load_pruned_loaded({str(out)!r})\n"
+        f"io = load_file({str(probe)!r})\n"
+        "batch = {k: v for k, v in io.items() if k != 'expected'}\n"
+        "with torch.inference_mode():\n"
+        "    y = loaded.family.forward(loaded.model, batch)\n"
+        "y = y if isinstance(y, torch.Tensor) else (y.logits if getattr(y, 'logits', None) is not None else y[0])\n"
+        "sys.exit(0 if torch.allclose(y, io['expected'], rtol=0, atol=1e-6) else 3)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    again = load_pruned_loaded(out)
+    assert again.family.name == family_name
+    assert [again.family.shape(again.model, i) for i in range(2)] == [fam.shape(result.model, i) for i in range(2)]
+
+    # export -> run with torch alone: no corp, timm or transformers in the process
+    from corp_cli.export import export_model
+
+    exported = export_model(out, "torch-export", tmp_path / "model.pt2")
+    names = [e["name"] for e in exported.inputs]
+    code = (
+        "import sys, torch\n"
+        "from safetensors.torch import load_file\n"
+        f"io = load_file({str(probe)!r})\n"
+        f"prog = torch.export.load({str(exported.path)!r}).module()\n"
+        f"args = [io[n] for n in {json.dumps(['pixel_values' if n in ('image', 'pixel_values') else n for n in names])}]\n"
+        "with torch.no_grad():\n"
+        "    out = prog(*args)\n"
+        "out = out if isinstance(out, torch.Tensor) else out[0]\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('corp_cli', 'timm', 'transformers'))\n"
+        "assert not bad, bad\n"
+        "print(list(out.shape))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads(res.stdout.strip().splitlines()[-1])[0] == 3
