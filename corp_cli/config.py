@@ -113,6 +113,32 @@ def build_options(config: dict[str, Any], cli: dict[str, Any]) -> PruneOptions:
     return PruneOptions(**merged)
 
 
+# Options that only mean something for one part: given where the target does not prune that
+# part, they are refused (flags) or warned about (preset keys), never silently ignored.
+PART_OPTIONS = {
+    "mlp": {"mlp_sparsity": "--mlp-sparsity", "ranker": "--ranker", "min_keep": "--min-keep", "round_to": "--round-to"},
+    "attn": {"attn_sparsity": "--attn-sparsity", "qk_ranker": "--qk-ranker", "min_qk_dim": "--min-qk-dim",
+             "qk_balanced": "--qk-fold"},
+}
+
+
+def check_options_apply(opts: PruneOptions, flags: dict[str, Any], config: dict[str, Any] | None = None,
+                        config_path: Path | None = None) -> None:
+    """Refuse part-specific flags (given, i.e. not None) that the final target does not prune."""
+    pruned = {"mlp": opts.prune_mlp, "attn": opts.prune_attn}
+    part_name = {"mlp": "MLP", "attn": "Q/K"}
+    for part, names in PART_OPTIONS.items():
+        if pruned[part]:
+            continue
+        given = [flag for key, flag in names.items() if flags.get(key) is not None]
+        if given:
+            raise InputError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to {part_name[part]} pruning, "
+                             f"but the target is {opts.target}: drop {'it' if len(given) == 1 else 'them'} or change --target")
+        preset = [key for key in names if key in (config or {})]
+        if preset:
+            log.warning("--config %s: %s do not apply to target %s", config_path, ", ".join(preset), opts.target)
+
+
 # The options that choose masks; with --masks the file's own record of them is what applied.
 MASK_CHOOSERS = ("mlp_sparsity", "attn_sparsity", "ranker", "qk_ranker", "round_to", "min_keep", "min_qk_dim")
 

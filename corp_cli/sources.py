@@ -24,7 +24,7 @@ def open_data(
                 raise InputError("text data carries no labels here; text models are scored on fidelity to a reference")
             return open_text_source(spec, samples=samples, seed=seed, shard=shard)
         if spec.startswith("text:"):
-            raise InputError(f"{spec} is text, but this is an image model: give {IMAGE_SPECS}")
+            raise InputError(f"{flag} {spec} is text, but this is an image model: give {IMAGE_SPECS}")
         from corp_cli.data import open_source
 
         return open_source(spec, samples=samples, seed=seed, shard=shard, labels=labels, class_names=class_names)
@@ -34,4 +34,5 @@ def open_data(
 
 def _with_flag(message: str, flag: str) -> str:
     """Errors from the data layer say --data; a command whose option is called otherwise says its own name."""
-    return message if flag == "--data" else message.replace("--data", flag)
+    message = message if flag == "--data" else message.replace("--data", flag)
+    return message if flag in message else f"{flag} {message}"

@@ -43,6 +43,13 @@ def load_reference(model_arg: str, desc: dict[str, Any], reference: str | None, 
         reference = str(base["name"])
     if reference_checkpoint is not None:
         C.existing_file(reference_checkpoint, "--reference-checkpoint")
+        if not is_pruned_path(reference):
+            from corp_cli.registry import resolve
+
+            ref_fam, _ = resolve(reference)
+            if "checkpoint" not in ref_fam.options:
+                why = ref_fam.option_reasons.get("checkpoint", "it does not apply to this model")
+                raise InputError(f"--reference-checkpoint does not apply to {ref_fam.name} models: {why}")
     elif (
         desc["kind"] == "pruned" and not is_pruned_path(reference)
         and reference.split(".", 1)[0] == base.get("name") and str(base.get("checkpoint", "")).startswith("sha256:")

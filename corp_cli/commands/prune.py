@@ -52,12 +52,13 @@ def prune_cmd(
 ) -> None:
     """Prune MODEL with CORP: remove MLP units and Q/K dims, fold the closed-form compensation in."""
     import time
-    from dataclasses import replace
 
     from corp_cli import api
     from corp_cli.artifacts import check_out_dir
     from corp_cli.calibration import block_shapes
-    from corp_cli.config import build_options, check_masks_for, check_plan, load_prune_config, options_for_masks, parse_lambda
+    from corp_cli.config import (
+        build_options, check_masks_for, check_options_apply, check_plan, load_prune_config, options_for_masks, parse_lambda,
+    )
     from corp_cli.devices import resolve_device
     from corp_cli.loading import resolve_model
     from corp_cli.masks import load_masks
@@ -75,15 +76,13 @@ def prune_cmd(
         if given:
             raise InputError(f"{', '.join(given)} choose the calibration data, but --stats gives the statistics: drop them")
     config_keys = load_prune_config(C.existing_file(config, "--config")) if config else {}
-    opts = build_options(
-        config_keys,
-        {
-            "sparsity": sparsity, "mlp_sparsity": mlp_sparsity, "attn_sparsity": attn_sparsity, "target": target,
-            "ranker": ranker, "qk_ranker": qk_ranker, "lam": parse_lambda(lam),
-            "compensation": False if no_compensation else None, "round_to": round_to, "min_keep": min_keep,
-            "min_qk_dim": min_qk_dim, "qk_balanced": None if qk_fold is None else qk_fold == "balanced",
-        },
-    )
+    flags = {
+        "sparsity": sparsity, "mlp_sparsity": mlp_sparsity, "attn_sparsity": attn_sparsity, "target": target,
+        "ranker": ranker, "qk_ranker": qk_ranker, "lam": parse_lambda(lam),
+        "compensation": False if no_compensation else None, "round_to": round_to, "min_keep": min_keep,
+        "min_qk_dim": min_qk_dim, "qk_balanced": None if qk_fold is None else qk_fold == "balanced",
+    }
+    opts = build_options(config_keys, dict(flags))
     check_out_dir(out, overwrite=overwrite)
     options = C.model_options(checkpoint, num_classes, pretrained_cfg, mean=mean, std=std, input_size=input_size,
                               interpolation=interpolation, crop_pct=crop_pct, crop_mode=crop_mode)
@@ -112,6 +111,7 @@ def prune_cmd(
         loaded = fam.load(name, options, dev)
         if not target_given:
             opts = _default_target(opts, loaded)
+        check_options_apply(opts, flags, config_keys, config)
         check_plan(opts, shapes, stats.parts, preset)
         check_prunable(loaded.family, loaded.model, opts)
         check_matches(stats, loaded.identity)
@@ -127,6 +127,7 @@ def prune_cmd(
         loaded = fam.load(name, options, dev)
         if not target_given:
             opts = _default_target(opts, loaded)
+        check_options_apply(opts, flags, config_keys, config)
         check_prunable(loaded.family, loaded.model, opts)
         shapes = block_shapes(loaded)
         prunes_attn = opts.prune_attn or (preset is not None and any(m.attn is not None for m in preset))

@@ -27,10 +27,10 @@ def sweep_cmd(
     data: Annotated[str, typer.Option("--data", help="Evaluation data: an image folder, hf:NAME[:CONFIG][@SPLIT] or synthetic; text:pydoc@eval, text:FILE or hf:NAME for text models.")],
     out: Annotated[Path, typer.Option("--out", help="Output directory (sweep.csv, sweep.json, sweep.png).")],
     sparsities: Annotated[str, typer.Option("--sparsities", help="Comma list, or a run a,b,...,c.")] = D.SWEEP_SPARSITIES,
-    target: Annotated[str, typer.Option("--target", help="mlp, attn or both.")] = D.TARGET,
-    ranker: Annotated[str, typer.Option("--ranker", help=f"MLP ranking: {', '.join(D.MLP_RANKERS)}.")] = D.RANKER,
-    qk_ranker: Annotated[str, typer.Option("--qk-ranker", help=f"Q/K ranking: {', '.join(D.QK_RANKERS)}.")] = D.QK_RANKER,
-    round_to: Annotated[int, typer.Option("--round-to", min=1, help="Keep survivor counts multiples of N.")] = D.ROUND_TO,
+    target: Annotated[str | None, typer.Option("--target", help=f"mlp, attn or both (default: {D.TARGET} where the model allows Q/K pruning, else mlp).")] = None,
+    ranker: Annotated[str | None, typer.Option("--ranker", help=f"MLP ranking: {', '.join(D.MLP_RANKERS)} (default: {D.RANKER}).")] = None,
+    qk_ranker: Annotated[str | None, typer.Option("--qk-ranker", help=f"Q/K ranking: {', '.join(D.QK_RANKERS)} (default: {D.QK_RANKER}).")] = None,
+    round_to: Annotated[int | None, typer.Option("--round-to", min=1, help=f"Keep MLP survivor counts multiples of N (default: {D.ROUND_TO}).")] = None,
     labels: Annotated[bool | None, typer.Option("--labels/--no-labels", help="Plot top-1 accuracy (labels) or agreement with the dense model (default: labels when the model has a classifier and the data has them).")] = None,
     samples: Annotated[int | None, typer.Option("--samples", min=1, help="Evaluate on this many images or texts (default: all).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed for choosing the --samples subset.")] = D.SEED,
@@ -53,16 +53,22 @@ def sweep_cmd(
     from corp_cli.devices import environment
     from corp_cli.evaluate import label_remap
     from corp_cli.loading import load_dense
-    from corp_cli.pruning import PruneOptions
+    from corp_cli.config import check_options_apply
+    from corp_cli.pruning import PruneOptions, check_prunable, default_target
     from corp_cli.stats import Statistics, check_matches
     from corp_cli.sweep import EvalMeasure, batch_provider, csv_text, have_matplotlib, parse_sparsities, plot, run_sweep
 
     t0 = time.perf_counter()
     points = parse_sparsities(sparsities)
-    base = PruneOptions(target=target, ranker=ranker, qk_ranker=qk_ranker, round_to=round_to)  # type: ignore[arg-type]
+    flags = {"target": target, "ranker": ranker, "qk_ranker": qk_ranker, "round_to": round_to}
+    PruneOptions(**{k: v for k, v in flags.items() if v is not None})  # option values checked before any loading
     check_out_dir(out, overwrite=overwrite)
     stats = Statistics.load(C.existing_file(stats_path, "--stats"))
     loaded = load_dense(model, C.model_options(checkpoint, num_classes, pretrained_cfg), device)
+    flags["target"] = target or default_target(loaded.family, loaded.model)
+    base = PruneOptions(**{k: v for k, v in flags.items() if v is not None})  # type: ignore[arg-type]
+    check_options_apply(base, flags)
+    check_prunable(loaded.family, loaded.model, base)
     n_workers = C.workers_for(loaded.modality, workers)
     check_matches(stats, loaded.identity)
     dev = next(loaded.model.parameters()).device
@@ -99,7 +105,7 @@ def sweep_cmd(
     with atomic_dir(out) as tmp:
         write_bytes_atomic(tmp / CSV_FILE, csv_text([dense_row, *rows]).encode())
         if plotted:
-            title = f"{loaded.identity.name} on {source.spec} ({source.describe()['count'] or '?'} {unit}), target {target}"
+            title = f"{loaded.identity.name} on {source.spec} ({source.describe()['count'] or '?'} {unit}), target {base.target}"
             plot(tmp / PNG_FILE, dense_row, rows, title, item)
         report["seconds"] = round(time.perf_counter() - t0, 3)
         write_json_atomic(tmp / JSON_FILE, report)

@@ -26,9 +26,6 @@ from corp_cli.preprocess import resolve_preprocessing
 
 log = logging.getLogger(__name__)
 
-# A short name resolves to its plain 224-px model: patch 16 when there is one, else the one
-# patch size at 224 (e.g. vit_huge -> vit_huge_patch14_224).
-_PLAIN_224 = re.compile(r"_patch\d+_224$")
 
 
 class TimmFamily(ModelFamily):
@@ -58,16 +55,15 @@ class TimmFamily(ModelFamily):
         return _names_in(self.modules)
 
     def candidates(self, spec: str) -> list[str]:
+        """The rule for short names: the prefix's patch-16 224-px model, else its only 224-px model, else all of them."""
         if "/" in spec or "." in spec:
             return []
-        names = [n for n in self._names() if n.startswith(spec + "_")]
-        plain = [n for n in names if _PLAIN_224.search(n) and n[len(spec) + 1:].startswith("patch")]
-        for pick in (f"{spec}_patch16_224",):
-            if pick in plain:
-                return [pick]
-        if len(plain) == 1:
-            return plain
-        return plain or names
+        prefix = re.escape(spec)
+        plain = [n for n in self._names() if re.fullmatch(rf"{prefix}_(?:.*_)?patch\d+_224", n)]
+        direct = [n for n in plain if re.fullmatch(rf"{prefix}_patch\d+_224", n)]
+        if f"{spec}_patch16_224" in direct:
+            return [f"{spec}_patch16_224"]
+        return direct if len(direct) == 1 else plain
 
     def close_matches(self, spec: str) -> list[str]:
         return difflib.get_close_matches(spec.split(".", 1)[0], self._names(), n=3, cutoff=0.6)
