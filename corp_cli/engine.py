@@ -3,7 +3,7 @@
 Pure tensor functions: tensors in, tensors out, no I/O, no printing, no model objects.
 Every sum is accumulated, and every solve done, in ACC_DTYPE; results are cast back to
 the model dtype only by the caller, when folded into weights. Works on any device.
-The notation follows METHOD.md: h are MLP hidden activations, S the kept units, P the
+The notation follows docs/method.md: h are MLP hidden activations, S the kept units, P the
 pruned ones, B/c the affine compensation, M the Q/K logit correction.
 """
 
@@ -289,7 +289,7 @@ def select_top_per_head(scores: Tensor, keep: int) -> Tensor:
 
 
 def oas_lambda(sigma_ss: Tensor, n: int, lambda0: float = 0.0) -> float:
-    """OAS-style shrinkage scaled to the data (METHOD.md §1): max(lambda0, rho * tr(S)/p)."""
+    """OAS-style shrinkage scaled to the data (docs/method.md §2): max(lambda0, rho * tr(S)/p)."""
     s = sigma_ss.to(ACC_DTYPE)
     p = s.shape[0]
     tr = float(torch.trace(s))

@@ -322,6 +322,7 @@ def joint_dir(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
         assert b["mlp"]["kept"] == 384 and b["attn"]["qk_kept"] == 32
     return out
 
+@pytest.mark.slow
 
 def test_joint_pruning_reloads_identically_in_a_fresh_process(joint_dir: Path, tmp_path: Path) -> None:
     model = load_pruned(joint_dir)

@@ -96,6 +96,7 @@ def test_prune_calibrates_itself_without_stats_and_marks_synthetic(tmp_path: Pat
 
     assert read_pruned(out)[1]["stats"]["synthetic"] is True
 
+@pytest.mark.slow
 
 def test_merged_shards_equal_one_run(tmp_path: Path, tiny_ckpt: Path) -> None:
     data = _folder(tmp_path / "imgs", n=6)

@@ -65,6 +65,7 @@ def _run_child(code: str) -> str:
     assert res.returncode == 0, res.stderr[-3000:]
     return res.stdout
 
+@pytest.mark.slow
 
 def test_torch_export_runs_without_corp_or_timm(pruned_dir: Path, probe: tuple[Path, torch.Tensor], tmp_path: Path) -> None:
     out = tmp_path / "sub" / "model.pt2"
@@ -154,6 +155,7 @@ def test_unknown_format_is_a_usage_error(pruned_dir: Path) -> None:
     res = CliRunner().invoke(app, ["export", str(pruned_dir), "--format", "tflite"])
     assert res.exit_code == 2 and "torch-export, onnx" in res.output
 
+@pytest.mark.slow
 
 def test_onnx_runs_in_onnxruntime_without_corp_or_timm(pruned_dir: Path, probe: tuple[Path, torch.Tensor], tmp_path: Path) -> None:
     onnx = pytest.importorskip("onnx")

@@ -96,6 +96,7 @@ def test_padding_never_enters_the_statistics(tmp_path: Path) -> None:
         assert torch.equal(a["attn"]["count"], b["attn"]["count"])
 
 
+@pytest.mark.slow
 @needs_minilm
 @pytest.mark.parametrize("compensation", [True, False])
 def test_pruned_bert_reloads_from_its_folder_alone_with_its_tokenizer(tmp_path: Path, compensation: bool) -> None:

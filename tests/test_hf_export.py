@@ -108,6 +108,7 @@ def bert_probe(bert_dir: Path) -> Path:
     save_file(tensors, str(path))
     return path
 
+@pytest.mark.slow
 
 def test_text_encoder_torch_export_runs_without_corp_timm_or_transformers(
     bert_dir: Path, bert_probe: Path, tmp_path: Path,
@@ -152,6 +153,7 @@ def test_text_encoder_torch_export_runs_without_corp_timm_or_transformers(
     """)
     assert stdout.count("diff") == 2
 
+@pytest.mark.slow
 
 def test_text_encoder_onnx_runs_in_onnxruntime_without_torch(bert_dir: Path, bert_probe: Path, tmp_path: Path) -> None:
     onnx = pytest.importorskip("onnx")
@@ -220,6 +222,7 @@ def vit_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert model.base_model.layers[0].attention.q_proj.out_features == 32
     return save_model(tmp_path_factory.mktemp("hf-vit"), model)
 
+@pytest.mark.slow
 
 def test_image_classifier_torch_export_runs_without_corp_timm_or_transformers(vit_dir: Path, tmp_path: Path) -> None:
     model = load_pruned(vit_dir)

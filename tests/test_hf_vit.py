@@ -41,6 +41,7 @@ def _stats(model: torch.nn.Module, x: torch.Tensor) -> Statistics:
     return Statistics(blocks=sums.blocks, meta={})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["vit", "deit"])
 def test_pruned_hf_vit_and_deit_reload_as_their_own_class(tmp_path: Path, kind: str) -> None:
     """Per-block widths survive the reload (compact == masked: test_family_contract)."""

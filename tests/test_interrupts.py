@@ -142,6 +142,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, tiny_ckpt: Path) -> dict[str,
 SCENARIOS = ["calibrate-sigkill", "calibrate-sigint", "calibrate-sigterm", "prune-sigkill-mid-files", "prune-sigint-at-swap"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", SCENARIOS)
 def test_killed_run_leaves_out_as_it_was(runs: dict[str, Run], name: str) -> None:
     run = runs[name]
@@ -160,6 +161,7 @@ def test_killed_run_leaves_out_as_it_was(runs: dict[str, Run], name: str) -> Non
         assert last.startswith(f"error: {word}"), run.stderr
         assert "Traceback" not in run.stderr
 
+@pytest.mark.slow
 
 def test_control_run_replaces_out(runs: dict[str, Run]) -> None:
     """The same prune, neither paused nor signalled, does replace --out: the scenarios above test something."""

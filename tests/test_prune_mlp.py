@@ -116,6 +116,7 @@ def test_masks_are_deterministic_and_byte_identical(tmp_path: Path) -> None:
         blobs.append(path.read_bytes())
     assert blobs[0] == blobs[1]
 
+@pytest.mark.slow
 
 def test_save_and_reload_in_a_fresh_process(tmp_path: Path) -> None:
     dense = random_model()
