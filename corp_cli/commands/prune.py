@@ -151,8 +151,7 @@ def _default_target(opts: Any, loaded: Any) -> Any:
 
     target = default_target(loaded.family, loaded.model)
     if target != opts.target:
-        logging.getLogger(__name__).warning("%s: %s; pruning --target %s", loaded.identity.name,
-                                            loaded.family.qk_refusal(loaded.model, 0), target)
+        logging.getLogger(__name__).warning("%s; pruning --target %s", loaded.family.qk_refusal(loaded.model, 0), target)
         return replace(opts, target=target)
     return opts
 
