@@ -257,9 +257,8 @@ def _short(v: Any) -> str:
 def check_matches(stats: Statistics, identity: ModelIdentity, what: str = "model") -> None:
     if stats.identity != identity:
         raise ArtifactError(
-            f"statistics {stats.path} were computed for {stats.identity.name} ({stats.identity.checkpoint}, "
-            f"{stats.identity.num_classes} classes) but the {what} is {identity.name} ({identity.checkpoint}, "
-            f"{identity.num_classes} classes); recalibrate with the same model and checkpoint"
+            f"statistics {stats.path} were computed for {stats.identity.describe()} but the {what} is "
+            f"{identity.describe()}; recalibrate with the same model, options and checkpoint"
         )
 
 

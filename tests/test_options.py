@@ -33,6 +33,7 @@ MODEL_OPTIONS = {
     "num_classes": ("--num-classes", "3"),
     "pretrained_cfg": ("--pretrained-cfg", "{cfg}"),
     "preprocessing": ("--mean", "0.5,0.5,0.5"),
+    "model_args": ("--model-arg", "img_size=32"),
 }
 PREPROCESSING = {"--mean": "0.5,0.5,0.5", "--std": "0.5,0.5,0.5", "--input-size": "224", "--interpolation": "bicubic",
                  "--crop-pct": "0.9", "--crop-mode": "center"}
@@ -41,7 +42,7 @@ ATTN_ONLY = {"--attn-sparsity": "0.3", "--qk-ranker": "joint", "--min-qk-dim": "
 
 # Every option of every command, by what decides whether it applies.
 CLASSES = {
-    "model": {"--checkpoint", "--num-classes", "--pretrained-cfg", *PREPROCESSING},
+    "model": {"--checkpoint", "--num-classes", "--pretrained-cfg", "--model-arg", *PREPROCESSING},
     "images": {"--workers"},
     "part": {*MLP_ONLY, *ATTN_ONLY},
     "classifier": {"--labels"},

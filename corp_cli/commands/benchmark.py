@@ -29,6 +29,7 @@ def benchmark_cmd(
     runs: Annotated[int, typer.Option("--runs", min=1, help="Timed passes per batch size.")] = D.BENCH_RUNS,
     checkpoint: C.CheckpointOpt = None,
     num_classes: C.NumClassesOpt = None,
+    model_arg: C.ModelArgOpt = None,
     device: C.DeviceOpt = D.DEVICE,
     json_out: C.JsonOpt = None,
 ) -> None:
@@ -43,7 +44,7 @@ def benchmark_cmd(
     dev = resolve_device(device)
     torch_dtype = parse_dtype(dtype)
     sizes = parse_batch_sizes(batch_sizes) if batch_sizes else D.BENCH_BATCH_SIZES[dev.type]
-    options = C.model_options(checkpoint, num_classes)
+    options = C.model_options(checkpoint, num_classes, model_args=model_arg)
     loaded = load_any(model, options, dev)
     desc = describe(loaded, model, pruned=is_pruned_path(model))
     ref = load_reference(model, desc, reference, reference_checkpoint, dev)

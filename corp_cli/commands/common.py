@@ -179,6 +179,10 @@ InputSizeOpt = Annotated[int | None, typer.Option("--input-size", help="Square i
 InterpOpt = Annotated[str | None, typer.Option("--interpolation", help="Resize interpolation override (bilinear, bicubic, ...).")]
 CropPctOpt = Annotated[float | None, typer.Option("--crop-pct", help="Center-crop fraction override (1.0 = no crop).")]
 CropModeOpt = Annotated[str | None, typer.Option("--crop-mode", help="center, squash (resize to the exact size, no crop) or border.")]
+ModelArgOpt = Annotated[
+    list[str] | None,
+    typer.Option("--model-arg", metavar="KEY=VALUE", help="A timm.create_model option, e.g. img_size=224 (repeatable; checked against the model's constructor). timm models only: Hugging Face folders take their options from config.json."),
+]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N].")]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images or texts per forward pass.")]
 WorkersOpt = Annotated[int | None, typer.Option("--workers", min=0, help="Image decoding worker processes (default: up to 4; images only).")]
@@ -219,13 +223,34 @@ def preprocessing_overrides(
 
 def model_options(
     checkpoint: Path | None = None, num_classes: int | None = None, pretrained_cfg: Path | None = None,
-    **preprocessing: Any,
+    model_args: list[str] | None = None, preset_args: dict[str, Any] | None = None, **preprocessing: Any,
 ) -> Any:
-    """The model options a command was given (corp_cli.family.ModelOptions); the family says which apply."""
+    """The model options a command was given (corp_cli.family.ModelOptions); the family says which apply.
+
+    `preset_args` are a --config preset's model_kwargs; --model-arg flags win over them.
+    """
     from corp_cli.family import ModelOptions
 
+    args = {**(preset_args or {}), **parse_model_args(model_args)}
     return ModelOptions(checkpoint=checkpoint, num_classes=num_classes, pretrained_cfg=pretrained_cfg,
-                        preprocessing=preprocessing_overrides(**preprocessing))
+                        preprocessing=preprocessing_overrides(**preprocessing), model_args=args)
+
+
+def parse_model_args(items: list[str] | None) -> dict[str, Any]:
+    """KEY=VALUE pairs; values are YAML scalars or lists (224, true, avg, [224, 224])."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise CorpError(f"--model-arg must look like KEY=VALUE (e.g. img_size=224), got {item!r}")
+        try:
+            out[key] = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError:
+            raise CorpError(f"--model-arg {key}: cannot read the value {value!r}") from None
+    return out
 
 
 def workers_for(modality: str, workers: int | None) -> int:

@@ -102,6 +102,7 @@ def evaluate_cmd(
     seed: Annotated[int, typer.Option("--seed", help="Seed for choosing the --samples subset.")] = D.SEED,
     checkpoint: C.CheckpointOpt = None,
     num_classes: C.NumClassesOpt = None,
+    model_arg: C.ModelArgOpt = None,
     pretrained_cfg: C.PretrainedCfgOpt = None,
     mean: C.MeanOpt = None,
     std: C.StdOpt = None,
@@ -120,7 +121,7 @@ def evaluate_cmd(
     from corp_cli.loading import describe, is_pruned_path, load_any
 
     dev = resolve_device(device)
-    options = C.model_options(checkpoint, num_classes, pretrained_cfg, mean=mean, std=std, input_size=input_size,
+    options = C.model_options(checkpoint, num_classes, pretrained_cfg, model_arg, mean=mean, std=std, input_size=input_size,
                               interpolation=interpolation, crop_pct=crop_pct, crop_mode=crop_mode)
     loaded = load_any(model, options, dev)
     n_workers = C.workers_for(loaded.modality, workers)

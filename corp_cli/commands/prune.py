@@ -37,6 +37,7 @@ def prune_cmd(
     masks_path: Annotated[Path | None, typer.Option("--masks", help="Reapply these masks instead of ranking.")] = None,
     checkpoint: C.CheckpointOpt = None,
     num_classes: C.NumClassesOpt = None,
+    model_arg: C.ModelArgOpt = None,
     pretrained_cfg: C.PretrainedCfgOpt = None,
     mean: C.MeanOpt = None,
     std: C.StdOpt = None,
@@ -76,6 +77,7 @@ def prune_cmd(
         if given:
             raise InputError(f"{', '.join(given)} choose the calibration data, but --stats gives the statistics: drop them")
     config_keys = load_prune_config(C.existing_file(config, "--config")) if config else {}
+    preset_args = config_keys.pop("model_kwargs", None)
     flags = {
         "sparsity": sparsity, "mlp_sparsity": mlp_sparsity, "attn_sparsity": attn_sparsity, "target": target,
         "ranker": ranker, "qk_ranker": qk_ranker, "lam": parse_lambda(lam),
@@ -84,7 +86,7 @@ def prune_cmd(
     }
     opts = build_options(config_keys, dict(flags))
     check_out_dir(out, overwrite=overwrite)
-    options = C.model_options(checkpoint, num_classes, pretrained_cfg, mean=mean, std=std, input_size=input_size,
+    options = C.model_options(checkpoint, num_classes, pretrained_cfg, model_arg, preset_args, mean=mean, std=std, input_size=input_size,
                               interpolation=interpolation, crop_pct=crop_pct, crop_mode=crop_mode)
     fam, name = resolve_model(model, options)
     preset = None

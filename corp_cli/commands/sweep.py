@@ -37,6 +37,7 @@ def sweep_cmd(
     cache_mb: Annotated[int, typer.Option("--cache-mb", min=0, help="Keep decoded evaluation batches in memory up to this size.")] = D.SWEEP_CACHE_MB,
     checkpoint: C.CheckpointOpt = None,
     num_classes: C.NumClassesOpt = None,
+    model_arg: C.ModelArgOpt = None,
     pretrained_cfg: C.PretrainedCfgOpt = None,
     device: C.DeviceOpt = D.DEVICE,
     batch_size: C.BatchSizeOpt = D.EVAL_BATCH_SIZE,
@@ -64,7 +65,7 @@ def sweep_cmd(
     PruneOptions(**{k: v for k, v in flags.items() if v is not None})  # option values checked before any loading
     check_out_dir(out, overwrite=overwrite)
     stats = Statistics.load(C.existing_file(stats_path, "--stats"))
-    loaded = load_dense(model, C.model_options(checkpoint, num_classes, pretrained_cfg), device)
+    loaded = load_dense(model, C.model_options(checkpoint, num_classes, pretrained_cfg, model_arg), device)
     flags["target"] = target or default_target(loaded.family, loaded.model)
     base = PruneOptions(**{k: v for k, v in flags.items() if v is not None})  # type: ignore[arg-type]
     check_options_apply(base, flags)
