@@ -24,6 +24,12 @@ class _DefaultRun(TyperGroup):
             args = ["run", *args]
         return super().parse_args(ctx, args)
 
+    def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """`corp calibrate --help` shows the options of the default form, `corp calibrate MODEL ...`."""
+        run = self.commands["run"]
+        run_ctx = run.make_context(ctx.info_name, [], parent=ctx.parent, resilient_parsing=True)
+        run.format_help(run_ctx, formatter)
+
 
 app = typer.Typer(
     cls=_DefaultRun,
@@ -70,12 +76,14 @@ def calibrate_model(
     return stats, loaded, time.perf_counter() - t0
 
 
-@app.command("run", help="Calibrate MODEL on --data and write the statistics to --out.")
+@app.command("run", help="Calibrate MODEL on --data and write its per-block statistics to --out.\n\n"
+                         "The other form, `corp calibrate merge SHARDS... --out FILE`, adds statistics shards "
+                         "together (see `corp calibrate merge --help`).")
 @C.handle_errors
 def run_cmd(
     model: C.ModelArg,
     out: Annotated[Path, typer.Option("--out", help="Statistics file to write (.safetensors).")],
-    data: Annotated[str | None, typer.Option("--data", help=f"Images: a folder, hf:NAME[:CONFIG][@SPLIT] or synthetic (smoke tests only; default {D.CALIB_DATA['image']}). Text: text:pydoc, text:FILE (with @calib/@eval) or hf:NAME (default {D.CALIB_DATA['text']}).")] = None,
+    data: Annotated[str | None, typer.Option("--data", help=f"Images: a folder, hf:NAME\\[:CONFIG]\\[@SPLIT] or synthetic (smoke tests only; default {D.CALIB_DATA['image']}). Text: text:pydoc, text:FILE (with @calib/@eval) or hf:NAME (default {D.CALIB_DATA['text']}).")] = None,
     samples: Annotated[int, typer.Option("--samples", min=1, help="Number of calibration images or texts.")] = DEFAULT_SAMPLES,
     seed: C.SeedOpt = 0,
     shard: Annotated[str | None, typer.Option("--shard", help="I/N: calibrate only the I-th (0-based) of N disjoint slices.")] = None,

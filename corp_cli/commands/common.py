@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -94,7 +95,7 @@ def handle_errors(fn: F) -> F:
         try:
             with _sigterm_as_interrupt():
                 return fn(*args, **kwargs)
-        except (typer.Exit, typer.Abort):
+        except (typer.Exit, typer.Abort, BrokenPipeError):
             raise
         except CorpError as e:
             if debug_enabled():
@@ -141,7 +142,18 @@ class RateColumn(ProgressColumn):
 
 @contextmanager
 def progress_bar(description: str, total: int | None, unit: str = "images") -> Iterator[Callable[[int], None]]:
-    """A rich progress bar on stderr; yields an `advance(n)` callback."""
+    """Progress on stderr; yields an `advance(n)` callback.
+
+    On a terminal, a rich progress bar. Otherwise (a batch job's log file, a pipe), plain
+    lines at a bounded rate (see PlainProgress), so a long run is visibly alive in the log.
+    """
+    if not err.is_terminal:
+        plain = PlainProgress(description, total, unit)
+        try:
+            yield plain.advance
+        finally:
+            plain.close()
+        return
     progress = Progress(
         SpinnerColumn(),
         TextColumn("[bold]{task.description}"),
@@ -151,11 +163,67 @@ def progress_bar(description: str, total: int | None, unit: str = "images") -> I
         TimeElapsedColumn(),
         console=err,
         transient=False,
-        disable=not err.is_terminal,
     )
     with progress:
         task = progress.add_task(description, total=total, unit=unit)
         yield lambda n: progress.advance(task, n)
+
+
+# A run shorter than this prints no progress lines at all; longer runs print one line this
+# often, and one at every further 10% of a known total.
+PLAIN_PROGRESS_EVERY_S = 30.0
+
+
+class PlainProgress:
+    """Progress as plain log lines: items done, rate, time left; at most one line per 10% or per interval."""
+
+    def __init__(self, description: str, total: int | None, unit: str, *, every: float | None = None,
+                 clock: Callable[[], float] = time.monotonic, write: Callable[[str], None] | None = None) -> None:
+        self.description, self.total, self.unit = description, total, unit
+        self.every = PLAIN_PROGRESS_EVERY_S if every is None else every
+        self.clock = clock
+        self.write = write or _write_err
+        self.start = self.last = clock()
+        self.done = 0
+        self.tenths = 0
+        self.printed = False
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        now = self.clock()
+        if now - self.start < self.every:
+            return
+        tenths = int(10 * self.done / self.total) if self.total else 0
+        if now - self.last >= self.every or tenths > self.tenths:
+            self._line(now)
+            self.tenths = tenths
+
+    def close(self) -> None:
+        if self.printed:
+            self._line(self.clock(), final=True)
+
+    def _line(self, now: float, final: bool = False) -> None:
+        elapsed = max(now - self.start, 1e-9)
+        rate = self.done / elapsed
+        if self.total:
+            part = f"{self.done}/{self.total} {self.unit} ({100 * self.done / self.total:.0f}%)"
+            left = (self.total - self.done) / rate if rate > 0 and not final else 0.0
+            tail = "done" if final else f"{_duration(left)} left"
+        else:
+            part, tail = f"{self.done} {self.unit}", "done" if final else "running"
+        self.write(f"{self.description}: {part}, {rate:,.1f} {self.unit}/s, {_duration(elapsed)} elapsed, {tail}")
+        self.last = now
+        self.printed = True
+
+
+def _write_err(line: str) -> None:
+    err.file.write(line + "\n")
+    err.file.flush()
+
+
+def _duration(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
 # ---- option types shared by subcommands (one definition each)

@@ -79,7 +79,8 @@ def open_eval_source(data: str, loaded: Any, samples: int | None, seed: int, lab
     if labels and data == "synthetic":
         raise InputError("--labels: synthetic images have no labels (use --reference for fidelity)")
     if labels is None and not classifier:
-        log.info("%s has no classifier: scoring the fidelity of its pooled features, no labels", loaded.identity.name)
+        C.err.print(f"note: {loaded.identity.name} has no classifier: scoring the fidelity of its pooled features, "
+                    "no labels", markup=False, soft_wrap=True)
         labels = False
     kw = {"samples": samples, "seed": seed, "class_names": loaded.classes}
     if labels is not None or data == "synthetic":
@@ -94,7 +95,7 @@ def open_eval_source(data: str, loaded: Any, samples: int | None, seed: int, lab
 @C.handle_errors
 def evaluate_cmd(
     model: Annotated[str, typer.Argument(help="A model name / folder (with --checkpoint for timm weights) or a pruned DIR from `corp prune`.", show_default=False)],
-    data: Annotated[str, typer.Option("--data", help="Images: a folder (synset class folders give labels), hf:NAME[:CONFIG][@SPLIT] or synthetic. Text: text:pydoc@eval, text:FILE or hf:NAME.")],
+    data: Annotated[str, typer.Option("--data", help="Images: a folder (synset class folders give labels), hf:NAME\\[:CONFIG]\\[@SPLIT] or synthetic. Text: text:pydoc@eval, text:FILE or hf:NAME.")],
     reference: ReferenceOpt = None,
     reference_checkpoint: ReferenceCkptOpt = None,
     labels: Annotated[bool | None, typer.Option("--labels/--no-labels", help="Score against labels (default: when the model has a classifier and the data has labels).")] = None,

@@ -159,7 +159,9 @@ def _default_target(opts: Any, loaded: Any) -> Any:
 
 
 def _print_summary(out: Path, report: dict[str, Any]) -> None:
-    table = Table(title=f"corp prune -> {out}", show_lines=False)
+    compensated = report["options"].get("compensation", True)
+    plain = "" if compensated else ", no compensation (the 'none' errors are the ones applied)"
+    table = Table(title=f"corp prune -> {out}{'' if compensated else '  (no compensation)'}", show_lines=False)
     for col in ("block", "mlp kept", "mlp err (comp / none)", "qk kept", "logit err (comp / none)"):
         table.add_column(col, justify="right")
     for b in report["blocks"]:
@@ -178,6 +180,6 @@ def _print_summary(out: Path, report: dict[str, Any]) -> None:
     C.out.print(
         f"params {t['params_before']:,} -> {t['params_after']:,} (-{100 * t['params_reduction']:.1f}%), "
         f"FLOPs {t['flops_before'] / 1e9:.2f}G -> {t['flops_after'] / 1e9:.2f}G (-{100 * t['flops_reduction']:.1f}%), "
-        f"{report['seconds']:.1f}s{synth}"
+        f"{report['seconds']:.1f}s{plain}{synth}"
     )
 

@@ -24,7 +24,7 @@ PLOT_HINT = "pip install 'corp-cli[plot]' (or: pip install matplotlib) to get sw
 def sweep_cmd(
     model: C.ModelArg,
     stats_path: Annotated[Path, typer.Option("--stats", help="Statistics from `corp calibrate` (used for every point; no re-calibration).")],
-    data: Annotated[str, typer.Option("--data", help="Evaluation data: an image folder, hf:NAME[:CONFIG][@SPLIT] or synthetic; text:pydoc@eval, text:FILE or hf:NAME for text models.")],
+    data: Annotated[str, typer.Option("--data", help="Evaluation data: an image folder, hf:NAME\\[:CONFIG]\\[@SPLIT] or synthetic; text:pydoc@eval, text:FILE or hf:NAME for text models.")],
     out: Annotated[Path, typer.Option("--out", help="Output directory (sweep.csv, sweep.json, sweep.png).")],
     sparsities: Annotated[str, typer.Option("--sparsities", help="Comma list, or a run a,b,...,c.")] = D.SWEEP_SPARSITIES,
     target: Annotated[str | None, typer.Option("--target", help=f"mlp, attn or both (default: {D.TARGET} where the model allows Q/K pruning, else mlp).")] = None,

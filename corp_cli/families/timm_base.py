@@ -182,8 +182,11 @@ class TimmFamily(ModelFamily):
         return dataclasses.replace(prep, input_size=(prep.input_size[0], h, w), source=f"{prep.source}+model-img-size")
 
     def _head_classes(self, sd: dict[str, Tensor]) -> int | None:
+        """The classifier size a checkpoint's head implies: its rows, or 0 for a backbone saved without one."""
         w = sd.get("head.weight")
-        return int(w.shape[0]) if w is not None and w.ndim == 2 else None
+        if w is not None and w.ndim == 2:
+            return int(w.shape[0])
+        return 0 if not any(k.startswith("head.") for k in sd) else None
 
     def adopt(self, model: nn.Module, model_kwargs: dict[str, Any] | None = None) -> Loaded:
         """An in-memory timm model: rebuilt later from its architecture name and constructor options.
