@@ -191,7 +191,8 @@ def apply_masks(
             if bm.mlp is not None:
                 entry["mlp"] = _prune_mlp_block(fam, model, i, stats.blocks[i]["mlp"], bm.mlp, o)
             if bm.attn is not None:
-                entry["attn"] = _prune_attn_block(fam, model, i, stats.blocks[i]["attn"], bm.attn, o)
+                entry["attn"] = _prune_attn_block(fam, model, i, stats.blocks[i]["attn"], bm.attn, o,
+                                                  stats.meta.get("forward_dtype"))
             report.append(entry)
             if on_block is not None:
                 on_block(i)
@@ -235,7 +236,7 @@ def _prune_mlp_block(fam: ModelFamily, model: nn.Module, i: int, st: dict[str, T
 
 
 def _prune_attn_block(fam: ModelFamily, model: nn.Module, i: int, st: dict[str, Tensor], keep: Tensor,
-                      o: PruneOptions) -> dict[str, Any]:
+                      o: PruneOptions, forward_dtype: str | None = None) -> dict[str, Any]:
     """The one Q/K path: solve the per-head logit compensation, let the family fold and install it."""
     why = fam.qk_refusal(model, i)
     if why is not None:
@@ -248,7 +249,9 @@ def _prune_attn_block(fam: ModelFamily, model: nn.Module, i: int, st: dict[str, 
     n = int(st["count"].sum())
     q2 = st["q_gram"].to(dev) / n
     k2 = st["k_gram"].to(dev) / n
-    sol = engine.qk_compensation(q2, k2, keep, prune, lam=o.lam, scale=fam.softmax_scale(model, i), compensate=True)
+    lam_rel = engine.qk_lambda_rel(getattr(torch, forward_dtype) if forward_dtype else None)
+    sol = engine.qk_compensation(q2, k2, keep, prune, lam=o.lam, scale=fam.softmax_scale(model, i), compensate=True,
+                                 lam_rel=lam_rel)
     m = sol.m if o.compensation else torch.zeros_like(sol.m)
     fam.narrow_qk(model, i, keep, m, balanced=o.qk_balanced)
     return {

@@ -1,0 +1,66 @@
+"""Does a bf16 calibration forward change the pruned model? Real DeiT-tiny, held-out top-1.
+
+    python scripts/real_deit_dtype.py [--data ../shared/data/imagenet-sample]
+
+Calibrates the real DeiT-tiny ImageNet weights on one half of the shared ImageNet sample
+(alternate classes) twice, with an fp32 and a bf16 (autocast) forward (per-batch products
+float32, sums float64 either way), prunes each (50% MLP + Q/K, and 50% MLP only), and
+scores both on the other half, with the dense model beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from corp_cli import api
+from corp_cli.evaluate import evaluate
+from corp_cli.family import ModelOptions
+from corp_cli.loading import load_dense
+from corp_cli.sources import open_data
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def split(data: Path, tmp: Path) -> tuple[Path, Path]:
+    synsets = sorted(p.name for p in data.iterdir() if p.is_dir())
+    calib, held = tmp / "calib", tmp / "eval"
+    for i, s in enumerate(synsets):
+        dst = (calib if i % 2 == 0 else held) / s
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(data / s, dst)
+    return calib, held
+
+
+def top1(loaded, held: Path) -> float:
+    source = open_data(str(held), "image", samples=None, labels=True)
+    run = evaluate(loaded, loaded.preprocessing.batches(source, 50, 2))
+    return run.result["accuracy"]["top1"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "imagenet-sample")
+    ap.add_argument("--checkpoint", type=Path, default=ROOT.parent / "shared" / "data" / "deit_tiny_patch16_224.in1k.safetensors")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        calib, held = split(args.data.resolve(), Path(tmp))
+        dense = load_dense("deit_tiny_patch16_224", ModelOptions(checkpoint=args.checkpoint))
+        print(f"dense top-1 on the held-out half: {100 * top1(dense, held):.1f}%\n")
+        print("| calibration forward | target | top-1 with compensation |")
+        print("|---|---|---|")
+        for dtype in ("fp32", "bf16"):
+            source = open_data(str(calib), "image", samples=None)
+            stats = api.calibrate(dense, source, batch_size=50, workers=2,
+                                  forward_dtype=torch.bfloat16 if dtype == "bf16" else None)
+            for target in ("both", "mlp", "attn"):
+                result = api.prune(dense, stats, target=target, sparsity=0.5)
+                print(f"| {dtype} | {target} | {100 * top1(result.loaded, held):.1f}% |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
