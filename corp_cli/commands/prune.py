@@ -71,6 +71,8 @@ def prune_cmd(
     from corp_cli.stats import Statistics, check_block_shapes, check_matches, check_preprocessing
 
     C.quiet_unless_main_rank()
+    if stats_path is not None and _other_rank():
+        return  # statistics given: nothing to share across a torchrun world, rank 0 prunes alone
     t0 = time.perf_counter()
     # Validation order: options, paths and files (cheap) -> model weights -> calibration (expensive).
     if qk_fold not in (None, "balanced", "q"):
@@ -171,6 +173,13 @@ def prune_cmd(
     report = api.save_pruned(result, out, overwrite=overwrite, save_stats=calibrated_here, started=t0)
     if not C.write_json(json_out, {"out": str(out), **report}):
         _print_summary(out, report)
+
+
+def _other_rank() -> bool:
+    from corp_cli import distributed
+
+    d = distributed.from_env()
+    return d is not None and not d.main
 
 
 def _default_target(opts: Any, loaded: Any) -> Any:
