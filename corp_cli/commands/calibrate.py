@@ -62,7 +62,7 @@ def calibrate_model(
     n_workers = C.workers_for(fam.modality, workers)
     dev = resolve_device(device)
     source = open_data(data or default_data(fam.modality), fam.modality, samples=samples, seed=seed, shard=shard,
-                       flag=data_flag)
+                       flag=data_flag, text_unit=fam.text_unit)
     loaded = fam.load(name, options, dev)
     t0 = time.perf_counter()
     stats = api.calibrate(loaded, source, batch_size=batch_size, workers=n_workers, parts=parts, precision=precision,
@@ -90,6 +90,7 @@ def run_cmd(
     interpolation: C.InterpOpt = None,
     crop_pct: C.CropPctOpt = None,
     crop_mode: C.CropModeOpt = None,
+    seq_len: C.SeqLenOpt = None,
     device: C.DeviceOpt = D.DEVICE,
     batch_size: C.BatchSizeOpt = D.CALIB_BATCH_SIZE,
     workers: C.WorkersOpt = None,
@@ -100,7 +101,7 @@ def run_cmd(
 
     # Every option and path is checked before the model loads or an image is read.
     shard_ix, part_list = C.parse_shard(shard), (parse_parts(parts) if parts is not None else None)
-    options = C.model_options(checkpoint, num_classes, pretrained_cfg, mean=mean, std=std, input_size=input_size,
+    options = C.model_options(checkpoint, num_classes, pretrained_cfg, seq_len, mean=mean, std=std, input_size=input_size,
                               interpolation=interpolation, crop_pct=crop_pct, crop_mode=crop_mode)
     check_out_file(out, overwrite=overwrite)
     stats, loaded, seconds = calibrate_model(

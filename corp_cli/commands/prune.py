@@ -44,6 +44,7 @@ def prune_cmd(
     interpolation: C.InterpOpt = None,
     crop_pct: C.CropPctOpt = None,
     crop_mode: C.CropModeOpt = None,
+    seq_len: C.SeqLenOpt = None,
     device: C.DeviceOpt = D.DEVICE,
     batch_size: C.BatchSizeOpt = D.CALIB_BATCH_SIZE,
     workers: C.WorkersOpt = None,
@@ -72,7 +73,8 @@ def prune_cmd(
     if stats_path is not None and calib_data is not None:
         raise InputError("give either --stats or --calib-data, not both")
     if stats_path is not None:
-        given = [f for f, v in (("--samples", samples), ("--seed", seed), ("--workers", workers)) if v is not None]
+        given = [f for f, v in (("--samples", samples), ("--seed", seed), ("--workers", workers), ("--seq-len", seq_len))
+                 if v is not None]
         if given:
             raise InputError(f"{', '.join(given)} choose the calibration data, but --stats gives the statistics: drop them")
     config_keys = load_prune_config(C.existing_file(config, "--config")) if config else {}
@@ -84,7 +86,7 @@ def prune_cmd(
     }
     opts = build_options(config_keys, dict(flags))
     check_out_dir(out, overwrite=overwrite)
-    options = C.model_options(checkpoint, num_classes, pretrained_cfg, mean=mean, std=std, input_size=input_size,
+    options = C.model_options(checkpoint, num_classes, pretrained_cfg, seq_len, mean=mean, std=std, input_size=input_size,
                               interpolation=interpolation, crop_pct=crop_pct, crop_mode=crop_mode)
     fam, name = resolve_model(model, options)
     preset = None
@@ -123,7 +125,8 @@ def prune_cmd(
 
         n_workers = C.workers_for(fam.modality, workers)
         source = open_data(calib_data or D.CALIB_DATA[fam.modality], fam.modality,
-                           samples=samples or D.CALIB_SAMPLES, seed=seed or 0, flag="--calib-data")
+                           samples=samples or D.CALIB_SAMPLES, seed=seed or 0, flag="--calib-data",
+                           text_unit=fam.text_unit)
         loaded = fam.load(name, options, dev)
         if not target_given:
             opts = _default_target(opts, loaded)

@@ -38,6 +38,7 @@ def sweep_cmd(
     checkpoint: C.CheckpointOpt = None,
     num_classes: C.NumClassesOpt = None,
     pretrained_cfg: C.PretrainedCfgOpt = None,
+    seq_len: C.SeqLenOpt = None,
     device: C.DeviceOpt = D.DEVICE,
     batch_size: C.BatchSizeOpt = D.EVAL_BATCH_SIZE,
     workers: C.WorkersOpt = None,
@@ -64,7 +65,7 @@ def sweep_cmd(
     PruneOptions(**{k: v for k, v in flags.items() if v is not None})  # option values checked before any loading
     check_out_dir(out, overwrite=overwrite)
     stats = Statistics.load(C.existing_file(stats_path, "--stats"))
-    loaded = load_dense(model, C.model_options(checkpoint, num_classes, pretrained_cfg), device)
+    loaded = load_dense(model, C.model_options(checkpoint, num_classes, pretrained_cfg, seq_len), device)
     flags["target"] = target or default_target(loaded.family, loaded.model)
     base = PruneOptions(**{k: v for k, v in flags.items() if v is not None})  # type: ignore[arg-type]
     check_options_apply(base, flags)
@@ -76,10 +77,11 @@ def sweep_cmd(
     remap = label_remap(source, loaded.identity.num_classes, loaded.classes) if source.labels else None
     batches = batch_provider(loaded.preprocessing, source, batch_size, n_workers, cache_mb * 2**20)
     measure = EvalMeasure(batches, labelled=source.labels, classifier=loaded.family.has_classifier(loaded.model),
-                          remap=remap, device=dev)
+                          remap=remap, device=dev, lm=loaded.family.evaluation(loaded.model) == "lm",
+                          reference_bytes=cache_mb * 2**20)
     unit = C.sample_unit(loaded.preprocessing.to_dict())
     item = "image" if loaded.modality == "image" else f"{loaded.family.tokens_per_item(loaded.model)}-token sequence"
-    count = source.num_items
+    count = loaded.preprocessing.count(source)
     total = count * (1 + 2 * len(points)) if count is not None else None
     with C.progress_bar(f"sweeping {len(points)} sparsities x 2 arms", total, unit=unit) as advance:
         measure.progress = advance
