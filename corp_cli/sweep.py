@@ -297,7 +297,8 @@ def plot(path: Path, dense_row: dict[str, Any], rows: list[dict[str, Any]], titl
         ax2.set_ylim(bottom=0)
         lines = ax.get_legend_handles_labels()
         lines2 = ax2.get_legend_handles_labels()
-        ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="lower left", fontsize=8)
+        ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="upper left" if metric in LOG_METRICS else "lower left",
+                  fontsize=8)
         ax.set_title(title, fontsize=9)
         fig.tight_layout()
         fig.savefig(path, format="png")

@@ -70,3 +70,38 @@ def narrowed(name: str, blocks: list[dict[str, int]], family: str = "timm-vit", 
     from corp_cli.registry import by_name
 
     return by_name(family).build({"family": family, "base_model": name, "model_kwargs": kwargs, "blocks": blocks}).eval()
+
+
+STORIES260K = SHARED_DATA / "llama-stories260k"
+STORIES = STORIES260K / "stories.txt"
+needs_stories = pytest.mark.skipif(not (STORIES260K / "model.safetensors").is_file() or not STORIES.is_file(),
+                                   reason="the real TinyStories Llama (../shared/data/llama-stories260k) is not present")
+# Small random decoders of each layout; vocab 512 so that stories260k's tokenizer fits them.
+DECODER_LAYOUTS = {
+    # grouped-query attention (4 query heads share 2 K/V heads), tied embeddings: Llama / stories260k style
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {"num_key_value_heads": 2, "tie_word_embeddings": True}),
+    # q/k/v biases (Qwen2 always has them), untied LM head
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"num_key_value_heads": 2, "tie_word_embeddings": False}),
+    # sliding-window attention, no GQA
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"num_key_value_heads": 4, "sliding_window": 8,
+                                                        "tie_word_embeddings": False}),
+}
+
+
+def tiny_decoder(folder: Path, layout: str = "llama", seed: int = 0, tokenizer: bool = True, **overrides: object) -> Path:
+    """A random 2-layer decoder LM of `layout` saved as a Hugging Face folder (with stories260k's tokenizer)."""
+    import shutil
+
+    import transformers
+
+    cfg_cls, model_cls, extra = DECODER_LAYOUTS[layout]
+    kw = dict(vocab_size=512, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+              max_position_embeddings=64, bos_token_id=1, eos_token_id=2, **extra)
+    kw.update(overrides)
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_cls)(getattr(transformers, cfg_cls)(**kw)).eval()
+    model.save_pretrained(folder)
+    if tokenizer and STORIES260K.is_dir():
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(STORIES260K / name, folder / name)
+    return folder

@@ -157,7 +157,7 @@ def print_report(report: dict[str, Any]) -> None:
     speed = Table(title=f"{s['dtype']} on {report['environment']['device']}{', compiled' if s['compile'] else ''}, "
                         f"{s['runs']} timed runs after {s['warmup']} warm-up")
     lm = "seq_lens" in s
-    cols = ("batch", "seq", "", "median ms", "p90 ms", "tokens/s (prefill)", "peak MB", "speed-up") if lm else \
+    cols = ("batch", "seq", "", "median ms", "p90 ms", "prefill tok/s", "peak MB", "speed-up") if lm else \
         ("batch", "", "median ms", "p90 ms", f"{item}s/s", "peak MB", "speed-up")
     for col in cols:
         speed.add_column(col, justify="right" if col else "left")
@@ -185,7 +185,7 @@ def _print_decode(report: dict[str, Any], entries: list[tuple[str, dict[str, Any
     s = report["settings"]
     table = Table(title=f"decode with the KV cache: {s['new_tokens']} new tokens after a {s['prompt_tokens']}-token "
                         "prompt (greedy; prefill not counted)")
-    for col in ("batch", "", "ms / step", "tokens/s (decode)", "generate ms", "speed-up"):
+    for col in ("batch", "", "ms / step", "decode tok/s", "generate ms", "speed-up"):
         table.add_column(col, justify="right" if col else "left")
     speedups = (report["comparison"] or {}).get("decode", [])
     for i in range(len(report["model"]["decode"])):

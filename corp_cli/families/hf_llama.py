@@ -239,6 +239,11 @@ class HFLlamaFamily(HFFamily):
         except (ValueError, KeyError, TypeError) as e:
             raise ArtifactError(f"recorded Hugging Face config could not be rebuilt ({str(e).splitlines()[0][:160]})") from None
 
+    def build(self, arch: dict[str, Any]) -> nn.Module:
+        model = super().build(arch)
+        model.tie_weights()  # built without initialisation, which also skips tying a tied LM head
+        return model
+
     def stock_loader(self, arch: dict[str, Any]) -> Callable[[], nn.Module] | None:
         if not self._uniform(arch):
             return None
@@ -247,7 +252,9 @@ class HFLlamaFamily(HFFamily):
             from transformers.initialization import no_init_weights
 
             with no_init_weights():
-                return transformers_module().AutoModelForCausalLM.from_config(self._config(arch))
+                model = transformers_module().AutoModelForCausalLM.from_config(self._config(arch))
+            model.tie_weights()
+            return model
 
         return build
 
