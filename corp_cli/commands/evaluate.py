@@ -117,7 +117,7 @@ def evaluate_cmd(
     workers: C.WorkersOpt = None,
     json_out: C.JsonOpt = None,
 ) -> None:
-    """Evaluate MODEL: top-1/top-5 with labels; agreement, KL, feature cosine and nearest-neighbour agreement against a reference."""
+    """Evaluate MODEL: top-1/top-5 with labels; agreement, KL, feature cosine and nearest-neighbour agreement against a reference; perplexity and next-token KL/agreement for causal language models."""
     from corp_cli.devices import environment, resolve_device
     from corp_cli.evaluate import evaluate, label_remap
     from corp_cli.loading import describe, is_pruned_path, load_any

@@ -34,7 +34,7 @@ def sweep_cmd(
     labels: Annotated[bool | None, typer.Option("--labels/--no-labels", help="Plot top-1 accuracy (labels) or agreement with the dense model (default: labels when the model has a classifier and the data has them).")] = None,
     samples: Annotated[int | None, typer.Option("--samples", min=1, help="Evaluate on this many images or texts (default: all).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed for choosing the --samples subset.")] = D.SEED,
-    cache_mb: Annotated[int, typer.Option("--cache-mb", min=0, help="Keep decoded evaluation batches in memory up to this size.")] = D.SWEEP_CACHE_MB,
+    cache_mb: Annotated[int, typer.Option("--cache-mb", min=0, help="Keep decoded evaluation batches in memory up to this size (and, for language models, the dense next-token logits; beyond it the dense model reruns at every point).")] = D.SWEEP_CACHE_MB,
     checkpoint: C.CheckpointOpt = None,
     num_classes: C.NumClassesOpt = None,
     pretrained_cfg: C.PretrainedCfgOpt = None,
@@ -48,7 +48,8 @@ def sweep_cmd(
     """Accuracy (or fidelity) vs sparsity for CORP and the uncompensated baseline, with FLOPs.
 
     Classifiers are scored on top-1 (labelled data) or agreement with the dense model;
-    backbones and text encoders on the cosine of their pooled feature to the dense model's.
+    backbones and text encoders on the cosine of their pooled feature to the dense model's;
+    causal language models on held-out perplexity.
     """
     from corp_cli.artifacts import atomic_dir, check_out_dir, write_bytes_atomic, write_json_atomic
     from corp_cli.devices import environment
