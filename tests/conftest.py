@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -76,7 +77,7 @@ STORIES260K = SHARED_DATA / "llama-stories260k"
 STORIES = STORIES260K / "stories.txt"
 needs_stories = pytest.mark.skipif(not (STORIES260K / "model.safetensors").is_file() or not STORIES.is_file(),
                                    reason="the real TinyStories Llama (../shared/data/llama-stories260k) is not present")
-# Small random decoders of each layout; vocab 512 so that stories260k's tokenizer fits them.
+# Small random decoders of each layout, with a 512-token byte-level BPE tokenizer built offline.
 DECODER_LAYOUTS = {
     # grouped-query attention (4 query heads share 2 K/V heads), tied embeddings: Llama / stories260k style
     "llama": ("LlamaConfig", "LlamaForCausalLM", {"num_key_value_heads": 2, "tie_word_embeddings": True}),
@@ -88,10 +89,23 @@ DECODER_LAYOUTS = {
 }
 
 
-def tiny_decoder(folder: Path, layout: str = "llama", seed: int = 0, tokenizer: bool = True, **overrides: object) -> Path:
-    """A random 2-layer decoder LM of `layout` saved as a Hugging Face folder (with stories260k's tokenizer)."""
-    import shutil
+@functools.lru_cache(maxsize=1)
+def _byte_bpe() -> object:
+    """A 512-entry byte-level BPE (<unk>, <s>, </s>, then bytes and merges) trained on pydoc: no download."""
+    from pydoc_data.topics import topics
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([topics[k] for k in sorted(topics)][:40], trainers.BpeTrainer(
+        vocab_size=512, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    return tok
+
+
+def tiny_decoder(folder: Path, layout: str = "llama", seed: int = 0, tokenizer: bool = True, **overrides: object) -> Path:
+    """A random 2-layer decoder LM of `layout` saved as a Hugging Face folder, with a small tokenizer of its own."""
     import transformers
 
     cfg_cls, model_cls, extra = DECODER_LAYOUTS[layout]
@@ -101,7 +115,7 @@ def tiny_decoder(folder: Path, layout: str = "llama", seed: int = 0, tokenizer: 
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(getattr(transformers, cfg_cls)(**kw)).eval()
     model.save_pretrained(folder)
-    if tokenizer and STORIES260K.is_dir():
-        for name in ("tokenizer.json", "tokenizer_config.json"):
-            shutil.copy(STORIES260K / name, folder / name)
+    if tokenizer:
+        transformers.PreTrainedTokenizerFast(tokenizer_object=_byte_bpe(), bos_token="<s>", eos_token="</s>",
+                                             unk_token="<unk>").save_pretrained(folder)
     return folder

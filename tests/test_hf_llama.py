@@ -136,7 +136,6 @@ def test_a_tied_head_is_stored_once_and_reloads_tied(layout: str, tmp_path: Path
         torch.testing.assert_close(model(**x).logits, result.model(**x).logits, rtol=0, atol=0)
 
 
-@needs_stories
 def test_a_uniform_pruning_is_a_plain_transformers_folder(tmp_path: Path) -> None:
     out = tmp_path / "pruned"
     _prune_to(tiny_decoder(tmp_path / "llama", "llama"), out, sparsity=0.25)
@@ -283,3 +282,15 @@ def test_real_stories260k_perplexity_compensation_and_a_plain_transformers_folde
         text = tok.decode(model.generate(**x, max_new_tokens=30, do_sample=False)[0], skip_special_tokens=True)
         torch.testing.assert_close(model(**x).logits, load_pruned(out)(**x).logits, rtol=0, atol=0)
     assert text.startswith("Once upon a time") and len(text.split()) > 10
+
+
+def test_a_language_model_is_not_compared_with_an_encoder(tmp_path: Path) -> None:
+    bert = tmp_path / "bert"
+    transformers.BertModel(transformers.BertConfig(vocab_size=512, hidden_size=32, num_hidden_layers=1,
+                                                   num_attention_heads=4, intermediate_size=64)).save_pretrained(bert)
+    folder = tiny_decoder(tmp_path / "llama", "llama")
+    res = runner.invoke(app, ["evaluate", str(folder), "--data", "text:pydoc@eval", "--samples", "2", "--reference", str(bert)])
+    assert res.exit_code == 2 and "causal language models" in res.stderr, res.output
+    res = runner.invoke(app, ["evaluate", str(folder), "--data", "text:pydoc@eval", "--samples", "2", "--json", "-"])
+    assert res.exit_code == 0, res.output  # alone, a language model is still scored: perplexity needs no reference
+    assert json.loads(res.stdout)["results"]["perplexity"] > 1

@@ -137,6 +137,9 @@ def evaluate_cmd(
     if ref is not None:
         if ref[0].modality != loaded.modality:
             raise InputError(f"the reference is a {ref[0].modality} model but {model} is a {loaded.modality} model")
+        if (ref[0].family.evaluation(ref[0].model) == "lm") != lm:
+            raise InputError(f"{model} and the reference {ref[1]['spec']} must both be causal language models, or "
+                             "neither: next-token scores compare next-token predictions")
         if _fields(ref[0].preprocessing.to_dict()) != _fields(loaded.preprocessing.to_dict()):
             log.warning("the reference's own preprocessing differs; both models are fed %s's preprocessing", model)
     remap = label_remap(source, loaded.identity.num_classes, loaded.classes) if source.labels else None

@@ -54,11 +54,12 @@ TOKENIZER_FILES = (
 TRACE_SEQ = 16
 CHECK_SEQ = 21
 # Logits of this many positions x vocabulary entries are scored at a time (float64).
-SCORE_CHUNK = 1 << 22
 
 
 def context_length(config: Any) -> int:
-    return int(getattr(config, "max_position_embeddings", None) or MAX_DEFAULT_SEQ_LEN)
+    """The longest window the model takes (a transformers config, or config.json as a dict)."""
+    value = config.get("max_position_embeddings") if isinstance(config, dict) else getattr(config, "max_position_embeddings", None)
+    return int(value or MAX_DEFAULT_SEQ_LEN)
 
 
 def default_seq_len(config: Any) -> int:
@@ -86,7 +87,7 @@ class HFLlamaFamily(HFFamily):
     def check(self, spec: str, options: ModelOptions) -> None:
         super().check(spec, options)
         if options.seq_len is not None:
-            check_seq_len(options.seq_len, context_length(_Cfg(config_dict(spec) or {})), spec)
+            check_seq_len(options.seq_len, context_length(config_dict(spec) or {}), spec)
 
     def check_config(self, cfg: dict[str, Any], where: str) -> None:
         act = cfg.get("hidden_act", "silu")
@@ -103,6 +104,9 @@ class HFLlamaFamily(HFFamily):
         return loaded if options.seq_len is None else self.with_seq_len(loaded, options.seq_len)
 
     def validate(self, model: nn.Module) -> None:
+        if not isinstance(getattr(model, "lm_head", None), nn.Linear):
+            raise UnsupportedModelError(f"{type(model).__name__} has no language-model head; corp prunes causal language "
+                                        f"models ({', '.join(self.classes)})")
         try:
             layer = self.layers(model)[0]
             parts = (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj, layer.self_attn.q_proj,
@@ -351,9 +355,3 @@ class CausalLMExport(nn.Module):
     def forward(self, input_ids: Tensor) -> Tensor:
         return self.model(input_ids=input_ids, use_cache=False).logits
 
-
-class _Cfg:
-    """Attribute access to a config.json dict (the cheap checks run before transformers builds a config)."""
-
-    def __init__(self, d: dict[str, Any]) -> None:
-        self.max_position_embeddings = d.get("max_position_embeddings")
