@@ -23,6 +23,7 @@ from corp_cli.compact import load_pruned, load_pruned_loaded
 from corp_cli.errors import ArtifactError, UnsupportedModelError
 from corp_cli.evaluate import evaluate
 from corp_cli.loading import load_dense
+from corp_cli.pruning import MLP_RANKERS
 from corp_cli.sources import open_data
 
 from .conftest import DECODER_LAYOUTS, STORIES, STORIES260K, needs_stories, tiny_decoder
@@ -294,3 +295,29 @@ def test_a_language_model_is_not_compared_with_an_encoder(tmp_path: Path) -> Non
     res = runner.invoke(app, ["evaluate", str(folder), "--data", "text:pydoc@eval", "--samples", "2", "--json", "-"])
     assert res.exit_code == 0, res.output  # alone, a language model is still scored: perplexity needs no reference
     assert json.loads(res.stdout)["results"]["perplexity"] > 1
+
+
+@pytest.mark.parametrize("ranker", MLP_RANKERS)
+def test_every_mlp_ranker_prunes_a_decoder(ranker: str, tmp_path: Path) -> None:
+    dense = load_dense(tiny_decoder(tmp_path / "qwen2", "qwen2", tokenizer=False))
+    stats = api.calibrate(dense, [_tokens(6), _tokens(6, seed=1)], precision="float64")
+    result = api.prune(dense, stats, target="mlp", sparsity=0.5, ranker=ranker)
+    assert [len(m.mlp) for m in result.masks] == [24, 24] and all(b["mlp"]["ranker"] == ranker for b in result.blocks)
+    assert all(b["mlp"]["predicted_error_compensated"] <= b["mlp"]["predicted_error_uncompensated"] for b in result.blocks)
+
+
+@pytest.mark.slow
+def test_onnx_export_gives_the_logits_in_onnxruntime(tmp_path: Path) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    from corp_cli.export import export_model
+
+    out = tmp_path / "pruned"
+    result = _prune_to(tiny_decoder(tmp_path / "llama", "llama", tokenizer=False), out, sparsity=0.5)
+    exported = export_model(out, "onnx", tmp_path / "model.onnx")
+    assert [i["name"] for i in exported.inputs] == ["input_ids"] and exported.dynamic_batch
+    ids = torch.randint(3, 512, (2, 9), generator=torch.Generator().manual_seed(4))
+    session = ort.InferenceSession(str(exported.path), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(None, {"input_ids": ids.numpy()})
+    with torch.inference_mode():
+        expected = result.model(input_ids=ids).logits
+    torch.testing.assert_close(torch.from_numpy(logits), expected, rtol=1e-4, atol=1e-5)
