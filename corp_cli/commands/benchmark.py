@@ -74,7 +74,10 @@ def benchmark_cmd(
     decode_rows: dict[str, list[dict[str, Any]]] = {k: [] for k in models}
     lm = loaded.family.evaluation(loaded.model) == "lm"
     # a language model runs at each --seq-lens length; other models at their one input size
-    shapes = [loaded.family.with_seq_len(loaded, n) for n in lens] if lens else [loaded]
+    try:
+        shapes = [loaded.family.with_seq_len(loaded, n) for n in lens] if lens else [loaded]
+    except InputError as e:
+        raise InputError(str(e).replace("--seq-len", "--seq-lens", 1)) from None
     n_new = (D.BENCH_NEW_TOKENS if new_tokens is None else new_tokens) if lm else 0
     prompt = 0
     if n_new:
