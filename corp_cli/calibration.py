@@ -6,6 +6,7 @@ Only real tokens enter the sums: a batch's "attention_mask" (text) drops the pad
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from corp_cli import engine
-from corp_cli.errors import InputError
+from corp_cli.errors import EXIT_RUNTIME, CorpError, InputError
 from corp_cli.family import Batch, Loaded, ModelFamily
 from corp_cli.stats import Statistics, finite_or_raise, new_meta
 
@@ -36,6 +37,24 @@ def as_batch(x: Tensor | Batch) -> Batch:
     return x if isinstance(x, dict) else {"pixel_values": x}
 
 
+class _StopForward(Exception):
+    """Raised from the last needed block's hook: the rest of the forward computes nothing corp reads."""
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """An allocation failure of the forward (CUDA or CPU allocator), as opposed to any other error."""
+    if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def split_batch(batch: Batch) -> tuple[Batch, Batch]:
+    n = int(next(iter(batch.values())).shape[0])
+    half = n // 2
+    return {k: v[:half] for k, v in batch.items()}, {k: v[half:] for k, v in batch.items()}
+
+
 def collect_statistics(
     model: nn.Module,
     batches: Iterable[Tensor | Batch],
@@ -44,20 +63,31 @@ def collect_statistics(
     parts: tuple[str, ...] = PARTS,
     product_dtype: torch.dtype = torch.float32,
     on_batch: Callable[[int], None] | None = None,
+    blocks: range | None = None,
+    forward_dtype: torch.dtype | None = None,
 ) -> CalibrationSums:
     """Run the model over `batches` and accumulate every block's sufficient statistics.
 
     A batch is an image tensor or a dict of model inputs; with an `attention_mask` only
     the masked-in tokens are counted. product_dtype is the dtype of the per-batch Gram
-    products (float32 is ~2x faster on CPU; sums are float64 either way).
+    products (float32 is ~2x faster on CPU; sums are float64 either way); forward_dtype
+    (bfloat16/float16) runs the forward under autocast. `blocks` restricts the statistics
+    to a range of blocks (the forward stops after the last of them).
+
+    A batch's sums are added only once its whole forward has succeeded: a batch that runs
+    out of memory is discarded and run again as two halves, down to one sample.
     on_batch(n_samples) is called after each batch.
     """
     from corp_cli.registry import family_of
 
     fam = family or family_of(model)
     nblocks = fam.num_blocks(model)
-    acc: list[dict[str, dict[str, Tensor] | None]] = [{p: None for p in parts} for _ in range(nblocks)]
+    covered = blocks if blocks is not None else range(nblocks)
+    acc: dict[int, dict[str, dict[str, Tensor] | None]] = {i: {p: None for p in parts} for i in covered}
+    current: dict[tuple[int, str], dict[str, Tensor]] = {}  # the sums of the batch being run
     token_mask: list[Tensor | None] = [None]  # the current batch's real tokens, set before its forward
+    last = (covered[-1], "mlp" if "mlp" in parts else "attn")
+    stop_early = covered[-1] < nblocks - 1
 
     def real_tokens(h: Tensor) -> Tensor:
         m = token_mask[0]
@@ -71,37 +101,72 @@ def collect_statistics(
         m = token_mask[0]
         return x if m is None else x.transpose(1, 2)[m].unsqueeze(0).transpose(1, 2)
 
+    def add(i: int, part: str, st: dict[str, Tensor]) -> None:
+        key = (i, part)
+        current[key] = st if key not in current else engine.add_stats(current[key], st)
+        if stop_early and (i, part) == last:
+            raise _StopForward
+
     def on_mlp(i: int) -> Callable[[Tensor], None]:
         def emit(h: Tensor) -> None:
             st = engine.mlp_batch_stats(real_tokens(h.detach()), product_dtype)
             finite_or_raise(st["sum"], f"block {i} MLP hidden units")
-            acc[i]["mlp"] = engine.add_stats(acc[i]["mlp"], st)
+            add(i, "mlp", st)
         return emit
 
     def on_qk(i: int) -> Callable[[Tensor, Tensor], None]:
         def emit(q: Tensor, k: Tensor) -> None:
             st = engine.qk_batch_stats(real_heads(q.detach()), real_heads(k.detach()), product_dtype)
             finite_or_raise(st["qk_sq"], f"block {i} attention queries/keys")
-            acc[i]["attn"] = engine.add_stats(acc[i]["attn"], st)
+            add(i, "attn", st)
         return emit
+
+    param = next(model.parameters())
+    autocast = (torch.autocast(param.device.type, dtype=forward_dtype) if forward_dtype is not None
+                else contextlib.nullcontext())
+
+    def run(batch: Batch) -> int:
+        """One batch's forward; its sums join the totals only if all of it ran. Returns its samples."""
+        n = int(next(iter(batch.values())).shape[0])
+        current.clear()
+        mask = batch.get("attention_mask")
+        token_mask[0] = mask.bool() if mask is not None else None
+        try:
+            with autocast:
+                fam.forward_trunk(model, batch)
+        except _StopForward:
+            pass
+        except Exception as e:  # noqa: BLE001 - only allocation failures are retried, the rest re-raised
+            current.clear()
+            if not is_out_of_memory(e):
+                raise
+            if param.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if n == 1:
+                raise CorpError(f"out of memory on a single sample ({_first_line(e)}); a smaller --batch-size cannot "
+                                "help: use a device with more memory, --dtype bf16, or fewer blocks at once (--blocks)",
+                                exit_code=EXIT_RUNTIME) from None
+            first, second = split_batch(batch)
+            log.warning("out of memory on a batch of %d; running it as %d + %d", n, n // 2, n - n // 2)
+            return run(first) + run(second)
+        for (i, part), st in current.items():
+            acc[i][part] = engine.add_stats(acc[i][part], st)
+        current.clear()
+        return n
 
     handles: list[Any] = []
     try:
-        for i in range(nblocks):
+        for i in covered:
             if "mlp" in parts:
                 handles += fam.mlp_hook(model, i, on_mlp(i))
             if "attn" in parts:
                 handles += fam.qk_hook(model, i, on_qk(i))
-        param = next(model.parameters())
         samples = 0
         with torch.inference_mode():
             for x in batches:
                 batch = {k: v.to(param.device, dtype=param.dtype) if v.is_floating_point() else v.to(param.device)
                          for k, v in as_batch(x).items()}
-                mask = batch.get("attention_mask")
-                token_mask[0] = mask.bool() if mask is not None else None
-                fam.forward_trunk(model, batch)
-                n = int(next(iter(batch.values())).shape[0])
+                n = run(batch)
                 samples += n
                 if on_batch is not None:
                     on_batch(n)
@@ -110,16 +175,19 @@ def collect_statistics(
             h.remove()
     if samples == 0:
         raise ValueError("no calibration samples were processed")
-    blocks: list[dict[str, dict[str, Tensor]]] = []
-    for i, b in enumerate(acc):
-        out: dict[str, dict[str, Tensor]] = {}
+    out_blocks: list[dict[str, dict[str, Tensor]]] = [{} for _ in range(nblocks)]
+    for i, b in acc.items():
         for p, d in b.items():
             if d is None:
                 raise RuntimeError(f"block {i}: no {p} activations were observed")
-            out[p] = {k: v.cpu() for k, v in d.items()}
-        blocks.append(out)
-    tokens = int(next(iter(blocks[0].values()))["count"].sum())
-    return CalibrationSums(blocks=blocks, samples=samples, tokens=tokens)
+            out_blocks[i][p] = {k: v.cpu() for k, v in d.items()}
+    tokens = int(next(iter(out_blocks[covered[0]].values()))["count"].sum())
+    return CalibrationSums(blocks=out_blocks, samples=samples, tokens=tokens)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:160] if text else type(e).__name__
 
 
 def block_shapes(loaded_or_model: Loaded | nn.Module, family: ModelFamily | None = None) -> list[dict[str, int]]:
@@ -153,6 +221,8 @@ def calibrate(
     parts: tuple[str, ...] = PARTS,
     product_dtype: torch.dtype = torch.float32,
     on_batch: Callable[[int], None] | None = None,
+    blocks: range | None = None,
+    forward_dtype: torch.dtype | None = None,
 ) -> Statistics:
     """Stream `source` (an image or text source of the model's modality) through the model once."""
     check_parts(loaded, parts)
@@ -160,7 +230,8 @@ def calibrate(
     batches = (b for b, _ in prep.batches(source, batch_size, workers))
     try:
         sums = collect_statistics(loaded.model, batches, family=loaded.family, parts=parts,
-                                  product_dtype=product_dtype, on_batch=on_batch)
+                                  product_dtype=product_dtype, on_batch=on_batch, blocks=blocks,
+                                  forward_dtype=forward_dtype)
     except ValueError as e:
         if "no calibration samples" in str(e):
             what = "text could be read" if loaded.modality == "text" else "image could be decoded"
@@ -180,5 +251,7 @@ def calibrate(
         shard=source.shard,
         product_dtype=str(product_dtype).removeprefix("torch."),
         skipped_samples=source.skipped,
+        blocks=blocks,
+        forward_dtype=forward_dtype,
     )
     return Statistics(blocks=sums.blocks, meta=meta)

@@ -6,11 +6,12 @@ import sys
 from typing import Annotated
 
 import typer
+from rich.console import Console
 from rich.text import Text
 
 from corp_cli import __version__
 from corp_cli.commands import common as C
-from corp_cli.errors import EXIT_INTERRUPTED, EXIT_USAGE
+from corp_cli.errors import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_USAGE
 from corp_cli.commands.benchmark import benchmark_cmd
 from corp_cli.commands.calibrate import app as calibrate_app
 from corp_cli.commands.evaluate import evaluate_cmd
@@ -58,10 +59,18 @@ def main() -> None:
     may vendor its own copy of click, so its errors are recognised by their interface
     (format_message + exit_code) rather than by click's classes.
     """
+    # rich (which also draws Typer's help) answers a closed stdout with exit 1; its documented
+    # hook hands it back to us instead, so the exit status can depend on what was printed
+    Console.on_broken_pipe = _broken_pipe  # type: ignore[method-assign]
     try:
         code = app(standalone_mode=False)
     except typer.Abort:
         sys.exit(EXIT_INTERRUPTED)
+    except BrokenPipeError:
+        # the reader of stdout went away (`corp --help | head -1`): end quietly; results are
+        # written as files before anything is printed, so nothing is left half-written
+        _silence_stdout()
+        sys.exit(0 if _is_help(sys.argv[1:]) else EXIT_BROKEN_PIPE)
     except Exception as e:
         if not (hasattr(e, "format_message") and hasattr(e, "exit_code")):
             raise
@@ -73,6 +82,25 @@ def main() -> None:
         C.err.print(Text(f"error: {e.format_message()}{hint}", style="bold red"), soft_wrap=True)
         sys.exit(int(e.exit_code))
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _broken_pipe(_console: Console) -> None:
+    raise BrokenPipeError
+
+
+def _is_help(args: list[str]) -> bool:
+    return not args or any(a in ("--help", "-h", "--version") for a in args)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not fail again."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":

@@ -46,12 +46,16 @@ def load_prune_config(path: Path) -> dict[str, Any]:
             out.setdefault("attn_sparsity", value)
         elif k == "blocks":
             out["block_overrides"] = _blocks(value, path)
+        elif k == "model_kwargs":  # timm.create_model options of the model the preset is for
+            if not isinstance(value, dict) or not all(isinstance(x, str) for x in value):
+                raise InputError(f"--config {path}: model_kwargs must map option names to values")
+            out["model_kwargs"] = dict(value)
         elif k in names:
             if k == "lam" and value == "auto":
                 value = None
             out[k] = value
         else:
-            raise InputError(f"--config {path}: unknown key {key!r}; allowed: {', '.join(sorted(names | {'sparsity', 'lambda', 'blocks'}))}")
+            raise InputError(f"--config {path}: unknown key {key!r}; allowed: {', '.join(sorted(names | {'sparsity', 'lambda', 'blocks', 'model_kwargs'}))}")
     return out
 
 

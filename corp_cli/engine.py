@@ -97,8 +97,10 @@ def mlp_batch_stats(h: Tensor, product_dtype: torch.dtype = ACC_DTYPE) -> dict[s
     h2 = h.reshape(-1, h.shape[-1])
     n, d = h2.shape
     hp = h2.to(product_dtype)
-    gram = sym_gram(hp).to(ACC_DTYPE)
-    total = hp.sum(0).to(ACC_DTYPE)  # per-batch sum at the product precision, like the Gram
+    # kept at the product precision until added into the float64 sums (add_stats): a batch
+    # held back until its forward completes costs half the memory of a float64 copy
+    gram = sym_gram(hp)
+    total = hp.sum(0)
     # int32 indices keep bincount on its fast path (d * HIST_BINS is far below 2^31)
     flat = _abs_hist_flat_index(h2)
     hist = torch.bincount(flat.reshape(-1), minlength=d * HIST_BINS).reshape(d, HIST_BINS).to(torch.int64)
@@ -122,16 +124,16 @@ def qk_batch_stats(q: Tensor, k: Tensor, product_dtype: torch.dtype = ACC_DTYPE)
     qp, kp = qh.to(product_dtype), kh.to(product_dtype)
     return {
         "count": torch.tensor([b * t], dtype=torch.int64, device=q.device),
-        "q_gram": torch.bmm(qp.transpose(1, 2), qp).to(ACC_DTYPE),
-        "k_gram": torch.bmm(kp.transpose(1, 2), kp).to(ACC_DTYPE),
+        "q_gram": torch.bmm(qp.transpose(1, 2), qp),
+        "k_gram": torch.bmm(kp.transpose(1, 2), kp),
         "qk_sq": (qh.to(ACC_DTYPE).square() * kh.to(ACC_DTYPE).square()).sum(1),
     }
 
 
 def add_stats(acc: dict[str, Tensor] | None, new: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Sufficient statistics are plain sums: accumulating, and merging shards, is addition."""
+    """Sufficient statistics are plain sums: accumulating, and merging shards, is addition (in ACC_DTYPE)."""
     if acc is None:
-        return {k: v.clone() for k, v in new.items()}
+        return {k: v.to(ACC_DTYPE, copy=True) if v.is_floating_point() else v.clone() for k, v in new.items()}
     for k, v in new.items():
         acc[k] += v
     return acc

@@ -6,6 +6,8 @@ EXIT_OK = 0
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+# what a shell reports for a process ended by SIGPIPE (128 + 13): its reader closed the pipe
+EXIT_BROKEN_PIPE = 141
 
 
 class CorpError(Exception):

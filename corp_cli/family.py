@@ -55,14 +55,29 @@ class BlockShape:
 
 @dataclass(frozen=True)
 class ModelIdentity:
-    """What statistics and masks must match: the architecture, its weights, its head."""
+    """What statistics and masks must match: the architecture, its options, its weights, its head."""
 
     name: str
     checkpoint: str  # "sha256:<hex>" of local weights, or "timm-pretrained:<name>.<tag>"
     num_classes: int
+    # constructor options beyond the defaults (e.g. img_size): a model built otherwise is another model
+    model_args: Mapping[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "checkpoint": self.checkpoint, "num_classes": self.num_classes}
+        d: dict[str, Any] = {"name": self.name, "checkpoint": self.checkpoint, "num_classes": self.num_classes}
+        if self.model_args:  # only when set, so records of default-built models keep their bytes
+            d["model_args"] = dict(self.model_args)
+        return d
+
+    def describe(self) -> str:
+        args = ", ".join(f"{k}={v}" for k, v in sorted(self.model_args.items()))
+        return f"{self.name} ({self.checkpoint}, {self.num_classes} classes{', ' + args if args else ''})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ModelIdentity) and self.to_dict() == other.to_dict()
+
+    def __hash__(self) -> int:
+        return hash((self.name, self.checkpoint, self.num_classes))
 
     @staticmethod
     def from_dict(d: Any) -> ModelIdentity:
@@ -74,7 +89,10 @@ class ModelIdentity:
             raise ValueError("model record needs non-empty 'name' and 'checkpoint' strings")
         if isinstance(ncls, bool) or not isinstance(ncls, int) or ncls < 0:
             raise ValueError(f"model record has num_classes {ncls!r}, expected an integer >= 0")
-        return ModelIdentity(name=name, checkpoint=ckpt, num_classes=ncls)
+        args = d.get("model_args", {})
+        if not isinstance(args, dict):
+            raise ValueError(f"model record has model_args {args!r}, expected an object")
+        return ModelIdentity(name=name, checkpoint=ckpt, num_classes=ncls, model_args=args)
 
 
 # The model options a command may be given, by the name families declare support with,

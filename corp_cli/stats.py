@@ -90,10 +90,10 @@ def _renamed_counts(meta: Any) -> Any:
 def new_meta(
     *, identity: ModelIdentity, shapes: list[dict[str, int]], parts: list[str], preprocessing: dict[str, Any],
     data: dict[str, Any], samples: int, tokens: int, seed: int, shard: tuple[int, int] | None,
-    product_dtype: str, skipped_samples: int = 0,
+    product_dtype: str, skipped_samples: int = 0, blocks: range | None = None, forward_dtype: Any = None,
 ) -> dict[str, Any]:
     index, count = shard if shard is not None else (0, 1)
-    return {
+    meta = {
         "kind": KIND,
         "format_version": FORMAT_VERSION,
         "tool_version": __version__,
@@ -111,11 +111,36 @@ def new_meta(
         "product_dtype": product_dtype,
         "hist": hist_spec(),
     }
+    # written only when they differ from the default, so files of default runs keep their bytes
+    if blocks is not None and list(blocks) != list(range(len(shapes))):
+        meta["blocks"] = list(blocks)
+    if forward_dtype is not None and forward_dtype != torch.float32:
+        meta["forward_dtype"] = str(forward_dtype).removeprefix("torch.")
+    return meta
+
+
+def covered_blocks(meta: dict[str, Any]) -> list[int]:
+    """The blocks a statistics file holds sums for (all of them unless calibrated with --blocks)."""
+    b = meta.get("blocks")
+    return list(b) if isinstance(b, list) else list(range(len(meta["block_shapes"])))
+
+
+def describe_blocks(blocks: list[int]) -> str:
+    """0-11, or 0-5,8-11: ranges of block indices."""
+    spans, start = [], None
+    for i, b in enumerate(blocks):
+        if start is None:
+            start = b
+        if i + 1 == len(blocks) or blocks[i + 1] != b + 1:
+            spans.append(f"{start}-{b}" if b != start else str(b))
+            start = None
+    return ",".join(spans)
 
 
 # Block-shape keys each part needs, to know its tensors' shapes.
 _SHAPE_KEYS = {"mlp": ("mlp_hidden",), "attn": ("num_heads", "head_dim")}
 _PRODUCT_DTYPES = ("float32", "float64")
+_FORWARD_DTYPES = ("bfloat16", "float16")
 
 
 def _is_count(v: Any, minimum: int = 0) -> bool:
@@ -165,6 +190,13 @@ def _check_meta(meta: dict[str, Any]) -> tuple[list[dict[str, int]], list[str]]:
         raise ValueError(f"product_dtype {meta.get('product_dtype')!r} is not one of {_PRODUCT_DTYPES}")
     if meta.get("hist") != hist_spec():
         raise ValueError("histogram layout differs from this corp version")
+    if "forward_dtype" in meta and meta["forward_dtype"] not in _FORWARD_DTYPES:
+        raise ValueError(f"forward_dtype {meta['forward_dtype']!r} is not one of {_FORWARD_DTYPES}")
+    if "blocks" in meta:
+        b = meta["blocks"]
+        if (not isinstance(b, list) or not b or not all(_is_count(x) and x < len(shapes) for x in b)
+                or b != sorted(set(b))):
+            raise ValueError(f"blocks {b!r} must be ascending, distinct indices of the model's {len(shapes)} blocks")
     return shapes, parts
 
 
@@ -173,15 +205,16 @@ def _validate(tensors: dict[str, Tensor], meta: dict[str, Any], path: Path) -> l
         shapes, parts = _check_meta(meta)
     except (KeyError, TypeError, ValueError, OverflowError) as e:
         raise ArtifactError(f"{path}: invalid statistics metadata ({e})") from None
+    covered = covered_blocks(meta)
     expected = {
         f"blocks.{i}.{part}.{name}": (dtype, shape_fn)
-        for i, s in enumerate(shapes) for part in parts for name, (dtype, shape_fn) in FIELDS[part].items()
+        for i in covered for part in parts for name, (dtype, shape_fn) in FIELDS[part].items()
     }
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     if missing or extra:
         raise ArtifactError(f"{path}: statistics tensors do not match their metadata (missing {missing[:3]}, unexpected {extra[:3]})")
-    blocks: list[dict[str, dict[str, Tensor]]] = [{p: {} for p in parts} for _ in shapes]
+    blocks: list[dict[str, dict[str, Tensor]]] = [{p: {} for p in parts} if i in covered else {} for i in range(len(shapes))]
     tokens = meta["tokens"]
     for key, (dtype, shape_fn) in expected.items():
         t = tensors[key]
@@ -201,39 +234,54 @@ def _validate(tensors: dict[str, Tensor], meta: dict[str, Any], path: Path) -> l
         if name == "qk_sq" and bool((t < 0).any()):
             raise ArtifactError(f"{path}: tensor {key} holds negative sums of squares")
         blocks[int(i)][part][name] = t
-    # `tokens` is block 0's count (see calibrate.collect_statistics), and the parts of one
-    # block see the same tokens; anything else is a forged or spliced file.
-    for i, b in enumerate(blocks):
+    # `tokens` is the first covered block's count (see calibration.collect_statistics), and
+    # the parts of one block see the same tokens; anything else is a forged or spliced file.
+    for i in covered:
+        b = blocks[i]
         counts = {p: int(b[p]["count"].sum()) for p in parts}
-        if i == 0 and counts[parts[0]] != tokens:
-            raise ArtifactError(f"{path}: block 0 counts {counts[parts[0]]} samples but the metadata says {tokens} tokens")
+        if i == covered[0] and counts[parts[0]] != tokens:
+            raise ArtifactError(f"{path}: block {i} counts {counts[parts[0]]} samples but the metadata says {tokens} tokens")
         if len(set(counts.values())) > 1:
             raise ArtifactError(f"{path}: block {i} parts count different samples {counts}")
     return blocks
 
 
-def merge(items: list[Statistics]) -> Statistics:
-    """Add statistics from shards of one calibration set; refuse anything else."""
+def merge(items: list[Statistics], *, allow_gaps: bool = False) -> Statistics:
+    """Join statistics of one calibration set: shards of the data (added), or ranges of the blocks (united).
+
+    Anything else is refused: other models, options or data, overlapping shards, overlapping
+    block ranges, and (unless allow_gaps) block ranges that leave blocks out.
+    """
     if len(items) < 2:
         raise ArtifactError("merge needs at least two statistics files")
     first = items[0]
     keys = ("model", "block_shapes", "parts", "preprocessing", "product_dtype", "hist")
-    seen: set[int] = set()
     for st in items:
         name = st.path or "input"
-        for k in keys:
-            if st.meta[k] != first.meta[k]:
+        for k in (*keys, "forward_dtype"):
+            if st.meta.get(k) != first.meta.get(k):
                 raise ArtifactError(
                     f"cannot merge {name} with {first.path}: different {k} "
-                    f"({_short(st.meta[k])} vs {_short(first.meta[k])})"
+                    f"({_short(st.meta.get(k))} vs {_short(first.meta.get(k))})"
                 )
         if st.meta["data"].get("base_fingerprint") != first.meta["data"].get("base_fingerprint"):
             raise ArtifactError(f"cannot merge {name} with {first.path}: they come from different calibration data selections")
         if st.meta["shards"]["count"] != first.meta["shards"]["count"]:
             raise ArtifactError(f"cannot merge {name} with {first.path}: different shard counts")
+    ranges = [tuple(covered_blocks(st.meta)) for st in items]
+    if len(set(ranges)) > 1:
+        return _merge_blocks(items, allow_gaps)
+    return _merge_shards(items)
+
+
+def _merge_shards(items: list[Statistics]) -> Statistics:
+    first = items[0]
+    seen: set[int] = set()
+    for st in items:
         overlap = seen & set(st.meta["shards"]["indices"])
         if overlap:
-            raise ArtifactError(f"cannot merge {name}: shard(s) {sorted(overlap)} are already included (overlapping shards)")
+            raise ArtifactError(f"cannot merge {st.path or 'input'}: shard(s) {sorted(overlap)} are already included "
+                                "(overlapping shards)")
         seen |= set(st.meta["shards"]["indices"])
     blocks = [
         {part: {k: sum((st.blocks[i][part][k] for st in items[1:]), first.blocks[i][part][k].clone()) for k in d} for part, d in b.items()}
@@ -249,6 +297,42 @@ def merge(items: list[Statistics]) -> Statistics:
     return Statistics(blocks=blocks, meta=meta)
 
 
+def _merge_blocks(items: list[Statistics], allow_gaps: bool) -> Statistics:
+    """Files of the same data that each hold some blocks (calibrate --blocks): one file with their union."""
+    first = items[0]
+    owner: dict[int, Path | str] = {}
+    for st in items:
+        name = st.path or "input"
+        if st.meta["data"].get("fingerprint") != first.meta["data"].get("fingerprint") or (
+            st.meta["shards"] != first.meta["shards"]
+        ):
+            raise ArtifactError(f"cannot merge {name} with {first.path}: block ranges must come from the same data "
+                                "(and the same shards); merge shards of one block range first")
+        if st.meta["samples"] != first.meta["samples"]:
+            raise ArtifactError(f"cannot merge {name} with {first.path}: they counted different samples")
+        for i in covered_blocks(st.meta):
+            if i in owner:
+                raise ArtifactError(f"cannot merge {name}: block {i} is also in {owner[i]} (overlapping block ranges)")
+            owner[i] = name
+    covered = sorted(owner)
+    nblocks = len(first.meta["block_shapes"])
+    missing = [i for i in range(nblocks) if i not in owner]
+    if missing and not allow_gaps:
+        raise ArtifactError(f"the files leave blocks {describe_blocks(missing)} out; calibrate them with --blocks "
+                            "and merge them too, or pass --allow-gaps for a partial file")
+    blocks: list[dict[str, dict[str, Tensor]]] = [{} for _ in range(nblocks)]
+    for st in items:
+        for i in covered_blocks(st.meta):
+            blocks[i] = st.blocks[i]
+    meta = dict(first.meta)
+    meta["tool_version"] = __version__
+    meta.pop("blocks", None)
+    if missing:
+        meta["blocks"] = covered
+    meta["tokens"] = int(next(iter(blocks[covered[0]].values()))["count"].sum())
+    return Statistics(blocks=blocks, meta=meta)
+
+
 def _short(v: Any) -> str:
     text = repr(v)
     return text if len(text) < 80 else text[:77] + "..."
@@ -257,9 +341,8 @@ def _short(v: Any) -> str:
 def check_matches(stats: Statistics, identity: ModelIdentity, what: str = "model") -> None:
     if stats.identity != identity:
         raise ArtifactError(
-            f"statistics {stats.path} were computed for {stats.identity.name} ({stats.identity.checkpoint}, "
-            f"{stats.identity.num_classes} classes) but the {what} is {identity.name} ({identity.checkpoint}, "
-            f"{identity.num_classes} classes); recalibrate with the same model and checkpoint"
+            f"statistics {stats.path} were computed for {stats.identity.describe()} but the {what} is "
+            f"{identity.describe()}; recalibrate with the same model, options and checkpoint"
         )
 
 

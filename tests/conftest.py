@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import os
+import copy
+import dataclasses
 from pathlib import Path
 
 # Tests never reach a model hub: fail fast instead of retrying the network.
@@ -14,6 +16,9 @@ import pytest  # noqa: E402
 import timm  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+from corp_cli import engine  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -71,6 +76,49 @@ def narrowed(name: str, blocks: list[dict[str, int]], family: str = "timm-vit", 
     from corp_cli.registry import by_name
 
     return by_name(family).build({"family": family, "base_model": name, "model_kwargs": kwargs, "blocks": blocks}).eval()
+
+
+def masked_reference(dense, masks, stats, blocks):
+    """The dense model (a Loaded) with hooks that do what the compacted weights do: predict removed units, mix kept Q/K dims."""
+    fam, model = dense.family, copy.deepcopy(dense.model)
+    ref = dataclasses.replace(dense, model=model)
+    for i, bm in enumerate(masks):
+        entry = blocks[i]
+        if bm.mlp is not None:
+            # an output projection without a bias is compensated without intercept (engine.fit_moments)
+            intercept = fam.mlp_weights(dense.model, i).out_bias is not None
+            m = engine.fit_moments(stats.blocks[i]["mlp"], intercept=intercept)
+            keep = bm.mlp
+            prune = engine.complement(keep, m.mean.shape[0])
+            sol = engine.ridge_compensation(m, keep, prune, entry["mlp"]["lambda"])
+
+            def on_h(h: Tensor, keep: Tensor = keep, prune: Tensor = prune, sol: engine.RidgeSolution = sol) -> Tensor:
+                out = h.clone()
+                out[..., prune] = (h[..., keep].double() @ sol.b.T + sol.c).to(h.dtype)
+                return out
+
+            fam.mlp_hook(model, i, on_h)
+        if bm.attn is not None:
+            st = stats.blocks[i]["attn"]
+            n = int(st["count"].sum())
+            d = st["q_gram"].shape[-1]
+            keep = bm.attn
+            prune = torch.stack([engine.complement(k, d) for k in keep])
+            lam = torch.tensor(entry["attn"]["lambda_per_head"], dtype=torch.float64)
+            sol = engine.qk_compensation(st["q_gram"] / n, st["k_gram"] / n, keep, prune, lam=None,
+                                         scale=fam.softmax_scale(dense.model, i))
+            assert torch.allclose(sol.lam, lam)
+            mix = torch.eye(keep.shape[1], dtype=torch.float64) + sol.m  # (H, ds, ds)
+
+            def on_qk(q: Tensor, k: Tensor, keep: Tensor = keep, mix: Tensor = mix) -> tuple[Tensor, Tensor]:
+                q2, k2 = torch.zeros_like(q), torch.zeros_like(k)
+                for h, s in enumerate(keep):  # logit = q_S^T (I + M) k_S, removed dims contribute nothing
+                    q2[:, h][..., s] = (q[:, h][..., s].double() @ mix[h]).to(q.dtype)
+                    k2[:, h][..., s] = k[:, h][..., s]
+                return q2, k2
+
+            fam.qk_hook(model, i, on_qk)
+    return ref
 
 
 STORIES260K = SHARED_DATA / "llama-stories260k"

@@ -11,8 +11,6 @@ engine's own solves and the family's hooks, so it is the same for every family.
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import json
 import subprocess
 import sys
@@ -25,11 +23,13 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from corp_cli import api, engine
+from corp_cli import api
 from corp_cli.calibration import as_batch
 from corp_cli.compact import load_pruned_loaded
 from corp_cli.family import Loaded
 from corp_cli.registry import families
+
+from .conftest import masked_reference
 
 transformers = pytest.importorskip("transformers")
 
@@ -107,49 +107,6 @@ def test_every_registered_family_has_a_contract_case() -> None:
     assert {f.name for f in families()} <= {fam for fam, _ in CASES.values()}
 
 
-def _masked_reference(dense: Loaded, result: api.PruneResult) -> Loaded:
-    """The dense model with hooks that do what the compacted weights do: predict removed units, mix kept Q/K dims."""
-    fam, model, stats = dense.family, copy.deepcopy(dense.model), result.stats
-    ref = dataclasses.replace(dense, model=model)
-    for i, bm in enumerate(result.masks):
-        entry = result.blocks[i]
-        if bm.mlp is not None:
-            # an output projection without a bias is compensated without intercept (engine.fit_moments)
-            intercept = fam.mlp_weights(dense.model, i).out_bias is not None
-            m = engine.fit_moments(stats.blocks[i]["mlp"], intercept=intercept)
-            keep = bm.mlp
-            prune = engine.complement(keep, m.mean.shape[0])
-            sol = engine.ridge_compensation(m, keep, prune, entry["mlp"]["lambda"])
-
-            def on_h(h: Tensor, keep: Tensor = keep, prune: Tensor = prune, sol: engine.RidgeSolution = sol) -> Tensor:
-                out = h.clone()
-                out[..., prune] = (h[..., keep].double() @ sol.b.T + sol.c).to(h.dtype)
-                return out
-
-            fam.mlp_hook(model, i, on_h)
-        if bm.attn is not None:
-            st = stats.blocks[i]["attn"]
-            n = int(st["count"].sum())
-            d = st["q_gram"].shape[-1]
-            keep = bm.attn
-            prune = torch.stack([engine.complement(k, d) for k in keep])
-            lam = torch.tensor(entry["attn"]["lambda_per_head"], dtype=torch.float64)
-            sol = engine.qk_compensation(st["q_gram"] / n, st["k_gram"] / n, keep, prune, lam=None,
-                                         scale=fam.softmax_scale(dense.model, i))
-            assert torch.allclose(sol.lam, lam)
-            mix = torch.eye(keep.shape[1], dtype=torch.float64) + sol.m  # (H, ds, ds)
-
-            def on_qk(q: Tensor, k: Tensor, keep: Tensor = keep, mix: Tensor = mix) -> tuple[Tensor, Tensor]:
-                q2, k2 = torch.zeros_like(q), torch.zeros_like(k)
-                for h, s in enumerate(keep):  # logit = q_S^T (I + M) k_S, removed dims contribute nothing
-                    q2[:, h][..., s] = (q[:, h][..., s].double() @ mix[h]).to(q.dtype)
-                    k2[:, h][..., s] = k[:, h][..., s]
-                return q2, k2
-
-            fam.qk_hook(model, i, on_qk)
-    return ref
-
-
 def _outputs(loaded: Loaded, batch: dict) -> tuple[Tensor | None, Tensor]:
     with torch.inference_mode():
         out = loaded.family.outputs(loaded, batch)
@@ -175,7 +132,7 @@ def test_family_contract(case: str, tmp_path: Path) -> None:
 
     # compacted == masked, in float64: the narrower modules compute the masked, compensated function
     got_logits, got_feats = _outputs(result.loaded, check)
-    ref_logits, ref_feats = _outputs(_masked_reference(dense, result), check)
+    ref_logits, ref_feats = _outputs(masked_reference(dense, result.masks, result.stats, result.blocks), check)
     torch.testing.assert_close(got_feats, ref_feats, rtol=1e-9, atol=1e-9)
     if ref_logits is not None:
         torch.testing.assert_close(got_logits, ref_logits, rtol=1e-9, atol=1e-9)

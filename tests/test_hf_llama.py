@@ -26,8 +26,8 @@ from corp_cli.loading import load_dense
 from corp_cli.pruning import MLP_RANKERS
 from corp_cli.sources import open_data
 
-from .conftest import DECODER_LAYOUTS, STORIES, STORIES260K, needs_stories, tiny_decoder
-from .test_family_contract import _masked_reference, _outputs
+from .conftest import DECODER_LAYOUTS, STORIES, STORIES260K, masked_reference, needs_stories, tiny_decoder
+from .test_family_contract import _outputs
 
 transformers = pytest.importorskip("transformers")
 runner = CliRunner()
@@ -70,7 +70,7 @@ def test_every_layout_prunes_its_gated_mlp_to_the_masked_reference(layout: str, 
         assert model.model.layers[0].self_attn.q_proj.bias is not None  # Qwen2's q/k/v biases load and stay
     check = _double(_tokens(3, seed=9))
     got_logits, got_feats = _outputs(result.loaded, check)
-    ref_logits, ref_feats = _outputs(_masked_reference(dense, result), check)
+    ref_logits, ref_feats = _outputs(masked_reference(dense, result.masks, result.stats, result.blocks), check)
     torch.testing.assert_close(got_logits, ref_logits, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(got_feats, ref_feats, rtol=1e-9, atol=1e-9)
     dense_logits, _ = _outputs(dense, check)

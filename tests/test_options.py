@@ -33,6 +33,7 @@ MODEL_OPTIONS = {
     "num_classes": ("--num-classes", "3"),
     "pretrained_cfg": ("--pretrained-cfg", "{cfg}"),
     "preprocessing": ("--mean", "0.5,0.5,0.5"),
+    "model_args": ("--model-arg", "img_size=32"),
     "seq_len": ("--seq-len", "16"),
 }
 PREPROCESSING = {"--mean": "0.5,0.5,0.5", "--std": "0.5,0.5,0.5", "--input-size": "224", "--interpolation": "bicubic",
@@ -44,7 +45,7 @@ LM_BENCH = {"--seq-lens": "8", "--new-tokens": "4"}
 
 # Every option of every command, by what decides whether it applies.
 CLASSES = {
-    "model": {"--checkpoint", "--num-classes", "--pretrained-cfg", "--seq-len", *PREPROCESSING},
+    "model": {"--checkpoint", "--num-classes", "--pretrained-cfg", "--model-arg", "--seq-len", *PREPROCESSING},
     "lm": {*LM_BENCH},
     "images": {"--workers"},
     "part": {*MLP_ONLY, *ATTN_ONLY},

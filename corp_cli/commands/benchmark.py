@@ -31,6 +31,7 @@ def benchmark_cmd(
     new_tokens: Annotated[int | None, typer.Option("--new-tokens", min=0, help=f"Causal language models: tokens generated per sequence to time decoding with the KV cache (default {D.BENCH_NEW_TOKENS}; 0: no decode timing).")] = None,
     checkpoint: C.CheckpointOpt = None,
     num_classes: C.NumClassesOpt = None,
+    model_arg: C.ModelArgOpt = None,
     device: C.DeviceOpt = D.DEVICE,
     json_out: C.JsonOpt = None,
 ) -> None:
@@ -53,7 +54,7 @@ def benchmark_cmd(
     if lm_flags and "seq_len" not in family_of_spec(model).options:
         raise InputError(f"{', '.join(lm_flags)} appl{'ies' if len(lm_flags) == 1 else 'y'} to causal language models "
                          f"(token windows, generation); {model} is not one: drop {'it' if len(lm_flags) == 1 else 'them'}")
-    options = C.model_options(checkpoint, num_classes)
+    options = C.model_options(checkpoint, num_classes, model_args=model_arg)
     loaded = load_any(model, options, dev)
     desc = describe(loaded, model, pruned=is_pruned_path(model))
     ref = load_reference(model, desc, reference, reference_checkpoint, dev)

@@ -24,6 +24,12 @@ class _DefaultRun(TyperGroup):
             args = ["run", *args]
         return super().parse_args(ctx, args)
 
+    def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """`corp calibrate --help` shows the options of the default form, `corp calibrate MODEL ...`."""
+        run = self.commands["run"]
+        run_ctx = run.make_context(ctx.info_name, [], parent=ctx.parent, resilient_parsing=True)
+        run.format_help(run_ctx, formatter)
+
 
 app = typer.Typer(
     cls=_DefaultRun,
@@ -70,12 +76,14 @@ def calibrate_model(
     return stats, loaded, time.perf_counter() - t0
 
 
-@app.command("run", help="Calibrate MODEL on --data and write the statistics to --out.")
+@app.command("run", help="Calibrate MODEL on --data and write its per-block statistics to --out.\n\n"
+                         "The other form, `corp calibrate merge SHARDS... --out FILE`, adds statistics shards "
+                         "together (see `corp calibrate merge --help`).")
 @C.handle_errors
 def run_cmd(
     model: C.ModelArg,
     out: Annotated[Path, typer.Option("--out", help="Statistics file to write (.safetensors).")],
-    data: Annotated[str | None, typer.Option("--data", help=f"Images: a folder, hf:NAME[:CONFIG][@SPLIT] or synthetic (smoke tests only; default {D.CALIB_DATA['image']}). Text: text:pydoc, text:FILE (with @calib/@eval) or hf:NAME (default {D.CALIB_DATA['text']}).")] = None,
+    data: Annotated[str | None, typer.Option("--data", help=f"Images: a folder, hf:NAME\\[:CONFIG]\\[@SPLIT] or synthetic (smoke tests only; default {D.CALIB_DATA['image']}). Text: text:pydoc, text:FILE (with @calib/@eval) or hf:NAME (default {D.CALIB_DATA['text']}).")] = None,
     samples: Annotated[int, typer.Option("--samples", min=1, help="Number of calibration images or texts.")] = DEFAULT_SAMPLES,
     seed: C.SeedOpt = 0,
     shard: Annotated[str | None, typer.Option("--shard", help="I/N: calibrate only the I-th (0-based) of N disjoint slices.")] = None,
@@ -83,6 +91,7 @@ def run_cmd(
     precision: Annotated[str, typer.Option("--precision", help="Per-batch product dtype: float32 (fast) or float64; sums are float64 always.")] = D.PRECISION,
     checkpoint: C.CheckpointOpt = None,
     num_classes: C.NumClassesOpt = None,
+    model_arg: C.ModelArgOpt = None,
     pretrained_cfg: C.PretrainedCfgOpt = None,
     mean: C.MeanOpt = None,
     std: C.StdOpt = None,
@@ -101,7 +110,8 @@ def run_cmd(
 
     # Every option and path is checked before the model loads or an image is read.
     shard_ix, part_list = C.parse_shard(shard), (parse_parts(parts) if parts is not None else None)
-    options = C.model_options(checkpoint, num_classes, pretrained_cfg, seq_len, mean=mean, std=std, input_size=input_size,
+    options = C.model_options(checkpoint, num_classes, pretrained_cfg, model_arg, seq_len=seq_len, mean=mean, std=std,
+                              input_size=input_size,
                               interpolation=interpolation, crop_pct=crop_pct, crop_mode=crop_mode)
     check_out_file(out, overwrite=overwrite)
     stats, loaded, seconds = calibrate_model(

@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -94,7 +95,7 @@ def handle_errors(fn: F) -> F:
         try:
             with _sigterm_as_interrupt():
                 return fn(*args, **kwargs)
-        except (typer.Exit, typer.Abort):
+        except (typer.Exit, typer.Abort, BrokenPipeError):
             raise
         except CorpError as e:
             if debug_enabled():
@@ -141,7 +142,18 @@ class RateColumn(ProgressColumn):
 
 @contextmanager
 def progress_bar(description: str, total: int | None, unit: str = "images") -> Iterator[Callable[[int], None]]:
-    """A rich progress bar on stderr; yields an `advance(n)` callback."""
+    """Progress on stderr; yields an `advance(n)` callback.
+
+    On a terminal, a rich progress bar. Otherwise (a batch job's log file, a pipe), plain
+    lines at a bounded rate (see PlainProgress), so a long run is visibly alive in the log.
+    """
+    if not err.is_terminal:
+        plain = PlainProgress(description, total, unit)
+        try:
+            yield plain.advance
+        finally:
+            plain.close()
+        return
     progress = Progress(
         SpinnerColumn(),
         TextColumn("[bold]{task.description}"),
@@ -151,11 +163,67 @@ def progress_bar(description: str, total: int | None, unit: str = "images") -> I
         TimeElapsedColumn(),
         console=err,
         transient=False,
-        disable=not err.is_terminal,
     )
     with progress:
         task = progress.add_task(description, total=total, unit=unit)
         yield lambda n: progress.advance(task, n)
+
+
+# A run shorter than this prints no progress lines at all; longer runs print one line this
+# often, and one at every further 10% of a known total.
+PLAIN_PROGRESS_EVERY_S = 30.0
+
+
+class PlainProgress:
+    """Progress as plain log lines: items done, rate, time left; at most one line per 10% or per interval."""
+
+    def __init__(self, description: str, total: int | None, unit: str, *, every: float | None = None,
+                 clock: Callable[[], float] = time.monotonic, write: Callable[[str], None] | None = None) -> None:
+        self.description, self.total, self.unit = description, total, unit
+        self.every = PLAIN_PROGRESS_EVERY_S if every is None else every
+        self.clock = clock
+        self.write = write or _write_err
+        self.start = self.last = clock()
+        self.done = 0
+        self.tenths = 0
+        self.printed = False
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        now = self.clock()
+        if now - self.start < self.every:
+            return
+        tenths = int(10 * self.done / self.total) if self.total else 0
+        if now - self.last >= self.every or tenths > self.tenths:
+            self._line(now)
+            self.tenths = tenths
+
+    def close(self) -> None:
+        if self.printed:
+            self._line(self.clock(), final=True)
+
+    def _line(self, now: float, final: bool = False) -> None:
+        elapsed = max(now - self.start, 1e-9)
+        rate = self.done / elapsed
+        if self.total:
+            part = f"{self.done}/{self.total} {self.unit} ({100 * self.done / self.total:.0f}%)"
+            left = (self.total - self.done) / rate if rate > 0 and not final else 0.0
+            tail = "done" if final else f"{_duration(left)} left"
+        else:
+            part, tail = f"{self.done} {self.unit}", "done" if final else "running"
+        self.write(f"{self.description}: {part}, {rate:,.1f} {self.unit}/s, {_duration(elapsed)} elapsed, {tail}")
+        self.last = now
+        self.printed = True
+
+
+def _write_err(line: str) -> None:
+    err.file.write(line + "\n")
+    err.file.flush()
+
+
+def _duration(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
 # ---- option types shared by subcommands (one definition each)
@@ -179,6 +247,10 @@ InputSizeOpt = Annotated[int | None, typer.Option("--input-size", help="Square i
 InterpOpt = Annotated[str | None, typer.Option("--interpolation", help="Resize interpolation override (bilinear, bicubic, ...).")]
 CropPctOpt = Annotated[float | None, typer.Option("--crop-pct", help="Center-crop fraction override (1.0 = no crop).")]
 CropModeOpt = Annotated[str | None, typer.Option("--crop-mode", help="center, squash (resize to the exact size, no crop) or border.")]
+ModelArgOpt = Annotated[
+    list[str] | None,
+    typer.Option("--model-arg", metavar="KEY=VALUE", help="A timm.create_model option, e.g. img_size=224 (repeatable; checked against the model's constructor). timm models only: Hugging Face folders take their options from config.json."),
+]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N].")]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images or texts per forward pass.")]
 WorkersOpt = Annotated[int | None, typer.Option("--workers", min=0, help="Image decoding worker processes (default: up to 4; images only).")]
@@ -222,13 +294,35 @@ def preprocessing_overrides(
 
 def model_options(
     checkpoint: Path | None = None, num_classes: int | None = None, pretrained_cfg: Path | None = None,
-    seq_len: int | None = None, **preprocessing: Any,
+    model_args: list[str] | None = None, preset_args: dict[str, Any] | None = None, seq_len: int | None = None,
+    **preprocessing: Any,
 ) -> Any:
-    """The model options a command was given (corp_cli.family.ModelOptions); the family says which apply."""
+    """The model options a command was given (corp_cli.family.ModelOptions); the family says which apply.
+
+    `preset_args` are a --config preset's model_kwargs; --model-arg flags win over them.
+    """
     from corp_cli.family import ModelOptions
 
+    args = {**(preset_args or {}), **parse_model_args(model_args)}
     return ModelOptions(checkpoint=checkpoint, num_classes=num_classes, pretrained_cfg=pretrained_cfg,
-                        preprocessing=preprocessing_overrides(**preprocessing), seq_len=seq_len)
+                        preprocessing=preprocessing_overrides(**preprocessing), model_args=args, seq_len=seq_len)
+
+
+def parse_model_args(items: list[str] | None) -> dict[str, Any]:
+    """KEY=VALUE pairs; values are YAML scalars or lists (224, true, avg, [224, 224])."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise CorpError(f"--model-arg must look like KEY=VALUE (e.g. img_size=224), got {item!r}")
+        try:
+            out[key] = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError:
+            raise CorpError(f"--model-arg {key}: cannot read the value {value!r}") from None
+    return out
 
 
 def workers_for(modality: str, workers: int | None) -> int:

@@ -81,7 +81,8 @@ def open_eval_source(data: str, loaded: Any, samples: int | None, seed: int, lab
     if labels is None and not classifier:
         scored = ("perplexity and next-token fidelity" if loaded.family.evaluation(loaded.model) == "lm"
                   else "the fidelity of its pooled features")
-        log.info("%s has no classifier: scoring %s, no labels", loaded.identity.name, scored)
+        C.err.print(f"note: {loaded.identity.name} has no classifier: scoring {scored}, no labels", markup=False,
+                    soft_wrap=True)
         labels = False
     kw = {"samples": samples, "seed": seed, "class_names": loaded.classes, "text_unit": loaded.family.text_unit}
     if labels is not None or data == "synthetic":
@@ -96,7 +97,7 @@ def open_eval_source(data: str, loaded: Any, samples: int | None, seed: int, lab
 @C.handle_errors
 def evaluate_cmd(
     model: Annotated[str, typer.Argument(help="A model name / folder (with --checkpoint for timm weights) or a pruned DIR from `corp prune`.", show_default=False)],
-    data: Annotated[str, typer.Option("--data", help="Images: a folder (synset class folders give labels), hf:NAME[:CONFIG][@SPLIT] or synthetic. Text: text:pydoc@eval, text:FILE or hf:NAME.")],
+    data: Annotated[str, typer.Option("--data", help="Images: a folder (synset class folders give labels), hf:NAME\\[:CONFIG]\\[@SPLIT] or synthetic. Text: text:pydoc@eval, text:FILE or hf:NAME.")],
     reference: ReferenceOpt = None,
     reference_checkpoint: ReferenceCkptOpt = None,
     labels: Annotated[bool | None, typer.Option("--labels/--no-labels", help="Score against labels (default: when the model has a classifier and the data has labels).")] = None,
@@ -104,6 +105,7 @@ def evaluate_cmd(
     seed: Annotated[int, typer.Option("--seed", help="Seed for choosing the --samples subset.")] = D.SEED,
     checkpoint: C.CheckpointOpt = None,
     num_classes: C.NumClassesOpt = None,
+    model_arg: C.ModelArgOpt = None,
     pretrained_cfg: C.PretrainedCfgOpt = None,
     mean: C.MeanOpt = None,
     std: C.StdOpt = None,
@@ -123,7 +125,8 @@ def evaluate_cmd(
     from corp_cli.loading import describe, is_pruned_path, load_any
 
     dev = resolve_device(device)
-    options = C.model_options(checkpoint, num_classes, pretrained_cfg, seq_len, mean=mean, std=std, input_size=input_size,
+    options = C.model_options(checkpoint, num_classes, pretrained_cfg, model_arg, seq_len=seq_len, mean=mean, std=std,
+                              input_size=input_size,
                               interpolation=interpolation, crop_pct=crop_pct, crop_mode=crop_mode)
     loaded = load_any(model, options, dev)
     n_workers = C.workers_for(loaded.modality, workers)

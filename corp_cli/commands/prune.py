@@ -37,6 +37,7 @@ def prune_cmd(
     masks_path: Annotated[Path | None, typer.Option("--masks", help="Reapply these masks instead of ranking.")] = None,
     checkpoint: C.CheckpointOpt = None,
     num_classes: C.NumClassesOpt = None,
+    model_arg: C.ModelArgOpt = None,
     pretrained_cfg: C.PretrainedCfgOpt = None,
     mean: C.MeanOpt = None,
     std: C.StdOpt = None,
@@ -78,6 +79,7 @@ def prune_cmd(
         if given:
             raise InputError(f"{', '.join(given)} choose the calibration data, but --stats gives the statistics: drop them")
     config_keys = load_prune_config(C.existing_file(config, "--config")) if config else {}
+    preset_args = config_keys.pop("model_kwargs", None)
     flags = {
         "sparsity": sparsity, "mlp_sparsity": mlp_sparsity, "attn_sparsity": attn_sparsity, "target": target,
         "ranker": ranker, "qk_ranker": qk_ranker, "lam": parse_lambda(lam),
@@ -86,7 +88,8 @@ def prune_cmd(
     }
     opts = build_options(config_keys, dict(flags))
     check_out_dir(out, overwrite=overwrite)
-    options = C.model_options(checkpoint, num_classes, pretrained_cfg, seq_len, mean=mean, std=std, input_size=input_size,
+    options = C.model_options(checkpoint, num_classes, pretrained_cfg, model_arg, preset_args, seq_len=seq_len, mean=mean,
+                              std=std, input_size=input_size,
                               interpolation=interpolation, crop_pct=crop_pct, crop_mode=crop_mode)
     fam, name = resolve_model(model, options)
     preset = None
@@ -154,14 +157,15 @@ def _default_target(opts: Any, loaded: Any) -> Any:
 
     target = default_target(loaded.family, loaded.model)
     if target != opts.target:
-        logging.getLogger(__name__).warning("%s: %s; pruning --target %s", loaded.identity.name,
-                                            loaded.family.qk_refusal(loaded.model, 0), target)
+        logging.getLogger(__name__).warning("%s; pruning --target %s", loaded.family.qk_refusal(loaded.model, 0), target)
         return replace(opts, target=target)
     return opts
 
 
 def _print_summary(out: Path, report: dict[str, Any]) -> None:
-    table = Table(title=f"corp prune -> {out}", show_lines=False)
+    compensated = report["options"].get("compensation", True)
+    plain = "" if compensated else ", no compensation (the 'none' errors are the ones applied)"
+    table = Table(title=f"corp prune -> {out}{'' if compensated else '  (no compensation)'}", show_lines=False)
     for col in ("block", "mlp kept", "mlp err (comp / none)", "qk kept", "logit err (comp / none)"):
         table.add_column(col, justify="right")
     for b in report["blocks"]:
@@ -180,6 +184,6 @@ def _print_summary(out: Path, report: dict[str, Any]) -> None:
     C.out.print(
         f"params {t['params_before']:,} -> {t['params_after']:,} (-{100 * t['params_reduction']:.1f}%), "
         f"FLOPs {t['flops_before'] / 1e9:.2f}G -> {t['flops_after'] / 1e9:.2f}G (-{100 * t['flops_reduction']:.1f}%), "
-        f"{report['seconds']:.1f}s{synth}"
+        f"{report['seconds']:.1f}s{plain}{synth}"
     )
 

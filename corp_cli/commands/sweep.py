@@ -24,7 +24,7 @@ PLOT_HINT = "pip install 'corp-cli[plot]' (or: pip install matplotlib) to get sw
 def sweep_cmd(
     model: C.ModelArg,
     stats_path: Annotated[Path, typer.Option("--stats", help="Statistics from `corp calibrate` (used for every point; no re-calibration).")],
-    data: Annotated[str, typer.Option("--data", help="Evaluation data: an image folder, hf:NAME[:CONFIG][@SPLIT] or synthetic; text:pydoc@eval, text:FILE or hf:NAME for text models.")],
+    data: Annotated[str, typer.Option("--data", help="Evaluation data: an image folder, hf:NAME\\[:CONFIG]\\[@SPLIT] or synthetic; text:pydoc@eval, text:FILE or hf:NAME for text models.")],
     out: Annotated[Path, typer.Option("--out", help="Output directory (sweep.csv, sweep.json, sweep.png).")],
     sparsities: Annotated[str, typer.Option("--sparsities", help="Comma list, or a run a,b,...,c.")] = D.SWEEP_SPARSITIES,
     target: Annotated[str | None, typer.Option("--target", help=f"mlp, attn or both (default: {D.TARGET} where the model allows Q/K pruning, else mlp).")] = None,
@@ -37,6 +37,7 @@ def sweep_cmd(
     cache_mb: Annotated[int, typer.Option("--cache-mb", min=0, help="Keep decoded evaluation batches in memory up to this size (and, for language models, the dense next-token logits; beyond it the dense model reruns at every point).")] = D.SWEEP_CACHE_MB,
     checkpoint: C.CheckpointOpt = None,
     num_classes: C.NumClassesOpt = None,
+    model_arg: C.ModelArgOpt = None,
     pretrained_cfg: C.PretrainedCfgOpt = None,
     seq_len: C.SeqLenOpt = None,
     device: C.DeviceOpt = D.DEVICE,
@@ -66,7 +67,7 @@ def sweep_cmd(
     PruneOptions(**{k: v for k, v in flags.items() if v is not None})  # option values checked before any loading
     check_out_dir(out, overwrite=overwrite)
     stats = Statistics.load(C.existing_file(stats_path, "--stats"))
-    loaded = load_dense(model, C.model_options(checkpoint, num_classes, pretrained_cfg, seq_len), device)
+    loaded = load_dense(model, C.model_options(checkpoint, num_classes, pretrained_cfg, model_arg, seq_len=seq_len), device)
     flags["target"] = target or default_target(loaded.family, loaded.model)
     base = PruneOptions(**{k: v for k, v in flags.items() if v is not None})  # type: ignore[arg-type]
     check_options_apply(base, flags)

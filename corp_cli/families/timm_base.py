@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 class TimmFamily(ModelFamily):
     modality = "image"
-    options = frozenset({"checkpoint", "num_classes", "pretrained_cfg", "preprocessing"})
+    options = frozenset({"checkpoint", "num_classes", "pretrained_cfg", "preprocessing", "model_args"})
     # timm modules whose models this family prunes (timm.models.is_model_in_modules)
     modules: tuple[str, ...] = ()
 
@@ -73,15 +73,47 @@ class TimmFamily(ModelFamily):
     def check(self, spec: str, options: ModelOptions) -> None:
         if options.num_classes is not None and options.num_classes < 0:
             raise InputError(f"--num-classes must be >= 0, got {options.num_classes}")
+        arch = spec.split(".", 1)[0]
+        self.check_model_args(arch, options.model_args, "--model-arg")
         with torch.device("meta"):  # shapes only: refuse unsupported layouts before any weight is read
-            probe = self._create(spec.split(".", 1)[0], pretrained=False, **self._kwargs(options))
+            probe = self._create(arch, pretrained=False, **self._kwargs(options))
         self.validate(probe)
+        size = options.preprocessing.get("input_size")
+        if size is not None:
+            self._check_input_size(probe, tuple(size), "--input-size")
 
     def validate(self, model: nn.Module) -> None:
         """Raise UnsupportedModelError when `model` has a layout this family cannot prune."""
 
-    def _kwargs(self, options: ModelOptions) -> dict[str, Any]:
-        return {"num_classes": options.num_classes} if options.num_classes is not None else {}
+    def check_model_args(self, arch: str, args: Any, where: str) -> None:
+        """Constructor options must be ones the model's class takes; the error lists those it does."""
+        if not args:
+            return
+        accepted = _constructor_options(arch)
+        unknown = sorted(set(args) - accepted)
+        if unknown:
+            raise InputError(f"{where} {', '.join(unknown)}: timm's {arch} takes no such option; it takes "
+                             f"{', '.join(sorted(accepted))}")
+
+    def _kwargs(self, options: ModelOptions, recorded: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Constructor options: a checkpoint's recorded model_kwargs < --model-arg < --num-classes."""
+        kwargs = {**(recorded or {}), **kwargs_from_record(dict(options.model_args))}
+        if options.num_classes is not None:
+            if "num_classes" in options.model_args:
+                raise InputError("give --num-classes or --model-arg num_classes=N, not both")
+            kwargs["num_classes"] = options.num_classes
+        return kwargs
+
+    def _check_input_size(self, model: nn.Module, size: tuple[int, ...], source: str) -> None:
+        """A fixed-size model refuses other inputs: say which size it is built for and how to change that."""
+        if getattr(model, "dynamic_img_size", False):
+            return
+        h, w = (int(s) for s in model.patch_embed.img_size)
+        if tuple(size[-2:]) != (h, w):
+            raise InputError(
+                f"{source} gives {size[-2]}x{size[-1]} px but {_arch_name(model, strict=False)} is built for {h}x{w}; "
+                f"build it for that size with --model-arg img_size={size[-2]} (or drop {source})"
+            )
 
     def _create(self, arch: str, **kwargs: Any) -> nn.Module:
         try:
@@ -96,6 +128,9 @@ class TimmFamily(ModelFamily):
         meta: dict[str, str] = {}
         if options.checkpoint is not None:
             sd, meta = read_checkpoint(options.checkpoint)
+            recorded = _recorded_kwargs(meta, options.checkpoint)
+            self.check_model_args(arch, recorded, f"checkpoint {options.checkpoint} metadata model_kwargs:")
+            kwargs = self._kwargs(options, recorded)
             if "num_classes" not in kwargs and "num_classes" in meta:
                 try:
                     kwargs["num_classes"] = int(meta["num_classes"])
@@ -105,8 +140,10 @@ class TimmFamily(ModelFamily):
             if "num_classes" not in kwargs and (n := self._head_classes(sd)) is not None:
                 kwargs["num_classes"] = n
             model = self._create(arch, pretrained=False, **kwargs)
-            load_strict(model, sd, options.checkpoint, "check the model name and --num-classes")
-            identity = ModelIdentity(arch, f"sha256:{sha256_file(options.checkpoint)}", _num_classes(model))
+            sd = _resampled_pos_embed(model, sd, options.checkpoint)
+            load_strict(model, sd, options.checkpoint, "check the model name, --num-classes and --model-arg")
+            identity = ModelIdentity(arch, f"sha256:{sha256_file(options.checkpoint)}", _num_classes(model),
+                                     _args(kwargs))
         else:
             try:
                 with offline_from_env():
@@ -119,19 +156,37 @@ class TimmFamily(ModelFamily):
                     "pass --checkpoint FILE (.safetensors or .pth) or put the weights in the Hugging Face cache"
                 ) from None
             tag = getattr(model, "pretrained_cfg", {}).get("tag") or "default"
-            identity = ModelIdentity(arch, f"timm-pretrained:{arch}.{tag}", _num_classes(model))
+            identity = ModelIdentity(arch, f"timm-pretrained:{arch}.{tag}", _num_classes(model), _args(kwargs))
         self.validate(model)
         prep = resolve_preprocessing(model, checkpoint_meta=meta, pretrained_cfg_path=options.pretrained_cfg,
                                      overrides=options.preprocessing)
+        prep = self._follow_img_size(model, prep, explicit=options.preprocessing.get("input_size") is not None)
         from corp_cli.labels import parse_classes
 
         model.to(device).eval()
         return Loaded(model=model, family=self, identity=identity, preprocessing=prep, checkpoint_meta=meta,
-                      classes=parse_classes(meta.get("classes")), model_kwargs={"num_classes": identity.num_classes})
+                      classes=parse_classes(meta.get("classes")),
+                      model_kwargs={"num_classes": identity.num_classes, **identity.model_args})
+
+    def _follow_img_size(self, model: nn.Module, prep: Any, *, explicit: bool) -> Any:
+        """The input size follows the size the model is built for, unless --input-size says otherwise."""
+        if getattr(model, "dynamic_img_size", False):
+            return prep
+        h, w = (int(s) for s in model.patch_embed.img_size)
+        if tuple(prep.input_size[1:]) == (h, w):
+            return prep
+        if explicit or "pretrained-cfg" in prep.source or "checkpoint-metadata" in prep.source:
+            self._check_input_size(model, tuple(prep.input_size), f"the preprocessing ({prep.source})")
+        import dataclasses
+
+        return dataclasses.replace(prep, input_size=(prep.input_size[0], h, w), source=f"{prep.source}+model-img-size")
 
     def _head_classes(self, sd: dict[str, Tensor]) -> int | None:
+        """The classifier size a checkpoint's head implies: its rows, or 0 for a backbone saved without one."""
         w = sd.get("head.weight")
-        return int(w.shape[0]) if w is not None and w.ndim == 2 else None
+        if w is not None and w.ndim == 2:
+            return int(w.shape[0])
+        return 0 if not any(k.startswith("head.") for k in sd) else None
 
     def adopt(self, model: nn.Module, model_kwargs: dict[str, Any] | None = None) -> Loaded:
         """An in-memory timm model: rebuilt later from its architecture name and constructor options.
@@ -268,9 +323,11 @@ def _num_classes(model: nn.Module) -> int:
     return int(getattr(model, "num_classes", 0))
 
 
-def _arch_name(model: nn.Module) -> str:
+def _arch_name(model: nn.Module, strict: bool = True) -> str:
     cfg = getattr(model, "pretrained_cfg", None) or {}
     arch = cfg.get("architecture")
+    if not strict:
+        return str(arch or type(model).__name__)
     if not arch or not timm.is_model(arch):
         raise UnsupportedModelError(f"{type(model).__name__}: not built by timm.create_model (no pretrained_cfg "
                                     "architecture), so corp cannot rebuild it")
@@ -280,3 +337,55 @@ def _arch_name(model: nn.Module) -> str:
 def kwargs_from_record(kwargs: dict[str, Any]) -> dict[str, Any]:
     # JSON turns tuples into lists; timm wants tuples for sizes
     return {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+
+
+def _args(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The constructor options an identity records: everything but the head size (recorded on its own)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items() if k != "num_classes"}
+
+
+def _recorded_kwargs(meta: dict[str, str], path: Any) -> dict[str, Any]:
+    raw = meta.get("model_kwargs")
+    if raw is None:
+        return {}
+    import json
+
+    try:
+        kwargs = json.loads(raw)
+    except json.JSONDecodeError:
+        raise InputError(f"checkpoint {path}: metadata model_kwargs is not JSON") from None
+    if not isinstance(kwargs, dict):
+        raise InputError(f"checkpoint {path}: metadata model_kwargs must be a JSON object")
+    return kwargs_from_record(kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def _constructor_options(arch: str) -> frozenset[str]:
+    """What timm.create_model(arch, **kwargs) passes on to the model class: its constructor's parameters."""
+    import inspect
+
+    with torch.device("meta"):
+        cls = type(timm.create_model(arch, pretrained=False))
+    params = inspect.signature(cls.__init__).parameters.values()
+    return frozenset(p.name for p in params if p.name not in ("self", "device", "dtype")
+                     and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
+
+
+def _resampled_pos_embed(model: nn.Module, sd: dict[str, Tensor], path: Any) -> dict[str, Tensor]:
+    """A checkpoint's absolute position embedding at another grid size, resampled as timm does for pretrained weights."""
+    theirs, own = sd.get("pos_embed"), getattr(model, "pos_embed", None)
+    if theirs is None or own is None or tuple(theirs.shape) == tuple(own.shape) or theirs.ndim != 3:
+        return sd
+    prefix = 0 if getattr(model, "no_embed_class", False) else int(getattr(model, "num_prefix_tokens", 1))
+    n = theirs.shape[1] - prefix
+    side = int(round(n ** 0.5))
+    if side * side != n or theirs.shape[2] != own.shape[2]:
+        return sd  # not a square grid of the same width: the strict load says what differs
+    from timm.layers import resample_abs_pos_embed
+
+    grid = tuple(int(g) for g in model.patch_embed.grid_size)
+    size = tuple(int(s) for s in model.patch_embed.img_size)
+    log.warning("checkpoint %s: position embedding resampled from %dx%d to %dx%d patches (the model is built for "
+                "%dx%d px; --model-arg img_size=N builds it for another size)", path, side, side, *grid, *size)
+    return {**sd, "pos_embed": resample_abs_pos_embed(theirs, new_size=list(grid), old_size=[side, side],
+                                                      num_prefix_tokens=prefix)}
