@@ -321,3 +321,19 @@ def test_onnx_export_gives_the_logits_in_onnxruntime(tmp_path: Path) -> None:
     with torch.inference_mode():
         expected = result.model(input_ids=ids).logits
     torch.testing.assert_close(torch.from_numpy(logits), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_statistics_of_block_ranges_merge_to_the_full_statistics(tmp_path: Path) -> None:
+    """How a 7B decoder is calibrated in pieces: each run holds only its blocks' MLP Grams (docs/notes/issue15-readme.md)."""
+    from corp_cli.calibration import calibrate
+    from corp_cli.stats import merge
+
+    dense = load_dense(tiny_decoder(tmp_path / "llama", "llama", num_hidden_layers=3), _options(seq_len=32))
+    src = open_data("text:pydoc@calib", "text", samples=3, text_unit="document")
+    full = calibrate(dense, src, parts=("mlp",), product_dtype=torch.float64)
+    pieces = [calibrate(dense, src, parts=("mlp",), product_dtype=torch.float64, blocks=r) for r in (range(0, 1), range(1, 3))]
+    merged = merge(pieces)
+    assert merged.meta["tokens"] == full.meta["tokens"]
+    for a, b in zip(merged.blocks, full.blocks):
+        for key in ("count", "sum", "gram"):
+            torch.testing.assert_close(a["mlp"][key], b["mlp"][key], rtol=1e-12, atol=0)
