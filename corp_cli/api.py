@@ -94,9 +94,15 @@ def calibrate(
     precision: str = "float32",
     device: str | torch.device = "cpu",
     progress: Progress | None = None,
+    blocks: list[int] | None = None,
+    forward_dtype: torch.dtype | None = None,
+    on_batch: Callable[[int], None] | None = None,
 ) -> Statistics:
     """One streaming pass over `data`; the per-block float64 sums, with their provenance.
 
+    `blocks` restricts the statistics to some blocks (merge the pieces with
+    corp_cli.stats.merge); `forward_dtype` (torch.bfloat16, torch.float16) runs the forward
+    under autocast, the per-batch products staying at `precision` and the sums float64.
     `parts` defaults to what the model can be pruned by (attention statistics only where
     its Q/K dims can be pruned). `data` is a data spec (an image folder, hf:NAME, text:pydoc, ...), an opened source,
     or an iterable of batches: image tensors (B, C, H, W) already preprocessed, or dicts of
@@ -117,11 +123,13 @@ def calibrate(
 
         with progress(f"calibrating {loaded.identity.name}", loaded.preprocessing.count(data), _unit(loaded)) as advance:
             return calibrate_source(loaded, data, batch_size=batch_size, workers=workers, parts=parts,
-                                    product_dtype=product_dtype, on_batch=advance)
+                                    product_dtype=product_dtype, on_batch=_both(advance, on_batch), blocks=blocks,
+                                    forward_dtype=forward_dtype)
     digest = hashlib.sha256()
     with progress(f"calibrating {loaded.identity.name}", None, _unit(loaded)) as advance:
         sums = collect_statistics(loaded.model, _hashed(data, digest), family=loaded.family, parts=parts,
-                                  product_dtype=product_dtype, on_batch=advance)
+                                  product_dtype=product_dtype, on_batch=_both(advance, on_batch), blocks=blocks,
+                                  forward_dtype=forward_dtype)
     fingerprint = digest.hexdigest()
     described = {"spec": "in-memory batches", "kind": "batches", "synthetic": False, "labels": False,
                  "samples": sums.samples, "selected": sums.samples, "count": sums.samples, "seed": None,
@@ -129,8 +137,20 @@ def calibrate(
                  "warnings": []}
     meta = new_meta(identity=loaded.identity, shapes=block_shapes(loaded), parts=list(parts),
                     preprocessing=loaded.preprocessing.to_dict(), data=described, samples=sums.samples,
-                    tokens=sums.tokens, seed=0, shard=None, product_dtype=precision)
+                    tokens=sums.tokens, seed=0, shard=None, product_dtype=precision, blocks=blocks,
+                    forward_dtype=forward_dtype)
     return Statistics(blocks=sums.blocks, meta=meta)
+
+
+def _both(a: Callable[[int], None], b: Callable[[int], None] | None) -> Callable[[int], None]:
+    if b is None:
+        return a
+
+    def both(n: int) -> None:
+        a(n)
+        b(n)
+
+    return both
 
 
 def _hashed(batches: Iterable[Tensor | Batch], digest: Any) -> Iterator[Batch]:
@@ -220,6 +240,12 @@ def prune(
     check_matches(stats, loaded.identity)
     shapes = block_shapes(loaded)
     check_block_shapes(stats, shapes)
+    missing = [i for i, b in enumerate(stats.blocks) if not b]
+    if missing:
+        from corp_cli.stats import describe_blocks
+
+        raise InputError(f"the statistics leave blocks {describe_blocks(missing)} out: calibrate those (--blocks) and "
+                         "merge the files before pruning")
     fam = loaded.family
     check_prunable(fam, loaded.model, opts)
     chosen = masks if masks is not None else plan_masks(loaded.model, stats, opts, family=fam)

@@ -213,6 +213,14 @@ class ModelFamily(abc.ABC):
     def check(self, spec: str, options: ModelOptions) -> None:
         """Everything that can be checked without reading weights (shapes on the meta device, files)."""
 
+    def meta_model(self, spec: str, options: ModelOptions) -> nn.Module | None:
+        """The model's modules on the meta device (shapes, no weights) for a plan; None: load it for real."""
+        return None
+
+    def item_bytes(self, model: nn.Module) -> int:
+        """Bytes of one preprocessed input item (a plan's input-batch term)."""
+        return 0
+
     @abc.abstractmethod
     def load(self, spec: str, options: ModelOptions, device: torch.device) -> Loaded:
         """The dense model in eval mode on `device`, its identity and preprocessing."""

@@ -284,3 +284,15 @@ def check_prunable(fam: ModelFamily, model: nn.Module, opts: PruneOptions) -> No
         why = why or (fam.qk_refusal(model, i) if o.prune_attn and o.attn_sparsity > 0 else None)
         if why is not None:
             raise UnsupportedModelError(why)
+
+
+def planned_widths(fam: ModelFamily, model: nn.Module, opts: PruneOptions) -> list[dict[str, int]]:
+    """What every block would keep under `opts` (from shapes alone): MLP units and Q/K dims per head."""
+    out = []
+    for i in range(fam.num_blocks(model)):
+        o, s = opts.for_block(i), fam.shape(model, i)
+        mlp = (engine.keep_count(s.mlp_hidden, o.mlp_sparsity, round_to=o.round_to, min_keep=o.min_keep)
+               if o.prune_mlp and o.mlp_sparsity > 0 else s.mlp_hidden)
+        qk = engine.keep_count(s.head_dim, o.attn_sparsity, min_keep=o.min_qk_dim) if o.prune_attn and o.attn_sparsity > 0 else s.qk_dim
+        out.append({"block": i, "mlp_hidden": s.mlp_hidden, "mlp_kept": mlp, "head_dim": s.head_dim, "qk_kept": qk})
+    return out

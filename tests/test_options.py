@@ -55,7 +55,7 @@ CLASSES = {
             "--batch-size", "--overwrite", "--json", "--stats", "--sparsity", "--target", "--lambda",
             "--no-compensation", "--config", "--masks", "--reference", "--reference-checkpoint", "--sparsities",
             "--cache-mb", "--batch-sizes", "--dtype", "--compile", "--warmup", "--runs", "--format", "--dynamic-batch",
-            "--verify", "--debug", "--verbose", "--version"},
+            "--verify", "--debug", "--verbose", "--version", "--blocks", "--dry-run", "--max-memory", "--allow-gaps"},
 }
 
 

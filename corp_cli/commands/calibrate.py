@@ -50,30 +50,37 @@ def default_data(modality: str) -> str:
     return D.CALIB_DATA[modality]
 
 
-def calibrate_model(
-    model: str, options: Any, *, data: str | None, samples: int | None, seed: int, shard: tuple[int, int] | None,
-    device: str, batch_size: int, workers: int | None, parts: tuple[str, ...] | None, precision: str,
-    data_flag: str = "--data",
-) -> tuple[Any, Any, float]:
-    """Cheap checks (model, options, data), then the weights, then the pass: (statistics, loaded model, seconds)."""
-    import time
+def job_options(**kw: Any) -> Any:
+    from corp_cli.calibration_job import CalibrationJob
 
-    from corp_cli import api
-    from corp_cli.devices import resolve_device
-    from corp_cli.loading import resolve_model
-    from corp_cli.sources import open_data
+    return CalibrationJob(**kw)
 
-    api.check_precision(precision)
-    fam, name = resolve_model(model, options)
-    n_workers = C.workers_for(fam.modality, workers)
-    dev = resolve_device(device)
-    source = open_data(data or default_data(fam.modality), fam.modality, samples=samples, seed=seed, shard=shard,
-                       flag=data_flag, text_unit=fam.text_unit)
-    loaded = fam.load(name, options, dev)
-    t0 = time.perf_counter()
-    stats = api.calibrate(loaded, source, batch_size=batch_size, workers=n_workers, parts=parts, precision=precision,
-                          progress=C.progress_bar)
-    return stats, loaded, time.perf_counter() - t0
+
+def print_plan(plan: Any, what: str) -> None:
+    """The pre-flight plan as a table (corp calibrate/prune --dry-run)."""
+    from rich.table import Table
+
+    from corp_cli.plan import human
+    from corp_cli.stats import describe_blocks
+
+    d = plan.to_dict()
+    table = Table(title=f"{what} plan: {plan.model} on {plan.device}, batch {plan.batch_size}")
+    table.add_column("")
+    table.add_column("value", justify="right")
+    table.add_row("samples / forward passes", f"{d['samples'] if d['samples'] is not None else '?'} / "
+                                              f"{d['forward_passes'] if d['forward_passes'] is not None else '?'}")
+    table.add_row("blocks / parts", f"{describe_blocks(plan.blocks)} / {','.join(plan.parts)}")
+    widths = sorted({(w["mlp_hidden"], w["num_heads"], w["head_dim"]) for w in plan.block_widths})
+    table.add_row("block widths (MLP, heads x dim)", "; ".join(f"{m}, {h}x{hd}" for m, h, hd in widths))
+    table.add_row("statistics size", human(plan.stats_bytes))
+    for name, size in plan.terms.items():
+        table.add_row(f"memory: {name}", human(size))
+    table.add_row("expected peak", human(plan.peak_bytes))
+    if plan.available_bytes is not None:
+        table.add_row(plan.limit_source, human(plan.available_bytes))
+    C.out.print(table)
+    for note in plan.notes:
+        C.out.print(note, markup=False)
 
 
 @app.command("run", help="Calibrate MODEL on --data and write its per-block statistics to --out.\n\n"
@@ -89,6 +96,10 @@ def run_cmd(
     shard: Annotated[str | None, typer.Option("--shard", help="I/N: calibrate only the I-th (0-based) of N disjoint slices.")] = None,
     parts: Annotated[str | None, typer.Option("--parts", help="Which statistics to gather: mlp, attn or both (default: what the model can be pruned by).")] = None,
     precision: Annotated[str, typer.Option("--precision", help="Per-batch product dtype: float32 (fast) or float64; sums are float64 always.")] = D.PRECISION,
+    dtype: Annotated[str, typer.Option("--dtype", help="Forward dtype: fp32, or bf16/fp16 under autocast (products stay float32, sums float64).")] = "fp32",
+    blocks: Annotated[str | None, typer.Option("--blocks", help="Only these blocks, e.g. 0-11 (merge the pieces with `corp calibrate merge`).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Check every input and print the plan (memory, passes) without running it.")] = False,
+    max_memory: Annotated[str | None, typer.Option("--max-memory", help="Refuse to start when the expected peak exceeds this (e.g. 8G; default: the device's free memory).")] = None,
     checkpoint: C.CheckpointOpt = None,
     num_classes: C.NumClassesOpt = None,
     model_arg: C.ModelArgOpt = None,
@@ -106,18 +117,29 @@ def run_cmd(
     overwrite: C.OverwriteOpt = False,
     json_out: C.JsonOpt = None,
 ) -> None:
+    from corp_cli import calibration_job
     from corp_cli.artifacts import check_out_file
+    from corp_cli.plan import parse_bytes
 
+    C.quiet_unless_main_rank()
     # Every option and path is checked before the model loads or an image is read.
     shard_ix, part_list = C.parse_shard(shard), (parse_parts(parts) if parts is not None else None)
     options = C.model_options(checkpoint, num_classes, pretrained_cfg, model_arg, seq_len=seq_len, mean=mean, std=std,
                               input_size=input_size,
                               interpolation=interpolation, crop_pct=crop_pct, crop_mode=crop_mode)
     check_out_file(out, overwrite=overwrite)
-    stats, loaded, seconds = calibrate_model(
-        model, options, data=data, samples=samples, seed=seed, shard=shard_ix, device=device,
-        batch_size=batch_size, workers=workers, parts=part_list, precision=precision,
-    )
+    job = job_options(model=model, options=options, data=data, samples=samples, seed=seed, shard=shard_ix, device=device,
+                      batch_size=batch_size, workers=workers, parts=part_list, precision=precision, dtype=dtype,
+                      blocks=calibration_job.parse_blocks(blocks) if blocks else None,
+                      max_memory=parse_bytes(max_memory) if max_memory else None)
+    result = calibration_job.run(job, dry_run=dry_run, progress=C.progress_bar, workers_for=C.workers_for)
+    if dry_run:
+        if not C.write_json(json_out, {"dry_run": True, "out": str(out), **result.plan.to_dict()}):
+            print_plan(result.plan, "corp calibrate")
+        return
+    if not result.writes:
+        return  # another rank writes the statistics
+    stats, loaded, seconds = result.stats, result.loaded, result.seconds
     stats.save(out)
     summary = stats_summary(stats, out)
     summary["seconds"] = round(seconds, 3)
@@ -155,6 +177,7 @@ def stats_summary(stats: Any, path: Path) -> dict[str, Any]:
 def merge_cmd(
     inputs: Annotated[list[Path], typer.Argument(help="Statistics shards to add.", show_default=False)],
     out: Annotated[Path, typer.Option("--out", help="Merged statistics file to write.")],
+    allow_gaps: Annotated[bool, typer.Option("--allow-gaps", help="Block ranges may leave blocks out (a partial file: prune refuses it).")] = False,
     overwrite: C.OverwriteOpt = False,
     json_out: C.JsonOpt = None,
 ) -> None:
@@ -165,7 +188,7 @@ def merge_cmd(
     if len(inputs) < 2:
         raise InputError("merge needs at least two statistics files")
     items = [Statistics.load(C.existing_file(p, "statistics file")) for p in inputs]
-    merged = merge(items)
+    merged = merge(items, allow_gaps=allow_gaps)
     merged.save(out)
     summary = stats_summary(merged, out)
     if not C.write_json(json_out, summary):

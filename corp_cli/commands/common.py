@@ -325,6 +325,17 @@ def parse_model_args(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
+def set_quiet(flag: bool) -> None:
+    """Silence this process's output (ranks other than 0 of a distributed run: rank 0 speaks for all)."""
+    out.quiet = err.quiet = flag
+
+
+def quiet_unless_main_rank() -> None:
+    """Under torchrun every process runs the command; only rank 0 prints (progress, tables, the error line)."""
+    rank = os.environ.get("RANK", "0")
+    set_quiet(rank.isdigit() and int(rank) != 0 and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1)
+
+
 def workers_for(modality: str, workers: int | None) -> int:
     """--workers decodes images; on text models it is refused rather than ignored."""
     from corp_cli import defaults

@@ -35,6 +35,9 @@ def prune_cmd(
     qk_fold: Annotated[str | None, typer.Option("--qk-fold", help="Fold the logit correction into q only, or balanced between q and k (default: balanced).")] = None,
     config: Annotated[Path | None, typer.Option("--config", help="YAML preset (see configs/); explicit flags win over it.")] = None,
     masks_path: Annotated[Path | None, typer.Option("--masks", help="Reapply these masks instead of ranking.")] = None,
+    dtype: Annotated[str | None, typer.Option("--dtype", help="Calibration forward dtype when calibrating here: fp32 (default), or bf16/fp16 under autocast.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Check every input and print the plan (calibration memory, kept widths) without running it.")] = False,
+    max_memory: Annotated[str | None, typer.Option("--max-memory", help="Refuse to calibrate when the expected peak exceeds this (e.g. 8G; default: the device's free memory).")] = None,
     checkpoint: C.CheckpointOpt = None,
     num_classes: C.NumClassesOpt = None,
     model_arg: C.ModelArgOpt = None,
@@ -65,8 +68,10 @@ def prune_cmd(
     from corp_cli.loading import resolve_model
     from corp_cli.masks import load_masks
     from corp_cli.pruning import check_prunable
+    from corp_cli.plan import parse_bytes
     from corp_cli.stats import Statistics, check_block_shapes, check_matches, check_preprocessing
 
+    C.quiet_unless_main_rank()
     t0 = time.perf_counter()
     # Validation order: options, paths and files (cheap) -> model weights -> calibration (expensive).
     if qk_fold not in (None, "balanced", "q"):
@@ -74,7 +79,8 @@ def prune_cmd(
     if stats_path is not None and calib_data is not None:
         raise InputError("give either --stats or --calib-data, not both")
     if stats_path is not None:
-        given = [f for f, v in (("--samples", samples), ("--seed", seed), ("--workers", workers), ("--seq-len", seq_len))
+        given = [f for f, v in (("--samples", samples), ("--seed", seed), ("--workers", workers), ("--dtype", dtype),
+                                  ("--seq-len", seq_len))
                  if v is not None]
         if given:
             raise InputError(f"{', '.join(given)} choose the calibration data, but --stats gives the statistics: drop them")
@@ -113,6 +119,15 @@ def prune_cmd(
         shapes = stats.meta["block_shapes"]
         if preset is not None:
             check_masks_for(masks_path, mmeta, stats.identity, shapes, "statistics")  # type: ignore[arg-type]
+        if dry_run:
+            meta_model = fam.meta_model(name, options)
+            if meta_model is not None:
+                if not target_given:
+                    opts = _default_target_for(opts, fam, meta_model)
+                check_options_apply(opts, flags, config_keys, config)
+                check_plan(opts, shapes, stats.parts, preset)
+                _print_dry_run(None, None, opts, out, json_out, model, options, stats=stats, family=fam, shape_model=meta_model)
+                return
         loaded = fam.load(name, options, dev)
         if not target_given:
             opts = _default_target(opts, loaded)
@@ -124,25 +139,37 @@ def prune_cmd(
         if {"preprocessing", "pretrained_cfg"} & set(options.given()):
             check_preprocessing(stats, loaded.preprocessing.to_dict())
     else:
-        from corp_cli.sources import open_data
+        from corp_cli import calibration_job
 
-        n_workers = C.workers_for(fam.modality, workers)
-        source = open_data(calib_data or D.CALIB_DATA[fam.modality], fam.modality,
-                           samples=samples or D.CALIB_SAMPLES, seed=seed or 0, flag="--calib-data",
-                           text_unit=fam.text_unit)
-        loaded = fam.load(name, options, dev)
-        if not target_given:
-            opts = _default_target(opts, loaded)
-        check_options_apply(opts, flags, config_keys, config)
-        check_prunable(loaded.family, loaded.model, opts)
-        shapes = block_shapes(loaded)
-        prunes_attn = opts.prune_attn or (preset is not None and any(m.attn is not None for m in preset))
-        parts = ("mlp", "attn") if prunes_attn else ("mlp",)
-        if preset is not None:
-            check_masks_for(masks_path, mmeta, loaded.identity, shapes, "model")  # type: ignore[arg-type]
-        check_plan(opts, shapes, list(parts), preset)
-        stats = api.calibrate(loaded, source, batch_size=batch_size, workers=n_workers, parts=parts,
-                              progress=C.progress_bar)
+        def check(fam_: Any, model_: Any) -> tuple[str, ...]:
+            """On the model's shapes, before the weights: the target it allows, and the refusals."""
+            nonlocal opts
+            if not target_given:
+                opts = _default_target_for(opts, fam_, model_)
+            check_options_apply(opts, flags, config_keys, config)
+            check_prunable(fam_, model_, opts)
+            shapes_ = [fam_.shape(model_, i).to_dict() for i in range(fam_.num_blocks(model_))]
+            prunes_attn = opts.prune_attn or (preset is not None and any(m.attn is not None for m in preset))
+            parts_ = ("mlp", "attn") if prunes_attn else ("mlp",)
+            check_plan(opts, shapes_, list(parts_), preset)
+            return parts_
+
+        def check_loaded(loaded_: Any) -> None:
+            if preset is not None:
+                check_masks_for(masks_path, mmeta, loaded_.identity, block_shapes(loaded_), "model")  # type: ignore[arg-type]
+
+        job = calibration_job.CalibrationJob(
+            model=model, options=options, data=calib_data, samples=samples or D.CALIB_SAMPLES, seed=seed or 0,
+            device=device, batch_size=batch_size, workers=workers, dtype=dtype or "fp32",
+            max_memory=parse_bytes(max_memory) if max_memory else None, data_flag="--calib-data")
+        run = calibration_job.run(job, dry_run=dry_run, progress=C.progress_bar, workers_for=C.workers_for,
+                                  check=check, check_loaded=check_loaded)
+        if dry_run:
+            _print_dry_run(run.plan, run.loaded, opts, out, json_out, model, options)
+            return
+        if not run.writes:
+            return  # rank 0 prunes and writes
+        loaded, stats = run.loaded, run.stats
     result = api.prune(loaded, stats, options=opts, masks=preset, inplace=True, progress=C.progress_bar)
     report = api.save_pruned(result, out, overwrite=overwrite, save_stats=calibrated_here, started=t0)
     if not C.write_json(json_out, {"out": str(out), **report}):
@@ -150,16 +177,51 @@ def prune_cmd(
 
 
 def _default_target(opts: Any, loaded: Any) -> Any:
+    return _default_target_for(opts, loaded.family, loaded.model)
+
+
+def _default_target_for(opts: Any, fam: Any, model: Any) -> Any:
+    """The default --target: what the model allows (said in a warning when that is less than the default)."""
     import logging
     from dataclasses import replace
 
     from corp_cli.pruning import default_target
 
-    target = default_target(loaded.family, loaded.model)
+    target = default_target(fam, model)
     if target != opts.target:
-        logging.getLogger(__name__).warning("%s; pruning --target %s", loaded.family.qk_refusal(loaded.model, 0), target)
+        logging.getLogger(__name__).warning("%s; pruning --target %s", fam.qk_refusal(model, 0), target)
         return replace(opts, target=target)
     return opts
+
+
+def _print_dry_run(plan: Any, loaded: Any, opts: Any, out: Path, json_out: str | None, model: str, options: Any,
+                   stats: Any = None, family: Any = None, shape_model: Any = None) -> None:
+    """What a prune would do: the calibration plan (when it calibrates), and the widths every block keeps."""
+    from corp_cli.pruning import planned_widths
+
+    fam = family or (loaded.family if loaded is not None else None)
+    shape_model = shape_model if shape_model is not None else (loaded.model if loaded is not None else None)
+    if fam is None or shape_model is None:
+        from corp_cli.loading import resolve_model
+
+        fam, name = resolve_model(model, options)
+        shape_model = fam.meta_model(name, options) or fam.load(name, options, "cpu").model
+    widths = planned_widths(fam, shape_model, opts)
+    report = {"dry_run": True, "out": str(out), "options": opts.to_dict(), "widths": widths,
+              "calibration": plan.to_dict() if plan is not None else None,
+              "stats": {"path": str(stats.path), "bytes": stats.path.stat().st_size} if stats is not None else None}
+    if C.write_json(json_out, report):
+        return
+    if plan is not None:
+        from corp_cli.commands.calibrate import print_plan
+
+        print_plan(plan, "corp prune (calibration)")
+    table = Table(title=f"corp prune plan -> {out} (target {opts.target})")
+    for col in ("block", "mlp kept", "qk kept"):
+        table.add_column(col, justify="right")
+    for w in widths:
+        table.add_row(str(w["block"]), f"{w['mlp_kept']}/{w['mlp_hidden']}", f"{w['qk_kept']}/{w['head_dim']}")
+    C.out.print(table)
 
 
 def _print_summary(out: Path, report: dict[str, Any]) -> None:

@@ -108,6 +108,9 @@ class HFBertFamily(HFFamily):
     def tokens_per_item(self, model: nn.Module) -> int:
         return DEFAULT_MAX_LENGTH  # FLOPs are counted per sequence of the calibration max_length
 
+    def item_bytes(self, model: nn.Module) -> int:
+        return 3 * 8 * DEFAULT_MAX_LENGTH  # ids, mask and segment ids (int64)
+
     def outer_flops(self, model: nn.Module, tokens: int) -> int:
         return classifier_flops(model)  # embeddings are lookups: no matmul work
 

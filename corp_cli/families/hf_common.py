@@ -225,6 +225,15 @@ class HFFamily(ModelFamily):
     def preprocessing(self, folder: Path | None, config: Any) -> Any:
         raise NotImplementedError
 
+    def meta_model(self, spec: str, options: ModelOptions) -> nn.Module | None:
+        """Built from config.json on the meta device (a hub id would need its files first: loaded for real)."""
+        if spec.startswith(HUB_PREFIX):
+            return None
+        transformers = transformers_module()
+        config = transformers.AutoConfig.from_pretrained(str(resolve_dir(spec)))
+        with torch.device("meta"):
+            return self.model_class(transformers, config)(config)
+
     def validate(self, model: nn.Module) -> None:
         try:  # a layout from another transformers major version fails here, not mid-run
             self.mlp_pair(model, 0)

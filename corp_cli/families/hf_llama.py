@@ -121,6 +121,14 @@ class HFLlamaFamily(HFFamily):
                 f"{transformers.__version__} is installed; corp supports the transformers 5.x layout)"
             )
 
+    def model_class(self, transformers: Any, config: Any) -> Any:
+        # the causal-LM class of the model type: it can also be built on the meta device for a plan
+        name = dict(zip(self.model_types, self.classes)).get(getattr(config, "model_type", None))
+        return getattr(transformers, name) if name else super().model_class(transformers, config)
+
+    def item_bytes(self, model: nn.Module) -> int:
+        return 2 * 8 * default_seq_len(model.config)  # ids and attention mask (int64) of one window
+
     def preprocessing(self, folder: Path | None, config: Any) -> LmTextPreprocessing:
         return LmTextPreprocessing(tokenizer=str(folder), max_length=default_seq_len(config), tokenizer_dir=folder)
 

@@ -121,6 +121,10 @@ class HFViTFamily(HFFamily):
         embed = 2 * self._patches(model) * int(cfg.hidden_size) * int(cfg.num_channels) * int(cfg.patch_size) ** 2
         return embed + classifier_flops(model)
 
+    def item_bytes(self, model: nn.Module) -> int:
+        c, h, w = self._input_shape(model)
+        return 4 * c * h * w
+
     def _input_shape(self, model: nn.Module) -> tuple[int, int, int]:
         cfg = model.config
         size = getattr(cfg, "image_size", 224)

@@ -85,6 +85,31 @@ class TimmFamily(ModelFamily):
     def validate(self, model: nn.Module) -> None:
         """Raise UnsupportedModelError when `model` has a layout this family cannot prune."""
 
+    def meta_model(self, spec: str, options: ModelOptions) -> nn.Module | None:
+        """Built on the meta device with the options a load would use (a checkpoint's header is read, not its tensors)."""
+        arch = spec.split(".", 1)[0]
+        kwargs = self._kwargs(options)
+        if options.checkpoint is not None:
+            header = _safetensors_header(options.checkpoint)
+            if header is None:
+                return None  # a .pth file: its head size is only known after reading it
+            meta, shapes = header
+            kwargs = self._kwargs(options, _recorded_kwargs(meta, options.checkpoint))
+            if "num_classes" not in kwargs:
+                head = shapes.get("head.weight")
+                if "num_classes" in meta:
+                    kwargs["num_classes"] = int(meta["num_classes"])
+                elif head is not None:
+                    kwargs["num_classes"] = int(head[0])
+                elif not any(k.startswith("head.") for k in shapes):
+                    kwargs["num_classes"] = 0
+        with torch.device("meta"):
+            return self._create(arch, pretrained=False, **kwargs)
+
+    def item_bytes(self, model: nn.Module) -> int:
+        c, h, w = self.input_shape(model)
+        return 4 * c * h * w
+
     def check_model_args(self, arch: str, args: Any, where: str) -> None:
         """Constructor options must be ones the model's class takes; the error lists those it does."""
         if not args:
@@ -389,3 +414,23 @@ def _resampled_pos_embed(model: nn.Module, sd: dict[str, Tensor], path: Any) -> 
                 "%dx%d px; --model-arg img_size=N builds it for another size)", path, side, side, *grid, *size)
     return {**sd, "pos_embed": resample_abs_pos_embed(theirs, new_size=list(grid), old_size=[side, side],
                                                       num_prefix_tokens=prefix)}
+
+
+def _safetensors_header(path: Any) -> tuple[dict[str, str], dict[str, tuple[int, ...]]] | None:
+    """(metadata, tensor shapes) of a safetensors file, from its header alone; None for other formats."""
+    import json
+    import struct
+
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > (1 << 28):
+                return None
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, struct.error):
+        return None
+    if not isinstance(header, dict):
+        return None
+    meta = header.pop("__metadata__", None) or {}
+    shapes = {k: tuple(v.get("shape", ())) for k, v in header.items() if isinstance(v, dict)}
+    return dict(meta), shapes

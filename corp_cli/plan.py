@@ -1,0 +1,188 @@
+"""The pre-flight plan of a calibration: what it will hold in memory, how much, and whether that fits.
+
+Every figure is computed from the model's shapes (a model on the meta device is enough):
+the weights, the float64 sums, the held-back sums of the batch in flight, the hooks'
+per-batch products, the forward's activations and the input batch. The activation and
+product terms are estimates, checked against a measured peak in tests/test_plan.py.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from corp_cli import engine
+from corp_cli.errors import InputError
+from corp_cli.family import ModelFamily
+
+F64, F32, I64 = 8, 4, 8
+# Activations alive at a block's peak, per token of the forward, in widths of the model dtype:
+# the residual stream (input, norm, branch output, sum) and the attention's q/k/v and output
+# (in units of the attention width). Fitted to measured peaks on CPU (tests/test_plan.py).
+RESIDUAL_ROWS = 4.0
+QKV_ROWS = 4.0
+# What the allocator holds beyond the live tensors (fragmentation, thread buffers), as a fraction.
+ALLOCATOR_SLACK = 0.05
+
+# How to shrink each term, for the refusal line.
+FIXES = {
+    "weights": "another device (--device) or a smaller model",
+    "sums": "fewer blocks at once (--blocks A-B), then `corp calibrate merge`",
+    "batch sums": "fewer blocks at once (--blocks A-B)",
+    "hook products": "a smaller --batch-size",
+    "activations": "a smaller --batch-size (or --dtype bf16)",
+    "input batch": "a smaller --batch-size",
+}
+
+
+def block_stats_bytes(dim_hidden: int, num_heads: int, head_dim: int, parts: tuple[str, ...], elem: int = F64) -> int:
+    """Bytes of one block's statistics: the MLP Gram (D^2), sum and |h| histogram; per head the q/k Grams."""
+    total = 0
+    if "mlp" in parts:
+        total += dim_hidden * dim_hidden * elem + dim_hidden * elem + dim_hidden * engine.HIST_BINS * I64 + I64
+    if "attn" in parts:
+        total += 2 * num_heads * head_dim * head_dim * elem + num_heads * head_dim * F64 + I64
+    return total
+
+
+@dataclass
+class CalibrationPlan:
+    model: str
+    family: str
+    device: str
+    batch_size: int
+    samples: int | None
+    parts: tuple[str, ...]
+    blocks: list[int]
+    tokens_per_item: int
+    block_widths: list[dict[str, int]]
+    stats_bytes: int
+    terms: dict[str, int]
+    available_bytes: int | None = None
+    limit_source: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def forward_passes(self) -> int | None:
+        return None if self.samples is None else -(-self.samples // self.batch_size)
+
+    @property
+    def peak_bytes(self) -> int:
+        return int(sum(self.terms.values()) * (1 + ALLOCATOR_SLACK))
+
+    def largest(self) -> tuple[str, int]:
+        name = max(self.terms, key=lambda k: self.terms[k])
+        return name, self.terms[name]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model, "family": self.family, "device": self.device, "batch_size": self.batch_size,
+            "samples": self.samples, "forward_passes": self.forward_passes, "parts": list(self.parts),
+            "blocks": self.blocks, "tokens_per_item": self.tokens_per_item, "block_widths": self.block_widths,
+            "stats_bytes": self.stats_bytes, "memory_bytes": dict(self.terms), "peak_bytes": self.peak_bytes,
+            "available_bytes": self.available_bytes, "limit": self.limit_source,
+            "fits": self.available_bytes is None or self.peak_bytes <= self.available_bytes, "notes": self.notes,
+        }
+
+
+def plan_calibration(
+    fam: ModelFamily, model: nn.Module, *, name: str, device: torch.device, batch_size: int, samples: int | None,
+    parts: tuple[str, ...], blocks: list[int] | None = None, product_dtype: torch.dtype = torch.float32,
+    forward_dtype: torch.dtype | None = None, input_item_bytes: int = 0, tokens: int | None = None,
+) -> CalibrationPlan:
+    """The plan of a calibration pass of `model` (real or on the meta device).
+
+    `tokens`: the tokens of one item when the run sets them (a causal LM's --seq-len), else the family's.
+    """
+    covered = blocks if blocks is not None else list(range(fam.num_blocks(model)))
+    shapes = [fam.shape(model, i) for i in range(fam.num_blocks(model))]
+    tokens = tokens or fam.tokens_per_item(model)
+    rows = batch_size * tokens  # tokens in one forward
+    p_elem = torch.empty((), dtype=product_dtype).element_size()
+    param = next(iter(model.parameters()), None)
+    f_elem = torch.empty((), dtype=forward_dtype or (param.dtype if param is not None else torch.float32)).element_size()
+    weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    sums = sum(block_stats_bytes(shapes[i].mlp_hidden, shapes[i].num_heads, shapes[i].head_dim, parts) for i in covered)
+    held = sum(block_stats_bytes(shapes[i].mlp_hidden, shapes[i].num_heads, shapes[i].head_dim, parts, p_elem)
+               for i in covered)
+    widest = max(shapes, key=lambda s: s.mlp_hidden)
+    heads = max(s.num_heads * s.head_dim for s in shapes)
+    dim = max(s.dim for s in shapes)
+    d = widest.mlp_hidden
+    copy = p_elem if p_elem != f_elem else 0  # products in another precision than the forward: a copy of h
+    # Two moments of a block bound the peak: its MLP hook, with the residual stream, the hidden
+    # units h and the hook's |h| (float32) and bin indices (int32) alive; and its attention, with
+    # the fused q/k/v, its output, and the q/k hook's per-head copies and float64 squares.
+    mlp_rows = f_elem * (RESIDUAL_ROWS * dim + d) + (F32 + 4 + copy) * d if "mlp" in parts else 0
+    attn_rows = f_elem * (RESIDUAL_ROWS * dim + QKV_ROWS * heads) + (2 * p_elem + 2 * F64) * heads if "attn" in parts else 0
+    activations = int(rows * max(mlp_rows, attn_rows))
+    # the Gram product and its chunks, and the histogram's counts, at the widest MLP
+    hook = int(1.5 * d * d * p_elem + 2 * d * engine.HIST_BINS * I64) if "mlp" in parts else 0
+    terms = {
+        "weights": int(weights),
+        "sums": int(sums),
+        "batch sums": int(held),
+        "hook products": int(hook),
+        "activations": activations,
+        "input batch": int(batch_size * input_item_bytes),
+    }
+    return CalibrationPlan(
+        model=name, family=fam.name, device=str(device), batch_size=batch_size, samples=samples, parts=tuple(parts),
+        blocks=covered, tokens_per_item=tokens,
+        block_widths=[{"mlp_hidden": s.mlp_hidden, "num_heads": s.num_heads, "head_dim": s.head_dim} for s in shapes],
+        stats_bytes=int(sums), terms=terms,
+    )
+
+
+def available_memory(device: torch.device) -> tuple[int | None, str]:
+    """Free memory on the device: CUDA's free bytes, or the host's MemAvailable."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free), f"free memory on {device}"
+    try:
+        text = Path("/proc/meminfo").read_text()
+    except OSError:
+        return None, ""
+    m = re.search(r"^MemAvailable:\s+(\d+) kB", text, re.M)
+    return (int(m.group(1)) * 1024, "available host memory") if m else (None, "")
+
+
+def parse_bytes(text: str) -> int:
+    """8G, 512M, 2.5GiB, 1000000 -> bytes (K/M/G/T are powers of 1024)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT]?)(i?[bB])?\s*", text)
+    if not m:
+        raise InputError(f"--max-memory must look like 8G, 512M or a number of bytes, got {text!r}")
+    return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2).upper() or " "))
+
+
+def check_fits(plan: CalibrationPlan, max_memory: int | None) -> None:
+    """Refuse (exit 2) a run whose expected peak exceeds the limit, naming the largest term and its fix."""
+    if max_memory is not None:
+        plan.available_bytes, plan.limit_source = max_memory, "--max-memory"
+    elif plan.available_bytes is None:
+        plan.available_bytes, plan.limit_source = available_memory(torch.device(plan.device))
+    if plan.available_bytes is None or plan.peak_bytes <= plan.available_bytes:
+        return
+    name, size = plan.largest()
+    raise InputError(
+        f"calibrating {plan.model} needs about {human(plan.peak_bytes)} on {plan.device} but {plan.limit_source} is "
+        f"{human(plan.available_bytes)}; the largest part is {name} ({human(size)}): use {FIXES[name]}"
+    )
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f}"
+
+
+def cpu_count() -> int:
+    return os.cpu_count() or 1
