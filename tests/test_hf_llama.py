@@ -337,3 +337,16 @@ def test_statistics_of_block_ranges_merge_to_the_full_statistics(tmp_path: Path)
     for a, b in zip(merged.blocks, full.blocks):
         for key in ("count", "sum", "gram"):
             torch.testing.assert_close(a["mlp"][key], b["mlp"][key], rtol=1e-12, atol=0)
+
+
+def test_the_pre_flight_plan_counts_the_seq_len_windows(tmp_path: Path) -> None:
+    folder = tiny_decoder(tmp_path / "llama", "llama")
+    plans = []
+    for n in (16, 64):
+        res = runner.invoke(app, ["calibrate", str(folder), "--data", "text:pydoc@calib", "--samples", "2", "--seq-len",
+                                  str(n), "--dry-run", "--out", str(tmp_path / "s.safetensors"), "--json", "-"])
+        assert res.exit_code == 0, res.output
+        plans.append(json.loads(res.stdout))
+    assert [p["tokens_per_item"] for p in plans] == [16, 64] and plans[0]["parts"] == ["mlp"]
+    assert plans[0]["memory_bytes"]["activations"] * 4 == plans[1]["memory_bytes"]["activations"]
+    assert not (tmp_path / "s.safetensors").exists()
