@@ -116,11 +116,12 @@ def calibrate(
     if isinstance(data, str):
         from corp_cli.sources import open_data
 
-        data = open_data(data, loaded.modality, samples=samples, seed=seed, shard=shard)
+        data = open_data(data, loaded.modality, samples=samples, seed=seed, shard=shard,
+                         text_unit=loaded.family.text_unit)
     if hasattr(data, "describe") and hasattr(data, "spec"):
         from corp_cli.calibration import calibrate as calibrate_source
 
-        with progress(f"calibrating {loaded.identity.name}", data.num_items, _unit(loaded)) as advance:
+        with progress(f"calibrating {loaded.identity.name}", loaded.preprocessing.count(data), _unit(loaded)) as advance:
             return calibrate_source(loaded, data, batch_size=batch_size, workers=workers, parts=parts,
                                     product_dtype=product_dtype, on_batch=_both(advance, on_batch), blocks=blocks,
                                     forward_dtype=forward_dtype)

@@ -162,8 +162,22 @@ def prepare(loaded: Loaded, cfg: BenchConfig) -> Loaded:
     return replace(loaded, model=model)
 
 
+def parse_seq_lens(text: str) -> tuple[int, ...]:
+    try:
+        lens = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise InputError(f"--seq-lens must be comma-separated integers, got {text!r}") from None
+    if not lens or any(n < 2 for n in lens):
+        raise InputError(f"--seq-lens must be integers >= 2, got {text!r}")
+    return lens
+
+
 def time_forward(loaded: Loaded, batch_size: int, cfg: BenchConfig, on_run: Callable[[], None] | None = None) -> dict[str, Any]:
-    """Latency (ms), throughput (items/s: images or sequences) and extra peak memory of one batch size."""
+    """Latency (ms), throughput (items/s: images or sequences) and extra peak memory of one batch size.
+
+    Text models run at their preprocessing's max_length (a causal LM's --seq-len): the row says
+    so, with the token rate (a language model's prefill tokens/s).
+    """
     batch: Batch = loaded.family.example_batch(loaded, batch_size, dtype=cfg.dtype, device=cfg.device)
     fam, model = loaded.family, loaded.model
 
@@ -189,7 +203,7 @@ def time_forward(loaded: Loaded, batch_size: int, cfg: BenchConfig, on_run: Call
                 on_run()
         peak = probe.stop()
     median = statistics.median(times)
-    return {
+    row = {
         "batch_size": batch_size,
         "latency_ms_median": 1e3 * median,
         "latency_ms_p90": 1e3 * percentile(times, 90),
@@ -197,6 +211,51 @@ def time_forward(loaded: Loaded, batch_size: int, cfg: BenchConfig, on_run: Call
         "throughput_items_per_s": batch_size / median,
         "peak_memory_bytes": peak,
         "peak_memory_method": probe.method,
+    }
+    ids = batch.get("input_ids")
+    if ids is not None:
+        row.update({"seq_len": int(ids.shape[1]), "tokens_per_s": ids.numel() / median})
+    return row
+
+
+def time_decode(loaded: Loaded, batch_size: int, cfg: BenchConfig, prompt_tokens: int, new_tokens: int,
+                on_run: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Decode speed with the KV cache: greedy generation of `new_tokens` after a `prompt_tokens` prompt.
+
+    generate(new_tokens) and generate(1) are timed alike (alternating, after warm-up); their
+    median difference is the time of the new_tokens - 1 cached decode steps, so the prompt's
+    prefill is not counted in decode tokens/s.
+    """
+    fam = loaded.family
+    at = fam.with_seq_len(loaded, prompt_tokens)
+    batch = fam.example_batch(at, batch_size, dtype=cfg.dtype, device=cfg.device)
+    times: dict[int, list[float]] = {1: [], new_tokens: []}
+    with torch.inference_mode():
+        for _ in range(cfg.warmup):
+            fam.generate(loaded, batch, new_tokens)
+            if on_run:
+                on_run()
+        for _ in range(cfg.runs):
+            for n in (1, new_tokens):
+                _sync(cfg.device)
+                t = time.perf_counter()
+                out = fam.generate(loaded, batch, n)
+                _sync(cfg.device)
+                times[n].append(time.perf_counter() - t)
+                if int(out.shape[1]) != prompt_tokens + n:
+                    raise RuntimeError(f"generate returned {int(out.shape[1]) - prompt_tokens} new tokens, not {n}")
+            if on_run:
+                on_run()
+    first, full = statistics.median(times[1]), statistics.median(times[new_tokens])
+    decode = max(full - first, 1e-9)
+    return {
+        "batch_size": batch_size,
+        "prompt_tokens": prompt_tokens,
+        "new_tokens": new_tokens,
+        "generate_ms_median": 1e3 * full,
+        "first_token_ms_median": 1e3 * first,
+        "ms_per_decode_step": 1e3 * decode / (new_tokens - 1),
+        "decode_tokens_per_s": batch_size * (new_tokens - 1) / decode,
     }
 
 
@@ -218,6 +277,7 @@ def compare(model_rows: list[dict[str, Any]], ref_rows: list[dict[str, Any]], fl
     for m, r in zip(model_rows, ref_rows):
         out.append({
             "batch_size": m["batch_size"],
+            **({"seq_len": m["seq_len"]} if "seq_len" in m else {}),
             "speedup_median": r["latency_ms_median"] / m["latency_ms_median"],
             "throughput_ratio": m["throughput_items_per_s"] / r["throughput_items_per_s"],
             "flop_reduction": 1.0 - flops / ref_flops,

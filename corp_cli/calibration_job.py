@@ -101,7 +101,8 @@ def run(job: CalibrationJob, *, dry_run: bool = False, progress: Any = None,
     n_workers = workers_for(fam.modality, job.workers) if workers_for else (job.workers or 0)
     spec = job.data or D.CALIB_DATA[fam.modality]
     shard = (dist.rank, dist.world) if dist is not None else job.shard
-    source = open_data(spec, fam.modality, samples=job.samples, seed=job.seed, shard=shard, flag=job.data_flag)
+    source = open_data(spec, fam.modality, samples=job.samples, seed=job.seed, shard=shard, flag=job.data_flag,
+                       text_unit=fam.text_unit)
     dev = distributed.start(dist, job.device) if dist is not None else resolve_device(job.device)
     meta = fam.meta_model(name, job.options)
     loaded = None
@@ -115,7 +116,7 @@ def run(job: CalibrationJob, *, dry_run: bool = False, progress: Any = None,
     parts = job.parts or needed or supported_parts(fam, shape_model)
     forward_dtype = FORWARD_DTYPES[job.dtype]
     plan = plan_calibration(fam, shape_model, name=name, device=dev, batch_size=job.batch_size,
-                            samples=source.num_items, parts=tuple(parts), blocks=job.blocks,
+                            samples=source.num_items, parts=tuple(parts), blocks=job.blocks, tokens=job.options.seq_len,
                             product_dtype=getattr(torch, job.precision), forward_dtype=forward_dtype,
                             input_item_bytes=fam.item_bytes(shape_model))
     if dist is not None:
@@ -144,7 +145,7 @@ def run(job: CalibrationJob, *, dry_run: bool = False, progress: Any = None,
     if dist is not None:
         distributed.report(dist, error)
         assert stats is not None
-        _reduce(stats, dist, dev, spec, fam.modality, job)
+        _reduce(stats, dist, dev, spec, fam.modality, job, fam.text_unit)
     return JobResult(plan=plan, stats=stats, loaded=loaded, seconds=time.perf_counter() - t0, dist=dist)
 
 
@@ -161,14 +162,15 @@ def _hooks(dist: distributed.Dist | None) -> Callable[[int], None] | None:
 
 
 def _reduce(stats: Statistics, dist: distributed.Dist, dev: torch.device, spec: str, modality: str,
-            job: CalibrationJob) -> None:
+            job: CalibrationJob, text_unit: str = "sentence") -> None:
     """All ranks' sums added; the metadata as a single process would write it for the same samples."""
     from corp_cli.sources import open_data
 
     distributed.all_sum(stats.blocks, dev)
     samples, tokens, skipped = distributed.sum_ints(
         [stats.meta["samples"], stats.meta["tokens"], stats.meta.get("skipped_samples", 0)], dev)
-    whole = open_data(spec, modality, samples=job.samples, seed=job.seed, flag=job.data_flag).describe()
+    whole = open_data(spec, modality, samples=job.samples, seed=job.seed, flag=job.data_flag,
+                      text_unit=text_unit).describe()
     whole["skipped"] = skipped
     stats.meta.update(samples=samples, tokens=tokens, skipped_samples=skipped, data=whole,
                       shards={"indices": [0], "count": 1})

@@ -41,7 +41,7 @@ def save_pruned_checkpoint(folder: Path, loaded: Loaded, extra_meta: dict[str, A
         **extra_meta,
         **loaded.family.checkpoint_meta(arch),
     }
-    state = {k: v.contiguous() for k, v in loaded.model.state_dict().items()}
+    state = loaded.family.checkpoint_state(loaded.model)
     save_safetensors_atomic(Path(folder) / MODEL_FILE, state, meta)
     loaded.family.write_extras(loaded, arch, Path(folder))
     return arch
@@ -72,7 +72,7 @@ def load_pruned_loaded(path: str | Path, *, device: str | torch.device = "cpu", 
     else:
         model = family.build(arch)
     try:
-        model.load_state_dict(state, strict=True)
+        family.load_state(model, state)
     except RuntimeError as e:
         raise ArtifactError(f"{path}: weights do not match the recorded architecture ({str(e).splitlines()[0]})") from None
     model.to(device).eval()

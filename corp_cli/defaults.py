@@ -32,6 +32,8 @@ SWEEP_CACHE_MB = 1024
 BENCH_WARMUP = 3
 BENCH_RUNS = 10
 BENCH_BATCH_SIZES = {"cpu": (1, 8), "cuda": (1, 32, 256)}
+BENCH_NEW_TOKENS = 32  # causal LMs: tokens generated per sequence when timing decoding
+BENCH_PROMPT_TOKENS = 128  # causal LMs: prompt length of the decode timing (at most the first --seq-lens value)
 EXPORT_FORMAT = "torch-export"
 
 

@@ -174,6 +174,19 @@ def mlp_moments(stats: dict[str, Tensor]) -> Moments:
     return Moments(n=n, mean=mean, cov=cov, second=second)
 
 
+def fit_moments(stats: dict[str, Tensor], *, intercept: bool = True) -> Moments:
+    """The moments the MLP fit uses: affine (h_P ~ B h_S + c) or, without intercept, linear (h_P ~ B h_S).
+
+    An output projection without a bias has nowhere to hold W2_P c, so its fit has no
+    intercept: the same ridge on uncentred second moments in place of covariances (zero
+    mean), B = E[h_P h_S^T] (E[h_S h_S^T] + lambda I)^-1 and c = 0. B = 0 stays a candidate,
+    so compensation still never makes the calibration error larger, and every formula below
+    (solve, error, fold) applies unchanged to these moments.
+    """
+    m = mlp_moments(stats)
+    return m if intercept else Moments(n=m.n, mean=torch.zeros_like(m.mean), cov=m.second, second=m.second)
+
+
 # --------------------------------------------------------------------------------------
 # How many to keep, and which
 # --------------------------------------------------------------------------------------
@@ -402,6 +415,7 @@ def fold_mlp_output(
     """The output projection over the kept units, with the compensation folded in.
 
     W2' = W2_S + W2_P B, b2' = b2 + W2_P c; without a solution, W2_S and b2 as they were.
+    A projection without a bias gets none from an intercept-free fit (c = 0, see fit_moments).
     """
     dtype = w2.dtype
     w2a = w2.to(ACC_DTYPE)
@@ -410,8 +424,9 @@ def fold_mlp_output(
     if sol is not None:
         w2p = w2a[:, prune]
         w2n = w2n + w2p @ sol.b
-        shift = w2p @ sol.c
-        b2n = shift if b2n is None else b2n + shift
+        if b2n is not None or bool(sol.c.any()):
+            shift = w2p @ sol.c
+            b2n = shift if b2n is None else b2n + shift
     return w2n.to(dtype), (b2n.to(dtype) if b2n is not None else None)
 
 

@@ -6,11 +6,17 @@ min cosine, and nearest-neighbour agreement (is each item's nearest other item t
 under both models, i.e. does retrieval survive). With classifier logits on both sides:
 top-1 agreement and mean KL(reference || model). Sums are accumulated in float64 so the
 result does not depend on batching.
+
+A causal language model (family evaluation() == "lm") is scored per predicted token
+instead: perplexity of the batch's own next tokens, and against a reference the mean
+KL(reference || model) of the next-token distributions and top-1 next-token agreement.
+Position t predicts token t+1 where both are real (attention_mask 1), so padding never counts.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -126,6 +132,67 @@ class Accumulator:
         return res
 
 
+# Logits of at most this many (positions x vocabulary) entries are scored at once, in float64.
+LM_SCORE_CHUNK = 1 << 22
+
+
+@dataclass
+class LmAccumulator:
+    """Running float64 sums over predicted tokens: negative log-likelihood, and fidelity to a reference."""
+
+    samples: int = 0
+    tokens: int = 0
+    nll: float = 0.0
+    ref_nll: float = 0.0
+    compared: int = 0
+    agree: int = 0
+    kl_sum: float = 0.0
+    kl_max: float = 0.0
+
+    def update(self, out: Outputs, batch: Batch, ref: Outputs | None = None) -> None:
+        logits = out.logits
+        assert logits is not None and logits.ndim == 3, "a language model's outputs are (B, N, V) next-token logits"
+        ids = batch["input_ids"].to(logits.device)
+        mask = batch.get("attention_mask")
+        real = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.to(logits.device).bool()
+        self.samples += int(ids.shape[0])
+        valid = real[:, 1:] & real[:, :-1]  # position t predicts token t+1
+        target = ids[:, 1:][valid]
+        lp_all = logits[:, :-1][valid]
+        lq_all = None
+        if ref is not None:
+            assert ref.logits is not None
+            if ref.logits.shape != logits.shape:
+                raise InputError(f"model and reference disagree on the vocabulary ({logits.shape[-1]} vs "
+                                 f"{ref.logits.shape[-1]} next-token logits)")
+            lq_all = ref.logits.to(logits.device)[:, :-1][valid]
+        rows = max(1, LM_SCORE_CHUNK // max(1, logits.shape[-1]))
+        for start in range(0, target.numel(), rows):
+            t = target[start:start + rows]
+            lp = F.log_softmax(lp_all[start:start + rows].double(), dim=-1)
+            self.nll -= float(lp.gather(1, t[:, None]).sum())
+            if lq_all is not None:
+                lq = F.log_softmax(lq_all[start:start + rows].double(), dim=-1)
+                self.ref_nll -= float(lq.gather(1, t[:, None]).sum())
+                kl = (lq.exp() * (lq - lp)).sum(1)
+                self.kl_sum += float(kl.sum())
+                self.kl_max = max(self.kl_max, float(kl.max()))
+                self.agree += int((lq.argmax(1) == lp.argmax(1)).sum())
+                self.compared += int(t.numel())
+        self.tokens += int(target.numel())
+
+    def result(self) -> dict[str, Any]:
+        res: dict[str, Any] = {"samples": self.samples, "tokens": self.tokens}
+        if self.tokens:
+            res.update({"nll_mean": self.nll / self.tokens, "perplexity": math.exp(self.nll / self.tokens)})
+        if self.compared:
+            n = self.compared
+            res["reference_perplexity"] = math.exp(self.ref_nll / n)
+            res["fidelity"] = {"compared": n, "top1_agreement": self.agree / n, "kl_mean": self.kl_sum / n,
+                               "kl_max": self.kl_max}
+        return res
+
+
 def nearest_neighbours(emb: Tensor, chunk: int = 4096) -> Tensor:
     """Index of each row's most cosine-similar other row (in row chunks: memory stays O(chunk * N))."""
     e = F.normalize(emb.double(), dim=-1)
@@ -208,6 +275,9 @@ def evaluate(
     """
     if reference is not None and reference_outputs is not None:
         raise ValueError("give reference or reference_outputs, not both")
+    if loaded.family.evaluation(loaded.model) == "lm":
+        return _evaluate_lm(loaded, batches, reference=reference, reference_outputs=reference_outputs, device=device,
+                            on_batch=on_batch, keep_outputs=keep_outputs)
     acc = Accumulator(num_classes=loaded.identity.num_classes if loaded.family.has_classifier(loaded.model) else 0)
     t0 = time.perf_counter()
     model_s = 0.0
@@ -236,3 +306,36 @@ def evaluate(
 
 def _cpu(o: Outputs) -> Outputs:
     return Outputs(o.logits.float().cpu() if o.logits is not None else None, o.features.float().cpu())
+
+
+def _evaluate_lm(
+    loaded: Loaded,
+    batches: Iterable[tuple[Batch, Tensor | None]],
+    *,
+    reference: Loaded | None,
+    reference_outputs: Sequence[Outputs] | None,
+    device: torch.device | str,
+    on_batch: Callable[[int], None] | None,
+    keep_outputs: list[Outputs] | None,
+) -> EvalRun:
+    """Perplexity and next-token fidelity, scored on the device (logits are (B, N, V): not copied unless kept)."""
+    acc = LmAccumulator()
+    t0 = time.perf_counter()
+    model_s = 0.0
+    with torch.inference_mode():
+        for i, (batch, _labels) in enumerate(batches):
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            t = time.perf_counter()
+            out = loaded.family.outputs(loaded, batch)
+            ref = reference.family.outputs(reference, batch) if reference is not None else None
+            model_s += time.perf_counter() - t
+            if reference_outputs is not None:
+                if i >= len(reference_outputs):
+                    raise ValueError("more batches than cached reference outputs")
+                ref = reference_outputs[i]
+            acc.update(out, batch, ref)
+            if keep_outputs is not None:
+                keep_outputs.append(_cpu(out))
+            if on_batch is not None:
+                on_batch(int(batch["input_ids"].shape[0]))
+    return EvalRun(acc.result(), time.perf_counter() - t0, model_s)

@@ -44,10 +44,13 @@ class BlockShape:
     num_heads: int
     head_dim: int  # value / output width per head
     qk_dim: int  # kept Q/K dims per head (== head_dim when unpruned)
+    # key/value heads under grouped-query attention; None: one per query head (recorded only when set)
+    kv_heads: int | None = None
 
     def to_dict(self) -> dict[str, int]:
-        return {"dim": self.dim, "mlp_hidden": self.mlp_hidden, "num_heads": self.num_heads,
-                "head_dim": self.head_dim, "qk_dim": self.qk_dim}
+        d = {"dim": self.dim, "mlp_hidden": self.mlp_hidden, "num_heads": self.num_heads,
+             "head_dim": self.head_dim, "qk_dim": self.qk_dim}
+        return d if self.kv_heads is None else {**d, "kv_heads": self.kv_heads}
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,12 @@ OPTION_FLAGS: dict[str, str] = {
     "pretrained_cfg": "--pretrained-cfg",
     "preprocessing": "--mean/--std/--input-size/--interpolation/--crop-pct/--crop-mode",
     "model_args": "--model-arg",
+    "seq_len": "--seq-len",
+}
+# Why an option does not apply, where a family gives no reason of its own.
+OPTION_REASONS: dict[str, str] = {
+    "seq_len": "it sets the token windows of a causal language model (calibration and evaluation text is cut into "
+               "windows of that many tokens)",
 }
 
 
@@ -112,13 +121,14 @@ class ModelOptions:
     pretrained_cfg: Path | None = None
     preprocessing: Mapping[str, Any] = field(default_factory=dict)  # image preprocessing overrides
     model_args: Mapping[str, Any] = field(default_factory=dict)  # constructor options (timm kwargs)
+    seq_len: int | None = None  # a causal LM's token window length
 
     def given(self) -> list[str]:
         """The option names that were set, in OPTION_FLAGS order."""
         values = {"checkpoint": self.checkpoint, "num_classes": self.num_classes,
                   "pretrained_cfg": self.pretrained_cfg,
                   "preprocessing": {k: v for k, v in self.preprocessing.items() if v is not None},
-                  "model_args": self.model_args}
+                  "model_args": self.model_args, "seq_len": self.seq_len}
         return [k for k in OPTION_FLAGS if values[k] not in (None, {}, [])]
 
     def flags(self, name: str) -> str:
@@ -175,6 +185,9 @@ class ModelFamily(abc.ABC):
 
     name: str = ""  # recorded in checkpoints as architecture["family"]
     modality: str = "image"  # "image" or "text": which data sources and preprocessing apply
+    # How text data is cut into samples: "sentence" (encoders) or "document" (causal LMs: whole
+    # documents, cut into windows of --seq-len tokens). Images ignore it.
+    text_unit: str = "sentence"
     # The ModelOptions this family honours; any other one given is refused in one line.
     options: frozenset[str] = frozenset()
     # Why an option does not apply, keyed by option name, for the refusal line.
@@ -321,6 +334,14 @@ class ModelFamily(abc.ABC):
         """A builder using only the model's own library classes (no corp modules), when the pruning allows one."""
         return None
 
+    def checkpoint_state(self, model: nn.Module) -> dict[str, Tensor]:
+        """The tensors model.safetensors stores (a family may store a tied copy once)."""
+        return {k: v.contiguous() for k, v in model.state_dict().items()}
+
+    def load_state(self, model: nn.Module, state: dict[str, Tensor]) -> None:
+        """Load checkpoint_state's tensors into a freshly built model; a mismatch raises RuntimeError."""
+        model.load_state_dict(state, strict=True)
+
     # ---- counting, evaluation, export, benchmark
 
     @abc.abstractmethod
@@ -343,7 +364,12 @@ class ModelFamily(abc.ABC):
         """A fixed random full-size input (benchmark)."""
 
     def evaluation(self, model: nn.Module) -> str:
-        """What `corp evaluate` scores by default: 'classifier' (labels when there are any) or 'embedding'."""
+        """What `corp evaluate` scores: 'classifier' (labels when there are any), 'embedding', or 'lm'.
+
+        'lm': a causal language model; outputs() gives next-token logits (B, N, V) for every
+        position, scored as perplexity of the batch's input_ids (real tokens only) and as
+        fidelity of the next-token distributions to a reference.
+        """
         return "classifier" if self.has_classifier(model) else "embedding"
 
     def has_classifier(self, model: nn.Module) -> bool:
@@ -351,6 +377,16 @@ class ModelFamily(abc.ABC):
 
     def describe(self) -> str:
         return self.summary or self.name
+
+    # ---- causal language models (evaluation() == "lm"; families that honour the seq_len option)
+
+    def with_seq_len(self, loaded: Loaded, seq_len: int) -> Loaded:
+        """`loaded` with its token windows `seq_len` long (--seq-len); refused where there are none."""
+        raise UnsupportedModelError(f"--seq-len does not apply to {self.name} models: {OPTION_REASONS['seq_len']}")
+
+    def generate(self, loaded: Loaded, batch: Batch, new_tokens: int) -> Tensor:
+        """Greedy generation of exactly `new_tokens` tokens after `batch` with the KV cache (decode benchmark)."""
+        raise UnsupportedModelError(f"{self.name} models do not generate text")
 
 
 def item_name(modality: str) -> str:

@@ -16,10 +16,14 @@ from corp_cli.family import ModelFamily
 
 
 def block_flops(dim: int, mlp_hidden: int, num_heads: int, head_dim: int, qk_dim: int, tokens: int,
-                mlp_inputs: int = 1) -> dict[str, int]:
-    """One block's FLOPs at `tokens` tokens; `mlp_inputs` is 2 for gated MLPs (gate and up projections)."""
+                mlp_inputs: int = 1, kv_heads: int | None = None) -> dict[str, int]:
+    """One block's FLOPs at `tokens` tokens; `mlp_inputs` is 2 for gated MLPs (gate and up projections).
+
+    `kv_heads`: key/value heads under grouped-query attention (fewer K and V projections); None: num_heads.
+    """
     t = tokens
-    qkv = 2 * t * dim * num_heads * (2 * qk_dim + head_dim)
+    kv = num_heads if kv_heads is None else kv_heads
+    qkv = 2 * t * dim * (num_heads * qk_dim + kv * (qk_dim + head_dim))
     logits = 2 * num_heads * t * t * qk_dim
     mix = 2 * num_heads * t * t * head_dim
     proj = 2 * t * num_heads * head_dim * dim
@@ -43,7 +47,7 @@ def model_counts(model: nn.Module, tokens: int | None = None, family: ModelFamil
     for i in range(family.num_blocks(model)):
         s = family.shape(model, i)
         inputs = len(family.mlp_weights(model, i).inputs)
-        blocks.append(block_flops(s.dim, s.mlp_hidden, s.num_heads, s.head_dim, s.qk_dim, tokens, inputs))
+        blocks.append(block_flops(s.dim, s.mlp_hidden, s.num_heads, s.head_dim, s.qk_dim, tokens, inputs, s.kv_heads))
     in_blocks = sum(b["total"] for b in blocks)
     return {
         "params": sum(p.numel() for p in model.parameters()),

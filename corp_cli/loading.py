@@ -84,6 +84,21 @@ def resolve_model(spec: str, options: ModelOptions) -> tuple[ModelFamily, str]:
     return fam, name
 
 
+def family_of_spec(spec: str | Path) -> ModelFamily:
+    """The family of a model spec or a pruned output, from names and headers only (no weights read)."""
+    if is_pruned_path(spec):
+        p = Path(spec).expanduser()
+        arch = (_corp_model_meta(p / MODEL_FILE if p.is_dir() else p) or {}).get("architecture") or {}
+        if isinstance(arch, dict) and isinstance(arch.get("family"), str):
+            from corp_cli.registry import by_name
+
+            return by_name(arch["family"])
+        from corp_cli.compact import load_pruned_loaded
+
+        return load_pruned_loaded(p).family  # not a readable corp checkpoint: its own error says why
+    return resolve(str(spec))[0]
+
+
 def load_dense(spec: str | Path, options: ModelOptions | None = None, device: str | torch.device = "cpu") -> Loaded:
     options = options or ModelOptions()
     fam, name = resolve_model(str(spec), options)
@@ -113,6 +128,8 @@ def load_any(spec: str | Path, options: ModelOptions | None = None, device: str 
         from corp_cli.preprocess import override_preprocessing
 
         loaded.preprocessing = override_preprocessing(loaded.model, loaded.preprocessing, options)
+    if options.seq_len is not None:
+        loaded = loaded.family.with_seq_len(loaded, options.seq_len)
     log.info("loaded pruned %s from %s", loaded.identity.name, spec)
     return loaded
 

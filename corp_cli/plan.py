@@ -94,12 +94,15 @@ class CalibrationPlan:
 def plan_calibration(
     fam: ModelFamily, model: nn.Module, *, name: str, device: torch.device, batch_size: int, samples: int | None,
     parts: tuple[str, ...], blocks: list[int] | None = None, product_dtype: torch.dtype = torch.float32,
-    forward_dtype: torch.dtype | None = None, input_item_bytes: int = 0,
+    forward_dtype: torch.dtype | None = None, input_item_bytes: int = 0, tokens: int | None = None,
 ) -> CalibrationPlan:
-    """The plan of a calibration pass of `model` (real or on the meta device)."""
+    """The plan of a calibration pass of `model` (real or on the meta device).
+
+    `tokens`: the tokens of one item when the run sets them (a causal LM's --seq-len), else the family's.
+    """
     covered = blocks if blocks is not None else list(range(fam.num_blocks(model)))
     shapes = [fam.shape(model, i) for i in range(fam.num_blocks(model))]
-    tokens = fam.tokens_per_item(model)
+    tokens = tokens or fam.tokens_per_item(model)
     rows = batch_size * tokens  # tokens in one forward
     p_elem = torch.empty((), dtype=product_dtype).element_size()
     param = next(iter(model.parameters()), None)

@@ -67,6 +67,10 @@ class Preprocessing:
         fields = _normalise(dict(data), where="preprocessing")
         return cls(**fields, source=str(data["source"]))
 
+    def count(self, source: Any) -> int | None:
+        """How many items batches() yields for `source` (None for a stream of unknown length)."""
+        return source.num_items
+
     def batches(self, source: Any, batch_size: int, workers: int = 0) -> Iterator[tuple[dict[str, Any], Any]]:
         """({"pixel_values": images}, labels or None) per batch, in source order."""
         from corp_cli.data import make_batches
@@ -288,8 +292,10 @@ def _is_number(v: Any) -> bool:
 def preprocessing_from_dict(d: Mapping[str, Any], tokenizer_dir: Path | None = None) -> Any:
     """The preprocessing record of an artifact: text (kind 'text') or image."""
     if isinstance(d, Mapping) and d.get("kind") == "text":
-        from corp_cli.text import TextPreprocessing
+        from corp_cli.text import LmTextPreprocessing, TextPreprocessing
 
+        if d.get("unit") == LmTextPreprocessing.unit:
+            return LmTextPreprocessing.from_dict(dict(d), tokenizer_dir)
         return TextPreprocessing.from_dict(dict(d), tokenizer_dir)
     return Preprocessing.from_dict(d)
 

@@ -152,7 +152,7 @@ def _rank_mlp(w: MlpWeights, st: dict[str, Tensor], o: PruneOptions, keep_n: int
         for extra in w.inputs[1:]:
             scores = scores * extra.to(engine.ACC_DTYPE).norm(dim=1)
     else:
-        m = engine.mlp_moments(st)
+        m = engine.fit_moments(st, intercept=w.out_bias is not None)
         lam = _mlp_lambda(o, m, torch.arange(width))
         if o.ranker == "obs":
             # high score = costly to remove = keep
@@ -211,7 +211,9 @@ def _prune_mlp_block(fam: ModelFamily, model: nn.Module, i: int, st: dict[str, T
     st = {k: v.to(dev) for k, v in st.items()}
     keep = keep.to(dev)
     prune = engine.complement(keep, width)
-    m = engine.mlp_moments(st)
+    # no bias to hold W2_P c: the fit has no intercept (engine.fit_moments)
+    intercept = w.out_bias is not None
+    m = engine.fit_moments(st, intercept=intercept)
     lam = _mlp_lambda(o, m, keep)
     try:
         sol = engine.ridge_compensation(m, keep, prune, lam) if prune.numel() else None
@@ -228,6 +230,7 @@ def _prune_mlp_block(fam: ModelFamily, model: nn.Module, i: int, st: dict[str, T
         "lambda": sol.lam if sol is not None else 0.0,
         "cond_estimate": sol.cond_estimate if sol is not None else 1.0,
         "compensated": bool(o.compensation),
+        "intercept": intercept,
         "ranker": o.ranker,
         "predicted_error_compensated": err_c,
         "predicted_error_uncompensated": err_u,

@@ -29,6 +29,7 @@ FAMILIES: tuple[str, ...] = (
     "corp_cli.families.hf_vit:HFViTFamily",
     "corp_cli.families.timm_vit:TimmViTFamily",
     "corp_cli.families.timm_eva:TimmEvaFamily",
+    "corp_cli.families.hf_llama:HFLlamaFamily",
 )
 ENTRY_POINT_GROUP = "corp.families"
 
@@ -101,7 +102,9 @@ def unknown_model_message(spec: str) -> str:
 
 def check_options(fam: ModelFamily, options: ModelOptions) -> None:
     """Refuse, in one line, any model option this family does not honour."""
+    from corp_cli.family import OPTION_REASONS
+
     for name in options.given():
         if name not in fam.options:
-            why = fam.option_reasons.get(name, "it does not apply to this model")
+            why = fam.option_reasons.get(name) or OPTION_REASONS.get(name, "it does not apply to this model")
             raise InputError(f"{options.flags(name)} does not apply to {fam.name} models: {why}")

@@ -4,7 +4,8 @@ Each point prunes a fresh deep copy of the already-loaded dense model; the dense
 outputs on the evaluation set are computed once (by the first call of the Measure) and
 replayed as the fidelity reference. Classifiers are scored on top-1 (labelled data) or
 top-1 agreement with the dense model; models without a classifier (backbones, text
-encoders) on the cosine of their pooled feature to the dense model's.
+encoders) on the cosine of their pooled feature to the dense model's; causal language models
+on held-out perplexity (with next-token KL and agreement to the dense model beside it).
 """
 
 from __future__ import annotations
@@ -37,12 +38,17 @@ CSV_COLUMNS = (
     "feature_cosine_mean", "nn_agreement", "params", "tokens", "flops_per_item", "flops_reduction",
     "seconds",
 )
+# what a language model's rows add (after "value"); other models' CSVs keep CSV_COLUMNS exactly
+LM_COLUMNS = ("perplexity", "nll_mean")
 # What each metric is, for plots and tables; fractions are shown as percentages.
 METRIC_LABELS = {
     "top1": "top-1 accuracy (%)",
     "top1_agreement": "top-1 agreement with dense (%)",
     "feature_cosine_mean": "feature cosine to dense (mean)",
+    "perplexity": "held-out perplexity (lower is better)",
 }
+# metrics whose values span orders of magnitude: plotted on a log axis
+LOG_METRICS = ("perplexity",)
 PERCENT_METRICS = ("top1", "top1_agreement")
 Batches = Iterable[tuple[Batch, Tensor | None]]
 
@@ -77,7 +83,7 @@ def batch_provider(
 ) -> Callable[[], Batches]:
     """A function giving the evaluation batches again and again, decoded once when they fit in memory."""
     per_item = 4 * math.prod(prep.input_size) if prep.kind == "image" else 3 * 8 * prep.max_length
-    n = source.num_items
+    n = prep.count(source)
     if n is None or n * per_item > cache_bytes:
         log.info("evaluation set not cached (%s items); decoding it for every point", n)
         return lambda: prep.batches(source, batch_size, workers)
@@ -112,19 +118,47 @@ class Measure(Protocol):
     def __call__(self, loaded: Loaded, *, dense: bool) -> Measured: ...
 
 
+class _BoundedOutputs(list):  # type: ignore[type-arg]
+    """Reference outputs kept up to a byte budget; past it, none are kept (`overflow`) and the dense model reruns."""
+
+    def __init__(self, budget: int) -> None:
+        super().__init__()
+        self.budget, self.bytes, self.overflow = budget, 0, False
+
+    def append(self, out: Outputs) -> None:
+        if self.overflow:
+            return
+        self.bytes += sum(t.numel() * t.element_size() for t in (out.logits, out.features) if t is not None)
+        if self.bytes > self.budget:
+            self.overflow = True
+            self.clear()
+            return
+        super().append(out)
+
+
 class EvalMeasure:
-    """Top-1 against labels, or fidelity (agreement, KL, feature cosine, NN agreement) to the dense outputs."""
+    """Top-1 against labels, or fidelity (agreement, KL, feature cosine, NN agreement) to the dense outputs.
+
+    A language model (`lm`) is scored on perplexity; its dense next-token logits (B x N x vocabulary
+    per batch) are kept as the reference only within `reference_bytes`, else the dense model reruns.
+    """
 
     def __init__(
         self, batches: Callable[[], Batches], *, labelled: bool, classifier: bool, remap: Tensor | None,
-        device: torch.device, progress: Callable[[int], None] | None = None,
+        device: torch.device, progress: Callable[[int], None] | None = None, lm: bool = False,
+        reference_bytes: int = 1 << 30,
     ) -> None:
         self.batches, self.labelled, self.remap, self.device, self.progress = batches, labelled, remap, device, progress
         self.classifier = classifier
-        self.metric = "top1" if labelled else "top1_agreement" if classifier else "feature_cosine_mean"
-        self._ref: list[Outputs] = []
+        self.lm = lm
+        self.metric = ("perplexity" if lm else "top1" if labelled else "top1_agreement" if classifier
+                       else "feature_cosine_mean")
+        self._ref: list[Outputs] = _BoundedOutputs(reference_bytes) if lm else []
+        self._dense: Loaded | None = None
 
     def __call__(self, loaded: Loaded, *, dense: bool) -> Measured:
+        if self.lm:
+            return self._lm(loaded, dense=dense)
         if dense:
             run = evaluate(loaded, self.batches(), remap=self.remap, device=self.device, on_batch=self.progress,
                            keep_outputs=self._ref)
@@ -143,6 +177,24 @@ class EvalMeasure:
         fields = {"top1": acc.get("top1"), "top5": acc.get("top5"), "top1_agreement": fid.get("top1_agreement"),
                   "kl_mean": fid.get("kl_mean"), "feature_cosine_mean": fid.get("feature_cosine_mean"),
                   "nn_agreement": fid.get("nn_agreement")}
+        return fields, run.seconds
+
+    def _lm(self, loaded: Loaded, *, dense: bool) -> Measured:
+        if dense:
+            self._dense = loaded
+            run = evaluate(loaded, self.batches(), device=self.device, on_batch=self.progress, keep_outputs=self._ref)
+            if run.result["samples"] == 0 or not run.result.get("tokens"):
+                raise InputError("the evaluation data yielded no tokens to predict")
+            if getattr(self._ref, "overflow", False):
+                log.info("dense next-token logits exceed the cache budget: the dense model reruns at every point")
+            fid: dict[str, Any] = {"top1_agreement": 1.0, "kl_mean": 0.0}
+        else:
+            live = getattr(self._ref, "overflow", False)
+            run = evaluate(loaded, self.batches(), reference=self._dense if live else None,
+                           reference_outputs=None if live else self._ref, device=self.device, on_batch=self.progress)
+            fid = run.result.get("fidelity") or {}
+        fields = {"perplexity": run.result["perplexity"], "nll_mean": run.result["nll_mean"],
+                  "top1_agreement": fid.get("top1_agreement"), "kl_mean": fid.get("kl_mean")}
         return fields, run.seconds
 
 
@@ -193,11 +245,15 @@ def run_sweep(
 
 
 def csv_text(rows: list[dict[str, Any]]) -> str:
+    columns = list(CSV_COLUMNS)
+    if any("perplexity" in r for r in rows):
+        at = columns.index("value") + 1
+        columns[at:at] = LM_COLUMNS
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(CSV_COLUMNS), extrasaction="ignore", lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     for r in rows:
-        w.writerow({k: "" if r.get(k) is None else r[k] for k in CSV_COLUMNS})
+        w.writerow({k: "" if r.get(k) is None else r[k] for k in columns})
     return buf.getvalue()
 
 
@@ -228,6 +284,8 @@ def plot(path: Path, dense_row: dict[str, Any], rows: list[dict[str, Any]], titl
             pts = [r for r in rows if r["arm"] == arm]
             ax.plot([100 * r["sparsity"] for r in pts], [k * r["value"] for r in pts], style, label=arm)
         ax.axhline(k * dense_row["value"], color="grey", lw=1, ls=":", label="dense")
+        if metric in LOG_METRICS:
+            ax.set_yscale("log")
         ax.set_xlabel("sparsity (%)")
         ax.set_ylabel(METRIC_LABELS[metric])
         ax.grid(alpha=0.3)
@@ -239,7 +297,8 @@ def plot(path: Path, dense_row: dict[str, Any], rows: list[dict[str, Any]], titl
         ax2.set_ylim(bottom=0)
         lines = ax.get_legend_handles_labels()
         lines2 = ax2.get_legend_handles_labels()
-        ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="lower left", fontsize=8)
+        ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="upper left" if metric in LOG_METRICS else "lower left",
+                  fontsize=8)
         ax.set_title(title, fontsize=9)
         fig.tight_layout()
         fig.savefig(path, format="png")

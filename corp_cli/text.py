@@ -1,12 +1,18 @@
 """Text calibration / evaluation sources, the text preprocessing record, and tokenised batches.
 
 Spec forms for `open_text_source`:
-  text:pydoc[@PART]           sentences of Python's own documentation (pydoc_data.topics), on every install
-  text:FILE[@PART]            a UTF-8 plain text file, split into sentences
+  text:pydoc[@PART]           Python's own documentation (pydoc_data.topics), on every install
+  text:FILE[@PART]            a UTF-8 plain text file
   hf:NAME[:CONFIG][@SPLIT]    a Hugging Face dataset with a text column, streamed; one row = one text
 
-PART is `calib` or `eval`: two fixed, disjoint halves of the sentences (by a hash of each
-sentence), so calibration and evaluation never share a sentence; without it, all of them.
+What one text is depends on the model (its family's `text_unit`):
+- "sentence" (encoders): sentences of 5-60 words of the prose (code blocks skipped);
+- "document" (causal language models): whole documents, which LmTextPreprocessing cuts into
+  windows of --seq-len tokens. A file's documents are its blank-line separated blocks, or its
+  lines when it has no blank line (one story per line); pydoc's are its topics.
+
+PART is `calib` or `eval`: two fixed, disjoint halves of the texts (by a hash of each text),
+so calibration and evaluation never share a sentence or a document; without it, all of them.
 Selection is a seeded subset in stable order, like the image sources, and every source
 describes itself (spec, counts, seed, shard, fingerprint) for the artifacts' provenance.
 """
@@ -32,6 +38,7 @@ from corp_cli.hub import offline_from_env
 log = logging.getLogger(__name__)
 
 PARTS = ("calib", "eval")
+UNITS = ("sentence", "document")
 MIN_WORDS = 5
 MAX_WORDS = 60
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[A-Z0-9])")
@@ -71,6 +78,23 @@ def pydoc_sentences() -> list[str]:
 
     # sorted keys: the dict's order is an implementation detail of its generator
     return split_sentences("\n\n".join(topics[k] for k in sorted(topics)))
+
+
+def split_documents(text: str) -> list[str]:
+    """Documents of a plain text: its blank-line separated blocks, or its lines when there is no blank line.
+
+    Ends are stripped, line breaks inside a block kept, empty ones and duplicates dropped, order stable.
+    """
+    text = text.replace("\r\n", "\n")
+    blank = re.compile(r"\n[ \t]*\n")
+    blocks = blank.split(text) if blank.search(text.strip()) else text.split("\n")
+    return list(dict.fromkeys(b.strip() for b in blocks if b.strip()))
+
+
+def pydoc_documents() -> list[str]:
+    from pydoc_data.topics import topics
+
+    return list(dict.fromkeys(topics[k].strip() for k in sorted(topics) if topics[k].strip()))
 
 
 def _in_part(sentence: str, part: str | None) -> bool:
@@ -128,8 +152,11 @@ def is_text_spec(spec: str) -> bool:
 
 
 def open_text_source(
-    spec: str, *, samples: int | None, seed: int = 0, shard: tuple[int, int] | None = None
+    spec: str, *, samples: int | None, seed: int = 0, shard: tuple[int, int] | None = None, unit: str = "sentence",
 ) -> TextSource:
+    """The texts `spec` names, as sentences or documents (`unit`), seeded subset of `samples` of them."""
+    if unit not in UNITS:
+        raise ValueError(f"text unit must be one of {UNITS}, not {unit!r}")
     if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 1):
         raise InputError(f"samples must be a positive integer, got {samples!r}")
     if spec.startswith("hf:"):
@@ -143,8 +170,9 @@ def open_text_source(
             body, part = body[: -len(p) - 1], p
     if not body:
         raise InputError(f"{spec}: expected text:pydoc or text:FILE[@calib|@eval]")
+    documents = unit == "document"
     if body == "pydoc":
-        sentences, origin = pydoc_sentences(), ["pydoc"]
+        sentences, origin = (pydoc_documents() if documents else pydoc_sentences()), ["pydoc"]
     else:
         path = Path(body).expanduser()
         if not path.is_file():
@@ -153,12 +181,16 @@ def open_text_source(
             raw = path.read_text(encoding="utf-8")
         except (UnicodeDecodeError, OSError) as e:
             raise InputError(f"{spec}: cannot read {path} as UTF-8 text ({type(e).__name__})") from None
-        sentences, origin = split_sentences(raw), ["file", path.name]
+        sentences, origin = (split_documents(raw) if documents else split_sentences(raw)), ["file", path.name]
     sentences = [s for s in sentences if _in_part(s, part)]
     if not sentences:
-        raise InputError(f"{spec}: no sentences of {MIN_WORDS}-{MAX_WORDS} words found")
+        found = "documents (non-empty lines or blank-line separated blocks)" if documents else \
+            f"sentences of {MIN_WORDS}-{MAX_WORDS} words"
+        raise InputError(f"{spec}: no {found} found")
     chosen = [sentences[i] for i in _select(len(sentences), samples, seed)]
-    src = TextSource(spec, chosen, origin=[*origin, part], samples=samples, seed=seed, shard=shard,
+    # documents are a different selection of the same text: their own fingerprint (sentences keep theirs)
+    origin = [*origin, part] + (["document"] if documents else [])
+    src = TextSource(spec, chosen, origin=origin, samples=samples, seed=seed, shard=shard,
                      selected_from=len(sentences))
     if samples is not None and samples > len(sentences):
         src.warnings.append(f"{spec}: asked for {samples} samples but only {len(sentences)} exist; using all")
@@ -253,6 +285,10 @@ class TextPreprocessing:
         folder = self.tokenizer_dir or Path(self.tokenizer)
         return load_tokenizer(folder)
 
+    def count(self, source: TextSource) -> int:
+        """How many sequences batches() yields for `source`: one per text."""
+        return source.num_items
+
     def batches(self, source: TextSource, batch_size: int, workers: int = 0) -> Iterator[tuple[dict[str, torch.Tensor], None]]:
         """Tokenised batches of similar lengths (little padding), in a fixed order; no labels."""
         tok = self.load_tokenizer()
@@ -268,6 +304,67 @@ class TextPreprocessing:
             m = mask.to(hidden.dtype).unsqueeze(-1)
             emb = (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
         return F.normalize(emb, dim=-1) if self.normalize else emb
+
+
+@dataclass(frozen=True)
+class LmTextPreprocessing:
+    """How a causal language model reads text: documents cut into windows of at most `max_length` tokens.
+
+    Each document is tokenised as the tokenizer does it alone (its BOS, where it adds one) and
+    cut into consecutive windows of `max_length` tokens (the last one shorter); a window never
+    spans two documents, so no token attends to an unrelated text. Windows are batched by
+    length and padded on the right; the attention mask keeps padding out of the causal
+    attention, the statistics and the scores. `tokenizer_dir` is where this process loads the
+    tokenizer from, not part of the record.
+    """
+
+    tokenizer: str
+    max_length: int
+    tokenizer_dir: Path | None = field(default=None, compare=False)
+
+    kind: ClassVar[str] = "text"
+    unit: ClassVar[str] = "document"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "text", "unit": self.unit, "tokenizer": self.tokenizer, "max_length": self.max_length}
+
+    @staticmethod
+    def from_dict(d: dict[str, Any], tokenizer_dir: Path | None = None) -> LmTextPreprocessing:
+        try:
+            return LmTextPreprocessing(str(d["tokenizer"]), int(d["max_length"]), tokenizer_dir=tokenizer_dir)
+        except (KeyError, TypeError, ValueError) as e:
+            raise InputError(f"language-model text preprocessing record is malformed ({e})") from None
+
+    def load_tokenizer(self) -> Any:
+        return load_tokenizer(self.tokenizer_dir or Path(self.tokenizer))
+
+    def windows(self, texts: Sequence[str], tokenizer: Any) -> list[list[int]]:
+        """Every document's token ids, cut into consecutive windows of at most max_length tokens."""
+        ids = tokenizer(list(texts), add_special_tokens=True, verbose=False)["input_ids"]
+        n = self.max_length
+        return [doc[i:i + n] for doc in ids for i in range(0, len(doc), n) if doc[i:i + n]]
+
+    def count(self, source: TextSource) -> int:
+        """How many windows (sequences) batches() yields for `source`."""
+        return len(self.windows(source.texts, self.load_tokenizer()))
+
+    def batches(self, source: TextSource, batch_size: int, workers: int = 0) -> Iterator[tuple[dict[str, torch.Tensor], None]]:
+        """Right-padded batches of windows of similar lengths, in a fixed order; no labels."""
+        if batch_size < 1:
+            raise InputError(f"batch size must be >= 1, got {batch_size}")
+        tok = self.load_tokenizer()
+        wins = self.windows(source.texts, tok)
+        order = sorted(range(len(wins)), key=lambda i: len(wins[i]))
+        pad = next((t for t in (tok.pad_token_id, tok.eos_token_id, 0) if t is not None))  # never attended to
+        for start in range(0, len(order), batch_size):
+            chunk = [wins[i] for i in order[start:start + batch_size]]
+            width = max(len(w) for w in chunk)
+            ids = torch.full((len(chunk), width), int(pad), dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for r, w in enumerate(chunk):
+                ids[r, :len(w)] = torch.tensor(w, dtype=torch.long)
+                mask[r, :len(w)] = 1
+            yield {"input_ids": ids, "attention_mask": mask}, None
 
 
 def load_tokenizer(folder: str | Path) -> Any:

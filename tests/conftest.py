@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import copy
 import dataclasses
@@ -84,7 +85,9 @@ def masked_reference(dense, masks, stats, blocks):
     for i, bm in enumerate(masks):
         entry = blocks[i]
         if bm.mlp is not None:
-            m = engine.mlp_moments(stats.blocks[i]["mlp"])
+            # an output projection without a bias is compensated without intercept (engine.fit_moments)
+            intercept = fam.mlp_weights(dense.model, i).out_bias is not None
+            m = engine.fit_moments(stats.blocks[i]["mlp"], intercept=intercept)
             keep = bm.mlp
             prune = engine.complement(keep, m.mean.shape[0])
             sol = engine.ridge_compensation(m, keep, prune, entry["mlp"]["lambda"])
@@ -116,3 +119,51 @@ def masked_reference(dense, masks, stats, blocks):
 
             fam.qk_hook(model, i, on_qk)
     return ref
+
+
+STORIES260K = SHARED_DATA / "llama-stories260k"
+STORIES = STORIES260K / "stories.txt"
+needs_stories = pytest.mark.skipif(not (STORIES260K / "model.safetensors").is_file() or not STORIES.is_file(),
+                                   reason="the real TinyStories Llama (../shared/data/llama-stories260k) is not present")
+# Small random decoders of each layout, with a 512-token byte-level BPE tokenizer built offline.
+DECODER_LAYOUTS = {
+    # grouped-query attention (4 query heads share 2 K/V heads), tied embeddings: Llama / stories260k style
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {"num_key_value_heads": 2, "tie_word_embeddings": True}),
+    # q/k/v biases (Qwen2 always has them), untied LM head
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"num_key_value_heads": 2, "tie_word_embeddings": False}),
+    # sliding-window attention, no GQA
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"num_key_value_heads": 4, "sliding_window": 8,
+                                                        "tie_word_embeddings": False}),
+}
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_bpe() -> object:
+    """A 512-entry byte-level BPE (<unk>, <s>, </s>, then bytes and merges) trained on pydoc: no download."""
+    from pydoc_data.topics import topics
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([topics[k] for k in sorted(topics)][:40], trainers.BpeTrainer(
+        vocab_size=512, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    return tok
+
+
+def tiny_decoder(folder: Path, layout: str = "llama", seed: int = 0, tokenizer: bool = True, **overrides: object) -> Path:
+    """A random 2-layer decoder LM of `layout` saved as a Hugging Face folder, with a small tokenizer of its own."""
+    import transformers
+
+    cfg_cls, model_cls, extra = DECODER_LAYOUTS[layout]
+    kw = dict(vocab_size=512, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+              max_position_embeddings=64, bos_token_id=1, eos_token_id=2, **extra)
+    kw.update(overrides)
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_cls)(getattr(transformers, cfg_cls)(**kw)).eval()
+    model.save_pretrained(folder)
+    if tokenizer:
+        transformers.PreTrainedTokenizerFast(tokenizer_object=_byte_bpe(), bos_token="<s>", eos_token="</s>",
+                                             unk_token="<unk>").save_pretrained(folder)
+    return folder

@@ -59,6 +59,42 @@ def test_predicted_error_matches_measured_and_compensation_never_hurts() -> None
     assert err_c <= err_u
 
 
+def test_intercept_free_fit_is_exact_on_linear_units_and_folds_no_bias() -> None:
+    """Without a bias to hold W2_P c (Llama's down_proj), h_P ~ B h_S on uncentred moments."""
+    h, w2, _, a, _ = _planted_mlp()
+    h = torch.cat([h[:, :12] + 0.7, (h[:, :12] + 0.7) @ a.T], 1)  # h_P linear in h_S, and nonzero means
+    stats = E.mlp_batch_stats(h)
+    m = E.fit_moments(stats, intercept=False)
+    assert torch.equal(m.mean, torch.zeros(18, dtype=torch.float64)) and torch.equal(m.cov, m.second)
+    keep, prune = torch.arange(12), torch.arange(12, 18)
+    sol = E.ridge_compensation(m, keep, prune, lam=1e-12)
+    assert_close(sol.b, a, rtol=1e-7, atol=1e-7)
+    assert not bool(sol.c.any())
+    w2n, b2n = E.fold_mlp_output(w2, None, keep, prune, sol)
+    assert b2n is None
+    assert_close(h[:, keep] @ w2n.T, h @ w2.T, rtol=1e-7, atol=1e-7)
+    assert E.mlp_predicted_error(w2, m, keep, prune, sol.b) < 1e-12
+
+
+def test_intercept_free_predicted_error_is_measured_and_never_worse_than_none() -> None:
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3000, 16, generator=g, dtype=torch.float64)
+    h = torch.nn.functional.silu(x @ torch.randn(16, 20, generator=g, dtype=torch.float64)) * (
+        x @ torch.randn(16, 20, generator=g, dtype=torch.float64))  # a gated MLP's hidden units
+    w2 = torch.randn(7, 20, generator=g, dtype=torch.float64)
+    m = E.fit_moments(E.mlp_batch_stats(h), intercept=False)
+    keep, prune = torch.arange(0, 20, 2), torch.arange(1, 20, 2)
+    sol = E.ridge_compensation(m, keep, prune, E.oas_lambda(m.cov[keep][:, keep], m.n))
+    w2n, b2n = E.fold_mlp_output(w2, None, keep, prune, sol)
+    assert b2n is None
+    y = h @ w2.T
+    err_c = float(((y - h[:, keep] @ w2n.T) ** 2).sum(1).mean())
+    err_u = float(((y - h[:, keep] @ w2[:, keep].T) ** 2).sum(1).mean())
+    assert_close(err_c, E.mlp_predicted_error(w2, m, keep, prune, sol.b), rtol=1e-9, atol=1e-12)
+    assert_close(err_u, E.mlp_predicted_error(w2, m, keep, prune, None), rtol=1e-9, atol=1e-12)
+    assert err_c < err_u
+
+
 @pytest.mark.parametrize("case", ["rank_deficient", "dead_units", "all_dead"])
 def test_auto_lambda_finite_and_solve_defined_on_degenerate_covariances(case: str) -> None:
     g = torch.Generator().manual_seed(2)

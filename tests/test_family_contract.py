@@ -82,6 +82,16 @@ def _hf_vit(tmp: Path) -> tuple[Loaded, list, dict]:
     return load_dense(folder), [x[:6], x[6:]], {"pixel_values": _images(3, 16, seed=9)}
 
 
+def _decoder(tmp: Path) -> tuple[Loaded, list, dict]:
+    """A Llama-layout decoder with grouped-query attention and a tied LM head (causal mask, right padding)."""
+    from corp_cli.loading import load_dense
+
+    from .conftest import tiny_decoder
+
+    folder = tiny_decoder(tmp / "llama", "llama", tokenizer=False)
+    return load_dense(folder), [_tokens(6, 512), _tokens(6, 512, seed=1)], _tokens(3, 512, seed=9)
+
+
 # (family name, case id) -> the dense model, calibration batches, check inputs
 CASES: dict[str, tuple[str, Callable[[Path], tuple[Loaded, list, dict]]]] = {
     "timm-vit": ("timm-vit", _timm("deit_tiny_patch16_224", 32)),
@@ -89,6 +99,7 @@ CASES: dict[str, tuple[str, Callable[[Path], tuple[Loaded, list, dict]]]] = {
     "timm-eva": ("timm-eva", _timm("eva02_tiny_patch14_224", 28)),
     "hf-bert": ("hf-bert", _bert),
     "hf-vit": ("hf-vit", _hf_vit),
+    "hf-llama": ("hf-llama", _decoder),
 }
 
 

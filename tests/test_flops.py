@@ -161,3 +161,27 @@ def test_block_flops_attention_core_uses_pruned_qk_width() -> None:
     saved = 2 * 197 * 192 * 3 * 64 + 2 * 3 * 197 * 197 * 32
     assert full["attn"] - half["attn"] == saved
     assert full["mlp"] == half["mlp"]
+
+
+@pytest.mark.parametrize("pruned", [False, True], ids=["dense", "pruned-uneven"])
+def test_decoder_with_grouped_query_attention_matches_brute_force(pruned: bool, tmp_path) -> None:  # noqa: ANN001
+    """Fewer K/V projections under GQA, a gated MLP (gate and up), the LM head at every position."""
+    pytest.importorskip("transformers")
+    from corp_cli import api
+    from corp_cli.loading import load_dense
+
+    from .conftest import tiny_decoder
+
+    loaded = load_dense(tiny_decoder(tmp_path / "llama", "llama", tokenizer=False))
+    if pruned:
+        ids = torch.randint(3, 512, (4, 12), generator=torch.Generator().manual_seed(0))
+        stats = api.calibrate(loaded, [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}])
+        loaded = api.prune(loaded, stats, target="mlp", sparsity=0.5, block_overrides={1: {"mlp_sparsity": 0.25}}).loaded
+        assert [loaded.family.shape(loaded.model, i).mlp_hidden for i in range(2)] == [24, 36]
+    assert loaded.family.shape(loaded.model, 0).kv_heads == 2
+    tokens = 20
+    counter = MatmulCounter()
+    with torch.inference_mode(), counter:
+        loaded.model(input_ids=torch.randint(3, 512, (1, tokens)), use_cache=False)
+    assert not counter.unhandled
+    assert model_counts(loaded.model, tokens=tokens, family=loaded.family)["flops"] == counter.flops

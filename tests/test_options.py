@@ -34,15 +34,19 @@ MODEL_OPTIONS = {
     "pretrained_cfg": ("--pretrained-cfg", "{cfg}"),
     "preprocessing": ("--mean", "0.5,0.5,0.5"),
     "model_args": ("--model-arg", "img_size=32"),
+    "seq_len": ("--seq-len", "16"),
 }
 PREPROCESSING = {"--mean": "0.5,0.5,0.5", "--std": "0.5,0.5,0.5", "--input-size": "224", "--interpolation": "bicubic",
                  "--crop-pct": "0.9", "--crop-mode": "center"}
 MLP_ONLY = {"--mlp-sparsity": "0.3", "--ranker": "obs", "--min-keep": "2", "--round-to": "8"}
 ATTN_ONLY = {"--attn-sparsity": "0.3", "--qk-ranker": "joint", "--min-qk-dim": "2", "--qk-fold": "q"}
+# benchmark options of causal language models (families honouring seq_len): token windows and generation
+LM_BENCH = {"--seq-lens": "8", "--new-tokens": "4"}
 
 # Every option of every command, by what decides whether it applies.
 CLASSES = {
-    "model": {"--checkpoint", "--num-classes", "--pretrained-cfg", "--model-arg", *PREPROCESSING},
+    "model": {"--checkpoint", "--num-classes", "--pretrained-cfg", "--model-arg", "--seq-len", *PREPROCESSING},
+    "lm": {*LM_BENCH},
     "images": {"--workers"},
     "part": {*MLP_ONLY, *ATTN_ONLY},
     "classifier": {"--labels"},
@@ -102,16 +106,20 @@ def specs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, str]]
         hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=32, patch_size=8,
         num_labels=4,
     )).save_pretrained(vit)
-    for fam, folder in (("hf-bert", bert), ("hf-vit", vit)):
+    from .conftest import tiny_decoder
+
+    llama = tiny_decoder(root / "llama", "llama")
+    for fam, folder, data in (("hf-bert", bert, "text:pydoc"), ("hf-vit", vit, "synthetic"),
+                              ("hf-llama", llama, "text:pydoc")):
         out[fam] = {"model": str(folder), "ckpt": str(root / "deit_tiny_patch16_224.safetensors"), "cfg": str(cfg),
-                    "load": ""}
+                    "load": "", "data": data}
     assert set(out) >= {f.name for f in families()}, "add a dense model of the new family here"
     return out
 
 
 def _base(command: str, spec: dict[str, str], tmp: Path) -> list[str]:
     """A valid invocation of `command` on the model (it would run as it is)."""
-    data = "text:pydoc" if spec["model"].endswith("bert") else "synthetic"
+    data = spec.get("data", "synthetic")
     load = spec["load"].split()
     return {
         "calibrate": ["calibrate", spec["model"], *load, "--data", data, "--samples", "2", "--out", str(tmp / "s.st")],
@@ -167,7 +175,7 @@ def test_part_options_are_refused_where_the_target_does_not_prune_that_part(spec
         for flag, value in ATTN_ONLY.items():
             _refused([*base, "--target", "mlp", flag, value], flag)
         for flag, value in MLP_ONLY.items():
-            if fam.name != "timm-eva":  # Eva cannot prune attention at all: --target attn is refused first
+            if fam.name not in ("timm-eva", "hf-llama"):  # rotary models cannot prune attention: --target attn is refused first
                 _refused([*base, "--target", "attn", flag, value], flag)
 
 
@@ -191,3 +199,27 @@ def test_model_options_a_family_takes_reach_the_artifact(specs: dict, tmp_path: 
     prep = Statistics.load(out).meta["preprocessing"]
     assert prep["mean"] == [0.5, 0.5, 0.5] and prep["std"] == [0.5, 0.5, 0.5]  # from --pretrained-cfg, then --std
     assert prep["interpolation"] == "bicubic" and prep["crop_pct"] == 0.9 and prep["crop_mode"] == "center"
+
+
+def test_language_model_benchmark_options_are_refused_on_other_models(specs: dict, tmp_path: Path) -> None:
+    checked = 0
+    for fam in families():
+        if "seq_len" in fam.options:
+            continue
+        for flag, value in LM_BENCH.items():
+            _refused([*_base("benchmark", specs[fam.name], tmp_path), flag, value], flag)
+            checked += 1
+    assert checked > 0
+
+
+def test_seq_len_is_refused_where_the_statistics_fix_it_and_past_the_context(specs: dict, tmp_path: Path) -> None:
+    spec = specs["hf-llama"]
+    stats = tmp_path / "s.safetensors"
+    res = runner.invoke(app, [*_base("calibrate", spec, tmp_path)[:-2], "--seq-len", "16", "--out", str(stats)])
+    assert res.exit_code == 0, res.output
+    from corp_cli.stats import Statistics
+
+    assert Statistics.load(stats).meta["preprocessing"]["max_length"] == 16  # the windows calibration used
+    _refused(["prune", spec["model"], "--stats", str(stats), "--seq-len", "16", "--out", str(tmp_path / "p")], "--seq-len")
+    _refused([*_base("calibrate", spec, tmp_path), "--seq-len", "65"], "--seq-len")  # the model's context is 64
+    _refused([*_base("benchmark", spec, tmp_path), "--new-tokens", "1"], "--new-tokens")

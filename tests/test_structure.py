@@ -112,7 +112,7 @@ def test_core_and_commands_never_import_a_family() -> None:
 
 
 # what asking "which family is this?" looks like in code
-_FAMILY_CHECK = re.compile(r"is_hf|[\"']hf-(?:bert|vit)[\"']|[\"']timm-(?:vit|eva)[\"']|startswith\([\"']hf-|family\s*==")
+_FAMILY_CHECK = re.compile(r"is_hf|[\"']hf-(?:bert|vit|llama)[\"']|[\"']timm-(?:vit|eva)[\"']|startswith\([\"']hf-|family\s*==")
 
 
 def test_no_family_checks_outside_the_families() -> None:

@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 
 from corp_cli.errors import InputError
-from corp_cli.text import MAX_WORDS, MIN_WORDS, open_text_source, pydoc_sentences, split_sentences
+from corp_cli.text import (
+    MAX_WORDS, MIN_WORDS, open_text_source, pydoc_documents, pydoc_sentences, split_documents, split_sentences,
+)
 
 PROSE = """Title of the page
 *****************
@@ -68,3 +70,27 @@ def test_text_file_source(tmp_path: Path) -> None:
         open_text_source(f"text:{empty}", samples=10)
     with pytest.raises(InputError):
         open_text_source("text:", samples=10)
+
+
+def test_documents_are_lines_or_blank_line_separated_blocks() -> None:
+    assert split_documents("one story.\ntwo story.\r\n\n") == ["one story.", "two story."]  # no blank line inside
+    assert split_documents("a para\nwrapped here.\n\n  \nnext one.\n\na para\nwrapped here.") == [
+        "a para\nwrapped here.", "next one."]  # blank-line blocks, line breaks kept, duplicates dropped
+    assert split_documents("\n \n") == []
+
+
+def test_document_sources_halve_documents_and_keep_sentence_fingerprints_apart(tmp_path: Path) -> None:
+    f = tmp_path / "stories.txt"
+    f.write_text("\n".join(f"Story number {i} is about a cat and a dog." for i in range(40)), encoding="utf-8")
+    calib = open_text_source(f"text:{f}@calib", samples=None, unit="document")
+    evals = open_text_source(f"text:{f}@eval", samples=None, unit="document")
+    assert len(calib) + len(evals) == 40 and not set(calib.texts) & set(evals.texts)
+    assert sorted(calib.texts + evals.texts) == sorted(split_documents(f.read_text()))
+    sentences = open_text_source(f"text:{f}@calib", samples=None)  # an encoder's view: sentences
+    assert sentences.fingerprint != calib.fingerprint
+    docs = pydoc_documents()
+    assert len(docs) > 50 and len(set(docs)) == len(docs)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n \n", encoding="utf-8")
+    with pytest.raises(InputError, match="no documents"):
+        open_text_source(f"text:{empty}", samples=None, unit="document")

@@ -27,6 +27,8 @@ def benchmark_cmd(
     compile_: Annotated[bool, typer.Option("--compile", help="torch.compile both models first (warm-up absorbs compilation).")] = False,
     warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed passes per batch size.")] = D.BENCH_WARMUP,
     runs: Annotated[int, typer.Option("--runs", min=1, help="Timed passes per batch size.")] = D.BENCH_RUNS,
+    seq_lens: Annotated[str | None, typer.Option("--seq-lens", help="Causal language models: comma list of sequence lengths the forward (prefill) is timed at, per batch size (default: the model's --seq-len default).")] = None,
+    new_tokens: Annotated[int | None, typer.Option("--new-tokens", min=0, help=f"Causal language models: tokens generated per sequence to time decoding with the KV cache (default {D.BENCH_NEW_TOKENS}; 0: no decode timing).")] = None,
     checkpoint: C.CheckpointOpt = None,
     num_classes: C.NumClassesOpt = None,
     model_arg: C.ModelArgOpt = None,
@@ -35,15 +37,23 @@ def benchmark_cmd(
 ) -> None:
     """Time MODEL (and --reference) forward passes: median/p90 latency, throughput, peak memory, FLOPs."""
     from corp_cli.benchmark import (
-        BenchConfig, compare, misaligned_widths, parse_batch_sizes, parse_dtype, prepare, static_figures, time_forward,
+        BenchConfig, compare, misaligned_widths, parse_batch_sizes, parse_dtype, parse_seq_lens, prepare, static_figures,
+        time_decode, time_forward,
     )
     from corp_cli.devices import environment, resolve_device
-    from corp_cli.loading import describe, is_pruned_path, load_any
+    from corp_cli.loading import describe, family_of_spec, is_pruned_path, load_any
 
     t0 = time.perf_counter()
     dev = resolve_device(device)
     torch_dtype = parse_dtype(dtype)
     sizes = parse_batch_sizes(batch_sizes) if batch_sizes else D.BENCH_BATCH_SIZES[dev.type]
+    lens = parse_seq_lens(seq_lens) if seq_lens is not None else None
+    if new_tokens == 1:
+        raise InputError("--new-tokens must be 0 (no decode timing) or at least 2 (decode steps after the first token)")
+    lm_flags = [f for f, v in (("--seq-lens", seq_lens), ("--new-tokens", new_tokens)) if v is not None]
+    if lm_flags and "seq_len" not in family_of_spec(model).options:
+        raise InputError(f"{', '.join(lm_flags)} appl{'ies' if len(lm_flags) == 1 else 'y'} to causal language models "
+                         f"(token windows, generation); {model} is not one: drop {'it' if len(lm_flags) == 1 else 'them'}")
     options = C.model_options(checkpoint, num_classes, model_args=model_arg)
     loaded = load_any(model, options, dev)
     desc = describe(loaded, model, pruned=is_pruned_path(model))
@@ -62,12 +72,33 @@ def benchmark_cmd(
         figures["reference"] = static_figures(ref[0], torch_dtype)
         models["reference"] = prepare(ref[0], cfg)
     rows: dict[str, list[dict[str, Any]]] = {k: [] for k in models}
-    total = len(sizes) * len(models) * (warmup + runs)
+    decode_rows: dict[str, list[dict[str, Any]]] = {k: [] for k in models}
+    lm = loaded.family.evaluation(loaded.model) == "lm"
+    # a language model runs at each --seq-lens length; other models at their one input size
+    try:
+        shapes = [loaded.family.with_seq_len(loaded, n) for n in lens] if lens else [loaded]
+    except InputError as e:
+        raise InputError(str(e).replace("--seq-len", "--seq-lens", 1)) from None
+    n_new = (D.BENCH_NEW_TOKENS if new_tokens is None else new_tokens) if lm else 0
+    prompt = 0
+    if n_new:
+        prompt = min(D.BENCH_PROMPT_TOKENS, lens[0] if lens else loaded.preprocessing.max_length)
+        try:
+            loaded.family.with_seq_len(loaded, prompt + n_new)
+        except InputError:
+            raise InputError(f"--new-tokens {n_new} after a {prompt}-token prompt runs past the model's context; "
+                             "lower --new-tokens") from None
+    total = len(sizes) * len(models) * (len(shapes) + (1 if n_new else 0)) * (warmup + runs)
     try:
         with C.progress_bar("benchmarking", total, unit="passes") as advance:
-            for bs in sizes:
-                for name, m in models.items():  # alternate so drift (thermal, turbo) hits both alike
-                    rows[name].append(time_forward(m, bs, cfg, on_run=lambda: advance(1)))
+            for shape in shapes:
+                for bs in sizes:
+                    for name, m in models.items():  # alternate so drift (thermal, turbo) hits both alike
+                        timed = m if shape is loaded else m.family.with_seq_len(m, shape.preprocessing.max_length)
+                        rows[name].append(time_forward(timed, bs, cfg, on_run=lambda: advance(1)))
+            for bs in sizes if n_new else ():
+                for name, m in models.items():
+                    decode_rows[name].append(time_decode(m, bs, cfg, prompt, n_new, on_run=lambda: advance(1)))
     except RuntimeError as e:
         if compile_ and ("compile" in str(e).lower() or "inductor" in str(e).lower()):
             raise InputError(f"torch.compile failed on this machine ({str(e).splitlines()[0][:160]}); rerun without --compile") from None
@@ -77,12 +108,14 @@ def benchmark_cmd(
     input_size = list(example["input_ids"].shape[1:]) if text else list(example["pixel_values"].shape[1:])
     report: dict[str, Any] = {
         "command": "benchmark",
-        "model": {**desc, **figures["model"], "runs": rows["model"]},
+        "model": {**desc, **figures["model"], "runs": rows["model"], **({"decode": decode_rows["model"]} if n_new else {})},
         "reference": None,
         "comparison": None,
         "settings": {
             "batch_sizes": list(sizes), "dtype": dtype, "compile": compile_, "warmup": warmup, "runs": runs,
             "input_size": input_size, "input": "token ids" if text else "pixels", "inference_mode": True,
+            **({"seq_lens": [s.preprocessing.max_length for s in shapes], "new_tokens": n_new, "prompt_tokens": prompt}
+               if lm else {}),
             "peak_memory": "memory the passes needed beyond the resident weights and input ("
                            + ("torch.cuda.max_memory_allocated - memory_allocated before)" if dev.type == "cuda"
                               else "peak RSS - RSS before)"),
@@ -91,13 +124,18 @@ def benchmark_cmd(
         "warnings": warnings,
     }
     if ref is not None:
-        report["reference"] = {**ref[1], **figures["reference"], "runs": rows["reference"]}
+        report["reference"] = {**ref[1], **figures["reference"], "runs": rows["reference"],
+                               **({"decode": decode_rows["reference"]} if n_new else {})}
         report["comparison"] = {
             "params_reduction": 1.0 - figures["model"]["params"] / figures["reference"]["params"],
             "flop_reduction": 1.0 - figures["model"]["flops_per_item"] / figures["reference"]["flops_per_item"],
             "per_batch_size": compare(rows["model"], rows["reference"], figures["model"]["flops_per_item"],
                                       figures["reference"]["flops_per_item"]),
         }
+        if n_new:
+            report["comparison"]["decode"] = [
+                {"batch_size": m["batch_size"], "decode_speedup": m["decode_tokens_per_s"] / r["decode_tokens_per_s"]}
+                for m, r in zip(decode_rows["model"], decode_rows["reference"])]
     report["seconds"] = round(time.perf_counter() - t0, 3)
     if not C.write_json(json_out, report):
         print_report(report)
@@ -122,19 +160,43 @@ def print_report(report: dict[str, Any]) -> None:
     C.out.print(sizes)
     speed = Table(title=f"{s['dtype']} on {report['environment']['device']}{', compiled' if s['compile'] else ''}, "
                         f"{s['runs']} timed runs after {s['warmup']} warm-up")
-    for col in ("batch", "", "median ms", "p90 ms", f"{item}s/s", "peak MB", "speed-up"):
+    lm = "seq_lens" in s
+    cols = ("batch", "seq", "", "median ms", "p90 ms", "prefill tok/s", "peak MB", "speed-up") if lm else \
+        ("batch", "", "median ms", "p90 ms", f"{item}s/s", "peak MB", "speed-up")
+    for col in cols:
         speed.add_column(col, justify="right" if col else "left")
-    per_bs = {c["batch_size"]: c for c in (cmp or {}).get("per_batch_size", [])}
-    for i, bs in enumerate(s["batch_sizes"]):
+    per_run = (cmp or {}).get("per_batch_size", [])
+    for i in range(len(report["model"]["runs"])):
         for label, e in entries:
             r = e["runs"][i]
-            c = per_bs.get(bs) if label == "model" else None
+            c = per_run[i] if label == "model" and i < len(per_run) else None
+            first = [str(r["batch_size"]), str(r["seq_len"])] if lm else [str(r["batch_size"])]
             speed.add_row(
-                str(bs) if label == "model" else "", label, f"{r['latency_ms_median']:.2f}", f"{r['latency_ms_p90']:.2f}",
-                f"{r['throughput_items_per_s']:,.1f}", _mb(r["peak_memory_bytes"]),
+                *(first if label == "model" else [""] * len(first)), label, f"{r['latency_ms_median']:.2f}",
+                f"{r['latency_ms_p90']:.2f}",
+                f"{r['tokens_per_s']:,.0f}" if lm else f"{r['throughput_items_per_s']:,.1f}", _mb(r["peak_memory_bytes"]),
                 f"{c['speedup_median']:.2f}x" if c else "",
             )
     C.out.print(speed)
+    if report["model"].get("decode"):
+        _print_decode(report, entries)
     C.out.print(f"peak MB: {s['peak_memory']}; {report['seconds']:.1f}s")
     for w in report["warnings"]:
         C.err.print(f"warning: {w}", markup=False)
+
+
+def _print_decode(report: dict[str, Any], entries: list[tuple[str, dict[str, Any]]]) -> None:
+    s = report["settings"]
+    table = Table(title=f"decode with the KV cache: {s['new_tokens']} new tokens after a {s['prompt_tokens']}-token "
+                        "prompt (greedy; prefill not counted)")
+    for col in ("batch", "", "ms / step", "decode tok/s", "generate ms", "speed-up"):
+        table.add_column(col, justify="right" if col else "left")
+    speedups = (report["comparison"] or {}).get("decode", [])
+    for i in range(len(report["model"]["decode"])):
+        for label, e in entries:
+            r = e["decode"][i]
+            c = speedups[i] if label == "model" and i < len(speedups) else None
+            table.add_row(str(r["batch_size"]) if label == "model" else "", label, f"{r['ms_per_decode_step']:.2f}",
+                          f"{r['decode_tokens_per_s']:,.1f}", f"{r['generate_ms_median']:.1f}",
+                          f"{c['decode_speedup']:.2f}x" if c else "")
+    C.out.print(table)

@@ -110,6 +110,7 @@ def run_cmd(
     interpolation: C.InterpOpt = None,
     crop_pct: C.CropPctOpt = None,
     crop_mode: C.CropModeOpt = None,
+    seq_len: C.SeqLenOpt = None,
     device: C.DeviceOpt = D.DEVICE,
     batch_size: C.BatchSizeOpt = D.CALIB_BATCH_SIZE,
     workers: C.WorkersOpt = None,
@@ -123,7 +124,8 @@ def run_cmd(
     C.quiet_unless_main_rank()
     # Every option and path is checked before the model loads or an image is read.
     shard_ix, part_list = C.parse_shard(shard), (parse_parts(parts) if parts is not None else None)
-    options = C.model_options(checkpoint, num_classes, pretrained_cfg, model_arg, mean=mean, std=std, input_size=input_size,
+    options = C.model_options(checkpoint, num_classes, pretrained_cfg, model_arg, seq_len=seq_len, mean=mean, std=std,
+                              input_size=input_size,
                               interpolation=interpolation, crop_pct=crop_pct, crop_mode=crop_mode)
     check_out_file(out, overwrite=overwrite)
     job = job_options(model=model, options=options, data=data, samples=samples, seed=seed, shard=shard_ix, device=device,

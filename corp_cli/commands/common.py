@@ -255,6 +255,9 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N].
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images or texts per forward pass.")]
 WorkersOpt = Annotated[int | None, typer.Option("--workers", min=0, help="Image decoding worker processes (default: up to 4; images only).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for choosing the calibration subset.")]
+SeqLenOpt = Annotated[int | None, typer.Option(
+    "--seq-len", help="Causal language models: token windows each text (document) is cut into (default: the model's "
+                      "context length or 512, whichever is smaller).")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")]
 # `--json PATH` writes the summary to a file (atomically) and keeps the table on stdout;
 # `--json -` prints only the JSON on stdout, for pipes and CI.
@@ -291,7 +294,8 @@ def preprocessing_overrides(
 
 def model_options(
     checkpoint: Path | None = None, num_classes: int | None = None, pretrained_cfg: Path | None = None,
-    model_args: list[str] | None = None, preset_args: dict[str, Any] | None = None, **preprocessing: Any,
+    model_args: list[str] | None = None, preset_args: dict[str, Any] | None = None, seq_len: int | None = None,
+    **preprocessing: Any,
 ) -> Any:
     """The model options a command was given (corp_cli.family.ModelOptions); the family says which apply.
 
@@ -301,7 +305,7 @@ def model_options(
 
     args = {**(preset_args or {}), **parse_model_args(model_args)}
     return ModelOptions(checkpoint=checkpoint, num_classes=num_classes, pretrained_cfg=pretrained_cfg,
-                        preprocessing=preprocessing_overrides(**preprocessing), model_args=args)
+                        preprocessing=preprocessing_overrides(**preprocessing), model_args=args, seq_len=seq_len)
 
 
 def parse_model_args(items: list[str] | None) -> dict[str, Any]:

@@ -79,10 +79,12 @@ def open_eval_source(data: str, loaded: Any, samples: int | None, seed: int, lab
     if labels and data == "synthetic":
         raise InputError("--labels: synthetic images have no labels (use --reference for fidelity)")
     if labels is None and not classifier:
-        C.err.print(f"note: {loaded.identity.name} has no classifier: scoring the fidelity of its pooled features, "
-                    "no labels", markup=False, soft_wrap=True)
+        scored = ("perplexity and next-token fidelity" if loaded.family.evaluation(loaded.model) == "lm"
+                  else "the fidelity of its pooled features")
+        C.err.print(f"note: {loaded.identity.name} has no classifier: scoring {scored}, no labels", markup=False,
+                    soft_wrap=True)
         labels = False
-    kw = {"samples": samples, "seed": seed, "class_names": loaded.classes}
+    kw = {"samples": samples, "seed": seed, "class_names": loaded.classes, "text_unit": loaded.family.text_unit}
     if labels is not None or data == "synthetic":
         return open_data(data, loaded.modality, labels=bool(labels), **kw)
     try:
@@ -111,35 +113,41 @@ def evaluate_cmd(
     interpolation: C.InterpOpt = None,
     crop_pct: C.CropPctOpt = None,
     crop_mode: C.CropModeOpt = None,
+    seq_len: C.SeqLenOpt = None,
     device: C.DeviceOpt = D.DEVICE,
     batch_size: C.BatchSizeOpt = D.EVAL_BATCH_SIZE,
     workers: C.WorkersOpt = None,
     json_out: C.JsonOpt = None,
 ) -> None:
-    """Evaluate MODEL: top-1/top-5 with labels; agreement, KL, feature cosine and nearest-neighbour agreement against a reference."""
+    """Evaluate MODEL: top-1/top-5 with labels; agreement, KL, feature cosine and nearest-neighbour agreement against a reference; perplexity and next-token KL/agreement for causal language models."""
     from corp_cli.devices import environment, resolve_device
     from corp_cli.evaluate import evaluate, label_remap
     from corp_cli.loading import describe, is_pruned_path, load_any
 
     dev = resolve_device(device)
-    options = C.model_options(checkpoint, num_classes, pretrained_cfg, model_arg, mean=mean, std=std, input_size=input_size,
+    options = C.model_options(checkpoint, num_classes, pretrained_cfg, model_arg, seq_len=seq_len, mean=mean, std=std,
+                              input_size=input_size,
                               interpolation=interpolation, crop_pct=crop_pct, crop_mode=crop_mode)
     loaded = load_any(model, options, dev)
     n_workers = C.workers_for(loaded.modality, workers)
     desc = describe(loaded, model, pruned=is_pruned_path(model))
     source = open_eval_source(data, loaded, samples, seed, labels)
     ref = load_reference(model, desc, reference, reference_checkpoint, dev)
-    if not source.labels and ref is None:
+    lm = loaded.family.evaluation(loaded.model) == "lm"  # perplexity needs no labels and no reference
+    if not source.labels and ref is None and not lm:
         raise InputError(f"{data} gives no labels to score {loaded.identity.name} on and no --reference was given: "
                          "nothing to score (pass --reference MODEL)")
     if ref is not None:
         if ref[0].modality != loaded.modality:
             raise InputError(f"the reference is a {ref[0].modality} model but {model} is a {loaded.modality} model")
+        if (ref[0].family.evaluation(ref[0].model) == "lm") != lm:
+            raise InputError(f"{model} and the reference {ref[1]['spec']} must both be causal language models, or "
+                             "neither: next-token scores compare next-token predictions")
         if _fields(ref[0].preprocessing.to_dict()) != _fields(loaded.preprocessing.to_dict()):
             log.warning("the reference's own preprocessing differs; both models are fed %s's preprocessing", model)
     remap = label_remap(source, loaded.identity.num_classes, loaded.classes) if source.labels else None
     unit = C.sample_unit(loaded.preprocessing.to_dict())
-    with C.progress_bar(f"evaluating {desc['name']}", source.num_items, unit=unit) as advance:
+    with C.progress_bar(f"evaluating {desc['name']}", loaded.preprocessing.count(source), unit=unit) as advance:
         run = evaluate(loaded, loaded.preprocessing.batches(source, batch_size, n_workers),
                        reference=ref[0] if ref else None, remap=remap, device=dev, on_batch=advance)
     if run.result["samples"] == 0:
@@ -180,13 +188,15 @@ def print_report(report: dict[str, Any]) -> None:
     table.add_column("model", justify="right")
     if has_ref:
         table.add_column("reference", justify="right")
+    if "perplexity" in res:
+        _lm_rows(table, res, report["reference"] is not None)
     acc, ref_acc = res.get("accuracy"), res.get("reference_accuracy") or {}
     if acc:
         for k in ("top1", "top5"):
             row = [k.replace("top", "top-"), _pct(acc[k])]
             table.add_row(*row, _pct(ref_acc.get(k))) if has_ref else table.add_row(*row)
     fid = res.get("fidelity")
-    if fid:
+    if fid and "perplexity" not in res:
         extra = [""] if has_ref else []
         if "top1_agreement" in fid:
             table.add_row("top-1 agreement", _pct(fid["top1_agreement"]), *extra)
@@ -198,6 +208,11 @@ def print_report(report: dict[str, Any]) -> None:
             table.add_row("nearest-neighbour agreement", _pct(fid["nn_agreement"]), *extra)
     C.out.print(table)
     unit = C.sample_unit(report["preprocessing"])
+    if "perplexity" in res:
+        C.out.print(f"{report['data']['count']} {unit} in {res['samples']} windows of <= "
+                    f"{report['preprocessing']['max_length']} tokens, {res['tokens']} predicted tokens, "
+                    f"{report['seconds']:.1f}s ({res['tokens'] / max(report['seconds'], 1e-9):,.0f} tokens/s)")
+        return
     n_lab = f", {acc['labelled']} labelled" if acc else ""
     synth = "  [SYNTHETIC images: smoke test only]" if report["synthetic"] else ""
     skipped = report["data"].get("skipped") or 0
@@ -205,3 +220,17 @@ def print_report(report: dict[str, Any]) -> None:
         f"{res['samples']} {unit}{n_lab}{f', {skipped} skipped' if skipped else ''}, "
         f"{report['seconds']:.1f}s ({report['samples_per_second']:.1f} {unit}/s){synth}"
     )
+
+
+def _lm_rows(table: Table, res: dict[str, Any], has_ref: bool) -> None:
+    """Perplexity beside the reference's on the same tokens, then next-token fidelity to it."""
+    if has_ref and "reference_perplexity" in res:
+        table.add_column("reference", justify="right")
+        table.add_row("perplexity", f"{res['perplexity']:.4f}", f"{res['reference_perplexity']:.4f}")
+    else:
+        table.add_row("perplexity", f"{res['perplexity']:.4f}")
+    fid = res.get("fidelity")
+    if fid:
+        table.add_row("top-1 next-token agreement", _pct(fid["top1_agreement"]), "")
+        table.add_row("KL(ref || model) mean / token", f"{fid['kl_mean']:.4g}", "")
+        table.add_row("KL(ref || model) max", f"{fid['kl_max']:.4g}", "")

@@ -34,6 +34,7 @@ def export_cmd(
     timm ViTs: image -> logits.
     HF text encoders (BERT, e.g. MiniLM): input_ids, attention_mask -> last_hidden_state, sentence_embedding (tokenize with DIR/tokenizer).
     HF ViT/DeiT: pixel_values -> logits (classifiers) or the CLS embedding.
+    HF decoder LMs (Llama, Qwen2, Mistral): input_ids -> next-token logits at every position (no KV cache).
     """
     # Imported here so `corp --help` does not pay for torch.export / onnx imports.
     from corp_cli.export import FORMATS, export_model

@@ -48,6 +48,7 @@ def prune_cmd(
     interpolation: C.InterpOpt = None,
     crop_pct: C.CropPctOpt = None,
     crop_mode: C.CropModeOpt = None,
+    seq_len: C.SeqLenOpt = None,
     device: C.DeviceOpt = D.DEVICE,
     batch_size: C.BatchSizeOpt = D.CALIB_BATCH_SIZE,
     workers: C.WorkersOpt = None,
@@ -80,7 +81,8 @@ def prune_cmd(
     if stats_path is not None and calib_data is not None:
         raise InputError("give either --stats or --calib-data, not both")
     if stats_path is not None:
-        given = [f for f, v in (("--samples", samples), ("--seed", seed), ("--workers", workers), ("--dtype", dtype))
+        given = [f for f, v in (("--samples", samples), ("--seed", seed), ("--workers", workers), ("--dtype", dtype),
+                                  ("--seq-len", seq_len))
                  if v is not None]
         if given:
             raise InputError(f"{', '.join(given)} choose the calibration data, but --stats gives the statistics: drop them")
@@ -94,7 +96,8 @@ def prune_cmd(
     }
     opts = build_options(config_keys, dict(flags))
     check_out_dir(out, overwrite=overwrite)
-    options = C.model_options(checkpoint, num_classes, pretrained_cfg, model_arg, preset_args, mean=mean, std=std, input_size=input_size,
+    options = C.model_options(checkpoint, num_classes, pretrained_cfg, model_arg, preset_args, seq_len=seq_len, mean=mean,
+                              std=std, input_size=input_size,
                               interpolation=interpolation, crop_pct=crop_pct, crop_mode=crop_mode)
     fam, name = resolve_model(model, options)
     preset = None

@@ -34,11 +34,12 @@ def sweep_cmd(
     labels: Annotated[bool | None, typer.Option("--labels/--no-labels", help="Plot top-1 accuracy (labels) or agreement with the dense model (default: labels when the model has a classifier and the data has them).")] = None,
     samples: Annotated[int | None, typer.Option("--samples", min=1, help="Evaluate on this many images or texts (default: all).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed for choosing the --samples subset.")] = D.SEED,
-    cache_mb: Annotated[int, typer.Option("--cache-mb", min=0, help="Keep decoded evaluation batches in memory up to this size.")] = D.SWEEP_CACHE_MB,
+    cache_mb: Annotated[int, typer.Option("--cache-mb", min=0, help="Keep decoded evaluation batches in memory up to this size (and, for language models, the dense next-token logits; beyond it the dense model reruns at every point).")] = D.SWEEP_CACHE_MB,
     checkpoint: C.CheckpointOpt = None,
     num_classes: C.NumClassesOpt = None,
     model_arg: C.ModelArgOpt = None,
     pretrained_cfg: C.PretrainedCfgOpt = None,
+    seq_len: C.SeqLenOpt = None,
     device: C.DeviceOpt = D.DEVICE,
     batch_size: C.BatchSizeOpt = D.EVAL_BATCH_SIZE,
     workers: C.WorkersOpt = None,
@@ -48,7 +49,8 @@ def sweep_cmd(
     """Accuracy (or fidelity) vs sparsity for CORP and the uncompensated baseline, with FLOPs.
 
     Classifiers are scored on top-1 (labelled data) or agreement with the dense model;
-    backbones and text encoders on the cosine of their pooled feature to the dense model's.
+    backbones and text encoders on the cosine of their pooled feature to the dense model's;
+    causal language models on held-out perplexity.
     """
     from corp_cli.artifacts import atomic_dir, check_out_dir, write_bytes_atomic, write_json_atomic
     from corp_cli.devices import environment
@@ -65,7 +67,7 @@ def sweep_cmd(
     PruneOptions(**{k: v for k, v in flags.items() if v is not None})  # option values checked before any loading
     check_out_dir(out, overwrite=overwrite)
     stats = Statistics.load(C.existing_file(stats_path, "--stats"))
-    loaded = load_dense(model, C.model_options(checkpoint, num_classes, pretrained_cfg, model_arg), device)
+    loaded = load_dense(model, C.model_options(checkpoint, num_classes, pretrained_cfg, model_arg, seq_len=seq_len), device)
     flags["target"] = target or default_target(loaded.family, loaded.model)
     base = PruneOptions(**{k: v for k, v in flags.items() if v is not None})  # type: ignore[arg-type]
     check_options_apply(base, flags)
@@ -77,10 +79,11 @@ def sweep_cmd(
     remap = label_remap(source, loaded.identity.num_classes, loaded.classes) if source.labels else None
     batches = batch_provider(loaded.preprocessing, source, batch_size, n_workers, cache_mb * 2**20)
     measure = EvalMeasure(batches, labelled=source.labels, classifier=loaded.family.has_classifier(loaded.model),
-                          remap=remap, device=dev)
+                          remap=remap, device=dev, lm=loaded.family.evaluation(loaded.model) == "lm",
+                          reference_bytes=cache_mb * 2**20)
     unit = C.sample_unit(loaded.preprocessing.to_dict())
     item = "image" if loaded.modality == "image" else f"{loaded.family.tokens_per_item(loaded.model)}-token sequence"
-    count = source.num_items
+    count = loaded.preprocessing.count(source)
     total = count * (1 + 2 * len(points)) if count is not None else None
     with C.progress_bar(f"sweeping {len(points)} sparsities x 2 arms", total, unit=unit) as advance:
         measure.progress = advance

@@ -294,6 +294,12 @@ class HFFamily(ModelFamily):
     def set_mlp_pair(self, model: nn.Module, i: int, fc1: nn.Linear, fc2: nn.Linear) -> None:
         raise NotImplementedError
 
+    def set_mlp_width(self, model: nn.Module, i: int, width: int) -> None:
+        """Install empty MLP modules of `width` hidden units in block i (a rebuild; the weights follow)."""
+        fc1, fc2 = self.mlp_pair(model, i)
+        self.set_mlp_pair(model, i, nn.Linear(fc1.in_features, width, bias=fc1.bias is not None),
+                          nn.Linear(width, fc2.out_features, bias=fc2.bias is not None))
+
     def narrow_attention(self, model: nn.Module, i: int, qk_dim: int) -> nn.Module:
         """An empty Q/K-narrow module of block i's widths, installed in its place."""
         raise NotImplementedError
@@ -451,10 +457,7 @@ class HFFamily(ModelFamily):
         for i, spec in enumerate(blocks):
             shape = self.shape(model, i)
             if int(spec["mlp_hidden"]) != shape.mlp_hidden:
-                fc1, fc2 = self.mlp_pair(model, i)
-                width = int(spec["mlp_hidden"])
-                self.set_mlp_pair(model, i, nn.Linear(fc1.in_features, width, bias=fc1.bias is not None),
-                                  nn.Linear(width, fc2.out_features, bias=fc2.bias is not None))
+                self.set_mlp_width(model, i, int(spec["mlp_hidden"]))
             if int(spec["qk_dim"]) != shape.qk_dim:
                 self.narrow_attention(model, i, int(spec["qk_dim"]))
         return model
@@ -495,6 +498,18 @@ class HFFamily(ModelFamily):
 
 def _bias(lin: nn.Linear) -> Tensor | None:
     return lin.bias.detach() if lin.bias is not None else None
+
+
+def linear_rows(lin: nn.Linear, rows: Tensor) -> nn.Linear:
+    """A new Linear holding the given output rows of `lin` (weights and bias), on its device and dtype."""
+    new = nn.Linear(lin.in_features, int(rows.numel()), bias=lin.bias is not None, device=lin.weight.device,
+                    dtype=lin.weight.dtype)
+    rows = rows.to(lin.weight.device)
+    with torch.no_grad():
+        new.weight.copy_(lin.weight[rows])
+        if lin.bias is not None:
+            new.bias.copy_(lin.bias[rows])
+    return new
 
 
 # --------------------------------------------------------------------------- Q/K-narrow attention
