@@ -204,8 +204,8 @@ def prune(
 ) -> PruneResult:
     """Rank (unless `masks` are given), compensate and compact. Returns the narrower model and its report.
 
-    Options are PruneOptions fields, as `options=` or as keywords (`sparsity=` sets both
-    sparsities): prune(model, stats, target="mlp", sparsity=0.3, ranker="obs"). Without a
+    Options are PruneOptions fields, as `options=` or as keywords (`sparsity=` sets every
+    part's sparsity): prune(model, stats, target="mlp", sparsity=0.3, ranker="obs"). Without a
     target, what the model allows is pruned (MLP and Q/K, or the MLP alone).
     A model handed in (a module or a Loaded) is pruned on a deep copy unless inplace=True.
     """
@@ -241,8 +241,8 @@ def _options(options: PruneOptions | None, values: dict[str, Any]) -> PruneOptio
     values = dict(values)
     if "sparsity" in values:
         s = values.pop("sparsity")
-        values.setdefault("mlp_sparsity", s)
-        values.setdefault("attn_sparsity", s)
+        for name in ("mlp_sparsity", "attn_sparsity", "vo_sparsity", "head_sparsity"):
+            values.setdefault(name, s)
     try:
         return PruneOptions(**values)
     except TypeError as e:

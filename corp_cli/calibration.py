@@ -21,7 +21,7 @@ from corp_cli.stats import Statistics, finite_or_raise, new_meta
 
 log = logging.getLogger(__name__)
 
-PARTS = ("mlp", "attn")
+PARTS = ("mlp", "attn")  # the default; "vo" (V/O dims and heads) is gathered when asked for
 
 
 @dataclass
@@ -85,6 +85,13 @@ def collect_statistics(
             acc[i]["attn"] = engine.add_stats(acc[i]["attn"], st)
         return emit
 
+    def on_vo(i: int) -> Callable[[Tensor], None]:
+        def emit(o: Tensor) -> None:
+            st = engine.gram_batch_stats(real_tokens(o.detach()), product_dtype)
+            finite_or_raise(st["sum"], f"block {i} attention outputs")
+            acc[i]["vo"] = engine.add_stats(acc[i]["vo"], st)
+        return emit
+
     handles: list[Any] = []
     try:
         for i in range(nblocks):
@@ -92,6 +99,8 @@ def collect_statistics(
                 handles += fam.mlp_hook(model, i, on_mlp(i))
             if "attn" in parts:
                 handles += fam.qk_hook(model, i, on_qk(i))
+            if "vo" in parts:
+                handles += fam.vo_hook(model, i, on_vo(i))
         param = next(model.parameters())
         samples = 0
         with torch.inference_mode():
@@ -134,14 +143,14 @@ def block_shapes(loaded_or_model: Loaded | nn.Module, family: ModelFamily | None
 
 
 def check_parts(loaded: Loaded, parts: tuple[str, ...]) -> None:
-    """Refuse attention statistics for blocks whose Q/K cannot be hooked, before the pass."""
-    if "attn" not in parts:
-        return
+    """Refuse attention statistics for blocks whose Q/K (or V/O) cannot be hooked, before the pass."""
     fam, model = loaded.family, loaded.model
     for i in range(fam.num_blocks(model)):
-        why = fam.qk_refusal(model, i)
+        why = fam.qk_refusal(model, i) if "attn" in parts else None
+        why = why or (fam.vo_refusal(model, i) if "vo" in parts else None)
         if why is not None:
-            raise InputError(f"{why}; calibrate with --parts mlp")
+            allowed = [p for p in parts if p == "mlp" or (p == "attn" and fam.qk_refusal(model, i) is None)]
+            raise InputError(f"{why}; calibrate with --parts {','.join(allowed) or 'mlp'}")
 
 
 def calibrate(
