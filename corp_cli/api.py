@@ -162,6 +162,7 @@ class PruneResult:
     after: dict[str, Any]
     seconds: float
     base_shapes: list[dict[str, int]] = field(default_factory=list)
+    allocation: dict[str, Any] | None = None  # what a FLOPs budget chose (Allocation.to_dict())
 
     @property
     def model(self) -> nn.Module:
@@ -188,6 +189,7 @@ class PruneResult:
                 "params_reduction": 1.0 - after["params"] / before["params"],
             },
             "seconds": round(self.seconds, 3),
+            **({"allocation": self.allocation} if self.allocation is not None else {}),
         }
 
 
@@ -221,7 +223,15 @@ def prune(
     check_block_shapes(stats, shapes)
     fam = loaded.family
     check_prunable(fam, loaded.model, opts)
-    chosen = masks if masks is not None else plan_masks(loaded.model, stats, opts, family=fam)
+    allocation = None
+    if masks is None and opts.flops_budget is not None:
+        from corp_cli.allocation import allocate
+
+        alloc = allocate(fam, loaded.model, stats, opts)
+        allocation = alloc.to_dict()
+        chosen = plan_masks(loaded.model, stats, opts, family=fam, widths=alloc.widths)
+    else:
+        chosen = masks if masks is not None else plan_masks(loaded.model, stats, opts, family=fam)
     if len(chosen) != fam.num_blocks(loaded.model):
         raise InputError(f"{len(chosen)} block masks for a model with {fam.num_blocks(loaded.model)} blocks")
     before = model_counts(loaded.model, family=fam)
@@ -230,7 +240,7 @@ def prune(
         blocks = apply_masks(loaded.model, stats, chosen, opts, on_block=lambda _i: advance(1), family=fam)
     after = model_counts(loaded.model, family=fam)
     return PruneResult(loaded=loaded, masks=chosen, blocks=blocks, options=opts, stats=stats, before=before,
-                       after=after, seconds=time.perf_counter() - t0, base_shapes=shapes)
+                       after=after, seconds=time.perf_counter() - t0, base_shapes=shapes, allocation=allocation)
 
 
 def _options(options: PruneOptions | None, values: dict[str, Any]) -> PruneOptions:
@@ -275,7 +285,8 @@ def save_pruned(
         fingerprint = stats.fingerprint()
         provenance["stats"]["fingerprint"] = fingerprint
         save_masks(tmp / MASKS_FILE, result.masks, identity=loaded.identity, shapes=result.base_shapes,
-                   options=result.options.to_dict(), stats_fingerprint=fingerprint)
+                   options=result.options.to_dict(), stats_fingerprint=fingerprint,
+                   allocation=result.allocation["blocks"] if result.allocation is not None else None)
         loaded.model.cpu()
         save_pruned_checkpoint(tmp, loaded, provenance)
         report = result.report(fingerprint)

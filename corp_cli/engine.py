@@ -673,16 +673,26 @@ def qk_error_grid(
     q_second: Tensor, k_second: Tensor, scores: Tensor, widths: list[int], *,
     lam: float | None = None, scale: float = 1.0, compensate: bool = True,
 ) -> Tensor:
-    """Per-head logit error (len(widths), H) when each head keeps its top-`w` dims by `scores` (H, d)."""
+    """Per-head logit error (len(widths), H) when each head keeps its top-`w` dims by `scores` (H, d).
+
+    Heads of many blocks may be stacked into H: one batched solve per width. The solves run
+    on one CPU thread: batched small eigendecompositions are slower threaded (measured 40x
+    slower on two busy cores), and this is where an allocation spends most of its time.
+    """
     d = scores.shape[1]
     out = torch.zeros(len(widths), scores.shape[0], dtype=ACC_DTYPE)
-    for j, w in enumerate(widths):
-        if w >= d:
-            continue
-        keep = select_top_per_head(scores, w)
-        prune = torch.stack([complement(k, d) for k in keep])
-        sol = qk_compensation(q_second, k_second, keep, prune, lam=lam, scale=scale, compensate=compensate)
-        out[j] = (sol.err_compensated if compensate else sol.err_uncompensated).cpu()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for j, w in enumerate(widths):
+            if w >= d:
+                continue
+            keep = select_top_per_head(scores, w)
+            prune = torch.stack([complement(k, d) for k in keep])
+            sol = qk_compensation(q_second, k_second, keep, prune, lam=lam, scale=scale, compensate=compensate)
+            out[j] = (sol.err_compensated if compensate else sol.err_uncompensated).cpu()
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 

@@ -285,37 +285,44 @@ def vo_dim_scores(fam: ModelFamily, model: nn.Module, i: int, st: dict[str, Tens
     return scores.reshape(shape.num_heads, shape.head_dim).cpu()
 
 
-def _rank_mlp(w: MlpWeights, st: dict[str, Tensor], o: PruneOptions, keep_n: int) -> Tensor:
+def mlp_scores(w: MlpWeights, st: dict[str, Tensor], o: PruneOptions) -> Tensor:
+    """How much each MLP unit is worth keeping, by --ranker (obs-greedy: its one-unit obs score)."""
     width = w.out_weight.shape[1]
     if o.ranker == "energy":
-        scores = engine.energy_scores(st)
-    elif o.ranker == "active-energy":
-        scores = engine.active_energy_scores(st)
-    elif o.ranker == "magnitude":
+        return engine.energy_scores(st)
+    if o.ranker == "active-energy":
+        return engine.active_energy_scores(st)
+    if o.ranker == "magnitude":
         # a gated unit has two input rows (gate and up); its input size is their product
         scores = engine.magnitude_scores(w.inputs[0], w.out_weight)
         for extra in w.inputs[1:]:
             scores = scores * extra.to(engine.ACC_DTYPE).norm(dim=1)
-    else:
+        return scores
+    m = engine.mlp_moments(st)
+    # high score = costly to remove = keep
+    return engine.obs_scores(w.out_weight, m.cov, _mlp_lambda(o, m, torch.arange(width)))
+
+
+def _rank_mlp(w: MlpWeights, st: dict[str, Tensor], o: PruneOptions, keep_n: int) -> Tensor:
+    if o.ranker == "obs-greedy":
         m = engine.mlp_moments(st)
-        lam = _mlp_lambda(o, m, torch.arange(width))
-        if o.ranker == "obs":
-            # high score = costly to remove = keep
-            scores = engine.obs_scores(w.out_weight, m.cov, lam)
-        else:
-            return engine.obs_greedy_keep(w.out_weight, m.cov, lam, keep_n).cpu()
-    return engine.select_top(scores, keep_n).cpu()
+        lam = _mlp_lambda(o, m, torch.arange(w.out_weight.shape[1]))
+        return engine.obs_greedy_keep(w.out_weight, m.cov, lam, keep_n).cpu()
+    return engine.select_top(mlp_scores(w, st, o), keep_n).cpu()
+
+
+def qk_scores(fam: ModelFamily, model: nn.Module, i: int, st: dict[str, Tensor], o: PruneOptions) -> Tensor:
+    """How much each Q/K dim of each head is worth keeping, (H, d), by --qk-ranker."""
+    if o.qk_ranker == "energy":
+        return engine.qk_energy_scores(st)
+    if o.qk_ranker == "joint":
+        return engine.qk_joint_scores(st)
+    wq, _, wk, _ = fam.qk_weights(model, i)
+    return engine.qk_magnitude_scores(wq, wk, fam.shape(model, i).num_heads)
 
 
 def _rank_qk(fam: ModelFamily, model: nn.Module, i: int, st: dict[str, Tensor], o: PruneOptions, keep_n: int) -> Tensor:
-    if o.qk_ranker == "energy":
-        scores = engine.qk_energy_scores(st)
-    elif o.qk_ranker == "joint":
-        scores = engine.qk_joint_scores(st)
-    else:
-        wq, _, wk, _ = fam.qk_weights(model, i)
-        scores = engine.qk_magnitude_scores(wq, wk, fam.shape(model, i).num_heads)
-    return engine.select_top_per_head(scores, keep_n).cpu()
+    return engine.select_top_per_head(qk_scores(fam, model, i, st, o), keep_n).cpu()
 
 
 def apply_masks(

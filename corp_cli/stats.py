@@ -303,13 +303,13 @@ PART_USES = {"mlp": "MLP", "attn": "Q/K", "vo": "value/output (V/O) and head"}
 
 def require_parts(stats: Statistics, needed: list[str]) -> None:
     """Refuse, in one line, statistics that lack a part the pruning needs (older files have no 'vo')."""
-    missing = [p for p in needed if p not in stats.parts]
+    missing = [p for p in needed if any(p not in b for b in stats.blocks)]
     if missing:
-        have = ",".join(stats.parts)
+        have = ",".join(stats.blocks[0]) if stats.blocks else "none"
         uses = " and ".join(PART_USES[p] for p in missing)
         raise ArtifactError(
             f"statistics {stats.path or '(in memory)'} have parts {have} but {uses} pruning needs {', '.join(missing)} sums; "
-            f"recalibrate with --parts {','.join(dict.fromkeys([*stats.parts, *missing]))}"
+            f"recalibrate with --parts {','.join(dict.fromkeys([*(stats.blocks[0] if stats.blocks else []), *missing]))}"
         )
 
 
