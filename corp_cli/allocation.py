@@ -192,8 +192,12 @@ def _block_groups(
 
 
 def allocate(fam: ModelFamily, model: nn.Module, stats: Statistics, opts: PruneOptions, *,
-             qk_weight: float = QK_LOGIT_WEIGHT) -> Allocation:
-    """The widths that minimise the total predicted error with FLOPs <= opts.flops_budget of the dense model's."""
+             qk_weight: float | None = None) -> Allocation:
+    """The widths that minimise the total predicted error with FLOPs <= opts.flops_budget of the dense model's.
+
+    `qk_weight` defaults to QK_LOGIT_WEIGHT.
+    """
+    qk_weight = QK_LOGIT_WEIGHT if qk_weight is None else qk_weight
     if opts.flops_budget is None:
         raise InputError("allocate needs a --flops-budget")
     t0 = time.perf_counter()

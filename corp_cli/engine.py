@@ -447,15 +447,20 @@ def vo_kept_dims(heads: Tensor, v_keep: Tensor | None, head_dim: int) -> Tensor:
     return (heads[:, None] * head_dim + v_keep).reshape(-1)
 
 
-def removal_error(w: Tensor, inv: Tensor, gone: Tensor) -> float:
-    """Error left after removing the units `gone` and predicting them from all the others (ridge).
+def removal_error(w: Tensor, inv: Tensor, gone: Tensor, lam: float = 0.0) -> float:
+    """Error left after removing the units `gone` and predicting them from all the others by the ridge.
 
-    inv = (Sigma + lam I)^-1; the residual covariance of the removed units given the rest is
-    (inv_PP)^-1, so the error is tr(W_P (inv_PP)^-1 W_P^T) (obs_scores for a group).
+    inv = (Sigma + lam I)^-1. The ridge's B is -(inv_PP)^-1 inv_PS, and its residual covariance
+    R = Sigma_PP - B Sigma_SP - Sigma_PS B^T + B Sigma_SS B^T = (inv_PP)^-1 - lam I - lam B B^T,
+    so the error is tr(W_P R W_P^T), as mlp_predicted_error gives it, without a solve per removal.
     """
     wp = w.to(ACC_DTYPE)[:, gone]
-    sol = torch.linalg.solve(inv[gone][:, gone], wp.T)
-    return float((wp * sol.T).sum())
+    keep = complement(gone, inv.shape[0])
+    schur = torch.linalg.inv(inv[gone][:, gone])  # (inv_PP)^-1, |P| x |P|
+    schur = 0.5 * (schur + schur.T)
+    b = -schur @ inv[gone][:, keep]
+    r = schur - lam * torch.eye(len(gone), dtype=ACC_DTYPE, device=inv.device) - lam * (b @ b.T)
+    return weighted_trace(wp, r)
 
 
 def head_energy_scores(w_out: Tensor, second: Tensor, num_heads: int) -> Tensor:
@@ -471,8 +476,9 @@ def head_energy_scores(w_out: Tensor, second: Tensor, num_heads: int) -> Tensor:
 def head_error_scores(w_out: Tensor, cov: Tensor, lam: float, num_heads: int) -> Tensor:
     """The compensated error of removing head h alone, predicted from every other head's dims, (H,)."""
     d = cov.shape[0] // num_heads
-    inv = _spd_inverse(cov, lam)
-    return torch.tensor([removal_error(w_out, inv, torch.arange(h * d, (h + 1) * d, device=cov.device))
+    chol, lam = _cholesky_with_retries(cov.to(ACC_DTYPE), lam)
+    inv = torch.cholesky_inverse(chol)
+    return torch.tensor([removal_error(w_out, inv, torch.arange(h * d, (h + 1) * d, device=cov.device), lam)
                          for h in range(num_heads)], dtype=ACC_DTYPE)
 
 
@@ -480,7 +486,8 @@ def head_greedy_order(w_out: Tensor, cov: Tensor, lam: float, num_heads: int) ->
     """Heads, most important first: remove, one at a time, the head whose compensated removal (with
     the heads already removed) costs least. The last one removed comes first."""
     d = cov.shape[0] // num_heads
-    inv = _spd_inverse(cov, lam)
+    chol, lam = _cholesky_with_retries(cov.to(ACC_DTYPE), lam)
+    inv = torch.cholesky_inverse(chol)
     removed: list[int] = []
     for _ in range(num_heads - 1):
         best, best_err = -1, float("inf")
@@ -488,7 +495,7 @@ def head_greedy_order(w_out: Tensor, cov: Tensor, lam: float, num_heads: int) ->
             if h in removed:
                 continue
             gone = head_dims(torch.tensor(removed + [h], device=cov.device), d)
-            err = removal_error(w_out, inv, gone)
+            err = removal_error(w_out, inv, gone, lam)
             if err < best_err:
                 best, best_err = h, err
         removed.append(best)
