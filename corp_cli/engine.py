@@ -751,8 +751,10 @@ def allocate_budget(groups: list[list[Alternative]], budget: float) -> list[tupl
     The Lagrangian relaxation min sum(err + mu * flops) separates into groups and menus; mu
     is bisected (in log space) to the smallest value whose choice fits the budget, and the
     budget left over is then filled greedily, one option at a time, by the steps that lower
-    the error most per FLOP (or keep it, when nothing lowers it). Raises ValueError when
-    even the cheapest choice does not fit.
+    the error most per FLOP (or keep it, when nothing lowers it). The relaxation only finds
+    choices on the convex hull, so last each group tries its other alternatives (a head count
+    off the hull) with what the rest leaves it. Raises ValueError when even the cheapest
+    choice does not fit.
     """
     cheapest = sum(min(a.flops + sum(float(m.flops.min()) for m in a.menus) for a in alts) for alts in groups)
     if cheapest > budget:
@@ -775,7 +777,36 @@ def allocate_budget(groups: list[list[Alternative]], budget: float) -> list[tupl
             if lo > 0 and hi / lo < 1 + 1e-12:
                 break
         picks = _lagrangian(groups, hi)[1]
-    return _fill(groups, picks, budget)
+    return _switch_alternatives(groups, _fill(groups, picks, budget), budget)
+
+
+def _picked_err(groups: list[list[Alternative]], picks: list[tuple[int, list[int]]]) -> float:
+    return sum(alts[a].err + sum(float(m.err[k]) for m, k in zip(alts[a].menus, ks))
+               for alts, (a, ks) in zip(groups, picks))
+
+
+def _switch_alternatives(groups: list[list[Alternative]], picks: list[tuple[int, list[int]]],
+                         budget: float) -> list[tuple[int, list[int]]]:
+    """Local search: move one group to another alternative, best-filled within the FLOPs it may use, while it helps."""
+    picks = [(a, list(ks)) for a, ks in picks]
+    improved = True
+    while improved:
+        improved = False
+        for g, alts in enumerate(groups):
+            if len(alts) < 2:
+                continue
+            own = [picks[g]]
+            room = budget - _picked_flops(groups, picks) + _picked_flops([alts], own)
+            current = _picked_err([alts], own)
+            for a, alt in enumerate(alts):
+                if a == picks[g][0] or alt.flops + sum(float(m.flops.min()) for m in alt.menus) > room:
+                    continue
+                (_, ks), = allocate_budget([[alt]], room) if len(alt.menus) else [(0, [])]
+                if _picked_err([alts], [(a, ks)]) < current - 1e-12 * max(1.0, abs(current)):
+                    picks[g] = (a, ks)
+                    current = _picked_err([alts], picks[g:g + 1])
+                    improved = True
+    return picks
 
 
 def _fill(groups: list[list[Alternative]], picks: list[tuple[int, list[int]]], budget: float) -> list[tuple[int, list[int]]]:
