@@ -41,6 +41,12 @@ log = logging.getLogger(__name__)
 # Weight of a Q/K block's summed logit error against MLP and V/O output errors: chosen by
 # held-out top-1 on DeiT-tiny (docs/method.md); 1 was best of 0.1, 0.3, 1, 3, 10.
 QK_LOGIT_WEIGHT = 1.0
+# How errors of different blocks and parts are put on one scale: "absolute" (the default: MLP
+# and V/O output errors as they are, Q/K logit errors times QK_LOGIT_WEIGHT) or "relative"
+# (each divided by its part's output energy in that block, Q/K by the logit energy), the
+# alternative the method notes compare it with.
+WEIGHTINGS = ("absolute", "relative")
+WEIGHTING = "absolute"
 # The achieved FLOPs must lie within this fraction below the budget.
 BUDGET_TOLERANCE = 0.01
 
@@ -127,7 +133,7 @@ def _qk_grids(fam: ModelFamily, model: nn.Module, stats: Statistics, o: PruneOpt
 
 def _block_groups(
     fam: ModelFamily, model: nn.Module, i: int, stats: Statistics, o: PruneOptions, parts: list[str], tokens: int,
-    qk_weight: float, qk: tuple[list[int], Tensor] | None,
+    qk_weight: float, qk: tuple[list[int], Tensor] | None, weighting: str = "absolute",
 ) -> tuple[list[list[engine.Alternative]], dict[str, Any]]:
     """The block's choices as engine alternatives (FLOPs relative to the dense block), and what decoding needs."""
     shape = fam.shape(model, i)
@@ -145,7 +151,8 @@ def _block_groups(
         errs = engine.prefix_errors(w.out_weight, m, order, lam, compensated=comp).cpu()
         widths = allowed_widths("mlp", shape, o)
         flops = _width_flops(lambda k: _flops(fam, model, i, replace(shape, mlp_hidden=k), tokens) - base, widths)
-        groups.append([engine.Alternative(0.0, 0.0, [engine.Menu(errs[widths].clone(), flops)])])
+        scale = 1.0 / max(engine.weighted_trace(w.out_weight, m.second), 1e-30) if weighting == "relative" else 1.0
+        groups.append([engine.Alternative(0.0, 0.0, [engine.Menu(errs[widths] * scale, flops)])])
         info["mlp"] = (widths, errs[widths])
     attn = [p for p in ("qk", "vo", "heads") if p in parts]
     if attn:
@@ -153,11 +160,14 @@ def _block_groups(
         info["head_counts"] = head_counts
         order_h = torch.arange(nh)
         vo_errs: dict[int, Tensor] = {}
+        vo_scale = 1.0
         if "vo" in parts or "heads" in parts:
             wv = fam.vo_weights(model, i).out_weight
             st = stats.blocks[i]["vo"]
             m = engine.mlp_moments({k: v.to(wv.device) for k, v in st.items()})
             lam = o.lam if o.lam is not None else engine.oas_lambda(m.cov, m.n)
+            if weighting == "relative":
+                vo_scale = 1.0 / max(engine.weighted_trace(wv, m.second), 1e-30)
             if "heads" in parts:
                 order_h = head_order(fam, model, i, st, o)
             dim_rank = torch.stack([engine.ranking_order(s) for s in vo_dim_scores(fam, model, i, st, o)])
@@ -169,7 +179,14 @@ def _block_groups(
         info["head_order"] = order_h
         info["vo_errs"] = vo_errs
         qk_widths, qk_grid = qk if qk is not None else ([shape.head_dim], None)
+        qk_scale = qk_weight
+        if qk_grid is not None and weighting == "relative":
+            st = stats.blocks[i]["attn"]
+            n = int(st["count"].sum())
+            logits = float(torch.einsum("hij,hji->", st["q_gram"] / n, st["k_gram"] / n)) * fam.softmax_scale(model, i) ** 2
+            qk_scale = qk_weight / max(logits, 1e-30)
         info["qk"] = (qk_widths, qk_grid)
+        info["qk_scale"] = qk_scale
         v_widths = allowed_widths("vo", shape, o) if "vo" in parts else [d]
         info["v_widths"] = v_widths
         alts = []
@@ -177,27 +194,30 @@ def _block_groups(
             kept = torch.sort(order_h[:hk]).values
             whole = _flops(fam, model, i, replace(shape, num_heads=hk), tokens)
             menus = []
-            err0 = float(vo_errs[hk][d]) if ("heads" in parts and "vo" not in parts) else 0.0
+            err0 = vo_scale * float(vo_errs[hk][d]) if ("heads" in parts and "vo" not in parts) else 0.0
             if qk_grid is not None:
                 f = _width_flops(lambda k: _flops(fam, model, i, replace(shape, num_heads=hk, qk_dim=k), tokens) - whole,
                                  qk_widths)
-                menus.append(engine.Menu(qk_weight * qk_grid[:, kept].sum(1), f))
+                menus.append(engine.Menu(qk_scale * qk_grid[:, kept].sum(1), f))
             if "vo" in parts:
                 f = _width_flops(lambda k: _flops(fam, model, i, replace(shape, num_heads=hk, v_dim=k), tokens) - whole,
                                  v_widths)
-                menus.append(engine.Menu(vo_errs[hk][v_widths].clone(), f))
+                menus.append(engine.Menu(vo_scale * vo_errs[hk][v_widths], f))
             alts.append(engine.Alternative(err0, whole - base, menus))
         groups.append(alts)
     return groups, info
 
 
 def allocate(fam: ModelFamily, model: nn.Module, stats: Statistics, opts: PruneOptions, *,
-             qk_weight: float | None = None) -> Allocation:
+             qk_weight: float | None = None, weighting: str | None = None) -> Allocation:
     """The widths that minimise the total predicted error with FLOPs <= opts.flops_budget of the dense model's.
 
-    `qk_weight` defaults to QK_LOGIT_WEIGHT.
+    `qk_weight` defaults to QK_LOGIT_WEIGHT, `weighting` to WEIGHTING.
     """
     qk_weight = QK_LOGIT_WEIGHT if qk_weight is None else qk_weight
+    weighting = WEIGHTING if weighting is None else weighting
+    if weighting not in WEIGHTINGS:
+        raise InputError(f"weighting must be one of {', '.join(WEIGHTINGS)}, not {weighting!r}")
     if opts.flops_budget is None:
         raise InputError("allocate needs a --flops-budget")
     t0 = time.perf_counter()
@@ -215,7 +235,7 @@ def allocate(fam: ModelFamily, model: nn.Module, stats: Statistics, opts: PruneO
             check_block(fam, model, i, opts, parts)
         qk = _qk_grids(fam, model, stats, opts) if "qk" in parts else {}
         for i in range(fam.num_blocks(model)):
-            g, info = _block_groups(fam, model, i, stats, opts, parts, tokens, qk_weight, qk.get(i))
+            g, info = _block_groups(fam, model, i, stats, opts, parts, tokens, qk_weight, qk.get(i), weighting)
             groups += g
             owners += [i] * len(g)
             kinds += (["mlp"] if "mlp" in parts else []) + (["attn"] if len(g) > ("mlp" in parts) else [])
@@ -229,7 +249,7 @@ def allocate(fam: ModelFamily, model: nn.Module, stats: Statistics, opts: PruneO
             f"dense FLOPs with target {opts.target}, --min-keep/--min-qk-dim/--round-to as given): raise it or add parts "
             "to --target"
         ) from None
-    widths, blocks = _decode(parts, kinds, owners, picks, infos, qk_weight)
+    widths, blocks = _decode(parts, kinds, owners, picks, infos)
     pruned = [_pruned_shape(info["shape"], w) for info, w in zip(infos, widths)]
     flops = counts["flops"] - counts["flops_blocks"] + sum(
         int(shape_flops(fam, model, i, s, tokens)["total"]) for i, s in enumerate(pruned))
@@ -248,7 +268,7 @@ def allocate(fam: ModelFamily, model: nn.Module, stats: Statistics, opts: PruneO
 
 def _decode(
     parts: list[str], kinds: list[str], owners: list[int], picks: list[tuple[int, list[int]]],
-    infos: list[dict[str, Any]], qk_weight: float,
+    infos: list[dict[str, Any]],
 ) -> tuple[list[Widths], list[dict[str, Any]]]:
     """Kept counts per block (parts kept whole are left out) and the report of every choice."""
     widths: list[Widths] = [{} for _ in infos]
@@ -270,7 +290,7 @@ def _decode(
             j = next(menu)
             err = float(grid[j, kept].sum())
             rec["qk"] = {"kept": qw[j], "width": shape.head_dim, "predicted_logit_error": err,
-                         "weighted_error": qk_weight * err}
+                         "weighted_error": info["qk_scale"] * err}
             if qw[j] < shape.head_dim:
                 w["qk"] = qw[j]
         dv = info["v_widths"][next(menu)] if "vo" in parts else shape.head_dim

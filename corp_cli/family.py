@@ -2,14 +2,15 @@
 
 A family (one file under corp_cli/families/) claims the model specs it understands,
 loads the dense model and its preprocessing, exposes each block's MLP and attention
-(where the hidden units h and the queries/keys are read, which weights rank them, how
-narrower modules are installed), describes and rebuilds its architecture for the
-checkpoint, counts the FLOPs outside the blocks, and says how it is exported and
-evaluated. Shared code calls these methods and never asks which family it holds; core
+(where the hidden units h, the queries/keys and the attention output o are read, which
+weights rank them, how narrower modules are installed), describes and rebuilds its
+architecture for the checkpoint, counts the FLOPs outside the blocks (and inside them
+where its pruned layout is not the plain one), and says how it is exported and evaluated. Shared code calls these methods and never asks which family it holds; core
 modules never import a family: corp_cli.registry loads them by module name.
 
 The math is not here: every family feeds the same engine functions (one MLP solve path,
-one Q/K solve path). A family only moves tensors between its modules and the engine.
+used for the attention output too, one Q/K solve path). A family only moves tensors
+between its modules and the engine.
 """
 
 from __future__ import annotations

@@ -11,8 +11,11 @@ For every FLOPs ratio (0.8, 0.7, the ratio of `--target both --sparsity 0.5`, 0.
 with one sparsity for every part of each uniform target mix (at the same FLOPs, from below)
 and with the allocator (`--flops-budget`) over `both` and `all`, and prints a markdown table:
 the uniform default (`both`), the best uniform mix, and the allocated runs. Everything is
-compensated. `--study qk-weight` instead compares weights of the Q/K logit error in the
-allocation; `--study rankers` compares the head and V/O rankers at fixed sparsities.
+compensated. Studies behind the defaults (docs/method.md): `--study qk-weight` compares
+weights of the Q/K logit error in the allocation, `--study weighting` absolute errors with
+errors relative to each part's output energy, `--study sensitivity` how much one block's
+part, pruned alone at 50%, moves the held-out output per unit of its predicted error, and
+`--study rankers` the head and V/O rankers at fixed sparsities.
 
     PYTHONPATH=$PWD python scripts/bench_flops_budget.py --model deit-in1k [--json out.json]
 """
@@ -197,6 +200,44 @@ def study_qk_weight(task: Task, stats: Any, weights: list[float]) -> list[dict[s
     return rows
 
 
+def study_weighting(task: Task, stats: Any) -> list[dict[str, Any]]:
+    rows = []
+    default = allocation.WEIGHTING
+    try:
+        for r in (0.7, _ratio_of(task, PruneOptions(target="both", mlp_sparsity=0.5, attn_sparsity=0.5)), 0.5):
+            for target in ALLOCATED:
+                for w in allocation.WEIGHTINGS:
+                    allocation.WEIGHTING = w
+                    res = _run(task, stats, PruneOptions(target=target, flops_budget=r))
+                    rows.append({"ratio": r, "target": target, "weighting": w, **res})
+                    log.info("%s", rows[-1])
+    finally:
+        allocation.WEIGHTING = default
+    return rows
+
+
+def study_sensitivity(task: Task, stats: Any) -> list[dict[str, Any]]:
+    """Each block's MLP, Q/K and V/O pruned alone at 50%: held-out output change per unit of predicted error."""
+    rows = []
+    fam, model = task.loaded.family, task.loaded.model
+    ref = task.loaded
+    outs: list[Outputs] = []
+    evaluate(ref, task.held, keep_outputs=outs)
+    for i in range(fam.num_blocks(model)):
+        for target, key in (("mlp", "mlp_sparsity"), ("attn", "attn_sparsity"), ("vo", "vo_sparsity")):
+            opts = PruneOptions(target=target, **{key: 0.0}, block_overrides={i: {key: 0.5}})
+            result = api.prune(task.loaded, stats, options=opts)
+            b = result.blocks[i]
+            pred = (sum(b["attn"]["predicted_logit_error_compensated"]) if target == "attn"
+                    else b[target]["predicted_error_compensated"])
+            fid = evaluate(replace(ref, model=result.model), task.held, reference_outputs=outs).result["fidelity"]
+            change = fid.get("kl_mean", 1.0 - fid["feature_cosine_mean"])
+            rows.append({"block": i, "part": target, "predicted_error": pred, "output_change": change,
+                         "per_unit": change / max(pred, 1e-30), **task.score(result.model)})
+            log.info("%s", rows[-1])
+    return rows
+
+
 def study_rankers(task: Task, stats: Any) -> list[dict[str, Any]]:
     rows = []
     nh = task.loaded.family.shape(task.loaded.model, 0).num_heads
@@ -244,7 +285,7 @@ def print_evidence(task: Task, rows: list[dict[str, Any]]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=("deit-in1k", "deit-cifar", "minilm"), default="deit-in1k")
-    ap.add_argument("--study", choices=("evidence", "qk-weight", "rankers"), default="evidence")
+    ap.add_argument("--study", choices=("evidence", "qk-weight", "weighting", "sensitivity", "rankers"), default="evidence")
     ap.add_argument("--qk-weights", default="0.1,0.3,1,3,10")
     ap.add_argument("--samples", type=int, default=512, help="MiniLM calibration and evaluation sentences (each)")
     ap.add_argument("--json", type=Path, help="write the raw results here")
@@ -264,6 +305,14 @@ def main() -> None:
         out["rows"] = study_qk_weight(task, stats, [float(w) for w in args.qk_weights.split(",")])
         for r in out["rows"]:
             print(f"| {r['ratio']:.3f} | {r['target']} | {r['qk_weight']:g} | {_fmt(task, r)} |")
+    elif args.study == "weighting":
+        out["rows"] = study_weighting(task, stats)
+        for r in out["rows"]:
+            print(f"| {r['ratio']:.3f} | {r['target']} | {r['weighting']} | {_fmt(task, r)} |")
+    elif args.study == "sensitivity":
+        out["rows"] = study_sensitivity(task, stats)
+        for r in out["rows"]:
+            print(f"| {r['block']} | {r['part']} | {r['predicted_error']:.4g} | {r['output_change']:.4g} | {r['per_unit']:.3g} |")
     else:
         out["rows"] = study_rankers(task, stats)
         for r in out["rows"]:
