@@ -183,6 +183,7 @@ class PruneResult:
     after: dict[str, Any]
     seconds: float
     base_shapes: list[dict[str, int]] = field(default_factory=list)
+    allocation: dict[str, Any] | None = None  # what a FLOPs budget chose (Allocation.to_dict())
 
     @property
     def model(self) -> nn.Module:
@@ -209,6 +210,7 @@ class PruneResult:
                 "params_reduction": 1.0 - after["params"] / before["params"],
             },
             "seconds": round(self.seconds, 3),
+            **({"allocation": self.allocation} if self.allocation is not None else {}),
         }
 
 
@@ -225,8 +227,8 @@ def prune(
 ) -> PruneResult:
     """Rank (unless `masks` are given), compensate and compact. Returns the narrower model and its report.
 
-    Options are PruneOptions fields, as `options=` or as keywords (`sparsity=` sets both
-    sparsities): prune(model, stats, target="mlp", sparsity=0.3, ranker="obs"). Without a
+    Options are PruneOptions fields, as `options=` or as keywords (`sparsity=` sets every
+    part's sparsity): prune(model, stats, target="mlp", sparsity=0.3, ranker="obs"). Without a
     target, what the model allows is pruned (MLP and Q/K, or the MLP alone).
     A model handed in (a module or a Loaded) is pruned on a deep copy unless inplace=True.
     """
@@ -248,7 +250,15 @@ def prune(
                          "merge the files before pruning")
     fam = loaded.family
     check_prunable(fam, loaded.model, opts)
-    chosen = masks if masks is not None else plan_masks(loaded.model, stats, opts, family=fam)
+    allocation = None
+    if masks is None and opts.flops_budget is not None:
+        from corp_cli.allocation import allocate
+
+        alloc = allocate(fam, loaded.model, stats, opts)
+        allocation = alloc.to_dict()
+        chosen = plan_masks(loaded.model, stats, opts, family=fam, widths=alloc.widths)
+    else:
+        chosen = masks if masks is not None else plan_masks(loaded.model, stats, opts, family=fam)
     if len(chosen) != fam.num_blocks(loaded.model):
         raise InputError(f"{len(chosen)} block masks for a model with {fam.num_blocks(loaded.model)} blocks")
     before = model_counts(loaded.model, family=fam)
@@ -257,7 +267,7 @@ def prune(
         blocks = apply_masks(loaded.model, stats, chosen, opts, on_block=lambda _i: advance(1), family=fam)
     after = model_counts(loaded.model, family=fam)
     return PruneResult(loaded=loaded, masks=chosen, blocks=blocks, options=opts, stats=stats, before=before,
-                       after=after, seconds=time.perf_counter() - t0, base_shapes=shapes)
+                       after=after, seconds=time.perf_counter() - t0, base_shapes=shapes, allocation=allocation)
 
 
 def _options(options: PruneOptions | None, values: dict[str, Any]) -> PruneOptions:
@@ -268,8 +278,8 @@ def _options(options: PruneOptions | None, values: dict[str, Any]) -> PruneOptio
     values = dict(values)
     if "sparsity" in values:
         s = values.pop("sparsity")
-        values.setdefault("mlp_sparsity", s)
-        values.setdefault("attn_sparsity", s)
+        for name in ("mlp_sparsity", "attn_sparsity", "vo_sparsity", "head_sparsity"):
+            values.setdefault(name, s)
     try:
         return PruneOptions(**values)
     except TypeError as e:
@@ -302,7 +312,8 @@ def save_pruned(
         fingerprint = stats.fingerprint()
         provenance["stats"]["fingerprint"] = fingerprint
         save_masks(tmp / MASKS_FILE, result.masks, identity=loaded.identity, shapes=result.base_shapes,
-                   options=result.options.to_dict(), stats_fingerprint=fingerprint)
+                   options=result.options.to_dict(), stats_fingerprint=fingerprint,
+                   allocation=result.allocation["blocks"] if result.allocation is not None else None)
         loaded.model.cpu()
         save_pruned_checkpoint(tmp, loaded, provenance)
         report = result.report(fingerprint)

@@ -77,6 +77,8 @@ def misaligned_widths(loaded: Loaded, align: int = CUDA_ALIGN) -> list[str]:
             bad.append(f"block {i} MLP hidden {s.mlp_hidden}")
         if s.qk_dim % align:
             bad.append(f"block {i} Q/K dim {s.qk_dim}")
+        if s.v_dim % align:
+            bad.append(f"block {i} V/O dim {s.v_dim}")
     return bad
 
 

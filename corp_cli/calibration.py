@@ -22,7 +22,7 @@ from corp_cli.stats import Statistics, finite_or_raise, new_meta
 
 log = logging.getLogger(__name__)
 
-PARTS = ("mlp", "attn")
+PARTS = ("mlp", "attn")  # the default; "vo" (V/O dims and heads) is gathered when asked for
 
 
 @dataclass
@@ -86,7 +86,8 @@ def collect_statistics(
     acc: dict[int, dict[str, dict[str, Tensor] | None]] = {i: {p: None for p in parts} for i in covered}
     current: dict[tuple[int, str], dict[str, Tensor]] = {}  # the sums of the batch being run
     token_mask: list[Tensor | None] = [None]  # the current batch's real tokens, set before its forward
-    last = (covered[-1], "mlp" if "mlp" in parts else "attn")
+    # the last hook to fire in a block: the MLP, else the attention output, else the queries/keys
+    last = (covered[-1], next(p for p in ("mlp", "vo", "attn") if p in parts))
     stop_early = covered[-1] < nblocks - 1
 
     def real_tokens(h: Tensor) -> Tensor:
@@ -119,6 +120,13 @@ def collect_statistics(
             st = engine.qk_batch_stats(real_heads(q.detach()), real_heads(k.detach()), product_dtype)
             finite_or_raise(st["qk_sq"], f"block {i} attention queries/keys")
             add(i, "attn", st)
+        return emit
+
+    def on_vo(i: int) -> Callable[[Tensor], None]:
+        def emit(o: Tensor) -> None:
+            st = engine.gram_batch_stats(real_tokens(o.detach()), product_dtype)
+            finite_or_raise(st["sum"], f"block {i} attention outputs")
+            add(i, "vo", st)
         return emit
 
     param = next(model.parameters())
@@ -161,6 +169,8 @@ def collect_statistics(
                 handles += fam.mlp_hook(model, i, on_mlp(i))
             if "attn" in parts:
                 handles += fam.qk_hook(model, i, on_qk(i))
+            if "vo" in parts:
+                handles += fam.vo_hook(model, i, on_vo(i))
         samples = 0
         with torch.inference_mode():
             for x in batches:
@@ -202,14 +212,14 @@ def block_shapes(loaded_or_model: Loaded | nn.Module, family: ModelFamily | None
 
 
 def check_parts(loaded: Loaded, parts: tuple[str, ...]) -> None:
-    """Refuse attention statistics for blocks whose Q/K cannot be hooked, before the pass."""
-    if "attn" not in parts:
-        return
+    """Refuse attention statistics for blocks whose Q/K (or V/O) cannot be hooked, before the pass."""
     fam, model = loaded.family, loaded.model
     for i in range(fam.num_blocks(model)):
-        why = fam.qk_refusal(model, i)
+        why = fam.qk_refusal(model, i) if "attn" in parts else None
+        why = why or (fam.vo_refusal(model, i) if "vo" in parts else None)
         if why is not None:
-            raise InputError(f"{why}; calibrate with --parts mlp")
+            allowed = [p for p in parts if p == "mlp" or (p == "attn" and fam.qk_refusal(model, i) is None)]
+            raise InputError(f"{why}; calibrate with --parts {','.join(allowed) or 'mlp'}")
 
 
 def calibrate(

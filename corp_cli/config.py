@@ -1,7 +1,7 @@
 """Prune options from their three sources: defaults < a YAML preset (--config) < explicit flags; and --masks.
 
-Preset keys are PruneOptions field names (with `lambda` for `lam`, `sparsity` setting both
-sparsities) plus `blocks:`, a map from block index to per-block overrides. An unknown
+Preset keys are PruneOptions field names (with `lambda` for `lam`, `sparsity` setting every
+part's sparsity) plus `blocks:`, a map from block index to per-block overrides. An unknown
 key is an error, never ignored. check_plan refuses, from block shapes alone, what pruning
 would refuse later, so a bad option fails before any expensive work.
 """
@@ -18,11 +18,13 @@ import yaml
 
 from corp_cli.errors import ArtifactError, InputError
 from corp_cli.family import ModelIdentity
-from corp_cli.pruning import BLOCK_OVERRIDABLE, BlockMasks, PruneOptions
+from corp_cli.pruning import BLOCK_OVERRIDABLE, BlockMasks, PruneOptions, stats_parts_for, target_name
 
 log = logging.getLogger(__name__)
 
 _ALIASES = {"lambda": "lam"}
+# What `sparsity` (flag, preset key or per-block key) sets: every part's sparsity.
+SPARSITIES = ("mlp_sparsity", "attn_sparsity", "vo_sparsity", "head_sparsity")
 
 
 def load_prune_config(path: Path) -> dict[str, Any]:
@@ -42,8 +44,8 @@ def load_prune_config(path: Path) -> dict[str, Any]:
     for key, value in raw.items():
         k = _ALIASES.get(str(key).replace("-", "_"), str(key).replace("-", "_"))
         if k == "sparsity":
-            out.setdefault("mlp_sparsity", value)
-            out.setdefault("attn_sparsity", value)
+            for name in SPARSITIES:
+                out.setdefault(name, value)
         elif k == "blocks":
             out["block_overrides"] = _blocks(value, path)
         elif k == "model_kwargs":  # timm.create_model options of the model the preset is for
@@ -74,7 +76,7 @@ def _blocks(value: Any, path: Path) -> dict[int, dict[str, Any]]:
         for k, v in ov.items():
             kk = str(k).replace("-", "_")
             if kk == "sparsity":
-                clean["mlp_sparsity"] = clean["attn_sparsity"] = v
+                clean.update(dict.fromkeys(SPARSITIES, v))
             elif kk in BLOCK_OVERRIDABLE:
                 clean[kk] = v
             else:
@@ -103,14 +105,14 @@ def build_options(config: dict[str, Any], cli: dict[str, Any]) -> PruneOptions:
     merged = dict(config)
     sparsity = cli.pop("sparsity")
     if sparsity is not None:
-        merged["mlp_sparsity"] = merged["attn_sparsity"] = sparsity
+        merged.update(dict.fromkeys(SPARSITIES, sparsity))
     for k, v in cli.items():
         if k == "lam":
             if v != "unset":
                 merged[k] = v  # None here means an explicit 'auto'
         elif v is not None:
             merged[k] = v
-    for name in ("mlp_sparsity", "attn_sparsity"):
+    for name in SPARSITIES:
         v = merged.get(name)
         if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or math.isnan(v)):
             raise InputError(f"--{name.replace('_', '-')} must be a number in [0, 1), got {v!r}")
@@ -121,18 +123,26 @@ def build_options(config: dict[str, Any], cli: dict[str, Any]) -> PruneOptions:
 # part, they are refused (flags) or warned about (preset keys), never silently ignored.
 PART_OPTIONS = {
     "mlp": {"mlp_sparsity": "--mlp-sparsity", "ranker": "--ranker", "min_keep": "--min-keep", "round_to": "--round-to"},
-    "attn": {"attn_sparsity": "--attn-sparsity", "qk_ranker": "--qk-ranker", "min_qk_dim": "--min-qk-dim",
-             "qk_balanced": "--qk-fold"},
+    "qk": {"attn_sparsity": "--attn-sparsity", "qk_ranker": "--qk-ranker", "min_qk_dim": "--min-qk-dim",
+           "qk_balanced": "--qk-fold"},
+    "vo": {"vo_sparsity": "--vo-sparsity", "vo_ranker": "--vo-ranker"},
+    "heads": {"head_sparsity": "--head-sparsity", "head_ranker": "--head-ranker"},
 }
+# With --flops-budget the allocator chooses every width: these flags have nothing left to set.
+BUDGET_REPLACES = {"sparsity": "--sparsity", "mlp_sparsity": "--mlp-sparsity", "attn_sparsity": "--attn-sparsity",
+                   "vo_sparsity": "--vo-sparsity", "head_sparsity": "--head-sparsity"}
 
 
 def check_options_apply(opts: PruneOptions, flags: dict[str, Any], config: dict[str, Any] | None = None,
                         config_path: Path | None = None) -> None:
     """Refuse part-specific flags (given, i.e. not None) that the final target does not prune."""
-    pruned = {"mlp": opts.prune_mlp, "attn": opts.prune_attn}
-    part_name = {"mlp": "MLP", "attn": "Q/K"}
+    if opts.flops_budget is not None:
+        given = [flag for key, flag in BUDGET_REPLACES.items() if flags.get(key) is not None]
+        if given:
+            raise InputError(f"--flops-budget chooses every block's sparsities; drop {', '.join(given)}")
+    part_name = {"mlp": "MLP", "qk": "Q/K", "vo": "V/O", "heads": "head"}
     for part, names in PART_OPTIONS.items():
-        if pruned[part]:
+        if part in opts.parts:
             continue
         given = [flag for key, flag in names.items() if flags.get(key) is not None]
         if given:
@@ -144,7 +154,16 @@ def check_options_apply(opts: PruneOptions, flags: dict[str, Any], config: dict[
 
 
 # The options that choose masks; with --masks the file's own record of them is what applied.
-MASK_CHOOSERS = ("mlp_sparsity", "attn_sparsity", "ranker", "qk_ranker", "round_to", "min_keep", "min_qk_dim")
+MASK_CHOOSERS = ("mlp_sparsity", "attn_sparsity", "ranker", "qk_ranker", "round_to", "min_keep", "min_qk_dim",
+                 "vo_sparsity", "head_sparsity", "vo_ranker", "head_ranker", "flops_budget")
+
+
+def masks_target(masks: list[BlockMasks]) -> str:
+    """The target a masks file holds: the parts it prunes in some block."""
+    held = {"mlp": "mlp", "attn": "qk", "vo": "vo", "heads": "heads"}
+    parts = tuple(p for p in ("mlp", "qk", "vo", "heads")
+                  if any(getattr(m, k) is not None for m in masks for k, v in held.items() if v == p))
+    return target_name(parts or ("mlp",))
 
 
 def options_for_masks(
@@ -158,14 +177,12 @@ def options_for_masks(
     does another. A preset's other mask-choosing keys are superseded by the masks: said in
     a warning, since a preset is often shared between runs that rank and runs that reapply.
     """
-    has_mlp = any(m.mlp is not None for m in masks)
-    has_attn = any(m.attn is not None for m in masks)
-    held = "both" if has_mlp and has_attn else "attn" if has_attn else "mlp"
-    if explicit_target is not None and explicit_target != held:
+    held = masks_target(masks)
+    if explicit_target is not None and target_name(PruneOptions(target=explicit_target).parts) != held:
         raise InputError(f"--masks hold target {held} (what they prune), but --target is {explicit_target}: "
                          "drop --target or use matching masks")
     config = config or {}
-    if explicit_target is None and config.get("target", held) != held:
+    if explicit_target is None and target_name(PruneOptions(target=config.get("target", held)).parts) != held:
         raise InputError(f"--masks hold target {held} (what they prune), but --config {config_path} sets target "
                          f"{config['target']}: pass --target {held} or use matching masks")
     superseded = [k for k in (*MASK_CHOOSERS, "block_overrides") if k in config]
@@ -193,16 +210,22 @@ def check_plan(
         except TypeError as e:
             raise InputError(f"block {i} override has a value of the wrong type ({e})") from None
         if masks is not None:
-            for part, kept in (("mlp", masks[i].mlp), ("attn", masks[i].attn)):
+            for part, kept in (("mlp", masks[i].mlp), ("attn", masks[i].attn), ("vo", masks[i].vo), ("vo", masks[i].heads)):
                 if kept is not None and part not in parts:
-                    raise InputError(f"--masks prune block {i}'s {part}, but the statistics have no {part} sums")
+                    raise InputError(f"--masks prune block {i}'s {part}, but the statistics have no {part} sums; "
+                                     f"recalibrate with --parts {','.join(dict.fromkeys([*parts, part]))}")
             continue
-        if o.prune_mlp and o.mlp_sparsity > 0:
+        need_vo = o.active("vo") or o.active("heads")
+        if need_vo and "vo" not in parts:
+            missing = stats_parts_for([p for p in ("vo", "heads") if o.active(p)])
+            raise InputError(f"these statistics have no V/O sums (parts {','.join(parts)}), which V/O and head pruning "
+                             f"need; recalibrate with --parts {','.join(dict.fromkeys([*parts, *missing]))}")
+        if o.active("mlp"):
             if "mlp" not in parts:
                 raise InputError("these statistics have no MLP sums; recalibrate with --parts mlp,attn")
             if o.min_keep > shape["mlp_hidden"]:
                 raise InputError(f"block {i}: --min-keep {o.min_keep} exceeds its {shape['mlp_hidden']} MLP units")
-        if o.prune_attn and o.attn_sparsity > 0:
+        if o.active("qk"):
             if "attn" not in parts:
                 raise InputError("these statistics have no attention sums; recalibrate with --parts mlp,attn or use --target mlp")
             if o.min_qk_dim > shape["head_dim"]:

@@ -6,21 +6,30 @@ from __future__ import annotations
 TARGET = "both"
 MLP_SPARSITY = 0.5
 ATTN_SPARSITY = 0.5
+VO_SPARSITY = 0.5
+HEAD_SPARSITY = 0.5
 RANKER = "energy"
 QK_RANKER = "energy"
+VO_RANKER = "energy"
+HEAD_RANKER = "error"
 ROUND_TO = 1
 MIN_KEEP = 1
 MIN_QK_DIM = 1
 QK_FOLD = "balanced"
-TARGETS = ("mlp", "attn", "both")
+TARGETS = ("mlp", "attn", "both")  # the named targets of corp before per-part sets; still how those sets are written
+TARGET_PARTS = ("mlp", "qk", "vo", "heads")  # --target is a comma set of these
+TARGET_ALIASES = {"attn": ("qk",), "both": ("mlp", "qk"), "all": ("mlp", "qk", "vo")}
 MLP_RANKERS = ("energy", "active-energy", "magnitude", "obs", "obs-greedy")
 QK_RANKERS = ("energy", "joint", "magnitude")
+VO_RANKERS = ("energy", "obs")
+HEAD_RANKERS = ("error", "greedy", "energy")
 
 # calibration
 CALIB_DATA = {"image": "hf:timm/mini-imagenet@validation", "text": "text:pydoc@calib"}
 CALIB_SAMPLES = 512
 CALIB_BATCH_SIZE = 32
-PARTS = ("mlp", "attn")
+PARTS = ("mlp", "attn")  # gathered by default
+STATS_PARTS = ("mlp", "attn", "vo")  # what --parts may name
 PRECISION = "float32"
 
 # evaluation and the rest
@@ -28,6 +37,7 @@ EVAL_BATCH_SIZE = 64
 DEVICE = "auto"
 SEED = 0
 SWEEP_SPARSITIES = "0.1,0.2,...,0.7"
+SWEEP_FLOPS_BUDGETS = "0.9,0.8,0.7,0.6,0.5"
 SWEEP_CACHE_MB = 1024
 BENCH_WARMUP = 3
 BENCH_RUNS = 10

@@ -126,6 +126,17 @@ def mlp_batch_stats(h: Tensor, product_dtype: torch.dtype = ACC_DTYPE) -> dict[s
     }
 
 
+def gram_batch_stats(x: Tensor, product_dtype: torch.dtype = ACC_DTYPE) -> dict[str, Tensor]:
+    """Sums over one batch of vectors x (..., D): count, sum and Gram (the V/O statistics; no histogram)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    xp = x2.to(product_dtype)
+    return {
+        "count": torch.tensor([x2.shape[0]], dtype=torch.int64, device=x.device),
+        "sum": xp.sum(0).to(ACC_DTYPE),
+        "gram": sym_gram(xp).to(ACC_DTYPE),
+    }
+
+
 def qk_batch_stats(q: Tensor, k: Tensor, product_dtype: torch.dtype = ACC_DTYPE) -> dict[str, Tensor]:
     """Per-head sums over one batch of queries/keys shaped (B, H, N, d).
 
@@ -312,6 +323,11 @@ def select_top_per_head(scores: Tensor, keep: int) -> Tensor:
     return torch.stack([select_top(s, keep) for s in scores])
 
 
+def ranking_order(scores: Tensor) -> Tensor:
+    """All indices, highest score first, ties by lower index: every prefix is a select_top set."""
+    return torch.sort(-scores.to(ACC_DTYPE), stable=True).indices
+
+
 # --------------------------------------------------------------------------------------
 # MLP: affine ridge compensation
 # --------------------------------------------------------------------------------------
@@ -438,6 +454,97 @@ def fold_mlp(
     w1n = w1[keep].clone()
     b1n = b1[keep].clone() if b1 is not None else None
     return (w1n, b1n, *fold_mlp_output(w2, b2, keep, prune, sol))
+
+
+# --------------------------------------------------------------------------------------
+# Attention output: V/O dims and whole heads
+# --------------------------------------------------------------------------------------
+#
+# o, the concatenated head outputs (H*d), feeds the output projection as h feeds fc2: the
+# removed dims of o are predicted by the same ridge (ridge_compensation on Moments of o,
+# cross-head) and folded by fold_mlp_output. Only which dims go is attention-specific:
+# equal counts per kept head, and whole heads.
+
+
+def head_dims(heads: Tensor, head_dim: int) -> Tensor:
+    """The o indices of whole heads, (len(heads) * d,), head by head."""
+    return (heads[:, None] * head_dim + torch.arange(head_dim, device=heads.device)).reshape(-1)
+
+
+def vo_kept_dims(heads: Tensor, v_keep: Tensor | None, head_dim: int) -> Tensor:
+    """The kept o indices, ascending: the kept dims `v_keep` (Hk, dv) of the kept heads (all dims when None)."""
+    if v_keep is None:
+        return head_dims(heads, head_dim)
+    return (heads[:, None] * head_dim + v_keep).reshape(-1)
+
+
+def removal_error(w: Tensor, inv: Tensor, gone: Tensor, lam: float = 0.0) -> float:
+    """Error left after removing the units `gone` and predicting them from all the others by the ridge.
+
+    inv = (Sigma + lam I)^-1. The ridge's B is -(inv_PP)^-1 inv_PS, and its residual covariance
+    R = Sigma_PP - B Sigma_SP - Sigma_PS B^T + B Sigma_SS B^T = (inv_PP)^-1 - lam I - lam B B^T,
+    so the error is tr(W_P R W_P^T), as mlp_predicted_error gives it, without a solve per removal.
+    """
+    wp = w.to(ACC_DTYPE)[:, gone]
+    keep = complement(gone, inv.shape[0])
+    schur = torch.linalg.inv(inv[gone][:, gone])  # (inv_PP)^-1, |P| x |P|
+    schur = 0.5 * (schur + schur.T)
+    b = -schur @ inv[gone][:, keep]
+    r = schur - lam * torch.eye(len(gone), dtype=ACC_DTYPE, device=inv.device) - lam * (b @ b.T)
+    return weighted_trace(wp, r)
+
+
+def head_energy_scores(w_out: Tensor, second: Tensor, num_heads: int) -> Tensor:
+    """E||W_O,h o_h||^2 per head: what removing head h costs with no compensation, (H,)."""
+    d = second.shape[0] // num_heads
+    w = w_out.to(ACC_DTYPE)
+    return torch.stack([
+        torch.tensor(weighted_trace(w[:, idx], second[idx][:, idx]), dtype=ACC_DTYPE)
+        for idx in (torch.arange(h * d, (h + 1) * d, device=w.device) for h in range(num_heads))
+    ])
+
+
+def head_error_scores(w_out: Tensor, cov: Tensor, lam: float, num_heads: int) -> Tensor:
+    """The compensated error of removing head h alone, predicted from every other head's dims, (H,)."""
+    d = cov.shape[0] // num_heads
+    chol, lam = _cholesky_with_retries(cov.to(ACC_DTYPE), lam)
+    inv = torch.cholesky_inverse(chol)
+    return torch.tensor([removal_error(w_out, inv, torch.arange(h * d, (h + 1) * d, device=cov.device), lam)
+                         for h in range(num_heads)], dtype=ACC_DTYPE)
+
+
+def head_greedy_order(w_out: Tensor, cov: Tensor, lam: float, num_heads: int) -> Tensor:
+    """Heads, most important first: remove, one at a time, the head whose compensated removal (with
+    the heads already removed) costs least. The last one removed comes first."""
+    d = cov.shape[0] // num_heads
+    chol, lam = _cholesky_with_retries(cov.to(ACC_DTYPE), lam)
+    inv = torch.cholesky_inverse(chol)
+    removed: list[int] = []
+    for _ in range(num_heads - 1):
+        best, best_err = -1, float("inf")
+        for h in range(num_heads):
+            if h in removed:
+                continue
+            gone = head_dims(torch.tensor(removed + [h], device=cov.device), d)
+            err = removal_error(w_out, inv, gone, lam)
+            if err < best_err:
+                best, best_err = h, err
+        removed.append(best)
+    rest = [h for h in range(num_heads) if h not in removed]
+    return torch.tensor(rest + removed[::-1], dtype=torch.int64)
+
+
+def vo_order(dim_rank: Tensor, heads: Tensor, num_heads: int) -> Tensor:
+    """An order of all o indices whose prefixes of length k*dv are the kept sets of `heads` with dv dims each.
+
+    dim_rank (H, d): each head's dims, most important first. The kept heads' dims come
+    rank by rank (every kept head's best dim, then every second best, ...), then the
+    removed heads' dims.
+    """
+    d = dim_rank.shape[1]
+    kept = (heads[None, :] * d + dim_rank[heads].T).reshape(-1)
+    gone = complement(heads, num_heads)
+    return torch.cat([kept, head_dims(gone, d)])
 
 
 # --------------------------------------------------------------------------------------
@@ -568,3 +675,193 @@ def fold_qk(
         wk_n,
         bk_n.reshape(-1).to(dtype) if bk_n is not None else None,
     )
+
+
+# --------------------------------------------------------------------------------------
+# Allocation: predicted errors for every width, and the choice under a FLOPs budget
+# --------------------------------------------------------------------------------------
+
+
+def _suffix_sums(x: Tensor) -> Tensor:
+    """s[p] = sum(x[p:]), p = 0..len(x) (s[len(x)] = 0)."""
+    return torch.cat([x.flip(0).cumsum(0).flip(0), x.new_zeros(1)])
+
+
+def prefix_errors(w: Tensor, m: Moments, order: Tensor, lam: float, *, compensated: bool = True) -> Tensor:
+    """Predicted error of keeping the first p units of `order`, for every p = 0..D, from ONE factorisation.
+
+    Compensated: with Sigma + lam I = L L^T in `order`, x = L z (z white), and the residual of
+    the removed units given the kept ones is L_PP z_P; since L is lower triangular, column j of
+    W L (j >= p) is column j of W_P L_PP, so the error is the suffix sum of the squared column
+    norms of W L, less lam ||W_P||_F^2. That is mlp_predicted_error up to the lam B B^T term
+    (and lambda chosen for the whole set rather than per kept set), checked in tests.
+    Uncompensated: tr(W_P E[h_P h_P^T] W_P^T), the trailing-block sums of (W^T W) * E[h h^T].
+    """
+    wp = w.to(ACC_DTYPE)[:, order]
+    if not compensated:
+        a = (wp.T @ wp) * m.second[order][:, order]
+        tail = a.flip(0).flip(1).cumsum(0).cumsum(1).flip(0).flip(1)  # tail[p, q] = sum a[p:, q:]
+        return torch.cat([torch.diagonal(tail), a.new_zeros(1)]).clamp_min(0)
+    chol, lam_used = _cholesky_with_retries(m.cov[order][:, order], lam)
+    cols = (wp @ chol).square().sum(0)
+    return (_suffix_sums(cols) - lam_used * _suffix_sums(wp.square().sum(0))).clamp_min(0)
+
+
+def qk_error_grid(
+    q_second: Tensor, k_second: Tensor, scores: Tensor, widths: list[int], *,
+    lam: float | None = None, scale: float = 1.0, compensate: bool = True,
+) -> Tensor:
+    """Per-head logit error (len(widths), H) when each head keeps its top-`w` dims by `scores` (H, d).
+
+    Heads of many blocks may be stacked into H: one batched solve per width. The solves run
+    on one CPU thread: batched small eigendecompositions are slower threaded (measured 40x
+    slower on two busy cores), and this is where an allocation spends most of its time.
+    """
+    d = scores.shape[1]
+    out = torch.zeros(len(widths), scores.shape[0], dtype=ACC_DTYPE)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for j, w in enumerate(widths):
+            if w >= d:
+                continue
+            keep = select_top_per_head(scores, w)
+            prune = torch.stack([complement(k, d) for k in keep])
+            sol = qk_compensation(q_second, k_second, keep, prune, lam=lam, scale=scale, compensate=compensate)
+            out[j] = (sol.err_compensated if compensate else sol.err_uncompensated).cpu()
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+@dataclass
+class Menu:
+    """One choice among options: option k costs `flops[k]` and adds `err[k]` to the objective."""
+
+    err: Tensor  # (K,) float64
+    flops: Tensor  # (K,) float64
+
+
+@dataclass
+class Alternative:
+    """A fixed cost plus one option from each of its menus (e.g. a head count, then Q/K and V/O widths)."""
+
+    err: float
+    flops: float
+    menus: list[Menu]
+
+
+def _lagrangian(groups: list[list[Alternative]], mu: float) -> tuple[float, list[tuple[int, list[int]]]]:
+    total = 0.0
+    picks: list[tuple[int, list[int]]] = []
+    for alts in groups:
+        best: tuple[float, float, int, list[int]] | None = None
+        for a, alt in enumerate(alts):
+            cost, flops, opts = alt.err + mu * alt.flops, alt.flops, []
+            for menu in alt.menus:
+                k = int(torch.argmin(menu.err + mu * menu.flops))
+                opts.append(k)
+                cost += float(menu.err[k] + mu * menu.flops[k])
+                flops += float(menu.flops[k])
+            if best is None or cost < best[0]:
+                best = (cost, flops, a, opts)
+        assert best is not None
+        total += best[1]
+        picks.append((best[2], best[3]))
+    return total, picks
+
+
+def _picked_flops(groups: list[list[Alternative]], picks: list[tuple[int, list[int]]]) -> float:
+    return sum(alts[a].flops + sum(float(m.flops[k]) for m, k in zip(alts[a].menus, ks))
+               for alts, (a, ks) in zip(groups, picks))
+
+
+def allocate_budget(groups: list[list[Alternative]], budget: float) -> list[tuple[int, list[int]]]:
+    """Choose one alternative per group and one option per menu, minimising total err with total flops <= budget.
+
+    The Lagrangian relaxation min sum(err + mu * flops) separates into groups and menus; mu
+    is bisected (in log space) to the smallest value whose choice fits the budget, and the
+    budget left over is then filled greedily, one option at a time, by the steps that lower
+    the error most per FLOP (or keep it, when nothing lowers it). The relaxation only finds
+    choices on the convex hull, so last each group tries its other alternatives (a head count
+    off the hull) with what the rest leaves it. Raises ValueError when even the cheapest
+    choice does not fit.
+    """
+    cheapest = sum(min(a.flops + sum(float(m.flops.min()) for m in a.menus) for a in alts) for alts in groups)
+    if cheapest > budget:
+        raise ValueError(f"the cheapest allowed widths cost {cheapest:.6g} FLOPs, above the budget {budget:.6g}")
+    flops0, picks = _lagrangian(groups, 0.0)
+    if flops0 > budget:
+        lo, hi = 0.0, 1e-30
+        while _lagrangian(groups, hi)[0] > budget:
+            lo, hi = hi, hi * 10.0
+            if hi > 1e300:
+                raise ValueError("no multiplier meets the budget")
+        for _ in range(200):
+            mid = math.sqrt(lo * hi) if lo > 0 else hi / 10.0
+            if mid <= lo or mid >= hi:
+                break
+            if _lagrangian(groups, mid)[0] > budget:
+                lo = mid
+            else:
+                hi = mid
+            if lo > 0 and hi / lo < 1 + 1e-12:
+                break
+        picks = _lagrangian(groups, hi)[1]
+    return _switch_alternatives(groups, _fill(groups, picks, budget), budget)
+
+
+def _picked_err(groups: list[list[Alternative]], picks: list[tuple[int, list[int]]]) -> float:
+    return sum(alts[a].err + sum(float(m.err[k]) for m, k in zip(alts[a].menus, ks))
+               for alts, (a, ks) in zip(groups, picks))
+
+
+def _switch_alternatives(groups: list[list[Alternative]], picks: list[tuple[int, list[int]]],
+                         budget: float) -> list[tuple[int, list[int]]]:
+    """Local search: move one group to another alternative, best-filled within the FLOPs it may use, while it helps."""
+    picks = [(a, list(ks)) for a, ks in picks]
+    improved = True
+    while improved:
+        improved = False
+        for g, alts in enumerate(groups):
+            if len(alts) < 2:
+                continue
+            own = [picks[g]]
+            room = budget - _picked_flops(groups, picks) + _picked_flops([alts], own)
+            current = _picked_err([alts], own)
+            for a, alt in enumerate(alts):
+                if a == picks[g][0] or alt.flops + sum(float(m.flops.min()) for m in alt.menus) > room:
+                    continue
+                (_, ks), = allocate_budget([[alt]], room) if len(alt.menus) else [(0, [])]
+                if _picked_err([alts], [(a, ks)]) < current - 1e-12 * max(1.0, abs(current)):
+                    picks[g] = (a, ks)
+                    current = _picked_err([alts], picks[g:g + 1])
+                    improved = True
+    return picks
+
+
+def _fill(groups: list[list[Alternative]], picks: list[tuple[int, list[int]]], budget: float) -> list[tuple[int, list[int]]]:
+    """Spend what the budget leaves: repeatedly take the single option change with the best error drop per FLOP."""
+    picks = [(a, list(ks)) for a, ks in picks]
+    spent = _picked_flops(groups, picks)
+    while True:
+        left = budget - spent
+        best: tuple[float, int, int, int, float] | None = None  # (score, group, menu, option, extra flops)
+        for g, (a, ks) in enumerate(picks):
+            for j, (menu, k) in enumerate(zip(groups[g][a].menus, ks)):
+                extra = menu.flops - menu.flops[k]
+                gain = menu.err[k] - menu.err
+                ok = (extra > 0) & (extra <= left) & (gain >= 0)
+                if not bool(ok.any()):
+                    continue
+                score = torch.where(ok, gain / extra.clamp_min(1e-30), torch.full_like(gain, -1.0))
+                # among equal scores the larger step first, so flat error curves still fill the budget quickly
+                kk = int(torch.argmax(score + 1e-300 * extra))
+                cand = (float(score[kk]), g, j, kk, float(extra[kk]))
+                if best is None or cand[0] > best[0] or (cand[0] == best[0] and cand[4] > best[4]):
+                    best = cand
+        if best is None:
+            return picks
+        _, g, j, kk, extra = best
+        picks[g][1][j] = kk
+        spent += extra

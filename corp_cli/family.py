@@ -2,14 +2,15 @@
 
 A family (one file under corp_cli/families/) claims the model specs it understands,
 loads the dense model and its preprocessing, exposes each block's MLP and attention
-(where the hidden units h and the queries/keys are read, which weights rank them, how
-narrower modules are installed), describes and rebuilds its architecture for the
-checkpoint, counts the FLOPs outside the blocks, and says how it is exported and
-evaluated. Shared code calls these methods and never asks which family it holds; core
+(where the hidden units h, the queries/keys and the attention output o are read, which
+weights rank them, how narrower modules are installed), describes and rebuilds its
+architecture for the checkpoint, counts the FLOPs outside the blocks (and inside them
+where its pruned layout is not the plain one), and says how it is exported and evaluated. Shared code calls these methods and never asks which family it holds; core
 modules never import a family: corp_cli.registry loads them by module name.
 
 The math is not here: every family feeds the same engine functions (one MLP solve path,
-one Q/K solve path). A family only moves tensors between its modules and the engine.
+used for the attention output too, one Q/K solve path). A family only moves tensors
+between its modules and the engine.
 """
 
 from __future__ import annotations
@@ -42,15 +43,24 @@ class BlockShape:
     dim: int
     mlp_hidden: int
     num_heads: int
-    head_dim: int  # value / output width per head
+    head_dim: int  # the dense per-head width (Q/K statistics and masks are shaped by it)
     qk_dim: int  # kept Q/K dims per head (== head_dim when unpruned)
+    v_dim: int = 0  # kept value / output dims per head; 0 means head_dim (unpruned)
     # key/value heads under grouped-query attention; None: one per query head (recorded only when set)
     kv_heads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.v_dim == 0:
+            object.__setattr__(self, "v_dim", self.head_dim)
 
     def to_dict(self) -> dict[str, int]:
         d = {"dim": self.dim, "mlp_hidden": self.mlp_hidden, "num_heads": self.num_heads,
              "head_dim": self.head_dim, "qk_dim": self.qk_dim}
-        return d if self.kv_heads is None else {**d, "kv_heads": self.kv_heads}
+        if self.v_dim != self.head_dim:  # only then: records of models without V/O pruning stay as they were
+            d["v_dim"] = self.v_dim
+        if self.kv_heads is not None:
+            d["kv_heads"] = self.kv_heads
+        return d
 
 
 @dataclass(frozen=True)
@@ -180,6 +190,23 @@ class MlpWeights:
     out_bias: Tensor | None
 
 
+@dataclass(frozen=True)
+class AttentionCut:
+    """What block i's attention keeps, with the corrections folded in (see ModelFamily.install_attention).
+
+    Rows of `qk_keep`, `qk_m` and `v_keep` are the kept heads, in `heads` order. Per-head
+    widths are equal inside the block, so the result is a regular narrower attention.
+    """
+
+    heads: Tensor  # (Hk,) kept heads, ascending
+    qk_keep: Tensor | None  # (Hk, ds) kept Q/K dims of each kept head, ascending; None: all of them
+    qk_m: Tensor | None  # (Hk, ds, ds) logit correction folded into the kept Q/K rows (with qk_keep)
+    v_keep: Tensor | None  # (Hk, dv) kept value dims of each kept head, ascending; None: all of them
+    out_weight: Tensor  # (out, Hk*dv) the output projection over the kept dims, compensation folded in
+    out_bias: Tensor | None
+    balanced: bool = True  # how the logit correction is split between the Q and K rows
+
+
 class ModelFamily(abc.ABC):
     """One architecture family. Instances are stateless; every method takes the model."""
 
@@ -298,6 +325,28 @@ class ModelFamily(abc.ABC):
         """Install Q/K-narrow attention in block i: kept dims (H, ds), folded correction M (H, ds, ds)."""
         raise UnsupportedModelError(self.qk_refusal(model, i) or f"{self.name}: Q/K pruning unsupported")
 
+    # attention values and output (V/O dims, whole heads)
+
+    def vo_refusal(self, model: nn.Module, i: int) -> str | None:
+        """Why block i's value/output dims and heads cannot be pruned, or None when they can."""
+        return (f"{self.name} models do not support value/output or head pruning "
+                "(prune --target mlp" + (",qk" if self.qk_refusal(model, i) is None else "") + " instead)")
+
+    def vo_hook(self, model: nn.Module, i: int, emit: Callable[[Tensor], Tensor | None]) -> list[Hook]:
+        """Hooks that call emit(o) with block i's attention output before its projection (..., H*d), heads concatenated.
+
+        When emit returns a tensor, it replaces o for the rest of the forward.
+        """
+        raise UnsupportedModelError(self.vo_refusal(model, i) or f"{self.name}: no V/O hook")
+
+    def vo_weights(self, model: nn.Module, i: int) -> MlpWeights:
+        """The value rows (H*d, dim) as `inputs` and the output projection (out, H*d) that o feeds."""
+        raise UnsupportedModelError(self.vo_refusal(model, i) or f"{self.name}: no V/O weights")
+
+    def install_attention(self, model: nn.Module, i: int, cut: AttentionCut) -> None:
+        """Install block i's attention narrowed to `cut`: kept heads, Q/K dims (correction folded), value dims and projection."""
+        raise UnsupportedModelError(self.vo_refusal(model, i) or f"{self.name}: V/O pruning unsupported")
+
     # ---- the compacted checkpoint
 
     @abc.abstractmethod
@@ -351,6 +400,15 @@ class ModelFamily(abc.ABC):
     @abc.abstractmethod
     def outer_flops(self, model: nn.Module, tokens: int) -> int:
         """FLOPs outside the blocks per item: the stem (patch embedding) and the heads."""
+
+    def layout_flops(self, model: nn.Module, i: int, shape: BlockShape, tokens: int) -> dict[str, int] | None:
+        """FLOPs of block i at `shape` (as it is, or as pruning would make it), where its layout is not the plain one.
+
+        None (the default): the plain layout, which corp counts from the shape alone
+        (corp_cli.flops.block_flops). A family whose pruned modules do other matmul work
+        (e.g. full-width Q/K projections followed by per-head maps) counts it here.
+        """
+        return None
 
     @abc.abstractmethod
     def outputs(self, loaded: Loaded, batch: Batch) -> Outputs:

@@ -16,20 +16,23 @@ from corp_cli.family import ModelIdentity
 from corp_cli.pruning import BlockMasks
 
 KIND = "masks"
-_KEY = re.compile(r"blocks\.(0|[1-9][0-9]{0,5})\.(mlp|attn)\.keep")  # ASCII digits only: int() must parse it
+_KEY = re.compile(r"blocks\.(0|[1-9][0-9]{0,5})\.(mlp|attn|vo|heads)\.keep")  # ASCII digits only: int() must parse it
+# Each part's index limit (a block shape key) and its rank: per-head parts have one row per kept head.
+_LIMITS = {"mlp": ("mlp_hidden", 1), "heads": ("num_heads", 1), "attn": ("head_dim", 2), "vo": ("head_dim", 2)}
 
 
 def save_masks(
     path: Path, masks: list[BlockMasks], *, identity: ModelIdentity, shapes: list[dict[str, int]],
-    options: dict[str, Any], stats_fingerprint: str,
+    options: dict[str, Any], stats_fingerprint: str, allocation: list[dict[str, Any]] | None = None,
 ) -> None:
+    """`allocation`: the per-block widths a FLOPs budget chose (recorded for reading; the tensors fix the kept units)."""
     tensors: dict[str, Tensor] = {}
     for i, bm in enumerate(masks):
-        if bm.mlp is not None:
-            tensors[f"blocks.{i}.mlp.keep"] = bm.mlp.to(torch.int64)
-        if bm.attn is not None:
-            tensors[f"blocks.{i}.attn.keep"] = bm.attn.to(torch.int64)
-    meta = {
+        for part in ("mlp", "attn", "vo", "heads"):
+            kept = getattr(bm, part)
+            if kept is not None:
+                tensors[f"blocks.{i}.{part}.keep"] = kept.to(torch.int64)
+    meta: dict[str, Any] = {
         "kind": KIND,
         "format_version": FORMAT_VERSION,
         "tool_version": __version__,
@@ -38,6 +41,8 @@ def save_masks(
         "options": options,
         "stats_fingerprint": stats_fingerprint,
     }
+    if allocation is not None:
+        meta["allocation"] = allocation
     save_safetensors_atomic(path, tensors, meta)
 
 
@@ -62,6 +67,7 @@ def load_masks(path: Path, shapes: list[dict[str, int]] | None = None) -> tuple[
     elif own != shapes:
         raise ArtifactError(f"{path}: masks were made for a model with different block shapes")
     masks = [BlockMasks() for _ in shapes]
+    found: dict[tuple[int, str], Tensor] = {}
     for key, t in sorted(tensors.items()):
         match = _KEY.fullmatch(key)
         if match is None:
@@ -71,14 +77,18 @@ def load_masks(path: Path, shapes: list[dict[str, int]] | None = None) -> tuple[
             raise ArtifactError(f"{path}: {key} refers to block {i} but the model has {len(shapes)} blocks")
         if t.dtype != torch.int64:
             raise ArtifactError(f"{path}: {key} has dtype {t.dtype}, expected int64")
-        limit_key = "mlp_hidden" if part == "mlp" else "head_dim"
+        found[(i, part)] = t
+    # heads first: the per-head parts have one row per kept head
+    for (i, part), t in sorted(found.items(), key=lambda kv: (kv[0][0], kv[0][1] != "heads")):
+        key = f"blocks.{i}.{part}.keep"
+        limit_key, want_ndim = _LIMITS[part]
         limit, heads = shapes[i].get(limit_key), shapes[i].get("num_heads")
-        if not _positive_int(limit) or (part == "attn" and not _positive_int(heads)):
+        if not _positive_int(limit) or (want_ndim == 2 and not _positive_int(heads)):
             raise ArtifactError(f"{path}: block_shapes[{i}] has no valid {limit_key}/num_heads for {key}")
-        want_ndim = 1 if part == "mlp" else 2
-        if t.ndim != want_ndim or (part == "attn" and t.shape[0] != heads):
+        rows_wanted = heads if masks[i].heads is None else int(masks[i].heads.numel())
+        if t.ndim != want_ndim or (want_ndim == 2 and t.shape[0] != rows_wanted):
             raise ArtifactError(f"{path}: {key} has shape {tuple(t.shape)}, which does not fit block {i}")
-        rows = t.reshape(1, -1) if part == "mlp" else t
+        rows = t.reshape(1, -1) if want_ndim == 1 else t
         if rows.shape[1] == 0 or int(rows.min()) < 0 or int(rows.max()) >= limit:
             raise ArtifactError(f"{path}: {key} holds indices outside [0, {limit}) or is empty")
         if bool((rows[:, 1:] <= rows[:, :-1]).any()):

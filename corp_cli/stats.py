@@ -29,7 +29,18 @@ _ATTN_FIELDS = {
     "k_gram": (torch.float64, lambda s: (s["num_heads"], s["head_dim"], s["head_dim"])),
     "qk_sq": (torch.float64, lambda s: (s["num_heads"], s["head_dim"])),
 }
-FIELDS = {"mlp": _MLP_FIELDS, "attn": _ATTN_FIELDS}
+
+def _o_width(s: dict[str, int]) -> int:
+    return s["num_heads"] * s.get("v_dim", s["head_dim"])
+
+
+# The attention output before its projection (the concatenated heads o): what V/O and head pruning solve on.
+_VO_FIELDS = {
+    "count": (torch.int64, lambda s: (1,)),
+    "sum": (torch.float64, lambda s: (_o_width(s),)),
+    "gram": (torch.float64, lambda s: (_o_width(s), _o_width(s))),
+}
+FIELDS = {"mlp": _MLP_FIELDS, "attn": _ATTN_FIELDS, "vo": _VO_FIELDS}
 
 
 def hist_spec() -> dict[str, int]:
@@ -38,7 +49,7 @@ def hist_spec() -> dict[str, int]:
 
 @dataclass
 class Statistics:
-    """Sums per block and part ('mlp', 'attn'), plus metadata (provenance, shapes, shards)."""
+    """Sums per block and part ('mlp', 'attn', 'vo'), plus metadata (provenance, shapes, shards)."""
 
     blocks: list[dict[str, dict[str, Tensor]]]
     meta: dict[str, Any]
@@ -138,7 +149,7 @@ def describe_blocks(blocks: list[int]) -> str:
 
 
 # Block-shape keys each part needs, to know its tensors' shapes.
-_SHAPE_KEYS = {"mlp": ("mlp_hidden",), "attn": ("num_heads", "head_dim")}
+_SHAPE_KEYS = {"mlp": ("mlp_hidden",), "attn": ("num_heads", "head_dim"), "vo": ("num_heads", "head_dim")}
 _PRODUCT_DTYPES = ("float32", "float64")
 _FORWARD_DTYPES = ("bfloat16", "float16")
 
@@ -166,6 +177,8 @@ def _check_meta(meta: dict[str, Any]) -> tuple[list[dict[str, int]], list[str]]:
         for key in (k for p in parts for k in _SHAPE_KEYS[p]):
             if not _is_count(shape.get(key), 1):
                 raise ValueError(f"block_shapes[{i}].{key} is {shape.get(key)!r}, expected a positive integer")
+        if "v_dim" in shape and not _is_count(shape["v_dim"], 1):
+            raise ValueError(f"block_shapes[{i}].v_dim is {shape['v_dim']!r}, expected a positive integer")
     ModelIdentity.from_dict(meta.get("model"))  # type: ignore[arg-type]
     shards = meta.get("shards")
     if not isinstance(shards, dict) or not _is_count(shards.get("count"), 1):
@@ -364,6 +377,22 @@ def check_preprocessing(stats: Statistics, preprocessing: dict[str, Any]) -> Non
         raise ArtifactError(
             f"statistics {stats.path} were calibrated with preprocessing {fields(stats.meta['preprocessing'])}, but the "
             f"preprocessing options given make it {fields(preprocessing)}; drop them or recalibrate with them"
+        )
+
+
+# What pruning each statistics part serves, and the --parts value that gathers it.
+PART_USES = {"mlp": "MLP", "attn": "Q/K", "vo": "value/output (V/O) and head"}
+
+
+def require_parts(stats: Statistics, needed: list[str]) -> None:
+    """Refuse, in one line, statistics that lack a part the pruning needs (older files have no 'vo')."""
+    missing = [p for p in needed if any(p not in b for b in stats.blocks)]
+    if missing:
+        have = ",".join(stats.blocks[0]) if stats.blocks else "none"
+        uses = " and ".join(PART_USES[p] for p in missing)
+        raise ArtifactError(
+            f"statistics {stats.path or '(in memory)'} have parts {have} but {uses} pruning needs {', '.join(missing)} sums; "
+            f"recalibrate with --parts {','.join(dict.fromkeys([*(stats.blocks[0] if stats.blocks else []), *missing]))}"
         )
 
 

@@ -1,4 +1,5 @@
-"""Accuracy (or fidelity) vs sparsity, with and without compensation, from ONE statistics file.
+"""Accuracy (or fidelity) vs sparsity, with and without compensation, from ONE statistics file;
+or vs FLOPs, for FLOPs budgets shared across blocks by the allocator against one uniform sparsity.
 
 Each point prunes a fresh deep copy of the already-loaded dense model; the dense model's
 outputs on the evaluation set are computed once (by the first call of the Measure) and
@@ -27,12 +28,14 @@ from corp_cli.errors import InputError
 from corp_cli.evaluate import evaluate
 from corp_cli.family import Batch, Loaded, Outputs
 from corp_cli.flops import model_counts
-from corp_cli.pruning import PruneOptions, apply_masks, plan_masks
+from corp_cli.pruning import PART_SPARSITY, PruneOptions, apply_masks, plan_masks
 from corp_cli.stats import Statistics
 
 log = logging.getLogger(__name__)
 
 ARMS = (("corp", True), ("no-compensation", False))
+# A FLOPs-budget sweep: the allocator's widths, and one sparsity for every block at the same FLOPs.
+BUDGET_ARMS = ("allocated", "uniform")
 CSV_COLUMNS = (
     "sparsity", "arm", "compensated", "metric", "value", "top1", "top5", "top1_agreement", "kl_mean",
     "feature_cosine_mean", "nn_agreement", "params", "tokens", "flops_per_item", "flops_reduction",
@@ -40,6 +43,7 @@ CSV_COLUMNS = (
 )
 # what a language model's rows add (after "value"); other models' CSVs keep CSV_COLUMNS exactly
 LM_COLUMNS = ("perplexity", "nll_mean")
+BUDGET_CSV_COLUMNS = (*CSV_COLUMNS, "flops_budget")
 # What each metric is, for plots and tables; fractions are shown as percentages.
 METRIC_LABELS = {
     "top1": "top-1 accuracy (%)",
@@ -53,28 +57,39 @@ PERCENT_METRICS = ("top1", "top1_agreement")
 Batches = Iterable[tuple[Batch, Tensor | None]]
 
 
-def parse_sparsities(text: str) -> list[float]:
+def parse_budgets(text: str) -> list[float]:
+    """FLOPs fractions in (0, 1), '0.9,0.7' or a run 'a,b,...,c'; largest first."""
+    values = parse_sparsities(text, flag="--flops-budgets")
+    bad = [v for v in values if v <= 0.0]
+    if bad:
+        raise InputError(f"--flops-budgets must lie in (0, 1), got {bad}")
+    return sorted(values, reverse=True)
+
+
+def parse_sparsities(text: str, flag: str = "--sparsities") -> list[float]:
     """'0.1,0.3,0.5' or an arithmetic run written 'a,b,...,c' (step b-a, c included)."""
     parts = [p.strip() for p in text.split(",") if p.strip()]
     try:
         if "..." in parts:
             if len(parts) != 4 or parts[2] != "...":
-                raise InputError(f"--sparsities: write a run as a,b,...,c (e.g. 0.1,0.2,...,0.7), got {text!r}")
+                raise InputError(f"{flag}: write a run as a,b,...,c (e.g. 0.1,0.2,...,0.7), got {text!r}")
             a, b, c = float(parts[0]), float(parts[1]), float(parts[3])
             step = b - a
-            if step <= 0 or c < a:
-                raise InputError(f"--sparsities {text!r}: need a < b and c >= a")
+            if step == 0 or (c - a) * step < 0:
+                raise InputError(f"{flag} {text!r}: the run must go from a towards c in steps of b - a")
+            if step < 0:
+                a, b, c, step = c, c - step, a, -step
             n = int(math.floor((c - a) / step + 1e-9)) + 1
             values = [round(a + i * step, 10) for i in range(n)]
         else:
             values = [float(p) for p in parts]
     except ValueError:
-        raise InputError(f"--sparsities must be comma-separated numbers, got {text!r}") from None
+        raise InputError(f"{flag} must be comma-separated numbers, got {text!r}") from None
     if not values:
-        raise InputError("--sparsities is empty")
+        raise InputError(f"{flag} is empty")
     bad = [v for v in values if not 0.0 <= v < 1.0]
     if bad:
-        raise InputError(f"--sparsities must lie in [0, 1), got {bad}")
+        raise InputError(f"{flag} must lie in [0, 1), got {bad}")
     return sorted(set(values))
 
 
@@ -228,7 +243,7 @@ def run_sweep(
         on_point(dense_row)
     rows: list[dict[str, Any]] = []
     for s in sparsities:
-        opts = replace(base, mlp_sparsity=s, attn_sparsity=s)
+        opts = replace(base, mlp_sparsity=s, attn_sparsity=s, vo_sparsity=s, head_sparsity=s)
         masks = plan_masks(dense.model, stats, opts, family=fam)  # ranking is the same for both arms
         for arm, compensated in ARMS:
             model = copy.deepcopy(dense.model)
@@ -244,13 +259,60 @@ def run_sweep(
     return dense_row, rows
 
 
-def csv_text(rows: list[dict[str, Any]]) -> str:
-    columns = list(CSV_COLUMNS)
+def run_budget_sweep(
+    dense: Loaded,
+    stats: Statistics,
+    budgets: list[float],
+    base: PruneOptions,
+    measure: Measure,
+    *,
+    on_point: Callable[[dict[str, Any]], None] | None = None,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(dense row, rows): per budget, the allocator's widths and one uniform sparsity at the same FLOPs (or just under)."""
+    from corp_cli.allocation import allocate, uniform_sparsity
+
+    metric = measure.metric
+    fam = dense.family
+    dense_counts = model_counts(dense.model, family=fam)
+    fields, seconds = measure(dense, dense=True)
+    dense_row = _row(0.0, "dense", None, fields, dense_counts, dense_counts["flops"], metric, seconds)
+    if on_point is not None:
+        on_point(dense_row)
+    rows: list[dict[str, Any]] = []
+    for budget in budgets:
+        opts = replace(base, flops_budget=budget)
+        alloc = allocate(fam, dense.model, stats, opts)
+        arms = [("allocated", None, plan_masks(dense.model, stats, opts, family=fam, widths=alloc.widths))]
+        # uniform at the FLOPs the allocation reached, so neither arm gets more compute
+        s, _ = uniform_sparsity(fam, dense.model, base, alloc.flops / alloc.dense_flops)
+        uni = replace(base, **{PART_SPARSITY[p]: s for p in base.parts})
+        arms.append(("uniform", s, plan_masks(dense.model, stats, uni, family=fam)))
+        for arm, sparsity, masks in arms:
+            model = copy.deepcopy(dense.model)
+            apply_masks(model, stats, masks, base if sparsity is None else uni, family=fam)
+            counts = model_counts(model, family=fam)
+            fields, seconds = measure(replace(dense, model=model), dense=False)
+            row = _row(sparsity if sparsity is not None else float("nan"), arm, base.compensation, fields, counts,
+                       dense_counts["flops"], metric, seconds)
+            row["sparsity"] = sparsity
+            row["flops_budget"] = budget
+            rows.append(row)
+            log.info("budget %.3g %s: %s=%.4f at %.4f of the dense FLOPs", budget, arm, metric, row["value"],
+                     counts["flops"] / dense_counts["flops"])
+            if on_point is not None:
+                on_point(row)
+            del model
+    return dense_row, rows
+
+
+def csv_text(rows: list[dict[str, Any]], columns: tuple[str, ...] = CSV_COLUMNS) -> str:
+    cols = list(columns)
     if any("perplexity" in r for r in rows):
-        at = columns.index("value") + 1
-        columns[at:at] = LM_COLUMNS
+        at = cols.index("value") + 1
+        cols[at:at] = LM_COLUMNS
+    columns = tuple(cols)
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     for r in rows:
         w.writerow({k: "" if r.get(k) is None else r[k] for k in columns})
@@ -299,6 +361,33 @@ def plot(path: Path, dense_row: dict[str, Any], rows: list[dict[str, Any]], titl
         lines2 = ax2.get_legend_handles_labels()
         ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="upper left" if metric in LOG_METRICS else "lower left",
                   fontsize=8)
+        ax.set_title(title, fontsize=9)
+        fig.tight_layout()
+        fig.savefig(path, format="png")
+    finally:
+        plt.close(fig)
+
+
+def plot_budgets(path: Path, dense_row: dict[str, Any], rows: list[dict[str, Any]], title: str, item: str = "image") -> None:
+    """Metric vs GFLOPs per item, for the allocated and the uniform arm."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    metric = dense_row["metric"]
+    k = metric_scale(metric)
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    try:
+        for arm, style in (("allocated", "o-"), ("uniform", "s--")):
+            pts = sorted((r for r in rows if r["arm"] == arm), key=lambda r: r["flops_per_item"])
+            ax.plot([r["flops_per_item"] / 1e9 for r in pts], [k * r["value"] for r in pts], style,
+                    label="allocated (--flops-budget)" if arm == "allocated" else "uniform sparsity")
+        ax.plot([dense_row["flops_per_item"] / 1e9], [k * dense_row["value"]], "k*", label="dense")
+        ax.set_xlabel(f"GFLOPs / {item}")
+        ax.set_ylabel(METRIC_LABELS[metric])
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right", fontsize=8)
         ax.set_title(title, fontsize=9)
         fig.tight_layout()
         fig.savefig(path, format="png")

@@ -78,26 +78,35 @@ def narrowed(name: str, blocks: list[dict[str, int]], family: str = "timm-vit", 
     return by_name(family).build({"family": family, "base_model": name, "model_kwargs": kwargs, "blocks": blocks}).eval()
 
 
+def _predict(keep: Tensor, prune: Tensor, sol: engine.RidgeSolution):
+    def on(h: Tensor) -> Tensor:
+        out = h.clone()
+        out[..., prune] = (h[..., keep].double() @ sol.b.T + sol.c).to(h.dtype)
+        return out
+    return on
+
+
 def masked_reference(dense, masks, stats, blocks):
-    """The dense model (a Loaded) with hooks that do what the compacted weights do: predict removed units, mix kept Q/K dims."""
+    """The dense model (a Loaded) with hooks that do what the compacted weights do: predict removed units
+    (MLP hidden units, attention output dims and heads), mix kept Q/K dims."""
     fam, model = dense.family, copy.deepcopy(dense.model)
     ref = dataclasses.replace(dense, model=model)
     for i, bm in enumerate(masks):
         entry = blocks[i]
+        heads = bm.heads if bm.heads is not None else torch.arange(fam.shape(dense.model, i).num_heads)
+        if bm.vo is not None or bm.heads is not None:
+            intercept = fam.vo_weights(dense.model, i).out_bias is not None
+            m = engine.fit_moments(stats.blocks[i]["vo"], intercept=intercept)
+            keep = engine.vo_kept_dims(heads, bm.vo, fam.shape(dense.model, i).head_dim)
+            prune = engine.complement(keep, m.mean.shape[0])
+            fam.vo_hook(model, i, _predict(keep, prune, engine.ridge_compensation(m, keep, prune, entry["vo"]["lambda"])))
         if bm.mlp is not None:
             # an output projection without a bias is compensated without intercept (engine.fit_moments)
             intercept = fam.mlp_weights(dense.model, i).out_bias is not None
             m = engine.fit_moments(stats.blocks[i]["mlp"], intercept=intercept)
             keep = bm.mlp
             prune = engine.complement(keep, m.mean.shape[0])
-            sol = engine.ridge_compensation(m, keep, prune, entry["mlp"]["lambda"])
-
-            def on_h(h: Tensor, keep: Tensor = keep, prune: Tensor = prune, sol: engine.RidgeSolution = sol) -> Tensor:
-                out = h.clone()
-                out[..., prune] = (h[..., keep].double() @ sol.b.T + sol.c).to(h.dtype)
-                return out
-
-            fam.mlp_hook(model, i, on_h)
+            fam.mlp_hook(model, i, _predict(keep, prune, engine.ridge_compensation(m, keep, prune, entry["mlp"]["lambda"])))
         if bm.attn is not None:
             st = stats.blocks[i]["attn"]
             n = int(st["count"].sum())
@@ -105,15 +114,18 @@ def masked_reference(dense, masks, stats, blocks):
             keep = bm.attn
             prune = torch.stack([engine.complement(k, d) for k in keep])
             lam = torch.tensor(entry["attn"]["lambda_per_head"], dtype=torch.float64)
-            sol = engine.qk_compensation(st["q_gram"] / n, st["k_gram"] / n, keep, prune, lam=None,
+            sol = engine.qk_compensation(st["q_gram"][heads] / n, st["k_gram"][heads] / n, keep, prune, lam=None,
                                          scale=fam.softmax_scale(dense.model, i))
             assert torch.allclose(sol.lam, lam)
-            mix = torch.eye(keep.shape[1], dtype=torch.float64) + sol.m  # (H, ds, ds)
+            mix = torch.eye(keep.shape[1], dtype=torch.float64) + sol.m  # (Hk, ds, ds)
 
-            def on_qk(q: Tensor, k: Tensor, keep: Tensor = keep, mix: Tensor = mix) -> tuple[Tensor, Tensor]:
-                q2, k2 = torch.zeros_like(q), torch.zeros_like(k)
-                for h, s in enumerate(keep):  # logit = q_S^T (I + M) k_S, removed dims contribute nothing
-                    q2[:, h][..., s] = (q[:, h][..., s].double() @ mix[h]).to(q.dtype)
+            def on_qk(q: Tensor, k: Tensor, keep: Tensor = keep, mix: Tensor = mix,
+                      heads: Tensor = heads) -> tuple[Tensor, Tensor]:
+                # a removed head's output is replaced by the V/O prediction: its logits do not matter
+                q2, k2 = q.clone(), k.clone()
+                for j, (h, s) in enumerate(zip(heads.tolist(), keep)):
+                    q2[:, h], k2[:, h] = 0, 0  # logit = q_S^T (I + M) k_S, removed dims contribute nothing
+                    q2[:, h][..., s] = (q[:, h][..., s].double() @ mix[j]).to(q.dtype)
                     k2[:, h][..., s] = k[:, h][..., s]
                 return q2, k2
 

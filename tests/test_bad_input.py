@@ -241,7 +241,7 @@ CASES = [
     _c("prune-min-qk-dim-too-big", PRUNE_OUT + " --min-qk-dim 65", 2, "--min-qk-dim 65 exceeds the head dim 64"),
     _c("prune-lambda-negative", PRUNE_OUT + " --lambda -1", 2, "--lambda"),
     _c("prune-lambda-word", PRUNE_OUT + " --lambda lots", 2, "--lambda"),
-    _c("prune-bad-target", PRUNE_OUT + " --target heads", 2, "--target"),
+    _c("prune-bad-target", PRUNE_OUT + " --target hedas", 2, "--target"),
     _c("prune-bad-ranker", PRUNE_OUT + " --ranker random", 2, "--ranker"),
     _c("prune-bad-qk-fold", PRUNE_OUT + " --qk-fold k", 2, "--qk-fold"),
     _c("prune-unknown-model", PRUNE_OUT.replace(MODEL, "deit_tiny_patch16_225"), 2, "did you mean deit_tiny_patch16_224"),

@@ -73,7 +73,7 @@ def test_calibrate_prune_load_chain(tmp_path: Path, tiny_ckpt: Path) -> None:
     third = tmp_path / "third"
     said = _invoke("prune", "deit_tiny_patch16_224", "--checkpoint", tiny_ckpt, "--stats", stats, "--config", preset,
                    "--masks", pruned / "masks.safetensors", "--out", third)
-    assert "mlp_sparsity, attn_sparsity, ranker superseded by --masks" in " ".join(said.split())
+    assert "mlp_sparsity, attn_sparsity, ranker, vo_sparsity, head_sparsity superseded by --masks" in " ".join(said.split())
     assert (third / "model.safetensors").read_bytes() == (pruned / "model.safetensors").read_bytes()
 
     # same inputs -> byte-identical statistics

@@ -1,12 +1,15 @@
 """The family contract, over every registered family (small random-init configs, built offline).
 
-calibrate -> prune (MLP, and Q/K where the family allows it) -> compacted == masked
-numerically -> save -> reload in a fresh process -> export -> reload without corp.
+calibrate -> prune (MLP, and Q/K where the family allows it; and, where it allows them,
+every part at once: MLP, Q/K, V/O dims and whole heads) -> compacted == masked numerically
+-> save -> reload in a fresh process -> export -> reload without corp.
 
 The masked reference is the dense model run with the removed hidden units replaced by the
-affine prediction B h_S + c and the removed Q/K dims zeroed with the kept ones mixed by
-(I + M): the function the folded, narrower weights must compute. It is built from the
-engine's own solves and the family's hooks, so it is the same for every family.
+affine prediction B h_S + c, the removed Q/K dims zeroed with the kept ones mixed by
+(I + M), and the removed dims of the attention output o (V/O dims and whole heads) replaced
+by their ridge prediction from the kept ones: the function the folded, narrower weights
+must compute. It is built from the engine's own solves and the family's hooks, so it is the
+same for every family.
 """
 
 from __future__ import annotations
@@ -92,7 +95,7 @@ def _decoder(tmp: Path) -> tuple[Loaded, list, dict]:
     return load_dense(folder), [_tokens(6, 512), _tokens(6, 512, seed=1)], _tokens(3, 512, seed=9)
 
 
-# (family name, case id) -> the dense model, calibration batches, check inputs
+# case id -> (family name, the dense model, calibration batches, check inputs)
 CASES: dict[str, tuple[str, Callable[[Path], tuple[Loaded, list, dict]]]] = {
     "timm-vit": ("timm-vit", _timm("deit_tiny_patch16_224", 32)),
     "timm-vit-qknorm": ("timm-vit", _timm("vit_small_patch16_224", 32, qk_norm=True)),
@@ -103,8 +106,17 @@ CASES: dict[str, tuple[str, Callable[[Path], tuple[Loaded, list, dict]]]] = {
 }
 
 
+# Families whose attention output (V/O dims, whole heads) corp prunes: checked with every part at once.
+ALL_PARTS = "mlp,qk,vo,heads"
+VO_CASES = ("timm-vit", "timm-vit-qknorm", "hf-bert", "hf-vit")
+
+
 def test_every_registered_family_has_a_contract_case() -> None:
     assert {f.name for f in families()} <= {fam for fam, _ in CASES.values()}
+
+
+def _params() -> list[tuple[str, str | None]]:
+    return [(c, None) for c in sorted(CASES)] + [(c, ALL_PARTS) for c in VO_CASES]
 
 
 def _outputs(loaded: Loaded, batch: dict) -> tuple[Tensor | None, Tensor]:
@@ -113,22 +125,39 @@ def _outputs(loaded: Loaded, batch: dict) -> tuple[Tensor | None, Tensor]:
     return out.logits, out.features
 
 
+def test_families_refuse_what_they_cannot_prune_in_one_line(tmp_path: Path) -> None:
+    """V/O and head pruning: the cases above cover every family that allows it; the rest refuse it by name."""
+    for case, (family_name, make) in CASES.items():
+        dense, _, _ = make(tmp_path / case)
+        why = dense.family.vo_refusal(dense.model, 0)
+        assert (why is None) == (case in VO_CASES), (case, why)
+        if why is not None:
+            assert "\n" not in why and "--target mlp" in why
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_family_contract(case: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("case", "target"), _params())
+def test_family_contract(case: str, target: str | None, tmp_path: Path) -> None:
     family_name, make = CASES[case]
     dense, batches, check = make(tmp_path)
     dense.model.double()
     assert dense.family.name == family_name
+    parts = ("mlp", "attn", "vo") if target else None
     stats = api.calibrate(dense, [{k: v.double() if v.is_floating_point() else v for k, v in as_batch(b).items()}
-                                  for b in batches], precision="float64")
-    result = api.prune(dense, stats, sparsity=0.5)  # on a copy; the default target is what the family allows
+                                  for b in batches], precision="float64", parts=parts)
+    # on a copy; the default target is what the family allows
+    result = api.prune(dense, stats, sparsity=0.5, **({"target": target} if target else {}))
     fam = dense.family
     check = {k: v.double() if v.is_floating_point() else v for k, v in check.items()}
     pruned_attn = any(m.attn is not None for m in result.masks)
     assert pruned_attn == (fam.qk_refusal(dense.model, 0) is None), "Q/K pruned exactly where the family allows it"
     widths = [fam.shape(dense.model, i).mlp_hidden for i in range(fam.num_blocks(dense.model))]
     assert [m.mlp.numel() for m in result.masks] == [w - w // 2 for w in widths]
+    if target:
+        shapes = [fam.shape(result.model, i) for i in range(2)]
+        dense_shape = fam.shape(dense.model, 0)
+        assert all(s.num_heads == dense_shape.num_heads - dense_shape.num_heads // 2 for s in shapes)
+        assert all(s.v_dim == s.qk_dim == dense_shape.head_dim - dense_shape.head_dim // 2 for s in shapes)
 
     # compacted == masked, in float64: the narrower modules compute the masked, compensated function
     got_logits, got_feats = _outputs(result.loaded, check)
@@ -171,6 +200,10 @@ def test_family_contract(case: str, tmp_path: Path) -> None:
     # export -> run with torch alone: no corp, timm or transformers in the process
     from corp_cli.export import export_model
 
+    if target:  # ONNX too: the narrower attention must go through the exporter and onnxruntime
+        pytest.importorskip("onnxruntime")
+        onnx = export_model(out, "onnx", tmp_path / "model.onnx")
+        assert onnx.max_abs_diff is not None and onnx.max_abs_diff < 1e-4
     exported = export_model(out, "torch-export", tmp_path / "model.pt2")
     names = [e["name"] for e in exported.inputs]
     code = (

@@ -78,6 +78,13 @@ class MatmulCounter(TorchDispatchMode):
             self._add(name, 2 * a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2])
         elif name in ("convolution", "_convolution", "conv2d"):
             self._add(name, _conv_flops(args[0], args[1], out))
+        elif name == "einsum":  # two operands: 2 * the product of every index's size
+            eq, ops = args[0], args[1]
+            sizes: dict[str, int] = {}
+            for spec, t in zip(eq.split("->")[0].split(","), ops):
+                sizes.update(zip(spec, t.shape))
+            assert len(ops) == 2, eq
+            self._add(name, 2 * math.prod(sizes.values()))
         elif name in _SDPA:
             q, k, v = args[0], args[1], args[2]  # (B, H, L, E_qk), (B, H, S, E_qk), (B, H, S, E_v)
             b, h, l, e_qk = q.shape
@@ -185,3 +192,33 @@ def test_decoder_with_grouped_query_attention_matches_brute_force(pruned: bool, 
         loaded.model(input_ids=torch.randint(3, 512, (1, tokens)), use_cache=False)
     assert not counter.unhandled
     assert model_counts(loaded.model, tokens=tokens, family=loaded.family)["flops"] == counter.flops
+
+
+def _vo_heads_pruned() -> torch.nn.Module:
+    """Value/output dims and whole heads pruned too, per block differently, with and without Q/K pruning."""
+    blocks = [{"mlp_hidden": 768 - 40 * i, "qk_dim": 64 - 8 * (i % 3), "v_dim": 64 - 4 * i, "num_heads": 3 - i % 3}
+              for i in range(12)]
+    blocks[0] = {"mlp_hidden": 768, "qk_dim": 64, "v_dim": 16}  # V/O only: queries wider than values
+    return narrowed("deit_tiny_patch16_224", blocks)
+
+
+def test_vo_and_head_pruned_deit_tiny_matches_brute_force(unpadded_attention: None) -> None:
+    model = _vo_heads_pruned()
+    assert [b.attn.num_heads for b in model.blocks][:4] == [3, 2, 1, 3]
+    assert model.blocks[0].attn.v_dim == 16 and model.blocks[0].attn.qk_dim == 64
+    counts = model_counts(model)
+    counter = brute_force_flops(model)
+    assert counts["flops"] == counter.flops // 2
+    assert counts["flops"] < model_counts(_pruned())["flops"]
+
+
+@pytest.mark.parametrize("maps", [True, False], ids=["qk-pruned", "vo-heads-only"])
+def test_qk_norm_pruned_vit_matches_brute_force(unpadded_attention: None, maps: bool) -> None:
+    """q/k-norm attention keeps full-width q/k projections (and, Q/K-pruned, per-head maps): the count says so."""
+    blocks = [{"mlp_hidden": 1536 - 100 * i, "qk_dim": (48 - 8 * i) if maps else 64, "qk_norm": True,
+               **({} if maps else {"qk_maps": False}), "v_dim": 64 - 4 * i, "num_heads": 6 - i} for i in range(3)]
+    model = narrowed("vit_small_patch16_224", blocks, depth=3, qk_norm=True)
+    assert all((b.attn.q_out is not None) == maps for b in model.blocks)
+    counts = model_counts(model)
+    counter = brute_force_flops(model)
+    assert counts["flops"] == counter.flops // 2

@@ -42,20 +42,23 @@ MLP_ONLY = {"--mlp-sparsity": "0.3", "--ranker": "obs", "--min-keep": "2", "--ro
 ATTN_ONLY = {"--attn-sparsity": "0.3", "--qk-ranker": "joint", "--min-qk-dim": "2", "--qk-fold": "q"}
 # benchmark options of causal language models (families honouring seq_len): token windows and generation
 LM_BENCH = {"--seq-lens": "8", "--new-tokens": "4"}
+VO_ONLY = {"--vo-sparsity": "0.3", "--vo-ranker": "obs"}
+HEADS_ONLY = {"--head-sparsity": "0.3", "--head-ranker": "greedy"}
 
 # Every option of every command, by what decides whether it applies.
 CLASSES = {
     "model": {"--checkpoint", "--num-classes", "--pretrained-cfg", "--model-arg", "--seq-len", *PREPROCESSING},
     "lm": {*LM_BENCH},
     "images": {"--workers"},
-    "part": {*MLP_ONLY, *ATTN_ONLY},
+    "part": {*MLP_ONLY, *ATTN_ONLY, *VO_ONLY, *HEADS_ONLY},
     "classifier": {"--labels"},
     # meaningful for every model and every family (checked by the tests of each command)
     "any": {"--out", "--data", "--calib-data", "--samples", "--seed", "--shard", "--parts", "--precision", "--device",
             "--batch-size", "--overwrite", "--json", "--stats", "--sparsity", "--target", "--lambda",
             "--no-compensation", "--config", "--masks", "--reference", "--reference-checkpoint", "--sparsities",
             "--cache-mb", "--batch-sizes", "--dtype", "--compile", "--warmup", "--runs", "--format", "--dynamic-batch",
-            "--verify", "--debug", "--verbose", "--version", "--blocks", "--dry-run", "--max-memory", "--allow-gaps"},
+            "--verify", "--debug", "--verbose", "--version", "--blocks", "--dry-run", "--max-memory", "--allow-gaps",
+            "--flops-budget", "--flops-budgets"},
 }
 
 
@@ -177,6 +180,25 @@ def test_part_options_are_refused_where_the_target_does_not_prune_that_part(spec
         for flag, value in MLP_ONLY.items():
             if fam.name not in ("timm-eva", "hf-llama"):  # rotary models cannot prune attention: --target attn is refused first
                 _refused([*base, "--target", "attn", flag, value], flag)
+
+
+def test_value_and_head_options_are_refused_where_the_target_does_not_prune_them(specs: dict, tmp_path: Path) -> None:
+    for fam in families():
+        base = _base("prune", specs[fam.name], tmp_path)
+        for flag, value in VO_ONLY.items():
+            _refused([*base, "--target", "mlp,heads" if fam.name != "timm-eva" else "mlp", flag, value], flag)
+        for flag, value in HEADS_ONLY.items():
+            _refused([*base, "--target", "mlp,vo" if fam.name != "timm-eva" else "mlp", flag, value], flag)
+        # a FLOPs budget chooses the sparsities itself
+        _refused([*base, "--flops-budget", "0.7", "--mlp-sparsity", "0.3"], "--mlp-sparsity")
+
+
+def test_value_and_head_pruning_is_refused_in_one_line_where_the_family_cannot(specs: dict, tmp_path: Path) -> None:
+    """Eva (rotary attention) has no narrowed attention in corp: V/O dims and heads are refused before calibration."""
+    base = _base("prune", specs["timm-eva"], tmp_path)
+    for target in ("vo", "heads", "mlp,vo", "all"):
+        _refused([*base, "--target", target], "--target mlp")
+    _refused([*_base("calibrate", specs["timm-eva"], tmp_path), "--parts", "mlp,vo"], "--parts mlp")
 
 
 def test_eva_refuses_attention_options_without_a_target_and_q_k_pruning_with_one(specs: dict, tmp_path: Path) -> None:

@@ -40,9 +40,9 @@ app = typer.Typer(
 
 def parse_parts(text: str) -> tuple[str, ...]:
     parts = tuple(p.strip() for p in text.split(",") if p.strip())
-    bad = [p for p in parts if p not in D.PARTS]
+    bad = [p for p in parts if p not in D.STATS_PARTS]
     if not parts or bad:
-        raise InputError(f"--parts must be a comma list of {', '.join(D.PARTS)}, got {text!r}")
+        raise InputError(f"--parts must be a comma list of {', '.join(D.STATS_PARTS)}, got {text!r}")
     return parts
 
 
@@ -94,7 +94,7 @@ def run_cmd(
     samples: Annotated[int, typer.Option("--samples", min=1, help="Number of calibration images or texts.")] = DEFAULT_SAMPLES,
     seed: C.SeedOpt = 0,
     shard: Annotated[str | None, typer.Option("--shard", help="I/N: calibrate only the I-th (0-based) of N disjoint slices.")] = None,
-    parts: Annotated[str | None, typer.Option("--parts", help="Which statistics to gather: mlp, attn or both (default: what the model can be pruned by).")] = None,
+    parts: Annotated[str | None, typer.Option("--parts", help="Which statistics to gather, a comma list of mlp (MLP units), attn (Q/K dims) and vo (value/output dims and whole heads) (default: mlp, and attn where the model allows Q/K pruning).")] = None,
     precision: Annotated[str, typer.Option("--precision", help="Per-batch product dtype: float32 (fast) or float64; sums are float64 always.")] = D.PRECISION,
     dtype: Annotated[str, typer.Option("--dtype", help="Forward dtype: fp32, or bf16/fp16 under autocast (products stay float32, sums float64).")] = "fp32",
     blocks: Annotated[str | None, typer.Option("--blocks", help="Only these blocks, e.g. 0-11 (merge the pieces with `corp calibrate merge`).")] = None,

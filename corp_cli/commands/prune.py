@@ -21,12 +21,17 @@ def prune_cmd(
     calib_data: Annotated[str | None, typer.Option("--calib-data", help=f"Calibration data when --stats is not given (default {D.CALIB_DATA['image']} for images, {D.CALIB_DATA['text']} for text).")] = None,
     samples: Annotated[int | None, typer.Option("--samples", min=1, help=f"Calibration images or texts when calibrating here (default {D.CALIB_SAMPLES}).")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Seed for choosing the calibration subset when calibrating here (default 0).")] = None,
-    sparsity: Annotated[float | None, typer.Option("--sparsity", help=f"Fraction removed, for the MLP and the Q/K dims (default: {D.MLP_SPARSITY}).")] = None,
+    sparsity: Annotated[float | None, typer.Option("--sparsity", help=f"Fraction removed, for every part the target prunes (default: {D.MLP_SPARSITY}).")] = None,
     mlp_sparsity: Annotated[float | None, typer.Option("--mlp-sparsity", help="Fraction of MLP hidden units removed (overrides --sparsity).")] = None,
     attn_sparsity: Annotated[float | None, typer.Option("--attn-sparsity", help="Fraction of each head's Q/K dims removed (overrides --sparsity).")] = None,
-    target: Annotated[str | None, typer.Option("--target", help=f"mlp, attn or both (default: {D.TARGET}).")] = None,
+    vo_sparsity: Annotated[float | None, typer.Option("--vo-sparsity", help="Fraction of each head's value/output dims removed (overrides --sparsity).")] = None,
+    head_sparsity: Annotated[float | None, typer.Option("--head-sparsity", help="Fraction of each block's heads removed (overrides --sparsity).")] = None,
+    flops_budget: Annotated[float | None, typer.Option("--flops-budget", help="Keep at most this fraction (0-1) of the dense FLOPs: every block's widths of every part in --target are chosen to minimise the predicted error (instead of the sparsities).")] = None,
+    target: Annotated[str | None, typer.Option("--target", help=f"What to prune, a comma list of mlp, qk (Q/K dims), vo (value/output dims), heads; attn = qk, both = mlp,qk, all = mlp,qk,vo (default: {D.TARGET} where the model allows Q/K pruning, else mlp).")] = None,
     ranker: Annotated[str | None, typer.Option("--ranker", help=f"MLP ranking: {', '.join(D.MLP_RANKERS)} (default: {D.RANKER}).")] = None,
     qk_ranker: Annotated[str | None, typer.Option("--qk-ranker", help=f"Q/K ranking: {', '.join(D.QK_RANKERS)} (default: {D.QK_RANKER}).")] = None,
+    vo_ranker: Annotated[str | None, typer.Option("--vo-ranker", help=f"Value/output dim ranking within each head: {', '.join(D.VO_RANKERS)} (default: {D.VO_RANKER}).")] = None,
+    head_ranker: Annotated[str | None, typer.Option("--head-ranker", help=f"Head ranking: {', '.join(D.HEAD_RANKERS)} (default: {D.HEAD_RANKER}: the compensated error of removing the head).")] = None,
     lam: Annotated[str | None, typer.Option("--lambda", help="Ridge lambda: auto (data-scaled shrinkage) or a number (default: auto).")] = None,
     no_compensation: Annotated[bool, typer.Option("--no-compensation", help="Drop units with no correction (the baseline).")] = False,
     round_to: Annotated[int | None, typer.Option("--round-to", help=f"Keep survivor counts multiples of N (default: {D.ROUND_TO}).")] = None,
@@ -55,7 +60,7 @@ def prune_cmd(
     overwrite: C.OverwriteOpt = False,
     json_out: C.JsonOpt = None,
 ) -> None:
-    """Prune MODEL with CORP: remove MLP units and Q/K dims, fold the closed-form compensation in."""
+    """Prune MODEL with CORP: remove MLP units, Q/K dims, value/output dims or heads, fold the closed-form compensation in."""
     import time
 
     from corp_cli import api
@@ -67,8 +72,8 @@ def prune_cmd(
     from corp_cli.devices import resolve_device
     from corp_cli.loading import resolve_model
     from corp_cli.masks import load_masks
-    from corp_cli.pruning import check_prunable
     from corp_cli.plan import parse_bytes
+    from corp_cli.pruning import check_prunable, stats_parts_for
     from corp_cli.stats import Statistics, check_block_shapes, check_matches, check_preprocessing
 
     C.quiet_unless_main_rank()
@@ -89,8 +94,9 @@ def prune_cmd(
     config_keys = load_prune_config(C.existing_file(config, "--config")) if config else {}
     preset_args = config_keys.pop("model_kwargs", None)
     flags = {
-        "sparsity": sparsity, "mlp_sparsity": mlp_sparsity, "attn_sparsity": attn_sparsity, "target": target,
-        "ranker": ranker, "qk_ranker": qk_ranker, "lam": parse_lambda(lam),
+        "sparsity": sparsity, "mlp_sparsity": mlp_sparsity, "attn_sparsity": attn_sparsity,
+        "vo_sparsity": vo_sparsity, "head_sparsity": head_sparsity, "flops_budget": flops_budget, "target": target,
+        "ranker": ranker, "qk_ranker": qk_ranker, "vo_ranker": vo_ranker, "head_ranker": head_ranker, "lam": parse_lambda(lam),
         "compensation": False if no_compensation else None, "round_to": round_to, "min_keep": min_keep,
         "min_qk_dim": min_qk_dim, "qk_balanced": None if qk_fold is None else qk_fold == "balanced",
     }
@@ -104,7 +110,9 @@ def prune_cmd(
     mmeta: dict[str, Any] = {}
     if masks_path is not None:
         chooser_flags = {"--sparsity": sparsity, "--mlp-sparsity": mlp_sparsity, "--attn-sparsity": attn_sparsity,
-                         "--ranker": ranker, "--qk-ranker": qk_ranker, "--round-to": round_to, "--min-keep": min_keep,
+                         "--vo-sparsity": vo_sparsity, "--head-sparsity": head_sparsity, "--flops-budget": flops_budget,
+                         "--ranker": ranker, "--qk-ranker": qk_ranker, "--vo-ranker": vo_ranker,
+                         "--head-ranker": head_ranker, "--round-to": round_to, "--min-keep": min_keep,
                          "--min-qk-dim": min_qk_dim}
         chosen = [flag for flag, value in chooser_flags.items() if value is not None]
         if chosen:
@@ -151,8 +159,8 @@ def prune_cmd(
             check_options_apply(opts, flags, config_keys, config)
             check_prunable(fam_, model_, opts)
             shapes_ = [fam_.shape(model_, i).to_dict() for i in range(fam_.num_blocks(model_))]
-            prunes_attn = opts.prune_attn or (preset is not None and any(m.attn is not None for m in preset))
-            parts_ = ("mlp", "attn") if prunes_attn else ("mlp",)
+            # what the target needs (the MLP sums always: they are what a later run reuses most)
+            parts_ = tuple(dict.fromkeys(["mlp", *stats_parts_for(opts.parts)]))
             check_plan(opts, shapes_, list(parts_), preset)
             return parts_
 
@@ -225,32 +233,68 @@ def _print_dry_run(plan: Any, loaded: Any, opts: Any, out: Path, json_out: str |
         from corp_cli.commands.calibrate import print_plan
 
         print_plan(plan, "corp prune (calibration)")
+    if not widths:
+        C.out.print(f"corp prune plan -> {out}: --flops-budget {opts.flops_budget:g} chooses every block's widths "
+                    "from the statistics (after calibration)")
+        return
+    attn = any(w["heads_kept"] != w["num_heads"] or w["v_kept"] != w["head_dim"] for w in widths)
     table = Table(title=f"corp prune plan -> {out} (target {opts.target})")
-    for col in ("block", "mlp kept", "qk kept"):
+    for col in ("block", "mlp kept", "qk kept", *(("heads", "vo kept") if attn else ())):
         table.add_column(col, justify="right")
     for w in widths:
-        table.add_row(str(w["block"]), f"{w['mlp_kept']}/{w['mlp_hidden']}", f"{w['qk_kept']}/{w['head_dim']}")
+        table.add_row(str(w["block"]), f"{w['mlp_kept']}/{w['mlp_hidden']}", f"{w['qk_kept']}/{w['head_dim']}",
+                      *((f"{w['heads_kept']}/{w['num_heads']}", f"{w['v_kept']}/{w['head_dim']}") if attn else ()))
+    C.out.print(table)
+
+
+def _print_allocation(out: Path, report: dict[str, Any]) -> None:
+    alloc = report["allocation"]
+    table = Table(title=f"corp prune -> {out}: --flops-budget {alloc['flops_budget']:g} "
+                        f"(kept {alloc['flops_ratio']:.4f} of the dense FLOPs), widths chosen per block")
+    parts = [p for p in ("mlp", "heads", "qk", "vo") if any(p in b for b in alloc["blocks"])]
+    for col in ("block", *[{"mlp": "mlp kept", "heads": "heads", "qk": "qk kept", "vo": "vo kept"}[p] for p in parts],
+                "pred. err", "GFLOPs"):
+        table.add_column(col, justify="right")
+    for b in alloc["blocks"]:
+        err = sum(b[p].get("weighted_error", b[p].get("predicted_error", 0.0)) for p in parts if p in b)
+        table.add_row(str(b["block"]), *[f"{b[p]['kept']}/{b[p]['width']}" for p in parts], f"{err:.3g}",
+                      f"{b['flops'] / 1e9:.3f}")
     C.out.print(table)
 
 
 def _print_summary(out: Path, report: dict[str, Any]) -> None:
+    if "allocation" in report:
+        _print_allocation(out, report)
+        _print_totals(report)
+        return
     compensated = report["options"].get("compensation", True)
-    plain = "" if compensated else ", no compensation (the 'none' errors are the ones applied)"
     table = Table(title=f"corp prune -> {out}{'' if compensated else '  (no compensation)'}", show_lines=False)
-    for col in ("block", "mlp kept", "mlp err (comp / none)", "qk kept", "logit err (comp / none)"):
+    vo = any("vo" in b for b in report["blocks"])
+    cols = ["block", "mlp kept", "mlp err (comp / none)", "qk kept", "logit err (comp / none)"]
+    for col in cols + (["heads", "vo kept", "out err (comp / none)"] if vo else []):
         table.add_column(col, justify="right")
     for b in report["blocks"]:
         mlp = b.get("mlp")
         attn = b.get("attn")
-        table.add_row(
+        row = [
             str(b["block"]),
             f"{mlp['kept']}/{mlp['width']}" if mlp else "-",
             f"{mlp['predicted_error_compensated']:.3g} / {mlp['predicted_error_uncompensated']:.3g}" if mlp else "-",
             f"{attn['qk_kept']}/{attn['head_dim']}" if attn else "-",
             f"{sum(attn['predicted_logit_error_compensated']):.3g} / {sum(attn['predicted_logit_error_uncompensated']):.3g}" if attn else "-",
-        )
+        ]
+        if vo:
+            v = b.get("vo")
+            row += [f"{v['heads_kept']}/{v['num_heads']}" if v else "-", f"{v['v_kept']}/{v['head_dim']}" if v else "-",
+                    f"{v['predicted_error_compensated']:.3g} / {v['predicted_error_uncompensated']:.3g}" if v else "-"]
+        table.add_row(*row)
     C.out.print(table)
+    _print_totals(report)
+
+
+def _print_totals(report: dict[str, Any]) -> None:
     t = report["totals"]
+    plain = "" if report["options"].get("compensation", True) else ", no compensation (the 'none' errors are the ones applied)"
     synth = "  [SYNTHETIC calibration data]" if report["synthetic"] else ""
     C.out.print(
         f"params {t['params_before']:,} -> {t['params_after']:,} (-{100 * t['params_reduction']:.1f}%), "

@@ -26,8 +26,9 @@ def sweep_cmd(
     stats_path: Annotated[Path, typer.Option("--stats", help="Statistics from `corp calibrate` (used for every point; no re-calibration).")],
     data: Annotated[str, typer.Option("--data", help="Evaluation data: an image folder, hf:NAME\\[:CONFIG]\\[@SPLIT] or synthetic; text:pydoc@eval, text:FILE or hf:NAME for text models.")],
     out: Annotated[Path, typer.Option("--out", help="Output directory (sweep.csv, sweep.json, sweep.png).")],
-    sparsities: Annotated[str, typer.Option("--sparsities", help="Comma list, or a run a,b,...,c.")] = D.SWEEP_SPARSITIES,
-    target: Annotated[str | None, typer.Option("--target", help=f"mlp, attn or both (default: {D.TARGET} where the model allows Q/K pruning, else mlp).")] = None,
+    sparsities: Annotated[str | None, typer.Option("--sparsities", help=f"Comma list, or a run a,b,...,c (default: {D.SWEEP_SPARSITIES}).")] = None,
+    flops_budgets: Annotated[str | None, typer.Option("--flops-budgets", help=f"Instead of sparsities: FLOPs fractions (e.g. {D.SWEEP_FLOPS_BUDGETS}); each is pruned with the widths the allocator chooses (prune --flops-budget) and with one uniform sparsity at the same FLOPs, and both are plotted against FLOPs.")] = None,
+    target: Annotated[str | None, typer.Option("--target", help=f"A comma list of mlp, qk, vo, heads; attn = qk, both = mlp,qk, all = mlp,qk,vo (default: {D.TARGET} where the model allows Q/K pruning, else mlp).")] = None,
     ranker: Annotated[str | None, typer.Option("--ranker", help=f"MLP ranking: {', '.join(D.MLP_RANKERS)} (default: {D.RANKER}).")] = None,
     qk_ranker: Annotated[str | None, typer.Option("--qk-ranker", help=f"Q/K ranking: {', '.join(D.QK_RANKERS)} (default: {D.QK_RANKER}).")] = None,
     round_to: Annotated[int | None, typer.Option("--round-to", min=1, help=f"Keep MLP survivor counts multiples of N (default: {D.ROUND_TO}).")] = None,
@@ -46,7 +47,7 @@ def sweep_cmd(
     overwrite: C.OverwriteOpt = False,
     json_out: C.JsonOpt = None,
 ) -> None:
-    """Accuracy (or fidelity) vs sparsity for CORP and the uncompensated baseline, with FLOPs.
+    """Accuracy (or fidelity) vs sparsity for CORP and the uncompensated baseline, with FLOPs; or vs FLOPs budgets.
 
     Classifiers are scored on top-1 (labelled data) or agreement with the dense model;
     backbones and text encoders on the cosine of their pooled feature to the dense model's;
@@ -57,12 +58,18 @@ def sweep_cmd(
     from corp_cli.evaluate import label_remap
     from corp_cli.loading import load_dense
     from corp_cli.config import check_options_apply
-    from corp_cli.pruning import PruneOptions, check_prunable, default_target
-    from corp_cli.stats import Statistics, check_matches
-    from corp_cli.sweep import EvalMeasure, batch_provider, csv_text, have_matplotlib, parse_sparsities, plot, run_sweep
+    from corp_cli.pruning import PruneOptions, check_prunable, default_target, stats_parts_for
+    from corp_cli.stats import Statistics, check_matches, require_parts
+    from corp_cli.sweep import (
+        BUDGET_CSV_COLUMNS, CSV_COLUMNS, EvalMeasure, batch_provider, csv_text, have_matplotlib, parse_budgets, parse_sparsities, plot, plot_budgets,
+        run_budget_sweep, run_sweep,
+    )
 
     t0 = time.perf_counter()
-    points = parse_sparsities(sparsities)
+    if sparsities is not None and flops_budgets is not None:
+        raise InputError("give --sparsities or --flops-budgets, not both")
+    budgets = parse_budgets(flops_budgets) if flops_budgets is not None else None
+    points = budgets if budgets is not None else parse_sparsities(sparsities or D.SWEEP_SPARSITIES)
     flags = {"target": target, "ranker": ranker, "qk_ranker": qk_ranker, "round_to": round_to}
     PruneOptions(**{k: v for k, v in flags.items() if v is not None})  # option values checked before any loading
     check_out_dir(out, overwrite=overwrite)
@@ -72,6 +79,7 @@ def sweep_cmd(
     base = PruneOptions(**{k: v for k, v in flags.items() if v is not None})  # type: ignore[arg-type]
     check_options_apply(base, flags)
     check_prunable(loaded.family, loaded.model, base)
+    require_parts(stats, stats_parts_for(base.parts))
     n_workers = C.workers_for(loaded.modality, workers)
     check_matches(stats, loaded.identity)
     dev = next(loaded.model.parameters()).device
@@ -85,9 +93,13 @@ def sweep_cmd(
     item = "image" if loaded.modality == "image" else f"{loaded.family.tokens_per_item(loaded.model)}-token sequence"
     count = loaded.preprocessing.count(source)
     total = count * (1 + 2 * len(points)) if count is not None else None
-    with C.progress_bar(f"sweeping {len(points)} sparsities x 2 arms", total, unit=unit) as advance:
+    what = "FLOPs budgets" if budgets is not None else "sparsities"
+    with C.progress_bar(f"sweeping {len(points)} {what} x 2 arms", total, unit=unit) as advance:
         measure.progress = advance
-        dense_row, rows = run_sweep(loaded, stats, points, base, measure)
+        if budgets is not None:
+            dense_row, rows = run_budget_sweep(loaded, stats, budgets, base, measure)
+        else:
+            dense_row, rows = run_sweep(loaded, stats, points, base, measure)
     report: dict[str, Any] = {
         "command": "sweep",
         "model": loaded.identity.to_dict(),
@@ -97,7 +109,7 @@ def sweep_cmd(
         "synthetic": bool(getattr(source, "synthetic", False)),
         "preprocessing": loaded.preprocessing.to_dict(),
         "options": base.to_dict(),
-        "sparsities": points,
+        **({"flops_budgets": points} if budgets is not None else {"sparsities": points}),
         "metric": dense_row["metric"],
         "per_item": item,
         "dense": dense_row,
@@ -107,10 +119,11 @@ def sweep_cmd(
     plotted = have_matplotlib()
     report["files"] = [CSV_FILE, JSON_FILE] + ([PNG_FILE] if plotted else [])
     with atomic_dir(out) as tmp:
-        write_bytes_atomic(tmp / CSV_FILE, csv_text([dense_row, *rows]).encode())
+        columns = BUDGET_CSV_COLUMNS if budgets is not None else CSV_COLUMNS
+        write_bytes_atomic(tmp / CSV_FILE, csv_text([dense_row, *rows], columns).encode())
         if plotted:
             title = f"{loaded.identity.name} on {source.spec} ({source.describe()['count'] or '?'} {unit}), target {base.target}"
-            plot(tmp / PNG_FILE, dense_row, rows, title, item)
+            (plot_budgets if budgets is not None else plot)(tmp / PNG_FILE, dense_row, rows, title, item)
         report["seconds"] = round(time.perf_counter() - t0, 3)
         write_json_atomic(tmp / JSON_FILE, report)
     if not plotted:
@@ -132,6 +145,9 @@ def print_report(out: Path, report: dict[str, Any]) -> None:
 
     metric = report["metric"]
     item = report["per_item"]
+    if "flops_budgets" in report:
+        _print_budgets(out, report)
+        return
     table = Table(title=f"corp sweep -> {out}  ({METRIC_LABELS[metric]} vs sparsity)")
     for col in ("sparsity", "corp", "no-compensation", f"GFLOPs/{item}", "FLOP cut"):
         table.add_column(col, justify="right")
@@ -145,5 +161,28 @@ def print_report(out: Path, report: dict[str, Any]) -> None:
             f"{c['flops_per_item'] / 1e9:.3f}", f"-{100 * c['flops_reduction']:.1f}%",
         )
     C.out.print(table)
+    _print_files(out, report)
+
+
+def _print_files(out: Path, report: dict[str, Any]) -> None:
     synth = "  [SYNTHETIC data: smoke test only]" if report["synthetic"] or report["stats"]["synthetic"] else ""
     C.out.print(f"wrote {', '.join(report['files'])} in {out}; {report['seconds']:.1f}s{synth}")
+
+
+def _print_budgets(out: Path, report: dict[str, Any]) -> None:
+    from corp_cli.sweep import METRIC_LABELS
+
+    metric = report["metric"]
+    item = report["per_item"]
+    table = Table(title=f"corp sweep -> {out}  ({METRIC_LABELS[metric]} vs FLOPs budget)")
+    for col in ("budget", "allocated", "uniform", "uniform sparsity", f"GFLOPs/{item} (alloc / uniform)"):
+        table.add_column(col, justify="right")
+    d = report["dense"]
+    table.add_row("dense", _fmt(d["value"], metric), _fmt(d["value"], metric), "", f"{d['flops_per_item'] / 1e9:.3f}")
+    by = {(r["flops_budget"], r["arm"]): r for r in report["points"]}
+    for b in report["flops_budgets"]:
+        a, u = by[(b, "allocated")], by[(b, "uniform")]
+        table.add_row(f"{b:g}", _fmt(a["value"], metric), _fmt(u["value"], metric), f"{u['sparsity']:.3f}",
+                      f"{a['flops_per_item'] / 1e9:.3f} / {u['flops_per_item'] / 1e9:.3f}")
+    C.out.print(table)
+    _print_files(out, report)

@@ -31,11 +31,12 @@ FIRST_PLAIN_TOKEN = 1000
 class NarrowBertSelfAttention(NarrowQKV):
     """Replaces BertSelfAttention (`layer.attention.self`); parameter names match it."""
 
-    def __init__(self, dim: int, num_heads: int, head_dim: int, qk_dim: int, scale: float, bias: bool = True) -> None:
-        super().__init__(num_heads, head_dim, qk_dim, scale)
+    def __init__(self, dim: int, num_heads: int, head_dim: int, qk_dim: int, scale: float, bias: bool = True,
+                 v_dim: int | None = None) -> None:
+        super().__init__(num_heads, head_dim, qk_dim, scale, v_dim)
         self.query = nn.Linear(dim, num_heads * qk_dim, bias=bias)
         self.key = nn.Linear(dim, num_heads * qk_dim, bias=bias)
-        self.value = nn.Linear(dim, num_heads * head_dim, bias=bias)
+        self.value = nn.Linear(dim, num_heads * self.v_dim, bias=bias)
 
     def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None, **_: Any) -> tuple[Tensor, None]:
         x = hidden_states
@@ -87,13 +88,26 @@ class HFBertFamily(HFFamily):
         layer.intermediate.dense = fc1
         layer.output.dense = fc2
 
-    def narrow_attention(self, model: nn.Module, i: int, qk_dim: int) -> nn.Module:
+    def v_proj(self, model: nn.Module, i: int) -> nn.Linear:
+        return self.attn_module(model, i).value
+
+    def out_proj(self, model: nn.Module, i: int) -> nn.Linear:
+        return self.layers(model)[i].attention.output.dense  # BertSelfOutput: dense, then residual + LayerNorm
+
+    def narrow_attention(self, model: nn.Module, i: int, qk_dim: int, *, v_dim: int | None = None,
+                         num_heads: int | None = None) -> nn.Module:
         a = self.attn_module(model, i)
         s = self.shape(model, i)
-        new = NarrowBertSelfAttention(s.dim, s.num_heads, s.head_dim, qk_dim, self.softmax_scale(model, i),
-                                      bias=a.query.bias is not None)
-        new.to(device=a.query.weight.device, dtype=a.query.weight.dtype)
+        heads, v = num_heads or s.num_heads, v_dim or s.head_dim
+        kw = {"device": a.query.weight.device, "dtype": a.query.weight.dtype}
+        new = NarrowBertSelfAttention(s.dim, heads, s.head_dim, qk_dim, self.softmax_scale(model, i),
+                                      bias=a.query.bias is not None, v_dim=v)
+        new.to(**kw)
         self.set_attn_module(model, i, new)
+        out = self.out_proj(model, i)
+        if out.in_features != heads * v:
+            self.layers(model)[i].attention.output.dense = nn.Linear(heads * v, out.out_features,
+                                                                     bias=out.bias is not None, **kw)
         return new
 
     def copy_untouched(self, old: nn.Module, new: nn.Module) -> None:

@@ -27,7 +27,9 @@ from corp_cli import engine
 from corp_cli.artifacts import sha256_file
 from corp_cli.checkpoints import state_dict_digest
 from corp_cli.errors import ArtifactError, InputError, UnsupportedModelError
-from corp_cli.family import Batch, BlockShape, Hook, Loaded, MlpWeights, ModelFamily, ModelIdentity, ModelOptions, Outputs
+from corp_cli.family import (
+    AttentionCut, Batch, BlockShape, Hook, Loaded, MlpWeights, ModelFamily, ModelIdentity, ModelOptions, Outputs,
+)
 from corp_cli.hub import offline_from_env, offline_requested, transformers_module
 
 log = logging.getLogger(__name__)
@@ -300,8 +302,20 @@ class HFFamily(ModelFamily):
         self.set_mlp_pair(model, i, nn.Linear(fc1.in_features, width, bias=fc1.bias is not None),
                           nn.Linear(width, fc2.out_features, bias=fc2.bias is not None))
 
-    def narrow_attention(self, model: nn.Module, i: int, qk_dim: int) -> nn.Module:
-        """An empty Q/K-narrow module of block i's widths, installed in its place."""
+    def v_proj(self, model: nn.Module, i: int) -> nn.Linear:
+        """The value projection (H*d rows)."""
+        raise NotImplementedError
+
+    def out_proj(self, model: nn.Module, i: int) -> nn.Linear:
+        """The attention output projection, whose input is o (the heads' outputs, concatenated)."""
+        raise NotImplementedError
+
+    def narrow_attention(self, model: nn.Module, i: int, qk_dim: int, *, v_dim: int | None = None,
+                         num_heads: int | None = None) -> nn.Module:
+        """Empty narrow modules of block i's widths (Q/K dims, and value dims / heads when given), installed in place.
+
+        The output projection is replaced too when its input width changes.
+        """
         raise NotImplementedError
 
     def copy_untouched(self, old: nn.Module, new: nn.Module) -> None:
@@ -316,11 +330,11 @@ class HFFamily(ModelFamily):
     def shape(self, model: nn.Module, i: int) -> BlockShape:
         fc1, _ = self.mlp_pair(model, i)
         attn = self.attn_module(model, i)
-        heads = int(model.config.num_attention_heads)
+        heads = int(getattr(attn, "num_heads", None) or model.config.num_attention_heads)
         head_dim = int(getattr(attn, "head_dim", None) or getattr(attn, "attention_head_size"))
         q, _ = self.qk_pair(model, i)
         return BlockShape(dim=fc1.in_features, mlp_hidden=fc1.out_features, num_heads=heads,
-                          head_dim=head_dim, qk_dim=q.out_features // heads)
+                          head_dim=head_dim, qk_dim=q.out_features // heads, v_dim=int(getattr(attn, "v_dim", head_dim)))
 
     def forward_trunk(self, model: nn.Module, batch: Batch) -> Any:
         return model.base_model(**batch)  # the classifier head is not pruned: run the encoder only
@@ -399,12 +413,50 @@ class HFFamily(ModelFamily):
                 k_new.bias.copy_(bkn)
             self.copy_untouched(old, new)
 
+    # V/O dims and whole heads
+
+    def vo_refusal(self, model: nn.Module, i: int) -> str | None:
+        if getattr(self.attn_module(model, i), "qk_dim", None) is not None:
+            return f"block {i}: attention is already pruned; prune the dense model instead"
+        if self.out_proj(model, i).bias is None:
+            return f"block {i}: the attention output projection has no bias to hold the compensation's constant term"
+        return None
+
+    def vo_hook(self, model: nn.Module, i: int, emit: Callable[[Tensor], Tensor | None]) -> list[Hook]:
+        return [self.out_proj(model, i).register_forward_pre_hook(lambda _m, args: emit(args[0]))]
+
+    def vo_weights(self, model: nn.Module, i: int) -> MlpWeights:
+        v, o = self.v_proj(model, i), self.out_proj(model, i)
+        return MlpWeights([v.weight.detach()], o.weight.detach(), _bias(o))
+
+    def install_attention(self, model: nn.Module, i: int, cut: AttentionCut) -> None:
+        d = self.shape(model, i).head_dim
+        wq, bq, wk, bk = self.qk_weights(model, i)
+        v_old = self.v_proj(model, i)
+        heads = cut.heads.to(wq.device)
+        rows = engine.head_dims(heads, d)
+        wq, wk = wq[rows], wk[rows]
+        bq, bk = (bq[rows] if bq is not None else None), (bk[rows] if bk is not None else None)
+        if cut.qk_keep is not None:
+            assert cut.qk_m is not None
+            wq, bq, wk, bk = engine.fold_qk(wq, bq, wk, bk, cut.qk_keep, cut.qk_m, balanced=cut.balanced)
+        v_rows = engine.vo_kept_dims(heads, cut.v_keep, d)
+        wv, bv = v_old.weight.detach()[v_rows], (v_old.bias.detach()[v_rows] if v_old.bias is not None else None)
+        self.narrow_attention(model, i, int(cut.qk_keep.shape[1]) if cut.qk_keep is not None else d,
+                              v_dim=int(cut.v_keep.shape[1]) if cut.v_keep is not None else d, num_heads=int(heads.numel()))
+        q_new, k_new = self.qk_pair(model, i)
+        v_new, o_new = self.v_proj(model, i), self.out_proj(model, i)
+        with torch.no_grad():
+            for lin, w, b in ((q_new, wq, bq), (k_new, wk, bk), (v_new, wv, bv), (o_new, cut.out_weight, cut.out_bias)):
+                lin.weight.copy_(w)
+                if b is not None:
+                    lin.bias.copy_(b)
+
     # ---- the checkpoint
 
     def architecture(self, loaded: Loaded) -> dict[str, Any]:
         model = loaded.model
-        blocks = [{"mlp_hidden": self.shape(model, i).mlp_hidden, "qk_dim": self.shape(model, i).qk_dim}
-                  for i in range(self.num_blocks(model))]
+        blocks = [self._block_spec(model, i) for i in range(self.num_blocks(model))]
         config = model.config.to_dict()
         # the attention kernel choice is a runtime setting of this process, not part of the model
         config.pop("_attn_implementation_internal", None)
@@ -422,6 +474,16 @@ class HFFamily(ModelFamily):
             # small and needed to embed text with the pruned model: copied beside the weights
             "tokenizer": TOKENIZER_DIR if any(f.name == "tokenizer_config.json" for f in files) else None,
         }
+
+    def _block_spec(self, model: nn.Module, i: int) -> dict[str, Any]:
+        s = self.shape(model, i)
+        spec: dict[str, Any] = {"mlp_hidden": s.mlp_hidden, "qk_dim": s.qk_dim}
+        # V/O widths and head counts only where pruned, so other records stay as they were
+        if s.v_dim != s.head_dim:
+            spec["v_dim"] = s.v_dim
+        if s.num_heads != int(model.config.num_attention_heads):
+            spec["num_heads"] = s.num_heads
+        return spec
 
     def write_extras(self, loaded: Loaded, arch: dict[str, Any], folder: Path) -> None:
         if not arch.get("tokenizer") or loaded.source_dir is None:
@@ -458,8 +520,12 @@ class HFFamily(ModelFamily):
             shape = self.shape(model, i)
             if int(spec["mlp_hidden"]) != shape.mlp_hidden:
                 self.set_mlp_width(model, i, int(spec["mlp_hidden"]))
-            if int(spec["qk_dim"]) != shape.qk_dim:
-                self.narrow_attention(model, i, int(spec["qk_dim"]))
+            qk, v = int(spec["qk_dim"]), int(spec.get("v_dim", shape.head_dim))
+            heads = int(spec.get("num_heads", shape.num_heads))
+            if not (0 < heads <= shape.num_heads and 0 < v <= shape.head_dim and 0 < qk <= shape.head_dim):
+                raise ArtifactError(f"block {i} records widths (heads {heads}, qk {qk}, v {v}) outside the recorded config's")
+            if (qk, v, heads) != (shape.qk_dim, shape.head_dim, shape.num_heads):
+                self.narrow_attention(model, i, qk, v_dim=v, num_heads=heads)
         return model
 
     def reloaded(self, model: nn.Module, meta: dict[str, Any], folder: Path) -> Loaded:
@@ -525,17 +591,19 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -
 
 
 class NarrowQKV(nn.Module):
-    """Queries and keys keep `qk_dim` dims per head, values `head_dim`; the softmax scale is the ORIGINAL one.
+    """Queries and keys keep `qk_dim` dims per head, values `v_dim`, over `num_heads` heads; the softmax scale is the ORIGINAL one.
 
     The compensated logits reconstruct the dense ones, so they must not be re-normalised
-    for the smaller width. Subclasses name the projections as the modules they replace do.
+    for the smaller width. `head_dim` is the dense per-head width. Subclasses name the
+    projections as the modules they replace do.
     """
 
-    def __init__(self, num_heads: int, head_dim: int, qk_dim: int, scale: float) -> None:
+    def __init__(self, num_heads: int, head_dim: int, qk_dim: int, scale: float, v_dim: int | None = None) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.qk_dim = qk_dim
+        self.v_dim = v_dim or head_dim
         self.scale = scale
 
     def _heads(self, x: Tensor, width: int) -> Tensor:
@@ -544,8 +612,8 @@ class NarrowQKV(nn.Module):
 
     def mix(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         b, n = q.shape[0], q.shape[1]
-        out = attend(self._heads(q, self.qk_dim), self._heads(k, self.qk_dim), self._heads(v, self.head_dim), mask, self.scale)
-        return out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim)
+        out = attend(self._heads(q, self.qk_dim), self._heads(k, self.qk_dim), self._heads(v, self.v_dim), mask, self.scale)
+        return out.transpose(1, 2).reshape(b, n, self.num_heads * self.v_dim)
 
 
 # --------------------------------------------------------------------------- counting and inputs

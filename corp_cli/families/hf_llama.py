@@ -209,6 +209,12 @@ class HFLlamaFamily(HFFamily):
                 "logit correction would mix dims that rotate at different frequencies, which no static weight can "
                 "hold; corp refuses Q/K pruning here: MLP pruning is available (--target mlp)")
 
+    def vo_refusal(self, model: nn.Module, i: int) -> str | None:
+        # value dims would commute with the rotation, but under GQA a value dim is shared by a group
+        # of query heads, and corp has no narrow decoder attention yet
+        return (f"{type(model).__name__}: value/output dims and heads are not pruned for decoder language models "
+                "yet (their value heads are shared across query heads); MLP pruning is available (--target mlp)")
+
     # ---- the checkpoint
 
     def architecture(self, loaded: Loaded) -> dict[str, Any]:

@@ -24,12 +24,13 @@ class NarrowViTAttention(NarrowQKV):
 
     def __init__(
         self, dim: int, num_heads: int, head_dim: int, qk_dim: int, scale: float, bias: bool = True, out_bias: bool = True,
+        v_dim: int | None = None,
     ) -> None:
-        super().__init__(num_heads, head_dim, qk_dim, scale)
+        super().__init__(num_heads, head_dim, qk_dim, scale, v_dim)
         self.q_proj = nn.Linear(dim, num_heads * qk_dim, bias=bias)
         self.k_proj = nn.Linear(dim, num_heads * qk_dim, bias=bias)
-        self.v_proj = nn.Linear(dim, num_heads * head_dim, bias=bias)
-        self.o_proj = nn.Linear(num_heads * head_dim, dim, bias=out_bias)
+        self.v_proj = nn.Linear(dim, num_heads * self.v_dim, bias=bias)
+        self.o_proj = nn.Linear(num_heads * self.v_dim, dim, bias=out_bias)
 
     def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None, **_: Any) -> tuple[Tensor, None]:
         x = hidden_states
@@ -86,11 +87,18 @@ class HFViTFamily(HFFamily):
         mlp.fc1 = fc1
         mlp.fc2 = fc2
 
-    def narrow_attention(self, model: nn.Module, i: int, qk_dim: int) -> nn.Module:
+    def v_proj(self, model: nn.Module, i: int) -> nn.Linear:
+        return self.attn_module(model, i).v_proj
+
+    def out_proj(self, model: nn.Module, i: int) -> nn.Linear:
+        return self.attn_module(model, i).o_proj
+
+    def narrow_attention(self, model: nn.Module, i: int, qk_dim: int, *, v_dim: int | None = None,
+                         num_heads: int | None = None) -> nn.Module:
         a = self.attn_module(model, i)
         s = self.shape(model, i)
-        new = NarrowViTAttention(s.dim, s.num_heads, s.head_dim, qk_dim, self.softmax_scale(model, i),
-                                 bias=a.q_proj.bias is not None, out_bias=a.o_proj.bias is not None)
+        new = NarrowViTAttention(s.dim, num_heads or s.num_heads, s.head_dim, qk_dim, self.softmax_scale(model, i),
+                                 bias=a.q_proj.bias is not None, out_bias=a.o_proj.bias is not None, v_dim=v_dim)
         new.to(device=a.q_proj.weight.device, dtype=a.q_proj.weight.dtype)
         self.set_attn_module(model, i, new)
         return new
