@@ -9,7 +9,6 @@ the folded weights to the family. Options have a single source of truth: PruneOp
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any

@@ -29,7 +29,6 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -136,7 +135,7 @@ def _run(task: Task, stats: Any, opts: PruneOptions) -> dict[str, Any]:
 
 def _uniform(task: Task, stats: Any, target: str, ratio: float) -> dict[str, Any] | None:
     base = PruneOptions(target=target)
-    fam, model = task.loaded.family, task.loaded.model
+    model = task.loaded.model
     try:
         s, _ = allocation.uniform_sparsity(fam, model, base, ratio)
     except Exception as e:  # noqa: BLE001 - a mix that cannot reach the ratio is reported as such
@@ -148,7 +147,7 @@ def _uniform(task: Task, stats: Any, target: str, ratio: float) -> dict[str, Any
 
 def evidence(task: Task, stats: Any) -> list[dict[str, Any]]:
     rows = []
-    fam, model = task.loaded.family, task.loaded.model
+    model = task.loaded.model
     dense = task.score(model)
     log.info("%s dense: %s", task.name, dense)
     both = PruneOptions(target="both", mlp_sparsity=0.5, attn_sparsity=0.5)
@@ -173,7 +172,7 @@ def _ratio_of(task: Task, opts: PruneOptions) -> float:
     from corp_cli.pruning import keep_counts
     from corp_cli.flops import shape_flops
 
-    fam, model = task.loaded.family, task.loaded.model
+    model = task.loaded.model
     counts = model_counts(model, family=fam)
     total = counts["flops"] - counts["flops_blocks"]
     for i in range(fam.num_blocks(model)):
@@ -219,7 +218,7 @@ def study_weighting(task: Task, stats: Any) -> list[dict[str, Any]]:
 def study_sensitivity(task: Task, stats: Any) -> list[dict[str, Any]]:
     """Each block's MLP, Q/K and V/O pruned alone at 50%: held-out output change per unit of predicted error."""
     rows = []
-    fam, model = task.loaded.family, task.loaded.model
+    model = task.loaded.model
     ref = task.loaded
     outs: list[Outputs] = []
     evaluate(ref, task.held, keep_outputs=outs)

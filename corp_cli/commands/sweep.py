@@ -55,6 +55,7 @@ def sweep_cmd(
     """
     from corp_cli.artifacts import atomic_dir, check_out_dir, write_bytes_atomic, write_json_atomic
     from corp_cli.devices import environment
+    from corp_cli.errors import InputError
     from corp_cli.evaluate import label_remap
     from corp_cli.loading import load_dense
     from corp_cli.config import check_options_apply
