@@ -135,7 +135,7 @@ def _run(task: Task, stats: Any, opts: PruneOptions) -> dict[str, Any]:
 
 def _uniform(task: Task, stats: Any, target: str, ratio: float) -> dict[str, Any] | None:
     base = PruneOptions(target=target)
-    model = task.loaded.model
+    fam, model = task.loaded.family, task.loaded.model
     try:
         s, _ = allocation.uniform_sparsity(fam, model, base, ratio)
     except Exception as e:  # noqa: BLE001 - a mix that cannot reach the ratio is reported as such
@@ -172,7 +172,7 @@ def _ratio_of(task: Task, opts: PruneOptions) -> float:
     from corp_cli.pruning import keep_counts
     from corp_cli.flops import shape_flops
 
-    model = task.loaded.model
+    fam, model = task.loaded.family, task.loaded.model
     counts = model_counts(model, family=fam)
     total = counts["flops"] - counts["flops_blocks"]
     for i in range(fam.num_blocks(model)):
@@ -218,7 +218,7 @@ def study_weighting(task: Task, stats: Any) -> list[dict[str, Any]]:
 def study_sensitivity(task: Task, stats: Any) -> list[dict[str, Any]]:
     """Each block's MLP, Q/K and V/O pruned alone at 50%: held-out output change per unit of predicted error."""
     rows = []
-    model = task.loaded.model
+    fam, model = task.loaded.family, task.loaded.model
     ref = task.loaded
     outs: list[Outputs] = []
     evaluate(ref, task.held, keep_outputs=outs)
