@@ -39,7 +39,7 @@ from corp_cli.stats import Statistics, require_parts
 log = logging.getLogger(__name__)
 
 # Weight of a Q/K block's summed logit error against MLP and V/O output errors: chosen by
-# held-out top-1 on DeiT-tiny (docs/method.md); 1 was best of 0.1, 0.3, 1, 3, 10.
+# held-out top-1 on DeiT-tiny (docs/method.md); 1 was best of 0.3, 1 and 3.
 QK_LOGIT_WEIGHT = 1.0
 # How errors of different blocks and parts are put on one scale: "absolute" (the default: MLP
 # and V/O output errors as they are, Q/K logit errors times QK_LOGIT_WEIGHT) or "relative"

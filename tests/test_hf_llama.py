@@ -324,7 +324,7 @@ def test_onnx_export_gives_the_logits_in_onnxruntime(tmp_path: Path) -> None:
 
 
 def test_statistics_of_block_ranges_merge_to_the_full_statistics(tmp_path: Path) -> None:
-    """How a 7B decoder is calibrated in pieces: each run holds only its blocks' MLP Grams (docs/notes/issue15-readme.md)."""
+    """How a 7B decoder is calibrated in pieces: each run holds only its blocks' MLP Grams (README, "Memory: what a 7B model needs")."""
     from corp_cli.calibration import calibrate
     from corp_cli.stats import merge
 
