@@ -224,6 +224,17 @@ def _row(sparsity: float, arm: str, compensated: bool | None, fields: dict[str, 
     return row
 
 
+def _dense_point(dense: Loaded, measure: Measure,
+                 on_point: Callable[[dict[str, Any]], None] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The dense model's counts and scored row, the first point of every sweep."""
+    counts = model_counts(dense.model, family=dense.family)
+    fields, seconds = measure(dense, dense=True)
+    row = _row(0.0, "dense", None, fields, counts, counts["flops"], measure.metric, seconds)
+    if on_point is not None:
+        on_point(row)
+    return counts, row
+
+
 def run_sweep(
     dense: Loaded,
     stats: Statistics,
@@ -236,11 +247,7 @@ def run_sweep(
     """(dense row, one row per sparsity and arm), each scored by `measure` on `measure.metric`."""
     metric = measure.metric
     fam = dense.family
-    dense_counts = model_counts(dense.model, family=fam)
-    fields, seconds = measure(dense, dense=True)
-    dense_row = _row(0.0, "dense", None, fields, dense_counts, dense_counts["flops"], metric, seconds)
-    if on_point is not None:
-        on_point(dense_row)
+    dense_counts, dense_row = _dense_point(dense, measure, on_point)
     rows: list[dict[str, Any]] = []
     for s in sparsities:
         opts = replace(base, mlp_sparsity=s, attn_sparsity=s, vo_sparsity=s, head_sparsity=s)
@@ -273,11 +280,7 @@ def run_budget_sweep(
 
     metric = measure.metric
     fam = dense.family
-    dense_counts = model_counts(dense.model, family=fam)
-    fields, seconds = measure(dense, dense=True)
-    dense_row = _row(0.0, "dense", None, fields, dense_counts, dense_counts["flops"], metric, seconds)
-    if on_point is not None:
-        on_point(dense_row)
+    dense_counts, dense_row = _dense_point(dense, measure, on_point)
     rows: list[dict[str, Any]] = []
     for budget in budgets:
         opts = replace(base, flops_budget=budget)
