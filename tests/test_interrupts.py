@@ -62,6 +62,9 @@ class Run:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "corp_cli.cli", *self.args], cwd=REPO, env=env,
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            # a suite started in the background (`cmd &`) inherits SIGINT ignored, and Python then
+            # installs no KeyboardInterrupt handler: give the child the terminal's default
+            preexec_fn=_default_sigint,
         )
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
@@ -76,6 +79,10 @@ class Run:
     @property
     def stderr(self) -> str:
         return "".join(self.lines)
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _snapshot_out(out: Path) -> dict[str, str] | bytes:
