@@ -235,6 +235,16 @@ def _dense_point(dense: Loaded, measure: Measure,
     return counts, row
 
 
+def _pruned_point(dense: Loaded, stats: Statistics, masks: list[Any], opts: PruneOptions, measure: Measure,
+                  dense_flops: int, sparsity: float, arm: str) -> dict[str, Any]:
+    """A copy of the dense model pruned to `masks` under `opts`, counted and scored: one sweep row."""
+    model = copy.deepcopy(dense.model)
+    apply_masks(model, stats, masks, opts, family=dense.family)
+    counts = model_counts(model, family=dense.family)
+    fields, seconds = measure(replace(dense, model=model), dense=False)
+    return _row(sparsity, arm, opts.compensation, fields, counts, dense_flops, measure.metric, seconds)
+
+
 def run_sweep(
     dense: Loaded,
     stats: Statistics,
@@ -253,16 +263,12 @@ def run_sweep(
         opts = replace(base, mlp_sparsity=s, attn_sparsity=s, vo_sparsity=s, head_sparsity=s)
         masks = plan_masks(dense.model, stats, opts, family=fam)  # ranking is the same for both arms
         for arm, compensated in ARMS:
-            model = copy.deepcopy(dense.model)
-            apply_masks(model, stats, masks, replace(opts, compensation=compensated), family=fam)
-            counts = model_counts(model, family=fam)
-            fields, seconds = measure(replace(dense, model=model), dense=False)
-            row = _row(s, arm, compensated, fields, counts, dense_counts["flops"], metric, seconds)
+            row = _pruned_point(dense, stats, masks, replace(opts, compensation=compensated), measure,
+                                dense_counts["flops"], s, arm)
             rows.append(row)
             log.info("sparsity %.3g %s: %s=%.4f", s, arm, metric, row["value"])
             if on_point is not None:
                 on_point(row)
-            del model
     return dense_row, rows
 
 
@@ -291,20 +297,15 @@ def run_budget_sweep(
         uni = replace(base, **{PART_SPARSITY[p]: s for p in base.parts})
         arms.append(("uniform", s, plan_masks(dense.model, stats, uni, family=fam)))
         for arm, sparsity, masks in arms:
-            model = copy.deepcopy(dense.model)
-            apply_masks(model, stats, masks, base if sparsity is None else uni, family=fam)
-            counts = model_counts(model, family=fam)
-            fields, seconds = measure(replace(dense, model=model), dense=False)
-            row = _row(sparsity if sparsity is not None else float("nan"), arm, base.compensation, fields, counts,
-                       dense_counts["flops"], metric, seconds)
+            row = _pruned_point(dense, stats, masks, base if sparsity is None else uni, measure, dense_counts["flops"],
+                                sparsity if sparsity is not None else float("nan"), arm)
             row["sparsity"] = sparsity
             row["flops_budget"] = budget
             rows.append(row)
             log.info("budget %.3g %s: %s=%.4f at %.4f of the dense FLOPs", budget, arm, metric, row["value"],
-                     counts["flops"] / dense_counts["flops"])
+                     row["flops_per_item"] / dense_counts["flops"])
             if on_point is not None:
                 on_point(row)
-            del model
     return dense_row, rows
 
 
