@@ -183,36 +183,29 @@ def _ratio_of(task: Task, opts: PruneOptions) -> float:
     return total / counts["flops"]
 
 
-def study_qk_weight(task: Task, stats: Any, weights: list[float]) -> list[dict[str, Any]]:
+def _study_setting(task: Task, stats: Any, setting: str, values: Any, key: str) -> list[dict[str, Any]]:
+    """Allocated prunes at three ratios for each value of one module-level setting of corp_cli.allocation."""
     rows = []
-    default = allocation.QK_LOGIT_WEIGHT
+    default = getattr(allocation, setting)
     try:
         for r in (0.7, _ratio_of(task, PruneOptions(target="both", mlp_sparsity=0.5, attn_sparsity=0.5)), 0.5):
             for target in ALLOCATED:
-                for w in weights:
-                    allocation.QK_LOGIT_WEIGHT = w
+                for w in values:
+                    setattr(allocation, setting, w)
                     res = _run(task, stats, PruneOptions(target=target, flops_budget=r))
-                    rows.append({"ratio": r, "target": target, "qk_weight": w, **res})
+                    rows.append({"ratio": r, "target": target, key: w, **res})
                     log.info("%s", rows[-1])
     finally:
-        allocation.QK_LOGIT_WEIGHT = default
+        setattr(allocation, setting, default)
     return rows
+
+
+def study_qk_weight(task: Task, stats: Any, weights: list[float]) -> list[dict[str, Any]]:
+    return _study_setting(task, stats, "QK_LOGIT_WEIGHT", weights, "qk_weight")
 
 
 def study_weighting(task: Task, stats: Any) -> list[dict[str, Any]]:
-    rows = []
-    default = allocation.WEIGHTING
-    try:
-        for r in (0.7, _ratio_of(task, PruneOptions(target="both", mlp_sparsity=0.5, attn_sparsity=0.5)), 0.5):
-            for target in ALLOCATED:
-                for w in allocation.WEIGHTINGS:
-                    allocation.WEIGHTING = w
-                    res = _run(task, stats, PruneOptions(target=target, flops_budget=r))
-                    rows.append({"ratio": r, "target": target, "weighting": w, **res})
-                    log.info("%s", rows[-1])
-    finally:
-        allocation.WEIGHTING = default
-    return rows
+    return _study_setting(task, stats, "WEIGHTING", allocation.WEIGHTINGS, "weighting")
 
 
 def study_sensitivity(task: Task, stats: Any) -> list[dict[str, Any]]:
