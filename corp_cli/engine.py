@@ -456,6 +456,133 @@ def fold_mlp(
     return (w1n, b1n, *fold_mlp_output(w2, b2, keep, prune, sol))
 
 
+# --- sequential targets ---
+#
+# Sequential calibration (docs/method.md §10) fits the kept weights to a regression target t
+# given in the space of the output projection's output: the block's own output on the pruned
+# stream (self; exactly the paper's solve, on that stream's moments) or what the dense model's
+# residual stream holds (dense). The features h are read on the pruned stream. The optional
+# statistics keys are t_cross = sum t h^T, t_sum = sum t, t_sq = sum ||t||^2 (MLP / V/O parts)
+# and q_cross, k_cross, qd_gram, kd_gram (attention part).
+
+
+def target_batch_stats(t: Tensor, h: Tensor, product_dtype: torch.dtype = ACC_DTYPE) -> dict[str, Tensor]:
+    """Sums over one batch of targets t (..., out) paired token by token with features h (..., D)."""
+    t2 = t.reshape(-1, t.shape[-1]).to(product_dtype)
+    h2 = h.reshape(-1, h.shape[-1]).to(product_dtype)
+    return {
+        "t_cross": (t2.T @ h2).to(ACC_DTYPE),
+        "t_sum": t2.sum(0).to(ACC_DTYPE),
+        "t_sq": t2.to(ACC_DTYPE).square().sum().reshape(()),
+    }
+
+
+def qk_cross_batch_stats(q_p: Tensor, k_p: Tensor, q_d: Tensor, k_d: Tensor,
+                         product_dtype: torch.dtype = ACC_DTYPE) -> dict[str, Tensor]:
+    """Per-head sums pairing the pruned-stream q/k with the dense-stream q/k of the same tokens, all (B, H, N, d)."""
+    def heads(x: Tensor) -> Tensor:
+        return x.transpose(0, 1).reshape(x.shape[1], -1, x.shape[-1]).to(product_dtype)
+
+    qp, kp, qd, kd = heads(q_p), heads(k_p), heads(q_d), heads(k_d)
+    return {
+        "q_cross": torch.bmm(qp.transpose(1, 2), qd).to(ACC_DTYPE),
+        "k_cross": torch.bmm(kp.transpose(1, 2), kd).to(ACC_DTYPE),
+        "qd_gram": torch.bmm(qd.transpose(1, 2), qd).to(ACC_DTYPE),
+        "kd_gram": torch.bmm(kd.transpose(1, 2), kd).to(ACC_DTYPE),
+    }
+
+
+TARGET_KEYS = ("t_cross", "t_sum", "t_sq")
+QK_TARGET_KEYS = ("q_cross", "k_cross", "qd_gram", "kd_gram")
+
+
+def has_target(stats: dict[str, Tensor]) -> bool:
+    """Whether a part's statistics carry a regression target (else the paper's self-target solve applies)."""
+    return all(k in stats for k in TARGET_KEYS) or all(k in stats for k in QK_TARGET_KEYS)
+
+
+@dataclass(frozen=True)
+class TargetSolution:
+    weight: Tensor  # (out, |S|) W' over the kept features
+    bias: Tensor | None  # (out,) b' (None: no intercept)
+    lam: float
+    cond_estimate: float
+    err_compensated: float  # E||t - W' h_S - b'||^2
+    err_uncompensated: float  # E||t - W_S h_S - b||^2 (the kept weights as they were)
+
+
+def _affine_error(t_sq: float, mu_t: Tensor, c_raw: Tensor, second: Tensor, mu: Tensor, w: Tensor,
+                  b: Tensor | None) -> float:
+    """E||t - W h - b||^2 from E||t||^2, E[t], E[t h^T], E[h h^T] and E[h] (uncentred moments)."""
+    err = t_sq - 2.0 * float(torch.sum(w * c_raw)) + weighted_trace(w, second)
+    if b is not None:
+        err += -2.0 * float(b @ mu_t) + 2.0 * float(b @ (w @ mu)) + float(b @ b)
+    return max(err, 0.0)
+
+
+def target_compensation(stats: dict[str, Tensor], w: Tensor, bias: Tensor | None, keep: Tensor, lam: float, *,
+                        intercept: bool = True) -> TargetSolution:
+    """Ridge of the target on the kept features, relative to the kept weights (docs/method.md §10).
+
+    min E||t - W' h_S - b'||^2 + lam ||W' - W_S||^2 gives
+    W' = W_S + (C_tS - W_S Sigma_SS)(Sigma_SS + lam I)^-1 and b' = mu_t - W' mu_S, with C_tS and
+    Sigma the centred moments (uncentred, and b' absent, without an intercept). For the self
+    target t = W h + b this is W_S + W_P B, b + W_P c: the paper's solve, exactly.
+    """
+    m = fit_moments(stats, intercept=intercept)
+    n = m.n
+    wa = w.to(ACC_DTYPE)
+    w_s = wa[:, keep]
+    mu_t = stats["t_sum"].to(ACC_DTYPE) / n
+    c_raw = stats["t_cross"].to(ACC_DTYPE)[:, keep] / n
+    raw = mlp_moments(stats)
+    c = c_raw - torch.outer(mu_t, raw.mean[keep]) if intercept else c_raw
+    sigma = m.cov[keep][:, keep]
+    chol, lam_used = _cholesky_with_retries(sigma, lam)
+    w_new = w_s + torch.cholesky_solve((c - w_s @ sigma).T, chol).T
+    b_new = mu_t - w_new @ raw.mean[keep] if intercept else None
+    t_sq = float(stats["t_sq"]) / n
+    second = raw.second[keep][:, keep]
+    mu_s = raw.mean[keep]
+    old_b = bias.to(ACC_DTYPE) if bias is not None else None
+    return TargetSolution(
+        weight=w_new, bias=b_new, lam=lam_used, cond_estimate=_cond_from_cholesky(chol),
+        err_compensated=_affine_error(t_sq, mu_t, c_raw, second, mu_s, w_new, b_new),
+        err_uncompensated=_affine_error(t_sq, mu_t, c_raw, second, mu_s, w_s, old_b),
+    )
+
+
+def qk_target_compensation(
+    q_second: Tensor, k_second: Tensor, q_cross: Tensor, k_cross: Tensor, qd_second: Tensor, kd_second: Tensor,
+    keep: Tensor, *, lam: float | None = None, scale: float = 1.0, lam_rel: float = QK_LAMBDA_REL,
+) -> QKSolution:
+    """The logit solve toward a target logit q_d^T k_d (docs/method.md §10), per head.
+
+    min E(q_d^T k_d - q_S^T (I+M) k_S)^2 + lam ||M||^2 over independent (query, key) pairs:
+    G_Q M G_K + lam M = X Y - G_Q G_K, X = E[q_S q_d^T], Y = E[k_d k_S^T]. All inputs are
+    moments (divided by the count): q/k_second of the pruned stream (H, d, d), q/k_cross =
+    E[q_p q_d^T], E[k_p k_d^T], qd/kd_second of the target. With the target equal to the
+    pruned stream itself (X, Y its own Grams) this is qk_compensation's equation.
+    """
+    gq = q_second.to(ACC_DTYPE)
+    gk = k_second.to(ACC_DTYPE)
+    hq = torch.arange(keep.shape[0], device=gq.device)[:, None]
+    gq_ss = _gather_blocks(gq, keep, keep)
+    gk_ss = _gather_blocks(gk, keep, keep)
+    x = q_cross.to(ACC_DTYPE)[hq, keep]  # (H, s, d): E[q_S q_d^T]
+    y = k_cross.to(ACC_DTYPE)[hq, keep].transpose(1, 2)  # (H, d, s): E[k_d k_S^T]
+    xy = x @ y
+    base = torch.einsum("hij,hji->h", qd_second.to(ACC_DTYPE), kd_second.to(ACC_DTYPE))  # E[(q_d^T k_d)^2]
+    m, lam_t = _qk_eigen_solve(gq_ss, gk_ss, xy - gq_ss @ gk_ss, lam, lam_rel)
+    eye = torch.eye(keep.shape[1], dtype=ACC_DTYPE, device=gq.device).expand_as(m)
+
+    def err(n_: Tensor) -> Tensor:
+        quad = torch.einsum("hji,hjk,hkl,hil->h", n_, gq_ss, n_, gk_ss)  # tr(N^T G_Q N G_K)
+        return (quad - 2.0 * torch.einsum("hij,hij->h", n_, xy) + base).clamp_min(0) * scale**2
+
+    return QKSolution(m=m, lam=lam_t, err_compensated=err(eye + m), err_uncompensated=err(eye))
+
+
 # --------------------------------------------------------------------------------------
 # Attention output: V/O dims and whole heads
 # --------------------------------------------------------------------------------------
@@ -591,6 +718,16 @@ def qk_compensation(
         lam_t = torch.zeros(keep.shape[0], dtype=ACC_DTYPE, device=gq.device)
         err = base * scale**2
         return QKSolution(m=zero, lam=lam_t, err_compensated=err, err_uncompensated=err)
+    m, lam_t = _qk_eigen_solve(gq_ss, gk_ss, rhs, lam, lam_rel)
+    quad = torch.einsum("hji,hjk,hkl,hil->h", m, gq_ss, m, gk_ss)  # tr(M^T G_Q M G_K)
+    cross = torch.einsum("hij,hij->h", m, rhs)  # tr(M^T C_Q C_K)
+    err = (quad - 2.0 * cross + base).clamp_min(0)
+    return QKSolution(m=m, lam=lam_t, err_compensated=err * scale**2, err_uncompensated=base * scale**2)
+
+
+def _qk_eigen_solve(gq_ss: Tensor, gk_ss: Tensor, rhs: Tensor, lam: float | None,
+                    lam_rel: float) -> tuple[Tensor, Tensor]:
+    """M with G_Q M G_K + lam M = rhs per head, by the two eigendecompositions; (M, lam per head)."""
     a, u = torch.linalg.eigh(gq_ss)
     b, v = torch.linalg.eigh(gk_ss)
     a = a.clamp_min(0)  # PSD up to rounding
@@ -598,16 +735,12 @@ def qk_compensation(
     if lam is None:
         lam_t = lam_rel * a.mean(-1) * b.mean(-1)
     else:
-        lam_t = torch.full((keep.shape[0],), float(lam), dtype=ACC_DTYPE, device=gq.device)
+        lam_t = torch.full((gq_ss.shape[0],), float(lam), dtype=ACC_DTYPE, device=gq_ss.device)
     lam_t = torch.where(lam_t > 0, lam_t, torch.full_like(lam_t, 1e-30))
     lam_t = _qk_well_posed_lambda(a, b, lam_t)
     denom = a[:, :, None] * b[:, None, :] + lam_t[:, None, None]
     mt = (u.transpose(1, 2) @ rhs @ v) / denom
-    m = u @ mt @ v.transpose(1, 2)
-    quad = torch.einsum("hji,hjk,hkl,hil->h", m, gq_ss, m, gk_ss)  # tr(M^T G_Q M G_K)
-    cross = torch.einsum("hij,hij->h", m, rhs)  # tr(M^T C_Q C_K)
-    err = (quad - 2.0 * cross + base).clamp_min(0)
-    return QKSolution(m=m, lam=lam_t, err_compensated=err * scale**2, err_uncompensated=base * scale**2)
+    return u @ mt @ v.transpose(1, 2), lam_t
 
 
 def _qk_well_posed_lambda(a: Tensor, b: Tensor, lam: Tensor) -> Tensor:
