@@ -207,6 +207,22 @@ class AttentionCut:
     balanced: bool = True  # how the logit correction is split between the Q and K rows
 
 
+@dataclass(frozen=True)
+class StreamContext:
+    """What every block takes besides the hidden state (stream_start): positional and keyword arguments.
+
+    `key` names the keyword the hidden state is passed as, where block 0 was called with it so.
+    """
+
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    key: str | None = None
+
+
+class _StreamStarted(Exception):
+    """Raised from block 0's pre-hook: the stream's start is known, the rest of the forward is not needed."""
+
+
 class ModelFamily(abc.ABC):
     """One architecture family. Instances are stateless; every method takes the model."""
 
@@ -347,6 +363,67 @@ class ModelFamily(abc.ABC):
         """Install block i's attention narrowed to `cut`: kept heads, Q/K dims (correction folded), value dims and projection."""
         raise UnsupportedModelError(self.vo_refusal(model, i) or f"{self.name}: V/O pruning unsupported")
 
+    # ---- sequential calibration: the residual stream between blocks (corp_cli/sequential.py)
+
+    def block_module(self, model: nn.Module, i: int) -> nn.Module:
+        """Block i as one module: run_block calls it on the hidden state at its input."""
+        raise UnsupportedModelError(f"{self.name} models do not support --sequential (no block module)")
+
+    def stream_start(self, model: nn.Module, batch: Batch) -> tuple[Tensor, StreamContext]:
+        """The hidden state at block 0's input for `batch`, and whatever else the blocks take.
+
+        The default runs the trunk until block 0 is called and keeps its arguments (a forward
+        pre-hook with kwargs): the masks, rotary tables and position embeddings every block is
+        given alike. Families override only where a block's call is not of that form.
+        """
+        seen: dict[str, Any] = {}
+
+        def grab(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            seen["args"], seen["kwargs"] = args, kwargs
+            raise _StreamStarted
+
+        handle = self.block_module(model, 0).register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            self.forward_trunk(model, batch)
+        except _StreamStarted:
+            pass
+        finally:
+            handle.remove()
+        if "args" not in seen:
+            raise UnsupportedModelError(f"{self.name}: block 0 was never called by the forward")
+        args, kwargs = seen["args"], dict(seen["kwargs"])
+        if args:
+            return args[0], StreamContext(args=tuple(args[1:]), kwargs=kwargs)
+        key = next((k for k in ("hidden_states", "x") if isinstance(kwargs.get(k), Tensor)), None)
+        if key is None:
+            raise UnsupportedModelError(f"{self.name}: cannot tell block 0's hidden-state argument")
+        hidden = kwargs.pop(key)
+        return hidden, StreamContext(args=(), kwargs=kwargs, key=key)
+
+    def run_block(self, model: nn.Module, i: int, hidden: Tensor, ctx: StreamContext) -> Tensor:
+        """Block i on `hidden` (its input) with the context stream_start gave: its output hidden state."""
+        blk = self.block_module(model, i)
+        out = blk(**{ctx.key: hidden}, **ctx.kwargs) if ctx.key else blk(hidden, *ctx.args, **ctx.kwargs)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    def sublayer_hook(self, model: nn.Module, i: int, part: str, emit: Callable[[Tensor, Tensor], None]) -> list[Hook]:
+        """Hooks that call emit(y, s) on every forward of block i's `part` ("mlp" or "vo").
+
+        y is the output projection's output (fc2 / down_proj, or the attention's proj / o_proj),
+        s the residual sum it enters, s = base + gamma * y (gamma: sublayer_scale): the block
+        output in a pre-norm block, the LayerNorm's input in a post-norm one.
+        """
+        proj, after, after_is_input = self.sublayer_modules(model, i, part)
+        return residual_hooks(proj, after, after_is_input, emit)
+
+    def sublayer_modules(self, model: nn.Module, i: int, part: str) -> tuple[nn.Module, nn.Module, bool]:
+        """(the output projection whose output is y, the module where s is read, whether s is that module's input)."""
+        raise UnsupportedModelError(f"{self.name} models do not support --sequential for the {part} (no residual sum)")
+
+    def sublayer_scale(self, model: nn.Module, i: int, part: str) -> Tensor | None:
+        """gamma of s = base + gamma * y for block i's `part` (a layer scale), or None for 1."""
+        return None
+
     # ---- the compacted checkpoint
 
     @abc.abstractmethod
@@ -445,6 +522,25 @@ class ModelFamily(abc.ABC):
     def generate(self, loaded: Loaded, batch: Batch, new_tokens: int) -> Tensor:
         """Greedy generation of exactly `new_tokens` tokens after `batch` with the KV cache (decode benchmark)."""
         raise UnsupportedModelError(f"{self.name} models do not generate text")
+
+
+def residual_hooks(proj: nn.Module, after: nn.Module, after_is_input: bool,
+                   emit: Callable[[Tensor, Tensor], None]) -> list[Hook]:
+    """emit(y, s): y the output of `proj`, s the input (or output) of `after`, which runs after it in the block."""
+    pending: list[Tensor] = []
+
+    def on_y(_m: nn.Module, _a: Any, out: Tensor) -> None:
+        pending.append(out)
+
+    def first(x: Any) -> Tensor:
+        return x[0] if isinstance(x, (tuple, list)) else x
+
+    def on_s(x: Any) -> None:
+        emit(pending.pop(), first(x))
+
+    late = (after.register_forward_pre_hook(lambda _m, args: on_s(args[0])) if after_is_input
+            else after.register_forward_hook(lambda _m, _a, out: on_s(out)))
+    return [proj.register_forward_hook(on_y), late]
 
 
 def item_name(modality: str) -> str:

@@ -222,3 +222,62 @@ def test_family_contract(case: str, target: str | None, tmp_path: Path) -> None:
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert json.loads(res.stdout.strip().splitlines()[-1])[0] == 3
+
+
+# ---- sequential calibration: the residual stream between blocks (issue 24)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_run_block_chained_is_the_trunk(case: str, tmp_path: Path) -> None:
+    """stream_start then run_block over every block gives the last block's output in the model's own forward."""
+    _, make = CASES[case]
+    dense, batches, _ = make(tmp_path)
+    fam, model = dense.family, dense.model.double()
+    batch = {k: v.double() if v.is_floating_point() else v for k, v in as_batch(batches[0]).items()}
+    n = fam.num_blocks(model)
+    seen: list[Tensor] = []
+    handle = fam.block_module(model, n - 1).register_forward_hook(
+        lambda _m, _a, out: seen.append(out[0] if isinstance(out, tuple) else out))
+    with torch.inference_mode():
+        fam.forward_trunk(model, batch)
+        handle.remove()
+        hidden, ctx = fam.stream_start(model, batch)
+        for i in range(n):
+            hidden = fam.run_block(model, i, hidden, ctx)
+    torch.testing.assert_close(hidden, seen[0], rtol=0, atol=1e-12)
+    assert float(seen[0].abs().max()) > 0
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_sublayer_hook_reads_the_residual_sum_y_enters(case: str, tmp_path: Path) -> None:
+    """Adding delta to the projection's output y moves s by exactly gamma * delta (sublayer_scale)."""
+    from corp_cli.errors import UnsupportedModelError
+
+    _, make = CASES[case]
+    dense, batches, _ = make(tmp_path)
+    fam, model = dense.family, dense.model.double()
+    batch = {k: v.double() if v.is_floating_point() else v for k, v in as_batch(batches[0]).items()}
+    checked = 0
+    for part in ("mlp", "vo"):
+        try:
+            proj, _, _ = fam.sublayer_modules(model, 1, part)
+        except UnsupportedModelError:
+            assert part == "vo", f"{case}: the MLP's residual sum must be known"
+            continue
+        got: dict[float, tuple[Tensor, Tensor]] = {}
+        for eps in (0.0, 0.25):
+            delta = proj.register_forward_hook(lambda _m, _a, out, eps=eps: out + eps * torch.ones_like(out))
+            hooks = fam.sublayer_hook(model, 1, part, lambda y, s, eps=eps: got.__setitem__(eps, (y.clone(), s.clone())))
+            try:
+                with torch.inference_mode():
+                    fam.forward_trunk(model, batch)
+            finally:
+                for h in [delta, *hooks]:
+                    h.remove()
+        (y0, s0), (y1, s1) = got[0.0], got[0.25]
+        gamma = fam.sublayer_scale(model, 1, part)
+        torch.testing.assert_close(y1 - y0, torch.full_like(y0, 0.25), rtol=0, atol=1e-10)
+        torch.testing.assert_close(s1 - s0, 0.25 * (gamma if gamma is not None else 1.0) * torch.ones_like(s0),
+                                   rtol=0, atol=1e-10)
+        checked += 1
+    assert checked >= 1

@@ -91,6 +91,12 @@ class HFBertFamily(HFFamily):
     def v_proj(self, model: nn.Module, i: int) -> nn.Linear:
         return self.attn_module(model, i).value
 
+    def sublayer_modules(self, model: nn.Module, i: int, part: str) -> tuple[nn.Module, nn.Module, bool]:
+        # post-norm: s = y + input enters the LayerNorm after each sublayer
+        layer = self.layers(model)[i]
+        out = layer.output if part == "mlp" else layer.attention.output
+        return out.dense, out.LayerNorm, True
+
     def out_proj(self, model: nn.Module, i: int) -> nn.Linear:
         return self.layers(model)[i].attention.output.dense  # BertSelfOutput: dense, then residual + LayerNorm
 

@@ -336,6 +336,9 @@ class HFFamily(ModelFamily):
         return BlockShape(dim=fc1.in_features, mlp_hidden=fc1.out_features, num_heads=heads,
                           head_dim=head_dim, qk_dim=q.out_features // heads, v_dim=int(getattr(attn, "v_dim", head_dim)))
 
+    def block_module(self, model: nn.Module, i: int) -> nn.Module:
+        return self.layers(model)[i]
+
     def forward_trunk(self, model: nn.Module, batch: Batch) -> Any:
         return model.base_model(**batch)  # the classifier head is not pruned: run the encoder only
 

@@ -151,6 +151,12 @@ class HFLlamaFamily(HFFamily):
         a = self.attn_module(model, i)
         return a.q_proj, a.k_proj
 
+    def sublayer_modules(self, model: nn.Module, i: int, part: str) -> tuple[nn.Module, nn.Module, bool]:
+        # pre-norm: o_proj's output + input enters post_attention_layernorm; down_proj's + that is the layer output
+        layer = self.layers(model)[i]
+        return (layer.mlp.down_proj, layer, False) if part == "mlp" else (layer.self_attn.o_proj,
+                                                                           layer.post_attention_layernorm, True)
+
     def shape(self, model: nn.Module, i: int) -> BlockShape:
         cfg = model.config
         attn = self.attn_module(model, i)

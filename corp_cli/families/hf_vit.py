@@ -87,6 +87,11 @@ class HFViTFamily(HFFamily):
         mlp.fc1 = fc1
         mlp.fc2 = fc2
 
+    def sublayer_modules(self, model: nn.Module, i: int, part: str) -> tuple[nn.Module, nn.Module, bool]:
+        # pre-norm: attention + input enters layernorm_after; mlp + that is the layer output
+        layer = self.layers(model)[i]
+        return (layer.mlp.fc2, layer, False) if part == "mlp" else (self.out_proj(model, i), layer.layernorm_after, True)
+
     def v_proj(self, model: nn.Module, i: int) -> nn.Linear:
         return self.attn_module(model, i).v_proj
 

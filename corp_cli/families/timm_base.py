@@ -297,6 +297,9 @@ class TimmFamily(ModelFamily):
     def forward(self, model: nn.Module, batch: Batch) -> Any:
         return model(batch["pixel_values"])
 
+    def block_module(self, model: nn.Module, i: int) -> nn.Module:
+        return model.blocks[i]
+
     def forward_trunk(self, model: nn.Module, batch: Batch) -> Any:
         return model.forward_features(batch["pixel_values"])  # the classifier head is not pruned: skip it
 

@@ -29,6 +29,7 @@ from timm.layers import GluMlp, Mlp, SwiGLU
 from timm.models.eva import Eva
 from torch import Tensor, nn
 
+from corp_cli.errors import UnsupportedModelError
 from corp_cli.family import BlockShape, Hook, Loaded, MlpWeights
 from corp_cli.families.timm_base import TimmFamily, kwargs_from_record
 
@@ -97,6 +98,17 @@ class TimmEvaFamily(TimmFamily):
         # fc2's input is h = act(gate) * value (dropout is the identity in eval mode; a hidden
         # norm, where there is one, makes mlp_refusal refuse before any pruning)
         return [model.blocks[i].mlp.fc2.register_forward_pre_hook(lambda _m, args: emit(args[0]))]
+
+    def sublayer_modules(self, model: nn.Module, i: int, part: str) -> tuple[nn.Module, nn.Module, bool]:
+        # EvaBlock is pre-norm: x + gamma_2 * mlp(norm2(x)) is the block output (only the MLP is pruned here)
+        blk = model.blocks[i]
+        if part != "mlp" or not hasattr(blk, "gamma_2"):
+            raise UnsupportedModelError(f"block {i}: --sequential prunes only the MLP of pre-norm EVA blocks")
+        return blk.mlp.fc2, blk, False
+
+    def sublayer_scale(self, model: nn.Module, i: int, part: str) -> Tensor | None:
+        gamma = getattr(model.blocks[i], "gamma_2", None)
+        return gamma.detach() if isinstance(gamma, Tensor) else None
 
     def mlp_weights(self, model: nn.Module, i: int) -> MlpWeights:
         mlp = model.blocks[i].mlp

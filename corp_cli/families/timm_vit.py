@@ -190,6 +190,16 @@ class TimmViTFamily(TimmFamily):
     def mlp_hook(self, model: nn.Module, i: int, emit: Callable[[Tensor], None]) -> list[Hook]:
         return [model.blocks[i].mlp.fc2.register_forward_pre_hook(lambda _m, args: emit(args[0]))]
 
+    def sublayer_modules(self, model: nn.Module, i: int, part: str) -> tuple[nn.Module, nn.Module, bool]:
+        # pre-norm: x + ls1(attn(norm1(x))) enters norm2; x + ls2(mlp(norm2(x))) is the block output
+        blk = model.blocks[i]
+        return (blk.mlp.fc2, blk, False) if part == "mlp" else (blk.attn.proj, blk.norm2, True)
+
+    def sublayer_scale(self, model: nn.Module, i: int, part: str) -> Tensor | None:
+        ls = getattr(model.blocks[i], "ls2" if part == "mlp" else "ls1", None)
+        gamma = getattr(ls, "gamma", None)
+        return gamma.detach() if isinstance(gamma, Tensor) else None
+
     def mlp_weights(self, model: nn.Module, i: int) -> MlpWeights:
         mlp = model.blocks[i].mlp
         return MlpWeights([mlp.fc1.weight.detach()], mlp.fc2.weight.detach(), _bias(mlp.fc2))
