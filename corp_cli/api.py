@@ -184,6 +184,7 @@ class PruneResult:
     seconds: float
     base_shapes: list[dict[str, int]] = field(default_factory=list)
     allocation: dict[str, Any] | None = None  # what a FLOPs budget chose (Allocation.to_dict())
+    sequential: dict[str, Any] | None = None  # how a sequential calibration ran (target, stream memory)
 
     @property
     def model(self) -> nn.Module:
@@ -211,18 +212,29 @@ class PruneResult:
             },
             "seconds": round(self.seconds, 3),
             **({"allocation": self.allocation} if self.allocation is not None else {}),
+            **({"sequential": self.sequential} if self.sequential is not None else {}),
         }
 
 
 def prune(
     model: str | nn.Module | Loaded,
-    stats: Statistics,
+    stats: Statistics | None = None,
     *,
     options: PruneOptions | None = None,
     masks: list[BlockMasks] | None = None,
     inplace: bool = False,
     progress: Progress | None = None,
     device: str | torch.device = "cpu",
+    sequential: bool = False,
+    sequential_target: str = "dense",
+    data: str | Any | Iterable[Tensor | Batch] | None = None,
+    samples: int | None = None,
+    seed: int = 0,
+    batch_size: int = 32,
+    workers: int = 0,
+    precision: str = "float32",
+    forward_dtype: torch.dtype | None = None,
+    scratch: bool | None = None,
     **option_values: Any,
 ) -> PruneResult:
     """Rank (unless `masks` are given), compensate and compact. Returns the narrower model and its report.
@@ -231,6 +243,10 @@ def prune(
     part's sparsity): prune(model, stats, target="mlp", sparsity=0.3, ranker="obs"). Without a
     target, what the model allows is pruned (MLP and Q/K, or the MLP alone).
     A model handed in (a module or a Loaded) is pruned on a deep copy unless inplace=True.
+
+    sequential=True calibrates block by block on the already-pruned model (corp_cli.sequential):
+    give the calibration `data` (as for calibrate: a spec, an opened source or batches) instead
+    of `stats`, and `sequential_target` "dense" (fit toward the dense model's outputs) or "self".
     """
     t0 = time.perf_counter()
     loaded = as_loaded(model, None, device)
@@ -239,6 +255,15 @@ def prune(
     opts = _options(options, option_values)
     if not inplace and not isinstance(model, str):  # a model loaded here is nobody else's
         loaded = replace(loaded, model=copy.deepcopy(loaded.model))
+    if sequential:
+        if stats is not None:
+            raise InputError("--stats with --sequential: precomputed statistics come from the dense model and cannot "
+                             "be sequential; give the calibration data instead (--calib-data)")
+        return _prune_sequential(loaded, opts, masks, t0, target=sequential_target, data=data, samples=samples,
+                                 seed=seed, batch_size=batch_size, workers=workers, precision=precision,
+                                 forward_dtype=forward_dtype, scratch=scratch, progress=progress or _no_progress)
+    if stats is None:
+        raise InputError("prune needs statistics (from calibrate), or sequential=True with calibration data")
     check_matches(stats, loaded.identity)
     shapes = block_shapes(loaded)
     check_block_shapes(stats, shapes)
@@ -268,6 +293,50 @@ def prune(
     after = model_counts(loaded.model, family=fam)
     return PruneResult(loaded=loaded, masks=chosen, blocks=blocks, options=opts, stats=stats, before=before,
                        after=after, seconds=time.perf_counter() - t0, base_shapes=shapes, allocation=allocation)
+
+
+def _prune_sequential(loaded: Loaded, opts: PruneOptions, masks: list[BlockMasks] | None, t0: float, *, target: str,
+                      data: Any, samples: int | None, seed: int, batch_size: int, workers: int, precision: str,
+                      forward_dtype: torch.dtype | None, scratch: bool | None, progress: Progress) -> PruneResult:
+    """prune(sequential=True): the calibration data streamed block by block through the pruned model."""
+    from corp_cli import sequential as seq
+
+    seq.check_target(target)
+    product_dtype = check_precision(precision)
+    fam = loaded.family
+    check_prunable(fam, loaded.model, opts)
+    if data is None:
+        raise InputError("sequential pruning needs calibration data (data=..., or --calib-data)")
+    if isinstance(data, str):
+        from corp_cli.sources import open_data
+
+        data = open_data(data, loaded.modality, samples=samples, seed=seed, text_unit=fam.text_unit)
+    is_source = hasattr(data, "describe") and hasattr(data, "spec")
+    digest = hashlib.sha256()
+    batches = ((b for b, _ in loaded.preprocessing.batches(data, batch_size, workers)) if is_source
+               else _hashed(data, digest))
+    shapes = block_shapes(loaded)
+    before = model_counts(loaded.model, family=fam)
+    run = seq.prune_sequential(loaded, batches, opts, target=target, masks=masks, product_dtype=product_dtype,
+                               forward_dtype=forward_dtype, scratch=scratch, progress=progress)
+    after = model_counts(loaded.model, family=fam)
+    if is_source:
+        described = data.describe()
+    else:
+        fingerprint = digest.hexdigest()
+        described = {"spec": "in-memory batches", "kind": "batches", "synthetic": False, "labels": False,
+                     "samples": run.samples, "selected": run.samples, "count": run.samples, "seed": None,
+                     "shard": None, "fingerprint": fingerprint, "base_fingerprint": fingerprint, "skipped": 0,
+                     "warnings": []}
+    parts = [p for p in ("mlp", "attn", "vo") if any(p in b for b in run.stats)] or ["mlp"]
+    meta = new_meta(identity=loaded.identity, shapes=shapes, parts=parts, preprocessing=loaded.preprocessing.to_dict(),
+                    data=described, samples=run.samples, tokens=run.tokens, seed=seed, shard=None,
+                    product_dtype=precision, forward_dtype=forward_dtype)
+    meta["sequential"] = {"target": target, "stream_bytes": run.stream_bytes, "scratch": run.scratch}
+    stats = Statistics(blocks=run.stats, meta=meta)
+    return PruneResult(loaded=loaded, masks=run.masks, blocks=run.blocks, options=opts, stats=stats, before=before,
+                       after=after, seconds=time.perf_counter() - t0, base_shapes=shapes,
+                       sequential={"target": target, "stream_bytes": run.stream_bytes, "scratch": run.scratch})
 
 
 def _options(options: PruneOptions | None, values: dict[str, Any]) -> PruneOptions:

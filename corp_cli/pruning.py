@@ -236,26 +236,31 @@ def plan_masks(model: nn.Module, stats: Statistics, opts: PruneOptions, family: 
     masks: list[BlockMasks] = []
     for i in range(fam.num_blocks(model)):
         o = opts.for_block(i)
-        shape = fam.shape(model, i)
-        counts = widths[i] if widths is not None else keep_counts(o, shape)
+        counts = widths[i] if widths is not None else keep_counts(o, fam.shape(model, i))
         check_block(fam, model, i, o, list(counts))
         require_parts(stats, stats_parts_for(list(counts)))
-        bm = BlockMasks()
-        if "mlp" in counts:
-            bm.mlp = _rank_mlp(fam.mlp_weights(model, i), stats.blocks[i]["mlp"], o, counts["mlp"])
-        heads = None
-        if "heads" in counts:
-            order = head_order(fam, model, i, stats.blocks[i]["vo"], o)
-            heads = bm.heads = torch.sort(order[: counts["heads"]]).values
-        if "qk" in counts:
-            kept = _rank_qk(fam, model, i, stats.blocks[i]["attn"], o, counts["qk"])
-            bm.attn = kept if heads is None else kept[heads]
-        if "vo" in counts:
-            ranks = vo_dim_scores(fam, model, i, stats.blocks[i]["vo"], o)
-            kept = engine.select_top_per_head(ranks, counts["vo"]).cpu()
-            bm.vo = kept if heads is None else kept[heads]
-        masks.append(bm)
+        masks.append(plan_block(fam, model, i, stats.blocks[i], o, counts))
     return masks
+
+
+def plan_block(fam: ModelFamily, model: nn.Module, i: int, st: dict[str, dict[str, Tensor]], o: PruneOptions,
+               counts: Widths) -> BlockMasks:
+    """What block i keeps of each part in `counts`, ranked on its statistics `st` (by part)."""
+    bm = BlockMasks()
+    if "mlp" in counts:
+        bm.mlp = _rank_mlp(fam.mlp_weights(model, i), st["mlp"], o, counts["mlp"])
+    heads = None
+    if "heads" in counts:
+        order = head_order(fam, model, i, st["vo"], o)
+        heads = bm.heads = torch.sort(order[: counts["heads"]]).values
+    if "qk" in counts:
+        kept = _rank_qk(fam, model, i, st["attn"], o, counts["qk"])
+        bm.attn = kept if heads is None else kept[heads]
+    if "vo" in counts:
+        ranks = vo_dim_scores(fam, model, i, st["vo"], o)
+        kept = engine.select_top_per_head(ranks, counts["vo"]).cpu()
+        bm.vo = kept if heads is None else kept[heads]
+    return bm
 
 
 def head_order(fam: ModelFamily, model: nn.Module, i: int, st: dict[str, Tensor], o: PruneOptions) -> Tensor:
@@ -338,19 +343,29 @@ def apply_masks(
     report: list[dict[str, Any]] = []
     with torch.no_grad():
         for i, bm in enumerate(masks):
-            o = opts.for_block(i)
-            entry: dict[str, Any] = {"block": i}
-            if bm.mlp is not None:
-                entry["mlp"] = _prune_mlp_block(fam, model, i, stats.blocks[i]["mlp"], bm.mlp, o)
-            if bm.vo is not None or bm.heads is not None:
-                entry.update(_prune_attention_cut(fam, model, i, stats, bm, o))
-            elif bm.attn is not None:
-                entry["attn"] = _prune_attn_block(fam, model, i, stats.blocks[i]["attn"], bm.attn, o,
-                                                  stats.meta.get("forward_dtype"))
-            report.append(entry)
+            report.append(apply_block(fam, model, i, stats.blocks[i], bm, opts.for_block(i),
+                                      stats.meta.get("forward_dtype"), where=stats.path))
             if on_block is not None:
                 on_block(i)
     return report
+
+
+def apply_block(fam: ModelFamily, model: nn.Module, i: int, st: dict[str, dict[str, Tensor]], bm: BlockMasks,
+                o: PruneOptions, forward_dtype: str | None = None, where: Any = None) -> dict[str, Any]:
+    """Compensate and compact block i to `bm` from its statistics `st` (by part); its report entry.
+
+    A part whose statistics carry a regression target (sequential calibration) is fit to it
+    (engine.target_compensation, qk_target_compensation); otherwise the paper's solve.
+    """
+    entry: dict[str, Any] = {"block": i}
+    with torch.no_grad():
+        if bm.mlp is not None:
+            entry["mlp"] = _prune_mlp_block(fam, model, i, st["mlp"], bm.mlp, o)
+        if bm.vo is not None or bm.heads is not None:
+            entry.update(_prune_attention_cut(fam, model, i, st, bm, o, forward_dtype, where))
+        elif bm.attn is not None:
+            entry["attn"] = _prune_attn_block(fam, model, i, st["attn"], bm.attn, o, forward_dtype)
+    return entry
 
 
 def _prune_mlp_block(fam: ModelFamily, model: nn.Module, i: int, st: dict[str, Tensor], keep: Tensor,
@@ -369,6 +384,11 @@ def _prune_mlp_block(fam: ModelFamily, model: nn.Module, i: int, st: dict[str, T
     intercept = w.out_bias is not None
     m = engine.fit_moments(st, intercept=intercept)
     lam = _mlp_lambda(o, m, keep)
+    if engine.has_target(st):
+        w2n, b2n, fit = _target_fold(w2, w.out_bias, st, keep, prune, lam, intercept, o, f"block {i} MLP")
+        fam.narrow_mlp(model, i, keep, w2n, b2n)
+        return {"width": width, "kept": int(keep.numel()), "removed": int(prune.numel()), **fit,
+                "intercept": intercept, "ranker": o.ranker, "output_energy": engine.weighted_trace(w2, m.second)}
     try:
         sol = engine.ridge_compensation(m, keep, prune, lam) if prune.numel() else None
     except ArithmeticError as e:
@@ -392,6 +412,28 @@ def _prune_mlp_block(fam: ModelFamily, model: nn.Module, i: int, st: dict[str, T
     }
 
 
+def _target_fold(w: Tensor, bias: Tensor | None, st: dict[str, Tensor], keep: Tensor, prune: Tensor, lam: float,
+                 intercept: bool, o: PruneOptions, where: str) -> tuple[Tensor, Tensor | None, dict[str, Any]]:
+    """The output projection over the kept features fit to the statistics' target; (W', b', report fields).
+
+    --no-compensation keeps W_S and b (the target only enters the reported errors).
+    """
+    try:
+        sol = engine.target_compensation(st, w, bias, keep, lam, intercept=intercept)
+    except ArithmeticError as e:
+        raise NumericalError(f"{where}: {e}") from None
+    if o.compensation:
+        w_n, b_n = sol.weight.to(w.dtype), (sol.bias.to(w.dtype) if sol.bias is not None and bias is not None else bias)
+    else:
+        w_n, b_n = engine.fold_mlp_output(w, bias, keep, prune, None)
+    return w_n, b_n, {
+        "lambda": sol.lam, "cond_estimate": sol.cond_estimate, "compensated": bool(o.compensation),
+        "fit": "target",
+        "predicted_error_compensated": sol.err_compensated,
+        "predicted_error_uncompensated": sol.err_uncompensated,
+    }
+
+
 def _qk_solve(fam: ModelFamily, model: nn.Module, i: int, st: dict[str, Tensor], keep: Tensor, heads: Tensor | None,
               o: PruneOptions, forward_dtype: str | None) -> tuple[Tensor, Any]:
     """(pruned dims per head, the logit compensation) of the heads kept (all when None): the one Q/K solve."""
@@ -403,6 +445,12 @@ def _qk_solve(fam: ModelFamily, model: nn.Module, i: int, st: dict[str, Tensor],
         q2, k2 = q2[heads], k2[heads]
     # a bf16/fp16 forward rounds the Grams: the ridge rises to that rounding level (method notes)
     lam_rel = engine.qk_lambda_rel(getattr(torch, forward_dtype) if forward_dtype else None)
+    if engine.has_target(st):
+        mo = {k: st[k].to(keep.device) / n for k in engine.QK_TARGET_KEYS}
+        if heads is not None:
+            mo = {k: v[heads] for k, v in mo.items()}
+        return prune, engine.qk_target_compensation(q2, k2, mo["q_cross"], mo["k_cross"], mo["qd_gram"], mo["kd_gram"],
+                                                    keep, lam=o.lam, scale=fam.softmax_scale(model, i), lam_rel=lam_rel)
     sol = engine.qk_compensation(q2, k2, keep, prune, lam=o.lam, scale=fam.softmax_scale(model, i), compensate=True,
                                  lam_rel=lam_rel)
     return prune, sol
@@ -433,13 +481,13 @@ def _prune_attn_block(fam: ModelFamily, model: nn.Module, i: int, st: dict[str, 
     }
 
 
-def _prune_attention_cut(fam: ModelFamily, model: nn.Module, i: int, stats: Statistics, bm: BlockMasks,
-                         o: PruneOptions) -> dict[str, Any]:
+def _prune_attention_cut(fam: ModelFamily, model: nn.Module, i: int, st: dict[str, dict[str, Tensor]], bm: BlockMasks,
+                         o: PruneOptions, forward_dtype: str | None, where: Any) -> dict[str, Any]:
     """Heads and V/O dims (and Q/K dims with them): the Q/K solve on the kept heads, the ridge on o, one install."""
     why = fam.vo_refusal(model, i) or (fam.qk_refusal(model, i) if bm.attn is not None else None)
     if why is not None:
         raise UnsupportedModelError(why)
-    require_parts(stats, ["vo"] + (["attn"] if bm.attn is not None else []))
+    _require_block_parts(st, ["vo"] + (["attn"] if bm.attn is not None else []), where)
     shape = fam.shape(model, i)
     nh, d = shape.num_heads, shape.head_dim
     w = fam.vo_weights(model, i)
@@ -448,9 +496,8 @@ def _prune_attention_cut(fam: ModelFamily, model: nn.Module, i: int, stats: Stat
     out: dict[str, Any] = {}
     qk_keep = qk_m = None
     if bm.attn is not None:
-        st = stats.blocks[i]["attn"]
         qk_keep = bm.attn.to(dev)
-        prune, sol = _qk_solve(fam, model, i, st, qk_keep, heads, o, stats.meta.get("forward_dtype"))
+        prune, sol = _qk_solve(fam, model, i, st["attn"], qk_keep, heads, o, forward_dtype)
         qk_m = sol.m if o.compensation else torch.zeros_like(sol.m)
         out["attn"] = {
             "head_dim": d,
@@ -465,17 +512,24 @@ def _prune_attention_cut(fam: ModelFamily, model: nn.Module, i: int, stats: Stat
         }
     v_keep = bm.vo.to(dev) if bm.vo is not None else None
     # as for the MLP: a projection without a bias takes an intercept-free fit
-    m = engine.fit_moments({k: v.to(dev) for k, v in stats.blocks[i]["vo"].items()}, intercept=w.out_bias is not None)
+    vo_st = {k: v.to(dev) for k, v in st["vo"].items()}
+    m = engine.fit_moments(vo_st, intercept=w.out_bias is not None)
     keep = engine.vo_kept_dims(heads, v_keep, d)
     prune = engine.complement(keep, nh * d)
     lam = _mlp_lambda(o, m, keep)
-    try:
-        sol_o = engine.ridge_compensation(m, keep, prune, lam) if prune.numel() else None
-    except ArithmeticError as e:
-        raise NumericalError(f"block {i} attention output: {e}") from None
-    err_u = engine.mlp_predicted_error(w.out_weight, m, keep, prune, None)
-    err_c = engine.mlp_predicted_error(w.out_weight, m, keep, prune, sol_o.b) if sol_o is not None else err_u
-    w_n, b_n = engine.fold_mlp_output(w.out_weight, w.out_bias, keep, prune, sol_o if o.compensation else None)
+    fit: dict[str, Any] = {}
+    if engine.has_target(vo_st):
+        w_n, b_n, fit = _target_fold(w.out_weight, w.out_bias, vo_st, keep, prune, lam, w.out_bias is not None, o,
+                                     f"block {i} attention output")
+        sol_o, err_c, err_u = None, fit["predicted_error_compensated"], fit["predicted_error_uncompensated"]
+    else:
+        try:
+            sol_o = engine.ridge_compensation(m, keep, prune, lam) if prune.numel() else None
+        except ArithmeticError as e:
+            raise NumericalError(f"block {i} attention output: {e}") from None
+        err_u = engine.mlp_predicted_error(w.out_weight, m, keep, prune, None)
+        err_c = engine.mlp_predicted_error(w.out_weight, m, keep, prune, sol_o.b) if sol_o is not None else err_u
+        w_n, b_n = engine.fold_mlp_output(w.out_weight, w.out_bias, keep, prune, sol_o if o.compensation else None)
     fam.install_attention(model, i, AttentionCut(heads=heads, qk_keep=qk_keep, qk_m=qk_m, v_keep=v_keep,
                                                  out_weight=w_n, out_bias=b_n, balanced=o.qk_balanced))
     out["vo"] = {
@@ -487,8 +541,9 @@ def _prune_attention_cut(fam: ModelFamily, model: nn.Module, i: int, stats: Stat
         "kept_heads": [int(h) for h in heads],
         "head_dim": d,
         "v_kept": int(v_keep.shape[1]) if v_keep is not None else d,
-        "lambda": sol_o.lam if sol_o is not None else 0.0,
-        "cond_estimate": sol_o.cond_estimate if sol_o is not None else 1.0,
+        "lambda": sol_o.lam if sol_o is not None else fit.get("lambda", 0.0),
+        "cond_estimate": sol_o.cond_estimate if sol_o is not None else fit.get("cond_estimate", 1.0),
+        **({"fit": "target"} if fit else {}),
         "compensated": bool(o.compensation),
         **({"vo_ranker": o.vo_ranker} if bm.vo is not None else {}),
         **({"head_ranker": o.head_ranker} if bm.heads is not None else {}),
@@ -497,6 +552,15 @@ def _prune_attention_cut(fam: ModelFamily, model: nn.Module, i: int, stats: Stat
         "output_energy": engine.weighted_trace(w.out_weight, m.second),
     }
     return out
+
+
+def _require_block_parts(st: dict[str, dict[str, Tensor]], needed: list[str], where: Any) -> None:
+    from corp_cli.errors import ArtifactError
+
+    missing = [p for p in needed if p not in st]
+    if missing:
+        raise ArtifactError(f"statistics {where or '(in memory)'} lack the {', '.join(missing)} sums this pruning needs; "
+                            f"recalibrate with --parts {','.join(dict.fromkeys([*st, *missing]))}")
 
 
 def supported_parts(fam: ModelFamily, model: nn.Module) -> tuple[str, ...]:

@@ -43,6 +43,22 @@ _VO_FIELDS = {
 FIELDS = {"mlp": _MLP_FIELDS, "attn": _ATTN_FIELDS, "vo": _VO_FIELDS}
 
 
+def _head_sq(s: dict[str, int]) -> tuple[int, int, int]:
+    return (s["num_heads"], s["head_dim"], s["head_dim"])
+
+
+# Regression targets a part MAY carry (sequential calibration, corp_cli/sequential.py): all of
+# a group or none. Without them every path is the one-shot solve.
+_TARGET_FIELDS: dict[str, dict[str, Any]] = {
+    "mlp": {"t_cross": (torch.float64, lambda s: (s["dim"], s["mlp_hidden"])),
+            "t_sum": (torch.float64, lambda s: (s["dim"],)), "t_sq": (torch.float64, lambda s: ())},
+    "vo": {"t_cross": (torch.float64, lambda s: (s["dim"], _o_width(s))),
+           "t_sum": (torch.float64, lambda s: (s["dim"],)), "t_sq": (torch.float64, lambda s: ())},
+    "attn": {k: (torch.float64, _head_sq) for k in ("q_cross", "k_cross", "qd_gram", "kd_gram")},
+}
+OPTIONAL_FIELDS = _TARGET_FIELDS
+
+
 def hist_spec() -> dict[str, int]:
     return {"exp_min": engine.HIST_EXP_MIN, "exp_max": engine.HIST_EXP_MAX, "sub": engine.HIST_SUB}
 
@@ -224,6 +240,17 @@ def _validate(tensors: dict[str, Tensor], meta: dict[str, Any], path: Path) -> l
         for i in covered for part in parts for name, (dtype, shape_fn) in FIELDS[part].items()
     }
     missing = sorted(set(expected) - set(tensors))
+    optional = {
+        f"blocks.{i}.{part}.{name}": spec
+        for i in covered for part in parts for name, spec in OPTIONAL_FIELDS.get(part, {}).items()
+    }
+    for i in covered:
+        for part in parts:
+            names = [n for n in OPTIONAL_FIELDS.get(part, {}) if f"blocks.{i}.{part}.{n}" in tensors]
+            if names and len(names) != len(OPTIONAL_FIELDS[part]):
+                raise ArtifactError(f"{path}: block {i} {part} carries target sums {names} but not all of "
+                                    f"{sorted(OPTIONAL_FIELDS[part])}")
+    expected.update({k: v for k, v in optional.items() if k in tensors})
     extra = sorted(set(tensors) - set(expected))
     if missing or extra:
         raise ArtifactError(f"{path}: statistics tensors do not match their metadata (missing {missing[:3]}, unexpected {extra[:3]})")

@@ -1,0 +1,410 @@
+"""Sequential calibration: blocks pruned in order, each on the already-pruned model's activations.
+
+Two streams of hidden states are kept at the current block's input, for every calibration
+batch: the dense model's (X_d) and the pruned model's (X_p). Block l is then handled with
+one pass per step over those stored activations, never a full forward (docs/method.md §10):
+
+1. the dense block l on X_d gives the dense targets (q_d, k_d as they enter the logits, the
+   residual sums s_d) and X_d for block l+1; the block on X_p gives the pruned-stream
+   attention features, with their cross statistics against the dense ones: its attention
+   is pruned;
+2. block l (pruned attention, dense MLP) on X_p gives the hidden units h_p and the MLP's
+   target: its MLP is pruned;
+3. the pruned block l on X_p gives X_p for block l+1, and the error it actually left on the
+   stream, E||X_p - X_d||^2, beside the predicted one (the report).
+
+The target of every part is either the dense stream's ("dense": the output projection's
+output y is fit to t = y_p + (s_d - s_p) / gamma, the logits to q_d^T k_d) or the pruned
+block's own ("self": SparseGPT-style; the paper's solve on the pruned stream's moments).
+The solves are the engine's; the stream is the family's (stream_start, run_block,
+sublayer_hook); the masks and folds are pruning.py's, block by block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from corp_cli import engine
+from corp_cli.calibration import as_batch, is_out_of_memory
+from corp_cli.errors import InputError, UnsupportedModelError
+from corp_cli.family import Batch, Loaded, ModelFamily, StreamContext
+from corp_cli.pruning import BlockMasks, PruneOptions, Widths, apply_block, check_block, keep_counts, plan_block
+from corp_cli.stats import finite_or_raise
+
+log = logging.getLogger(__name__)
+
+TARGETS = ("dense", "self")
+DEFAULT_TARGET = "dense"
+ATTN_PARTS = ("qk", "vo", "heads")
+
+Progress = Callable[[str, "int | None", str], AbstractContextManager[Callable[[int], None]]]
+
+
+def check_target(target: str) -> str:
+    if target not in TARGETS:
+        raise InputError(f"--sequential-target must be one of {', '.join(TARGETS)}, not {target!r}")
+    return target
+
+
+class _Stop(Exception):
+    """Raised from a hook once everything a pass reads has been seen: the rest of the block is not needed."""
+
+
+@dataclass
+class _Item:
+    """One calibration batch in both streams at the current block's input."""
+
+    dense: Tensor
+    pruned: Tensor
+    ctx: StreamContext
+    mask: Tensor | None  # the real tokens (B, N) of a text batch; None: every token
+
+
+@dataclass
+class SequentialRun:
+    """What a sequential prune produced: the masks, the per-block report, the statistics it fit to."""
+
+    masks: list[BlockMasks]
+    blocks: list[dict[str, Any]]
+    stats: list[dict[str, dict[str, Tensor]]]
+    samples: int
+    tokens: int
+    stream_bytes: int
+    scratch: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+class StreamStore:
+    """The two streams' activations, in memory or in an unlinked memory-mapped scratch file.
+
+    The scratch file is created and unlinked at once (tempfile.TemporaryFile), so nothing is
+    left on disk whatever ends the process, SIGKILL included.
+    """
+
+    def __init__(self, scratch: bool) -> None:
+        self.scratch = scratch
+        self._file: Any = None
+        self._offset = 0
+
+    def put(self, old: Tensor, new: Tensor) -> Tensor:
+        """`new` where `old` was: written over the scratch slot (same shape), or simply the new tensor in memory."""
+        if not self.scratch:
+            return new
+        with torch.inference_mode(False), torch.no_grad():  # the slots are ordinary tensors (see keep)
+            old.copy_(new.to(old.dtype))
+        return old
+
+    def keep(self, x: Tensor) -> Tensor:
+        """A place for x: x itself in memory, or a new slot of the scratch file holding a copy of it."""
+        if not self.scratch:
+            return x
+        import numpy as np
+
+        if self._file is None:
+            self._file = tempfile.TemporaryFile(prefix="corp-sequential-")
+        x = x.detach().to("cpu").contiguous()
+        nbytes = x.numel() * x.element_size()
+        self._file.truncate(self._offset + nbytes)
+        arr = np.memmap(self._file, dtype=np.uint8, mode="r+", offset=self._offset, shape=(nbytes,))
+        # made outside inference mode, so that put() may write over them later
+        with torch.inference_mode(False), torch.no_grad():
+            out = torch.from_numpy(arr).view(x.dtype).reshape(x.shape)
+            out.copy_(x)
+        self._offset += nbytes
+        return out
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def _real(x: Tensor, mask: Tensor | None) -> Tensor:
+    """(B, N, ...) -> the real tokens (T, ...)."""
+    return x.reshape(-1, x.shape[-1]) if mask is None else x[mask]
+
+
+def _real_heads(x: Tensor, mask: Tensor | None) -> Tensor:
+    """(B, H, N, d) -> (1, H, T, d) over the real tokens."""
+    return x if mask is None else x.transpose(1, 2)[mask].unsqueeze(0).transpose(1, 2)
+
+
+def _add(acc: dict[str, dict[str, Tensor]], part: str, st: dict[str, Tensor]) -> None:
+    acc[part] = engine.add_stats(acc.get(part), st)
+
+
+def prune_sequential(
+    loaded: Loaded,
+    batches: Iterable[Tensor | Batch],
+    opts: PruneOptions,
+    *,
+    target: str = DEFAULT_TARGET,
+    masks: list[BlockMasks] | None = None,
+    product_dtype: torch.dtype = torch.float32,
+    forward_dtype: torch.dtype | None = None,
+    scratch: bool | None = None,
+    progress: Progress | None = None,
+) -> SequentialRun:
+    """Prune `loaded.model` in place, block by block, on the pruned stream (module docstring).
+
+    `masks` fixes what every block keeps (their widths and units; the corrections are
+    re-fit sequentially). `scratch` keeps the streams in an unlinked memory-mapped file
+    (None: in memory).
+    """
+    check_target(target)
+    fam, model = loaded.family, loaded.model
+    nblocks = fam.num_blocks(model)
+    if opts.flops_budget is not None and masks is None:
+        raise InputError("--flops-budget with --sequential is not supported yet: give --sparsity (or --masks from a "
+                         "--flops-budget run, whose widths are then re-fit sequentially)")
+    if masks is not None and len(masks) != nblocks:
+        raise InputError(f"{len(masks)} block masks for a model with {nblocks} blocks")
+    plans = [_block_counts(fam, model, i, opts, masks) for i in range(nblocks)]
+    for i, counts in enumerate(plans):
+        check_block(fam, model, i, opts.for_block(i), list(counts))
+        for part in ("mlp", "vo") if target == "dense" else ():
+            if part == "mlp" and "mlp" in counts or part == "vo" and ({"vo", "heads"} & set(counts)):
+                try:
+                    fam.sublayer_modules(model, i, part)
+                except NotImplementedError:
+                    raise UnsupportedModelError(f"{fam.name}: block {i} has no residual sum for the dense target; "
+                                                "use --sequential-target self") from None
+    progress = progress or (lambda _d, _t, _u: contextlib.nullcontext(lambda _n: None))
+    param = next(model.parameters())
+    autocast = (torch.autocast(param.device.type, dtype=forward_dtype) if forward_dtype is not None
+                else contextlib.nullcontext())
+    dense = copy.deepcopy(model)  # the dense reference: its blocks advance X_d and give the targets
+    store = StreamStore(bool(scratch))
+    items: list[_Item] = []
+    samples = tokens = 0
+    try:
+        with torch.inference_mode(), autocast:
+            for x in batches:
+                b = {k: v.to(param.device, dtype=param.dtype) if v.is_floating_point() else v.to(param.device)
+                     for k, v in as_batch(x).items()}
+                hidden, ctx = fam.stream_start(model, b)
+                m = b.get("attention_mask")
+                mask = m.bool() if m is not None else None
+                items.append(_Item(dense=store.keep(hidden), pruned=store.keep(hidden), ctx=ctx, mask=mask))
+                samples += int(hidden.shape[0])
+                tokens += int(mask.sum()) if mask is not None else int(hidden.shape[0] * hidden.shape[1])
+        if not items:
+            raise InputError("no calibration samples were processed")
+        stream_bytes = 2 * sum(it.dense.numel() * it.dense.element_size() for it in items)
+        out_masks: list[BlockMasks] = []
+        entries: list[dict[str, Any]] = []
+        all_stats: list[dict[str, dict[str, Tensor]]] = []
+        for i in range(nblocks):
+            o = opts.for_block(i)
+            with progress(f"sequential: block {i + 1}/{nblocks}", 3 * len(items), "batches") as advance:
+                bm, entry, st = _block(fam, model, dense, i, items, o, plans[i], target, product_dtype, autocast,
+                                       masks[i] if masks is not None else None, advance, store)
+            out_masks.append(bm)
+            entries.append(entry)
+            all_stats.append({p: {k: v.cpu() for k, v in d.items()} for p, d in st.items()})
+    finally:
+        store.close()
+    return SequentialRun(masks=out_masks, blocks=entries, stats=all_stats, samples=samples, tokens=tokens,
+                         stream_bytes=stream_bytes, scratch=store.scratch)
+
+
+def _block_counts(fam: ModelFamily, model: nn.Module, i: int, opts: PruneOptions,
+                  masks: list[BlockMasks] | None) -> Widths:
+    if masks is None:
+        return keep_counts(opts.for_block(i), fam.shape(model, i))
+    bm, counts = masks[i], {}
+    if bm.mlp is not None:
+        counts["mlp"] = int(bm.mlp.numel())
+    if bm.attn is not None:
+        counts["qk"] = int(bm.attn.shape[1])
+    if bm.vo is not None:
+        counts["vo"] = int(bm.vo.shape[1])
+    if bm.heads is not None:
+        counts["heads"] = int(bm.heads.numel())
+    return counts
+
+
+def _run(fam: ModelFamily, model: nn.Module, i: int, x: Tensor, ctx: StreamContext) -> Tensor | None:
+    """Block i on x; None when a hook stopped it early (everything the pass reads was seen)."""
+    try:
+        return fam.run_block(model, i, x, ctx)
+    except _Stop:
+        return None
+
+
+def _block(fam: ModelFamily, model: nn.Module, dense: nn.Module, i: int, items: list[_Item], o: PruneOptions,
+           counts: Widths, target: str, product_dtype: torch.dtype, autocast: Any, preset: BlockMasks | None,
+           advance: Callable[[int], None], store: StreamStore) -> tuple[BlockMasks, dict[str, Any], dict[str, dict[str, Tensor]]]:
+    """Block i: the three passes of the module docstring; (its masks, its report entry, its statistics)."""
+    want_dense = target == "dense"
+    attn_counts = {p: v for p, v in counts.items() if p in ATTN_PARTS}
+    qk = "qk" in attn_counts
+    vo = bool({"vo", "heads"} & set(attn_counts))
+    st: dict[str, dict[str, Tensor]] = {}
+    s_mlp_dense: list[Tensor | None] = [None] * len(items)
+
+    # pass 1: the dense block on X_d (targets, next X_d) and, where attention is pruned, the block on X_p
+    for j, it in enumerate(items):
+        seen: dict[str, Any] = {}
+        hooks: list[Any] = []
+        if want_dense and qk:
+            hooks += fam.qk_hook(dense, i, lambda q, k: seen.__setitem__("qk", (q.detach(), k.detach())))
+        if want_dense and vo:
+            hooks += fam.sublayer_hook(dense, i, "vo", lambda _y, s: seen.__setitem__("s_vo", s.detach()))
+        if want_dense and "mlp" in counts:
+            hooks += fam.sublayer_hook(dense, i, "mlp", lambda _y, s: seen.__setitem__("s_mlp", s.detach()))
+        try:
+            with torch.inference_mode(), autocast:
+                nd = fam.run_block(dense, i, it.dense, it.ctx)
+        finally:
+            for h in hooks:
+                h.remove()
+        it.dense = store.put(it.dense, nd)  # the old X_d is read by nothing else
+        if "s_mlp" in seen:
+            s_mlp_dense[j] = seen["s_mlp"]
+        if attn_counts:
+            _attention_stats(fam, model, i, it, seen, st, qk, vo, want_dense, product_dtype, autocast)
+        advance(1)
+    entry: dict[str, Any] = {"block": i}
+    bm = BlockMasks()
+    if attn_counts:
+        a = preset if preset is not None else plan_block(fam, model, i, st, o, attn_counts)
+        bm = BlockMasks(attn=a.attn, vo=a.vo, heads=a.heads)
+        entry.update(apply_block(fam, model, i, st, BlockMasks(attn=a.attn, vo=a.vo, heads=a.heads), o))
+
+    # pass 2: block i with its pruned attention and dense MLP on X_p: the MLP's features and target
+    if "mlp" in counts:
+        for j, it in enumerate(items):
+            _mlp_stats(fam, model, i, it, s_mlp_dense[j], st, want_dense, product_dtype, autocast)
+            s_mlp_dense[j] = None
+            advance(1)
+        keep = preset.mlp if preset is not None else plan_block(fam, model, i, st, o, {"mlp": counts["mlp"]}).mlp
+        bm.mlp = keep
+        entry.update({k: v for k, v in apply_block(fam, model, i, st, BlockMasks(mlp=keep), o).items() if k != "block"})
+    else:
+        advance(len(items))
+
+    # pass 3: the pruned block on X_p: the next X_p, and the error it left on the stream
+    err = energy = 0.0
+    n = 0
+    for j, it in enumerate(items):
+        with torch.inference_mode(), autocast:
+            np_ = fam.run_block(model, i, it.pruned, it.ctx)
+        d = _real(it.dense, it.mask).double()
+        p = _real(np_, it.mask).double()
+        err += float((p - d).square().sum())
+        energy += float(d.square().sum())
+        n += d.shape[0]
+        it.pruned = store.put(it.pruned, np_)
+        advance(1)
+    entry["sequential"] = {"target": target, "measured_stream_error": err / n,
+                           "measured_stream_error_relative": err / energy if energy > 0 else 0.0}
+    return bm, entry, st
+
+
+def _attention_stats(fam: ModelFamily, model: nn.Module, i: int, it: _Item, seen: dict[str, Any],
+                     st: dict[str, dict[str, Tensor]], qk: bool, vo: bool, want_dense: bool,
+                     product_dtype: torch.dtype, autocast: Any) -> None:
+    """The block (dense still) on X_p, up to its attention's residual sum: Q/K and o statistics."""
+    mask = it.mask
+    pending: dict[str, Tensor] = {}
+    gamma = fam.sublayer_scale(model, i, "vo") if vo and want_dense else None
+
+    def on_qk(q: Tensor, k: Tensor) -> None:
+        qp, kp = _real_heads(q.detach(), mask), _real_heads(k.detach(), mask)
+        s = engine.qk_batch_stats(qp, kp, product_dtype)
+        finite_or_raise(s["qk_sq"], f"block {i} attention queries/keys (pruned stream)")
+        if want_dense:
+            qd, kd = seen["qk"]
+            s.update(engine.qk_cross_batch_stats(qp, kp, _real_heads(qd, mask), _real_heads(kd, mask), product_dtype))
+        _add(st, "attn", s)
+        if not vo:
+            raise _Stop
+
+    def on_o(o: Tensor) -> None:
+        pending["o"] = _real(o.detach(), mask)
+        if not want_dense:
+            s = engine.gram_batch_stats(pending["o"], product_dtype)
+            finite_or_raise(s["sum"], f"block {i} attention outputs (pruned stream)")
+            _add(st, "vo", s)
+            raise _Stop
+
+    def on_sum(y: Tensor, s_p: Tensor) -> None:
+        o = pending.pop("o")
+        t = y.detach() + (seen["s_vo"] - s_p.detach()) / (gamma if gamma is not None else 1.0)
+        s = engine.gram_batch_stats(o, product_dtype)
+        s.update(engine.target_batch_stats(_real(t, mask), o, product_dtype))
+        finite_or_raise(s["t_sum"], f"block {i} attention output target")
+        _add(st, "vo", s)
+        raise _Stop
+
+    hooks: list[Any] = []
+    if qk:
+        hooks += fam.qk_hook(model, i, on_qk)
+    if vo:
+        hooks += fam.vo_hook(model, i, on_o)
+        if want_dense:
+            hooks += fam.sublayer_hook(model, i, "vo", on_sum)
+    try:
+        with torch.inference_mode(), autocast:
+            _run(fam, model, i, it.pruned, it.ctx)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def _mlp_stats(fam: ModelFamily, model: nn.Module, i: int, it: _Item, s_dense: Tensor | None,
+               st: dict[str, dict[str, Tensor]], want_dense: bool, product_dtype: torch.dtype, autocast: Any) -> None:
+    """Block i (pruned attention, dense MLP) on X_p: the hidden units, and with the dense target its target."""
+    mask = it.mask
+    pending: dict[str, Tensor] = {}
+    gamma = fam.sublayer_scale(model, i, "mlp") if want_dense else None
+
+    def on_h(h: Tensor) -> None:
+        hr = _real(h.detach(), mask)
+        s = engine.mlp_batch_stats(hr, product_dtype)
+        finite_or_raise(s["sum"], f"block {i} MLP hidden units (pruned stream)")
+        if want_dense:
+            pending["h"], pending["st"] = hr, s
+            return
+        _add(st, "mlp", s)
+        raise _Stop
+
+    def on_sum(y: Tensor, s_p: Tensor) -> None:
+        assert s_dense is not None
+        t = y.detach() + (s_dense - s_p.detach()) / (gamma if gamma is not None else 1.0)
+        s = pending.pop("st")
+        s.update(engine.target_batch_stats(_real(t, mask), pending.pop("h"), product_dtype))
+        finite_or_raise(s["t_sum"], f"block {i} MLP target")
+        _add(st, "mlp", s)
+        raise _Stop
+
+    hooks = fam.mlp_hook(model, i, on_h)
+    if want_dense:
+        hooks += fam.sublayer_hook(model, i, "mlp", on_sum)
+    try:
+        with torch.inference_mode(), autocast:
+            _run(fam, model, i, it.pruned, it.ctx)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def stream_bytes(fam: ModelFamily, model: nn.Module, samples: int, tokens_per_item: int, dtype_bytes: int = 4) -> int:
+    """The extra memory of --sequential: both streams at one block's input, plus the dense reference's weights."""
+    dim = fam.shape(model, 0).dim
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    # X_d, X_p, and the next X_d / the dense residual sums while a block is in hand
+    return 4 * samples * tokens_per_item * dim * dtype_bytes + weights

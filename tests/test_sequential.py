@@ -1,0 +1,115 @@
+"""Sequential calibration (issue 24): exact checks of the block-by-block prune on small random models."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+
+from corp_cli import api
+from corp_cli.calibration import collect_statistics
+from corp_cli.errors import InputError
+from corp_cli.pruning import PruneOptions, apply_block, keep_counts, plan_block
+
+
+def _model(depth: int = 3) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=32, depth=depth,
+                             num_classes=7).eval().double()
+
+
+def _batches() -> list[torch.Tensor]:
+    x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    return [x[:8], x[8:]]
+
+
+@pytest.mark.parametrize("target", ["mlp", "both", "mlp,qk,vo,heads"])
+def test_dense_target_predicted_error_is_the_error_measured_on_the_stream(target: str) -> None:
+    """Pre-norm, no layer scale: the MLP is fit to what the dense stream holds after the block, so the
+    predicted error of its fit IS the squared distance of the two streams after the block."""
+    m = _model()
+    r = api.prune(m, sequential=True, sequential_target="dense", data=_batches(), target=target, sparsity=0.5,
+                  precision="float64")
+    for e in r.blocks:
+        pred, meas = e["mlp"]["predicted_error_compensated"], e["sequential"]["measured_stream_error"]
+        assert e["mlp"]["fit"] == "target"
+        assert abs(pred - meas) < 1e-9 * meas, (e["block"], pred, meas)
+        assert e["mlp"]["predicted_error_compensated"] < e["mlp"]["predicted_error_uncompensated"]
+    assert r.report()["sequential"]["target"] == "dense"
+
+
+def test_self_target_is_one_shot_pruning_repeated_on_the_pruned_model() -> None:
+    """Self: block l is the paper's prune on statistics of the model whose blocks 0..l-1 are already pruned."""
+    m = _model()
+    batches = _batches()
+    r = api.prune(m, sequential=True, sequential_target="self", data=batches, target="both", sparsity=0.5,
+                  precision="float64")
+    ref = api.adopt(copy.deepcopy(m))
+    opts = PruneOptions(target="both", mlp_sparsity=0.5, attn_sparsity=0.5)
+    fam = ref.family
+    for i in range(fam.num_blocks(ref.model)):
+        # attention on the stream as it is, then the MLP on the stream with block i's attention pruned
+        st = collect_statistics(ref.model, batches, parts=("mlp", "attn"), product_dtype=torch.float64,
+                                blocks=range(i, i + 1))
+        counts = keep_counts(opts, fam.shape(ref.model, i))
+        bm = plan_block(fam, ref.model, i, st.blocks[i], opts, {"qk": counts["qk"]})
+        apply_block(fam, ref.model, i, st.blocks[i], bm, opts)
+        st = collect_statistics(ref.model, batches, parts=("mlp",), product_dtype=torch.float64,
+                                blocks=range(i, i + 1))
+        bm = plan_block(fam, ref.model, i, st.blocks[i], opts, {"mlp": counts["mlp"]})
+        apply_block(fam, ref.model, i, st.blocks[i], bm, opts)
+        assert torch.equal(bm.mlp, r.masks[i].mlp)
+    x = batches[0]
+    with torch.inference_mode():
+        torch.testing.assert_close(r.model.forward_features(x), ref.model.forward_features(x), rtol=0, atol=1e-10)
+
+
+def test_dense_target_pulls_the_stream_back_below_one_shot_and_self() -> None:
+    m = _model()
+    batches = _batches()
+    x = torch.cat(batches)
+
+    def err(model: torch.nn.Module) -> float:
+        with torch.inference_mode():
+            return float((model.forward_features(x) - m.forward_features(x)).square().mean())
+
+    one = api.prune(m, api.calibrate(m, batches, precision="float64"), target="both", sparsity=0.5)
+    seq = {t: api.prune(m, sequential=True, sequential_target=t, data=batches, target="both", sparsity=0.5,
+                        precision="float64") for t in ("self", "dense")}
+    assert err(seq["dense"].model) < 0.5 * min(err(one.model), err(seq["self"].model))
+
+
+def test_sequential_refuses_precomputed_statistics_and_bad_targets() -> None:
+    m = _model(depth=1)
+    st = api.calibrate(m, _batches(), precision="float64")
+    with pytest.raises(InputError, match="cannot be sequential"):
+        api.prune(m, st, sequential=True, target="mlp")
+    with pytest.raises(InputError, match="--sequential-target"):
+        api.prune(m, sequential=True, sequential_target="teacher", data=_batches(), target="mlp")
+
+
+def test_masks_are_reapplied_with_the_same_units_and_refit_sequentially() -> None:
+    m = _model()
+    batches = _batches()
+    one = api.prune(m, api.calibrate(m, batches, precision="float64"), target="both", sparsity=0.5)
+    r = api.prune(m, sequential=True, data=batches, masks=one.masks, target="both", precision="float64")
+    for a, b in zip(one.masks, r.masks):
+        assert torch.equal(a.mlp, b.mlp) and torch.equal(a.attn, b.attn)
+    for e in r.blocks:
+        assert abs(e["mlp"]["predicted_error_compensated"] - e["sequential"]["measured_stream_error"]) < 1e-9
+
+
+def test_scratch_file_streams_give_the_same_model_and_leave_no_file(tmp_path, monkeypatch) -> None:
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    m = _model(depth=2)
+    a = api.prune(m, sequential=True, data=_batches(), target="both", sparsity=0.5, precision="float64")
+    b = api.prune(m, sequential=True, data=_batches(), target="both", sparsity=0.5, precision="float64", scratch=True)
+    assert b.sequential["scratch"] is True
+    x = _batches()[0]
+    with torch.inference_mode():
+        torch.testing.assert_close(a.model.forward_features(x), b.model.forward_features(x), rtol=0, atol=0)
+    assert list(tmp_path.iterdir()) == []
