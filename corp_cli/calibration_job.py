@@ -43,6 +43,10 @@ class CalibrationJob:
     blocks: list[int] | None = None
     max_memory: int | None = None
     data_flag: str = "--data"  # the option naming the data in this command (for error messages)
+    # prune --sequential: plan and load, then hand the opened data back instead of calibrating
+    # (the caller streams it block by block); `sequential_bytes(family, model, samples)` adds that
+    # pass's extra memory to the plan
+    sequential_bytes: Callable[[Any, Any, int], int] | None = None
 
 
 @dataclass
@@ -52,6 +56,8 @@ class JobResult:
     loaded: Loaded | None = None
     seconds: float = 0.0
     dist: distributed.Dist | None = None
+    source: Any = None  # the opened calibration data (a deferred, sequential job)
+    workers: int = 0
 
     @property
     def writes(self) -> bool:
@@ -121,6 +127,15 @@ def run(job: CalibrationJob, *, dry_run: bool = False, progress: Any = None,
                             input_item_bytes=fam.item_bytes(shape_model))
     if dist is not None:
         plan.notes.append(f"rank {dist.rank} of {dist.world}: this rank's share of the samples")
+    if job.sequential_bytes is not None:
+        from corp_cli.plan import available_memory, human
+
+        extra = job.sequential_bytes(fam, shape_model, source.num_items)
+        avail, _ = (job.max_memory, "") if job.max_memory is not None else available_memory(dev)
+        where = ("an unlinked memory-mapped scratch file" if avail is not None and extra > avail // 2 else "memory")
+        plan.sequential = {"extra_bytes": extra, "storage": "scratch" if where != "memory" else "memory"}
+        plan.notes.append(f"--sequential keeps the dense and pruned streams at a block's input and a dense copy of "
+                          f"the weights: {human(extra)} more, in {where}")
     if dry_run:
         from corp_cli.plan import available_memory
 
@@ -132,6 +147,8 @@ def run(job: CalibrationJob, *, dry_run: bool = False, progress: Any = None,
         loaded = fam.load(name, job.options, dev)
     if check_loaded is not None:
         check_loaded(loaded)
+    if job.sequential_bytes is not None:
+        return JobResult(plan=plan, loaded=loaded, dist=dist, source=source, workers=n_workers)
     t0 = time.perf_counter()
     stats, error = None, None
     try:

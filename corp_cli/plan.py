@@ -67,6 +67,7 @@ class CalibrationPlan:
     available_bytes: int | None = None
     limit_source: str = ""
     notes: list[str] = field(default_factory=list)
+    sequential: dict[str, Any] | None = None  # prune --sequential: its extra bytes and where they are kept
 
     @property
     def forward_passes(self) -> int | None:
@@ -88,6 +89,7 @@ class CalibrationPlan:
             "stats_bytes": self.stats_bytes, "memory_bytes": dict(self.terms), "peak_bytes": self.peak_bytes,
             "available_bytes": self.available_bytes, "limit": self.limit_source,
             "fits": self.available_bytes is None or self.peak_bytes <= self.available_bytes, "notes": self.notes,
+            **({"sequential": self.sequential} if self.sequential is not None else {}),
         }
 
 

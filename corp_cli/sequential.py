@@ -402,9 +402,12 @@ def _mlp_stats(fam: ModelFamily, model: nn.Module, i: int, it: _Item, s_dense: T
             h.remove()
 
 
-def stream_bytes(fam: ModelFamily, model: nn.Module, samples: int, tokens_per_item: int, dtype_bytes: int = 4) -> int:
-    """The extra memory of --sequential: both streams at one block's input, plus the dense reference's weights."""
-    dim = fam.shape(model, 0).dim
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    # X_d, X_p, and the next X_d / the dense residual sums while a block is in hand
-    return 4 * samples * tokens_per_item * dim * dtype_bytes + weights
+def extra_bytes(fam: ModelFamily, model: nn.Module, samples: int) -> int:
+    """The extra memory of --sequential: the streams at one block's input, plus the dense reference's weights.
+
+    X_d and X_p, and while a block is in hand the dense residual sums its MLP is fit to (one
+    more stream): 3 x samples x tokens x dim, in the model's dtype.
+    """
+    p = next(model.parameters())
+    weights = sum(q.numel() * q.element_size() for q in model.parameters())
+    return 3 * samples * fam.tokens_per_item(model) * fam.shape(model, 0).dim * p.element_size() + weights

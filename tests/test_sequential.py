@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import timm
@@ -81,6 +85,21 @@ def test_dense_target_pulls_the_stream_back_below_one_shot_and_self() -> None:
     assert err(seq["dense"].model) < 0.5 * min(err(one.model), err(seq["self"].model))
 
 
+def test_progress_names_the_block_in_hand() -> None:
+    import contextlib
+
+    seen: list[tuple[str, int | None, int]] = []
+
+    @contextlib.contextmanager
+    def progress(description: str, total: int | None, _unit: str):
+        done = [0]
+        yield lambda n: done.__setitem__(0, done[0] + n)
+        seen.append((description, total, done[0]))
+
+    api.prune(_model(), sequential=True, data=_batches(), target="both", sparsity=0.5, progress=progress)
+    assert seen == [(f"sequential: block {i}/3", 6, 6) for i in (1, 2, 3)]
+
+
 def test_sequential_refuses_precomputed_statistics_and_bad_targets() -> None:
     m = _model(depth=1)
     st = api.calibrate(m, _batches(), precision="float64")
@@ -113,3 +132,72 @@ def test_scratch_file_streams_give_the_same_model_and_leave_no_file(tmp_path, mo
     with torch.inference_mode():
         torch.testing.assert_close(a.model.forward_features(x), b.model.forward_features(x), rtol=0, atol=0)
     assert list(tmp_path.iterdir()) == []
+
+
+# ---- the CLI: prune --sequential -> evaluate -> reload in a fresh process
+
+
+def _cli(tmp: Path, *args: object) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "corp_cli.cli", *map(str, args)], cwd=tmp, capture_output=True,
+                          text=True, timeout=300)
+
+
+def _images(root: Path, n: int = 6) -> Path:
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for i in range(n):
+        arr = (torch.rand(64, 80, 3, generator=g) * 255).to(torch.uint8).numpy()
+        sub = root / f"class{i % 2}"
+        sub.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(arr).save(sub / f"img{i}.png")
+    return root
+
+
+@pytest.mark.slow
+def test_cli_sequential_prune_evaluate_reload(tmp_path: Path, tiny_ckpt: Path) -> None:
+    data = _images(tmp_path / "imgs")
+    out = tmp_path / "pruned"
+    common = ("deit_tiny_patch16_224", "--checkpoint", tiny_ckpt, "--calib-data", data, "--samples", 6,
+              "--batch-size", 4, "--workers", 0)
+    dry = _cli(tmp_path, "prune", *common, "--sequential", "--dry-run", "--out", out, "--json", "-")
+    assert dry.returncode == 0, dry.stderr
+    plan = json.loads(dry.stdout)
+    assert plan["sequential"]["storage"] == "memory" and plan["sequential"]["extra_bytes"] > 3 * 6 * 197 * 192 * 4
+    assert not out.exists()
+    res = _cli(tmp_path, "prune", *common, "--sequential", "--target", "both", "--sparsity", 0.5, "--out", out)
+    assert res.returncode == 0, res.stderr
+    assert "stream err" in res.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["sequential"]["target"] == "dense"
+    assert sorted(p.name for p in out.iterdir()) == ["masks.safetensors", "model.safetensors", "report.json"]
+    for b in report["blocks"]:
+        assert b["mlp"]["kept"] == 384 and b["attn"]["qk_kept"] == 32
+        assert b["sequential"]["measured_stream_error"] >= 0 and b["mlp"]["fit"] == "target"
+    ev = _cli(tmp_path, "evaluate", out, "--data", data, "--reference", "deit_tiny_patch16_224",
+              "--reference-checkpoint", tiny_ckpt, "--json", "-")
+    assert ev.returncode == 0, ev.stderr
+    # the checkpoint alone rebuilds the same function in a fresh process
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(3))
+    torch.save(x, tmp_path / "x.pt")
+    code = ("import torch, corp_cli; m = corp_cli.load_pruned('pruned'); "
+            "torch.save(m.forward_features(torch.load('x.pt')), 'y.pt')")
+    fresh = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert fresh.returncode == 0, fresh.stderr
+    import corp_cli
+
+    with torch.inference_mode():
+        mine = corp_cli.load_pruned(out).forward_features(x)
+    torch.testing.assert_close(torch.load(tmp_path / "y.pt"), mine, rtol=0, atol=0)
+
+
+def test_cli_sequential_refuses_stats_in_one_line(tmp_path: Path) -> None:
+    st = tmp_path / "stats.safetensors"
+    st.write_bytes(b"")
+    res = _cli(tmp_path, "prune", "deit_tiny_patch16_224", "--stats", st, "--sequential", "--out", tmp_path / "o")
+    assert res.returncode == 2, res.stderr
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "cannot be sequential" in lines[0]
+    res = _cli(tmp_path, "prune", "deit_tiny_patch16_224", "--sequential-target", "self", "--out", tmp_path / "o")
+    assert res.returncode == 2 and "--sequential only" in res.stderr
+    assert not (tmp_path / "o").exists()

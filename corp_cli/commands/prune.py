@@ -41,6 +41,8 @@ def prune_cmd(
     config: Annotated[Path | None, typer.Option("--config", help="YAML preset (see configs/); explicit flags win over it.")] = None,
     masks_path: Annotated[Path | None, typer.Option("--masks", help="Reapply these masks instead of ranking.")] = None,
     dtype: Annotated[str | None, typer.Option("--dtype", help="Calibration forward dtype when calibrating here: fp32 (default), or bf16/fp16 under autocast.")] = None,
+    sequential: Annotated[bool, typer.Option("--sequential", help="Calibrate block by block on the already-pruned model's activations, each block's correction fit toward --sequential-target (calibrates here: not with --stats).")] = False,
+    sequential_target: Annotated[str | None, typer.Option("--sequential-target", help="With --sequential: dense (fit the pruned block to the dense model's residual stream and logits) or self (to its own output on the pruned stream) (default: dense).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Check every input and print the plan (calibration memory, kept widths) without running it.")] = False,
     max_memory: Annotated[str | None, typer.Option("--max-memory", help="Refuse to calibrate when the expected peak exceeds this (e.g. 8G; default: the device's free memory).")] = None,
     checkpoint: C.CheckpointOpt = None,
@@ -85,6 +87,17 @@ def prune_cmd(
         raise InputError(f"--qk-fold must be balanced or q, got {qk_fold!r}")
     if stats_path is not None and calib_data is not None:
         raise InputError("give either --stats or --calib-data, not both")
+    if sequential and stats_path is not None:
+        raise InputError("--stats with --sequential: precomputed statistics come from the dense model and cannot be "
+                         "sequential; drop --stats (it calibrates from --calib-data)")
+    if sequential_target is not None and not sequential:
+        raise InputError("--sequential-target applies with --sequential only")
+    if sequential:
+        from corp_cli.sequential import DEFAULT_TARGET, check_target
+
+        sequential_target = check_target(sequential_target or DEFAULT_TARGET)
+        if _distributed():
+            raise InputError("--sequential under torchrun is not supported yet: run it as one process")
     if stats_path is not None:
         given = [f for f, v in (("--samples", samples), ("--seed", seed), ("--workers", workers), ("--dtype", dtype),
                                   ("--seq-len", seq_len))
@@ -168,10 +181,13 @@ def prune_cmd(
             if preset is not None:
                 check_masks_for(masks_path, mmeta, loaded_.identity, block_shapes(loaded_), "model")  # type: ignore[arg-type]
 
+        from corp_cli.sequential import extra_bytes
+
         job = calibration_job.CalibrationJob(
             model=model, options=options, data=calib_data, samples=samples or D.CALIB_SAMPLES, seed=seed or 0,
             device=device, batch_size=batch_size, workers=workers, dtype=dtype or "fp32",
-            max_memory=parse_bytes(max_memory) if max_memory else None, data_flag="--calib-data")
+            max_memory=parse_bytes(max_memory) if max_memory else None, data_flag="--calib-data",
+            sequential_bytes=extra_bytes if sequential else None)
         run = calibration_job.run(job, dry_run=dry_run, progress=C.progress_bar, workers_for=C.workers_for,
                                   check=check, check_loaded=check_loaded)
         if dry_run:
@@ -180,10 +196,28 @@ def prune_cmd(
         if not run.writes:
             return  # rank 0 prunes and writes
         loaded, stats = run.loaded, run.stats
+    if sequential:
+        from corp_cli.calibration_job import FORWARD_DTYPES
+
+        result = api.prune(loaded, options=opts, masks=preset, inplace=True, progress=C.progress_bar, sequential=True,
+                           sequential_target=sequential_target, data=run.source, batch_size=batch_size,
+                           workers=run.workers, forward_dtype=FORWARD_DTYPES[dtype or "fp32"],
+                           scratch=(run.plan.sequential or {}).get("storage") == "scratch")
+        # the sums a sequential run fit to are not dense statistics another prune could reuse: not written
+        report = api.save_pruned(result, out, overwrite=overwrite, save_stats=False, started=t0)
+        if not C.write_json(json_out, {"out": str(out), **report}):
+            _print_summary(out, report)
+        return
     result = api.prune(loaded, stats, options=opts, masks=preset, inplace=True, progress=C.progress_bar)
     report = api.save_pruned(result, out, overwrite=overwrite, save_stats=calibrated_here, started=t0)
     if not C.write_json(json_out, {"out": str(out), **report}):
         _print_summary(out, report)
+
+
+def _distributed() -> bool:
+    from corp_cli import distributed
+
+    return distributed.from_env() is not None
 
 
 def _other_rank() -> bool:
@@ -226,7 +260,8 @@ def _print_dry_run(plan: Any, loaded: Any, opts: Any, out: Path, json_out: str |
     widths = planned_widths(fam, shape_model, opts)
     report = {"dry_run": True, "out": str(out), "options": opts.to_dict(), "widths": widths,
               "calibration": plan.to_dict() if plan is not None else None,
-              "stats": {"path": str(stats.path), "bytes": stats.path.stat().st_size} if stats is not None else None}
+              "stats": {"path": str(stats.path), "bytes": stats.path.stat().st_size} if stats is not None else None,
+              **({"sequential": plan.sequential} if plan is not None and plan.sequential is not None else {})}
     if C.write_json(json_out, report):
         return
     if plan is not None:
@@ -270,9 +305,12 @@ def _print_summary(out: Path, report: dict[str, Any]) -> None:
     compensated = report["options"].get("compensation", True)
     table = Table(title=f"corp prune -> {out}{'' if compensated else '  (no compensation)'}", show_lines=False)
     vo = any("vo" in b for b in report["blocks"])
+    seq = "sequential" in report
     cols = ["block", "mlp kept", "mlp err (comp / none)", "qk kept", "logit err (comp / none)"]
-    for col in cols + (["heads", "vo kept", "out err (comp / none)"] if vo else []):
+    for col in cols + (["heads", "vo kept", "out err (comp / none)"] if vo else []) + (["stream err"] if seq else []):
         table.add_column(col, justify="right")
+    if seq:
+        table.title = f"{table.title}  (sequential, {report['sequential']['target']} target)"
     for b in report["blocks"]:
         mlp = b.get("mlp")
         attn = b.get("attn")
@@ -287,6 +325,8 @@ def _print_summary(out: Path, report: dict[str, Any]) -> None:
             v = b.get("vo")
             row += [f"{v['heads_kept']}/{v['num_heads']}" if v else "-", f"{v['v_kept']}/{v['head_dim']}" if v else "-",
                     f"{v['predicted_error_compensated']:.3g} / {v['predicted_error_uncompensated']:.3g}" if v else "-"]
+        if seq:
+            row.append(f"{b['sequential']['measured_stream_error']:.3g}")
         table.add_row(*row)
     C.out.print(table)
     _print_totals(report)
