@@ -1,0 +1,56 @@
+"""Time of a sequential prune vs one-shot (calibrate + prune), side by side in one run.
+
+    python scripts/bench_sequential.py [--models deit_tiny_patch16_224,deit_base_patch16_224] [--samples 64]
+
+Random-init weights (the time does not depend on them) and random 224x224 inputs held in
+memory, so that image decoding is not timed. For each model: one-shot = corp_cli.calibrate +
+corp_cli.prune (dense statistics, then the solves); sequential = corp_cli.prune(sequential=True)
+with the dense target and with the self target, all at --target both --sparsity 0.5 on the
+same batches. Prints each time and the ratio to one-shot (the issue's goal: <= 2.5x).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import timm
+import torch
+
+from corp_cli import api
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="deit_tiny_patch16_224,deit_base_patch16_224")
+    ap.add_argument("--samples", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--target", default="both")
+    args = ap.parse_args()
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {args.samples} images of 224x224 in memory, "
+          f"--target {args.target} --sparsity 0.5")
+    print("| model | one-shot calibrate + prune (s) | sequential dense (s) | ratio | sequential self (s) | ratio |")
+    print("|---|---|---|---|---|---|")
+    for name in args.models.split(","):
+        torch.manual_seed(0)
+        model = timm.create_model(name, pretrained=False).eval()
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(args.samples, 3, 224, 224, generator=g)
+        batches = list(x.split(args.batch_size))
+        loaded = api.adopt(model)
+        t = time.perf_counter()
+        stats = api.calibrate(loaded, batches)
+        api.prune(loaded, stats, target=args.target, sparsity=0.5)
+        one = time.perf_counter() - t
+        row = [f"{one:.1f}"]
+        for target in ("dense", "self"):
+            t = time.perf_counter()
+            api.prune(loaded, sequential=True, sequential_target=target, data=batches, target=args.target,
+                      sparsity=0.5)
+            sec = time.perf_counter() - t
+            row += [f"{sec:.1f}", f"{sec / one:.2f}x"]
+        print(f"| {name} | {' | '.join(row)} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
