@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return 0
     CLI_MD.write_text(text)
-    print(f"wrote {CLI_MD.relative_to(REPO)}")
+    print(f"wrote {CLI_MD}")
     return 0
 
 

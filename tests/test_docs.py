@@ -97,6 +97,18 @@ def test_the_command_reference_names_every_option_of_every_command() -> None:
                 assert f"`{name}`" in section, f"{path}: {name} missing from docs/cli.md"
 
 
+def test_the_check_mode_names_the_command_that_fixes_a_stale_page(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    gen = _gen_cli_docs()
+    stale = tmp_path / "cli.md"
+    stale.write_text(gen.render().replace("--flops-budget", "--flops-budgit"))
+    monkeypatch.setattr(gen, "CLI_MD", stale)
+    assert gen.main(["--check"]) == 1
+    assert "run python scripts/gen_cli_docs.py" in capsys.readouterr().err
+    assert gen.main([]) == 0 and gen.main(["--check"]) == 0  # rewritten: current again
+    assert stale.read_text() == gen.render()
+
+
 def test_the_generated_page_does_not_depend_on_the_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
     gen = _gen_cli_docs()
     first = gen.render()
