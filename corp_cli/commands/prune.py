@@ -186,9 +186,10 @@ def prune_cmd(
     drawn = str(png) if png.is_file() else None
     if not C.write_json(json_out, {"out": str(out), **report, "plot": drawn}):
         _print_summary(out, report)
+    if json_out == "-":
+        return  # stdout is the JSON alone, whose "plot" says where the picture is (null: not drawn)
     if drawn is not None:
-        # on stderr beside --json -, whose stdout is the JSON alone
-        (C.err if json_out == "-" else C.out).print(f"picture of the prune -> {drawn}", markup=False, highlight=False)
+        C.out.print(f"picture of the prune -> {drawn}", markup=False, highlight=False)
     else:
         C.err.print(f"note: no {report_plot.PNG_FILE}: matplotlib is not installed; {report_plot.HINT}", markup=False,
                     highlight=False)
