@@ -9,6 +9,7 @@ Drawn from block rows in the shape corp_cli.inspection gives them ({"block": i, 
 from __future__ import annotations
 
 import io
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,7 @@ def render(rows: list[dict[str, Any]], title: str) -> bytes:
     top.set_ylabel("kept fraction")
     top.axhline(1.0, color="grey", lw=0.8, ls=":")
     top.legend(fontsize=7, ncol=len(parts), loc="upper center")
-    top.set_title(title, fontsize=9)
+    top.set_title("\n".join(textwrap.wrap(title, width=int(fig.get_figwidth() * 14))), fontsize=8)
     top.grid(axis="y", alpha=0.3)
     drawn = False
     for part in _ERROR_LABELS:
