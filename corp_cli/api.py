@@ -357,12 +357,14 @@ def _options(options: PruneOptions | None, values: dict[str, Any]) -> PruneOptio
 
 def save_pruned(
     result: PruneResult, out: str | Path, *, overwrite: bool = False, save_stats: bool = False,
-    started: float | None = None,
+    started: float | None = None, plot: bool = False,
 ) -> dict[str, Any]:
     """Write masks.safetensors, model.safetensors (+ the family's files) and report.json into `out`, atomically.
 
     save_stats=True also writes the statistics as stats.safetensors (what `corp prune`
-    does when it calibrated itself). Returns the report.
+    does when it calibrated itself); plot=True also draws report.png (per block: kept widths
+    and predicted error) where matplotlib is installed, and skips it silently where it is not.
+    Returns the report.
     """
     out = Path(out)
     check_out_dir(out, overwrite=overwrite)
@@ -389,6 +391,15 @@ def save_pruned(
         if started is not None:
             report["seconds"] = round(time.perf_counter() - started, 3)
         write_json_atomic(tmp / REPORT_FILE, report)
+        if plot:
+            from corp_cli import report_plot
+
+            if report_plot.available():
+                from corp_cli.inspection import describe_report
+
+                # inside the folder being built, so --out gains the picture together with the rest
+                desc = describe_report(report, tmp / REPORT_FILE)
+                report_plot.write(desc["blocks"], tmp / report_plot.PNG_FILE, desc["summary"])
     return report
 
 

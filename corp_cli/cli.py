@@ -16,6 +16,7 @@ from corp_cli.commands.benchmark import benchmark_cmd
 from corp_cli.commands.calibrate import app as calibrate_app
 from corp_cli.commands.evaluate import evaluate_cmd
 from corp_cli.commands.export import export_cmd
+from corp_cli.commands.inspect import inspect_cmd
 from corp_cli.commands.prune import prune_cmd
 from corp_cli.commands.sweep import sweep_cmd
 
@@ -50,6 +51,7 @@ app.command("evaluate")(evaluate_cmd)
 app.command("benchmark")(benchmark_cmd)
 app.command("sweep")(sweep_cmd)
 app.command("export")(export_cmd)
+app.command("inspect")(inspect_cmd)
 
 
 def main() -> None:

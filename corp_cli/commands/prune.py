@@ -65,7 +65,7 @@ def prune_cmd(
     """Prune MODEL with CORP: remove MLP units, Q/K dims, value/output dims or heads, fold the closed-form compensation in."""
     import time
 
-    from corp_cli import api
+    from corp_cli import api, report_plot
     from corp_cli.artifacts import check_out_dir
     from corp_cli.calibration import block_shapes
     from corp_cli.config import (
@@ -209,9 +209,18 @@ def prune_cmd(
             _print_summary(out, report)
         return
     result = api.prune(loaded, stats, options=opts, masks=preset, inplace=True, progress=C.progress_bar)
-    report = api.save_pruned(result, out, overwrite=overwrite, save_stats=calibrated_here, started=t0)
-    if not C.write_json(json_out, {"out": str(out), **report}):
+    report = api.save_pruned(result, out, overwrite=overwrite, save_stats=calibrated_here, started=t0, plot=True)
+    png = out / report_plot.PNG_FILE
+    drawn = str(png) if png.is_file() else None
+    if not C.write_json(json_out, {"out": str(out), **report, "plot": drawn}):
         _print_summary(out, report)
+    if json_out == "-":
+        return  # stdout is the JSON alone, whose "plot" says where the picture is (null: not drawn)
+    if drawn is not None:
+        C.out.print(f"picture of the prune -> {drawn}", markup=False, highlight=False)
+    else:
+        C.err.print(f"note: no {report_plot.PNG_FILE}: matplotlib is not installed; {report_plot.HINT}", markup=False,
+                    highlight=False)
 
 
 def _distributed() -> bool:
