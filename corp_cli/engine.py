@@ -792,72 +792,163 @@ class RotaryQKSolution:
     lam: Tensor  # (Hq,) lambda used per query head
     err_compensated: Tensor  # (Hq,) expected squared logit error against the target (scaled logits)
     err_uncompensated: Tensor  # (Hq,)
+    err_per_offset: Tensor | None = None  # (L, Hq) at each relative offset (positional fit only)
+    err_per_offset_uncompensated: Tensor | None = None  # (L, Hq)
+
+
+def _rotate_pair_dims(g: Tensor, pairs: Tensor, cos: Tensor, sin: Tensor, dim: int) -> Tensor:
+    """Rotate g (L, H, d, d) along `dim` (-2: rows, -1: columns), pair p by the angle with cos/sin (L, P)."""
+    g = g.movedim(dim, -1)
+    i, j = pairs[:, 0], pairs[:, 1]
+    c = cos[:, None, None, :]
+    s_ = sin[:, None, None, :]
+    out = g.clone()
+    out[..., i] = c * g[..., i] - s_ * g[..., j]
+    out[..., j] = s_ * g[..., i] + c * g[..., j]
+    return out.movedim(-1, dim)
+
+
+def _rotary_system(gq: Tensor, gk: Tensor, dims: Tensor, dense: tuple[Tensor, Tensor, Tensor, Tensor] | None,
+                   ) -> tuple[Tensor, Tensor, Tensor]:
+    """The normal equations (F (B, 2s, 2s), g (B, 2s)) and the uncompensated error (B,) of a batch of query heads.
+
+    gq, gk (B, d, d): the q and k second moments of each query head (k of its kv head); dims (B, s, 2);
+    dense = (X, Y, qd_second, kd_second) per query head, X = E[q q_d^T], Y = E[k_d k^T], or None.
+    """
+    nb, s = gq.shape[0], dims.shape[1]
+    flat = dims.reshape(nb, 2 * s)
+    qss = _gather_blocks(gq, flat, flat)
+    kss = _gather_blocks(gk, flat, flat)
+    if dense is not None:
+        x, y, qd, kd = dense
+        xy = x @ y
+        # E[(t - u)^2], t = q_d^T k_d, u = q^T Pi_S k
+        t_sq = (qd * kd).sum((1, 2))
+        tu = torch.diagonal(_gather_blocks(xy, flat, flat), dim1=1, dim2=2).sum(-1)
+        base = (t_sq - 2.0 * tu + (qss * kss).sum((1, 2))).clamp_min(0)
+        target = xy - _gather_cols(gq, flat) @ _gather_rows(gk, flat)  # X Y - G_Q Pi_S G_K
+    else:
+        prune_dims = torch.stack([complement(f, gq.shape[1]) for f in flat]) if nb else flat
+        # E[(q_P^T k_P)^2] directly: no cancellation between large terms
+        base = (_gather_blocks(gq, prune_dims, prune_dims) * _gather_blocks(gk, prune_dims, prune_dims)).sum((1, 2))
+        target = _gather_cols(gq, prune_dims) @ _gather_rows(gk, prune_dims)  # G_Q Pi_P G_K
+    basis = _rotary_basis(gq.device)
+    qb = qss.reshape(nb, s, 2, s, 2)
+    kb = kss.reshape(nb, s, 2, s, 2)
+    # F_fg = tr(E_f G_K E_g^T G_Q) on the kept pairs' 2x2 blocks
+    f = torch.einsum("fab,hpbqd,gcd,hqcpa->hpfqg", basis, kb, basis, qb).reshape(nb, 2 * s, 2 * s)
+    f = 0.5 * (f + f.transpose(1, 2))
+    blocks = _pair_blocks(target, dims).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)  # (B, s, 2, 2)
+    g = torch.einsum("hpab,fab->hpf", blocks, basis).reshape(nb, 2 * s)
+    return f, g, base
 
 
 def rotary_qk_compensation(
     q_second: Tensor, k_second: Tensor, pairs: Tensor, keep: Tensor, group: Tensor, *,
     q_cross: Tensor | None = None, k_cross: Tensor | None = None,
     qd_second: Tensor | None = None, kd_second: Tensor | None = None,
+    rel_angles: Tensor | None = None, rel_weights: Tensor | None = None, every_offset: bool = True,
     lam: float | None = None, scale: float = 1.0, compensate: bool = True, lam_rel: float = QK_LAMBDA_REL,
 ) -> RotaryQKSolution:
     """Fit one complex scale per kept pair per query head to the target logits, in closed form.
 
-    q_second (Hq, d, d) = E[q q^T], k_second (Hkv, d, d) = E[k k^T] (q, k after the rotation, on the
-    stream being pruned); pairs (P, 2); keep (Hkv, s) kept pair indices per kv head; group (Hq,)
-    query head -> kv head. The target is the logit q^T k itself (self target) unless the dense-stream
-    moments are given: q_cross = E[q q_d^T] (Hq, d, d), k_cross = E[k k_d^T] (Hkv, d, d),
-    qd_second = E[q_d q_d^T], kd_second = E[k_d k_d^T]; the target is then q_d^T k_d.
-    Least squares over independent (query, key) pairs: with features phi_f = q^T E_f k (two per
-    kept pair), F theta = g with F_fg = tr(E_f G_K E_g^T G_Q) and g_f = <E_f, X Y - G_Q Pi_S G_K>,
-    X = E[q q_d^T], Y = E[k_d k^T]: a (2s x 2s) system per query head, solved by eigendecomposition
-    with ridge lam (None: lam_rel * the mean eigenvalue of F), raised where ill-conditioned.
+    q_second (Hq, d, d) = E[q q^T], k_second (Hkv, d, d) = E[k k^T] on the stream being pruned;
+    pairs (P, 2); keep (Hkv, s) kept pair indices per kv head; group (Hq,) query head -> kv head.
+    The target is the logit q^T k itself (self target) unless the dense-stream moments are given:
+    q_cross = E[q q_d^T] (Hq, d, d), k_cross = E[k k_d^T] (Hkv, d, d), qd_second = E[q_d q_d^T],
+    kd_second = E[k_d k_d^T]; the target is then q_d^T k_d.
+
+    Pooled (rel_angles None): q, k are taken as they enter the logits (after the rotation), and the
+    fit is least squares over independent (query, key) pairs: with features phi_f = q^T E_f k (two
+    per kept pair), F theta = g, F_fg = tr(E_f G_K E_g^T G_Q), g_f = <E_f, X Y - G_Q Pi_S G_K>,
+    X = E[q q_d^T], Y = E[k_d k^T]: a (2s x 2s) system per query head.
+
+    Positional (rel_angles (L, P) given): the moments are of q, k BEFORE the rotation, and the
+    logit at relative offset l is q^T R_l k, R_l rotating pair p by rel_angles[l, p] (key position
+    minus query position, times the pair's frequency; 2-D ropes give each pair its axis' offset).
+    Since R_l commutes with the correction, offset l's system is the pooled one with G_K, Y, E[k_d k_d^T]
+    rotated by R_l; the fit minimises the rel_weights-weighted mean over the L offsets, and then
+    (every_offset) the solution is shortened, per query head, to the largest step t <= 1 along it
+    that lowers the predicted error at EVERY offset (t = min_l alpha_l / beta_l, with alpha_l the
+    error's first-order drop and beta_l its curvature at offset l along the solution; a head with
+    an offset that no step helps gets t = 0). err_per_offset then holds (L, Hq) errors.
+
+    Ridge lam (None: lam_rel * the mean eigenvalue of F), raised where ill-conditioned.
+    Cost per query head: O(s^2) to form F from the 2x2 blocks (times L offsets), O(s^3) to solve.
     """
     gq = q_second.to(ACC_DTYPE)
     dev = gq.device
     group = group.to(dev)
+    pairs = pairs.to(dev)
     gk = k_second.to(ACC_DTYPE)[group]
     hq, s = gq.shape[0], keep.shape[1]
-    dims = pairs.to(dev)[keep.to(dev)][group]  # (Hq, s, 2)
-    flat = dims.reshape(hq, 2 * s)
-    dense = q_cross is not None
-    if dense != (k_cross is not None) or dense != (qd_second is not None) or dense != (kd_second is not None):
+    dims = pairs[keep.to(dev)][group]  # (Hq, s, 2)
+    present = [x is not None for x in (q_cross, k_cross, qd_second, kd_second)]
+    if any(present) and not all(present):
         raise ValueError("the dense target needs all of q_cross, k_cross, qd_second, kd_second")
-    qss = _gather_blocks(gq, flat, flat)
-    kss = _gather_blocks(gk, flat, flat)
-    if dense:
+    dense = None
+    if all(present):
         assert q_cross is not None and k_cross is not None and qd_second is not None and kd_second is not None
-        xy = q_cross.to(ACC_DTYPE) @ k_cross.to(ACC_DTYPE)[group].transpose(1, 2)  # E[q q_d^T] E[k_d k^T]
-        # E[(t - u)^2], t = q_d^T k_d, u = q^T Pi_S k
-        t_sq = (qd_second.to(ACC_DTYPE) * kd_second.to(ACC_DTYPE)[group]).sum((1, 2))
-        tu = torch.diagonal(_gather_blocks(xy, flat, flat), dim1=1, dim2=2).sum(-1)
-        base = (t_sq - 2.0 * tu + (qss * kss).sum((1, 2))).clamp_min(0)
-        target = xy - _gather_cols(gq, flat) @ _gather_rows(gk, flat)  # X Y - G_Q Pi_S G_K
+        dense = (q_cross.to(ACC_DTYPE), k_cross.to(ACC_DTYPE)[group].transpose(1, 2),
+                 qd_second.to(ACC_DTYPE), kd_second.to(ACC_DTYPE)[group])
+    if rel_angles is None:
+        f, g, base = _rotary_system(gq, gk, dims, dense)
+        f_l = g_l = base_l = None
+        weights = None
     else:
-        prune_dims = torch.stack([complement(f, gq.shape[1]) for f in flat])
-        # E[(q_P^T k_P)^2] directly: no cancellation between large terms
-        base = (_gather_blocks(gq, prune_dims, prune_dims) * _gather_blocks(gk, prune_dims, prune_dims)).sum((1, 2))
-        target = _gather_cols(gq, prune_dims) @ _gather_rows(gk, prune_dims)  # G_Q Pi_P G_K
+        ang = rel_angles.to(device=dev, dtype=ACC_DTYPE)
+        nl = ang.shape[0]
+        cos, sin = ang.cos(), ang.sin()
+        weights = (torch.ones(nl, dtype=ACC_DTYPE, device=dev) if rel_weights is None
+                   else rel_weights.to(device=dev, dtype=ACC_DTYPE))
+        weights = weights / weights.sum()
+
+        def rot(m: Tensor) -> Tensor:  # R_l m R_l^T for every offset: (L, Hq, d, d)
+            m = m[None].expand(nl, -1, -1, -1)
+            return _rotate_pair_dims(_rotate_pair_dims(m, pairs, cos, sin, -2), pairs, cos, sin, -1)
+
+        def rep(m: Tensor) -> Tensor:
+            return m[None].expand(nl, *m.shape).reshape(nl * hq, *m.shape[1:])
+
+        gk_l = rot(gk).reshape(nl * hq, *gk.shape[1:])
+        dense_l = None
+        if dense is not None:
+            x, y, qd, kd = dense
+            dense_l = (rep(x), rot(y).reshape(nl * hq, *y.shape[1:]), rep(qd), rot(kd).reshape(nl * hq, *kd.shape[1:]))
+        f_l, g_l, base_l = _rotary_system(rep(gq), gk_l, rep(dims), dense_l)
+        f_l = f_l.reshape(nl, hq, 2 * s, 2 * s)
+        g_l = g_l.reshape(nl, hq, 2 * s)
+        base_l = base_l.reshape(nl, hq)
+        f = torch.einsum("l,lhij->hij", weights, f_l)
+        g = torch.einsum("l,lhi->hi", weights, g_l)
+        base = weights @ base_l
     zero = torch.zeros(hq, s, 2, dtype=ACC_DTYPE, device=dev)
     if not compensate or s == 0:
-        err = base * scale**2
+        per = None if base_l is None else base_l * scale**2
         return RotaryQKSolution(coef=zero, lam=torch.zeros(hq, dtype=ACC_DTYPE, device=dev),
-                                err_compensated=err, err_uncompensated=err)
-    basis = _rotary_basis(dev)
-    qb = qss.reshape(hq, s, 2, s, 2)
-    kb = kss.reshape(hq, s, 2, s, 2)
-    f = torch.einsum("fab,hpbqd,gcd,hqcpa->hpfqg", basis, kb, basis, qb).reshape(hq, 2 * s, 2 * s)
-    f = 0.5 * (f + f.transpose(1, 2))
-    g = torch.einsum("hpab,fab->hpf", _pair_blocks(target, dims).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2),
-                     basis).reshape(hq, 2 * s)
+                                err_compensated=base * scale**2, err_uncompensated=base * scale**2,
+                                err_per_offset=per, err_per_offset_uncompensated=per)
     e, v = torch.linalg.eigh(f)
     e = e.clamp_min(0)  # PSD up to rounding
     lam_t = lam_rel * e.mean(-1) if lam is None else torch.full((hq,), float(lam), dtype=ACC_DTYPE, device=dev)
     lam_t = torch.where(lam_t > 0, lam_t, torch.full_like(lam_t, 1e-30))
     lam_t = _rotary_well_posed_lambda(e, lam_t)
     theta = (v @ ((v.transpose(1, 2) @ g[:, :, None]) / (e + lam_t[:, None])[:, :, None]))[:, :, 0]
-    err = (base - 2.0 * (theta * g).sum(-1) + torch.einsum("hi,hij,hj->h", theta, f, theta)).clamp_min(0)
-    return RotaryQKSolution(coef=theta.reshape(hq, s, 2), lam=lam_t,
-                            err_compensated=err * scale**2, err_uncompensated=base * scale**2)
+    per = per_none = None
+    if f_l is not None:
+        assert g_l is not None and base_l is not None and weights is not None
+        alpha = torch.einsum("hi,lhi->lh", theta, g_l)
+        beta = torch.einsum("hi,lhij,hj->lh", theta, f_l, theta)
+        step = torch.where(alpha > 0, alpha / beta.clamp_min(1e-300), torch.zeros_like(alpha))
+        t = step.amin(0).clamp(0.0, 1.0) if every_offset else torch.ones_like(alpha[0])
+        theta = theta * t[:, None]
+        per = (base_l - 2.0 * (t * alpha) + (t * t) * beta).clamp_min(0) * scale**2
+        per_none = base_l * scale**2
+        err = weights @ per
+    else:
+        err = (base - 2.0 * (theta * g).sum(-1) + torch.einsum("hi,hij,hj->h", theta, f, theta)).clamp_min(0) * scale**2
+    return RotaryQKSolution(coef=theta.reshape(hq, s, 2), lam=lam_t, err_compensated=err,
+                            err_uncompensated=base * scale**2, err_per_offset=per, err_per_offset_uncompensated=per_none)
 
 
 def _rotary_well_posed_lambda(e: Tensor, lam: Tensor) -> Tensor:
@@ -918,15 +1009,19 @@ def rotary_kept_dims(pairs: Tensor, keep: Tensor, *, split: bool) -> Tensor:
 
 def rotary_qk_error_grid(
     q_second: Tensor, k_second: Tensor, scores: Tensor, pairs: Tensor, group: Tensor, widths: list[int], *,
-    lam: float | None = None, scale: float = 1.0, compensate: bool = True, **dense: Tensor,
+    lam: float | None = None, scale: float = 1.0, compensate: bool = True,
+    q_cross: Tensor | None = None, k_cross: Tensor | None = None,
+    qd_second: Tensor | None = None, kd_second: Tensor | None = None,
+    rel_angles: Tensor | None = None, rel_weights: Tensor | None = None,
 ) -> Tensor:
     """Per-query-head logit error (len(widths), Hq) when each kv head keeps its top-`w` pairs by `scores` (Hkv, P).
 
-    `dense` takes the dense-target moments of rotary_qk_compensation. Without them keeping all
-    P pairs costs nothing (0); with them it is the remaining dense-vs-pruned error, solved too.
+    The keyword moments are rotary_qk_compensation's. Without a dense target keeping all P
+    pairs costs nothing (0); with one it is the remaining dense-vs-pruned error, solved too.
     One thread, as qk_error_grid (many small batched eigendecompositions).
     """
     npairs = scores.shape[1]
+    dense = q_cross is not None
     out = torch.zeros(len(widths), int(group.shape[0]), dtype=ACC_DTYPE)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -936,12 +1031,13 @@ def rotary_qk_error_grid(
                 continue
             keep = select_top_per_head(scores, min(w, npairs))
             sol = rotary_qk_compensation(q_second, k_second, pairs, keep, group, lam=lam, scale=scale,
-                                         compensate=compensate, **dense)
+                                         compensate=compensate, q_cross=q_cross, k_cross=k_cross,
+                                         qd_second=qd_second, kd_second=kd_second,
+                                         rel_angles=rel_angles, rel_weights=rel_weights)
             out[j] = (sol.err_compensated if compensate else sol.err_uncompensated).cpu()
     finally:
         torch.set_num_threads(threads)
     return out
-
 
 @dataclass
 class Menu:

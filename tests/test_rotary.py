@@ -39,6 +39,16 @@ def rotate(x: Tensor, pairs: Tensor, freqs: Tensor, pos: Tensor) -> Tensor:
     return out
 
 
+def rotate_by(x: Tensor, pairs: Tensor, angles: Tensor) -> Tensor:
+    """x (N, d) with pair p rotated by angles[p]."""
+    cos, sin = angles.cos(), angles.sin()
+    out = x.clone()
+    xi, xj = x[:, pairs[:, 0]], x[:, pairs[:, 1]]
+    out[:, pairs[:, 0]] = xi * cos - xj * sin
+    out[:, pairs[:, 1]] = xi * sin + xj * cos
+    return out
+
+
 def head_grams(x: Tensor) -> Tensor:
     """x (N, H, d) -> (H, d, d) = E[x x^T]."""
     return torch.einsum("nhi,nhj->hij", x, x) / x.shape[0]
@@ -197,3 +207,217 @@ def test_fold_gives_the_fitted_logits_at_every_position_pair(layout: str) -> Non
     others = torch.ones(HQ * DH, dtype=torch.bool)
     others[rows] = False
     assert bool((wqf[others] == 0).all()) and bool((bqf[others] == 0).all())
+
+
+# --- the positional fit: moments before the rotation, the logit at every relative offset ---
+
+
+def rope_freqs(d: int, base: float = 10000.0) -> Tensor:
+    return base ** (-torch.arange(d // 2, dtype=D64) * 2 / d)
+
+
+def causal_offsets(freqs: Tensor, t: int) -> tuple[Tensor, Tensor]:
+    """Angles (T, P) for query-minus-key offsets 0..T-1 (the key sits l tokens back), weighted by how often each occurs in a window of T."""
+    off = torch.arange(t, dtype=D64)
+    return -off[:, None] * freqs[None, :], t - off
+
+
+def per_offset_errors(q_dense: Tensor, k_dense: Tensor, q_model: Tensor, k_model: Tensor, group: Tensor) -> Tensor:
+    """Mean squared logit difference at each causal offset l = n - m, per query head: (T, Hq).
+
+    All four are ROTATED (S, T, H, d): the dense q/k, and the model's (pruned, maybe corrected) q/k.
+    """
+    dense = torch.einsum("snhd,smhd->shnm", q_dense, k_dense[:, :, group])
+    model = torch.einsum("snhd,smhd->shnm", q_model, k_model[:, :, group])
+    err = (dense - model) ** 2
+    return torch.stack([torch.diagonal(err, offset=-lag, dim1=2, dim2=3).mean((0, 2)) for lag in range(q_dense.shape[1])])
+
+
+def fold_vectors(q: Tensor, pairs: Tensor, keep: Tensor, coef: Tensor, group: Tensor) -> Tensor:
+    """fold_rotary_q applied to pre-rotation query vectors (S, T, Hq, d) through a linear map: W_Q = I per head."""
+    hq, d = q.shape[2], q.shape[3]
+    eye = torch.eye(hq * d, dtype=D64)
+    w, _ = E.fold_rotary_q(eye, None, pairs, keep, coef, group)
+    return (q.reshape(*q.shape[:2], hq * d) @ w.T).reshape(q.shape)
+
+
+def brute_force_positional(q: Tensor, k: Tensor, pairs: Tensor, keep: Tensor, group: Tensor, angles: Tensor,
+                           weights: Tensor, lam: float) -> tuple[Tensor, Tensor]:
+    """Weighted ridge least squares over every (query, key, offset) triple; q, k (N, H, d) before the rotation."""
+    coefs, errs = [], []
+    w = weights / weights.sum()
+    for h in range(q.shape[1]):
+        g = int(group[h])
+        rows, rhs, wts = [], [], []
+        for lag in range(angles.shape[0]):
+            kr = rotate_by(k[:, g], pairs, angles[lag])  # R_l k
+            qh = q[:, h]
+            dense = (qh @ kr.T).reshape(-1)
+            kept = pairs[keep[g]].reshape(-1)
+            u = (qh[:, kept] @ kr[:, kept].T).reshape(-1)
+            feats = []
+            for i, j in pairs[keep[g]].tolist():
+                feats.append((qh[:, i:i + 1] * kr[:, i][None] + qh[:, j:j + 1] * kr[:, j][None]).reshape(-1))
+                feats.append((qh[:, i:i + 1] * kr[:, j][None] - qh[:, j:j + 1] * kr[:, i][None]).reshape(-1))
+            rows.append(torch.stack(feats, 1))
+            rhs.append(dense - u)
+            wts.append(torch.full_like(u, float(w[lag]) / u.numel()))
+        phi, r, wt = torch.cat(rows), torch.cat(rhs), torch.cat(wts)
+        a = phi.T @ (phi * wt[:, None]) + lam * torch.eye(phi.shape[1], dtype=D64)
+        theta = torch.linalg.solve(a, phi.T @ (r * wt))
+        coefs.append(theta.reshape(-1, 2))
+        errs.append((wt * (r - phi @ theta) ** 2).sum())
+    return torch.stack(coefs), torch.stack(errs)
+
+
+def test_positional_fit_equals_brute_force_over_query_key_offset_triples() -> None:
+    pairs, freqs = half_split_pairs(DH), rope_freqs(DH, base=30.0)
+    q, k = _random_qk(25, HQ, HKV, DH, seed=7)
+    keep = torch.tensor([[0, 3], [1, 2]])
+    angles, weights = causal_offsets(freqs, 9)
+    sol = E.rotary_qk_compensation(head_grams(q), head_grams(k), pairs, keep, GROUP, lam=1e-3,
+                                   rel_angles=angles, rel_weights=weights, every_offset=False)
+    coef, err = brute_force_positional(q, k, pairs, keep, GROUP, angles, weights, lam=1e-3)
+    assert_close(sol.coef, coef, rtol=1e-8, atol=1e-11)
+    assert_close(sol.err_compensated, err, rtol=1e-8, atol=1e-8)
+    assert sol.err_per_offset is not None and sol.err_per_offset_uncompensated is not None
+    assert_close(torch.einsum("l,lh->h", weights / weights.sum(), sol.err_per_offset), sol.err_compensated)
+    # shortened to help at every offset: never above the uncompensated error at any offset
+    safe = E.rotary_qk_compensation(head_grams(q), head_grams(k), pairs, keep, GROUP, lam=1e-3,
+                                    rel_angles=angles, rel_weights=weights)
+    assert safe.err_per_offset is not None and safe.err_per_offset_uncompensated is not None
+    assert bool((safe.err_per_offset <= safe.err_per_offset_uncompensated * (1 + 1e-12)).all())
+    ratio = safe.coef.norm(dim=(1, 2)) / sol.coef.norm(dim=(1, 2))
+    assert bool((ratio <= 1 + 1e-12).all())
+
+
+def _sequences(s: int, t: int, dim: int, seed: int) -> Tensor:
+    """Token inputs (S, T, dim) with correlated features and a mean, i.i.d. over positions."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(dim, dim, generator=g, dtype=D64) * torch.linspace(0.2, 1.5, dim, dtype=D64)
+    return torch.randn(s, t, dim, generator=g, dtype=D64) @ mix + 0.5 * torch.randn(dim, generator=g, dtype=D64)
+
+
+def _check_every_offset(q_dense: Tensor, k_dense: Tensor, q_pre: Tensor, k_pre: Tensor, pairs: Tensor, freqs: Tensor,
+                        keep: Tensor, sol: E.RotaryQKSolution, group: Tensor, head_tol: float) -> Tensor:
+    """Per-offset errors with and without the correction under the real rotation; returns comp / none summed over heads."""
+    pos = torch.arange(q_pre.shape[1])
+    none = per_offset_errors(q_dense, k_dense, rotate(fold_vectors(q_pre, pairs, keep, 0 * sol.coef, group), pairs, freqs, pos),
+                             rotate(k_pre, pairs, freqs, pos), group)
+    comp = per_offset_errors(q_dense, k_dense, rotate(fold_vectors(q_pre, pairs, keep, sol.coef, group), pairs, freqs, pos),
+                             rotate(k_pre, pairs, freqs, pos), group)
+    layer = comp.sum(1) / none.sum(1)
+    assert bool((layer < 1).all()), f"worse at offsets {torch.nonzero(layer >= 1).flatten().tolist()}: {layer.max():.4f}"
+    # per head: not worse, except where the statistics cannot see: offset 0 pairs each token with
+    # itself (q and k of one token are dependent; the fit assumes independent query/key pairs), and
+    # the longest offsets hold only a few pairs per window (sampling noise)
+    inner = slice(1, 3 * q_pre.shape[1] // 4)
+    bad = torch.nonzero(comp[inner] > none[inner] * (1 + head_tol)).tolist()
+    assert not bad, f"(offset, head) worse: {bad[:10]}, worst ratio {float((comp / none).max()):.4f}"
+    return layer
+
+
+def test_random_weights_self_target_closer_at_every_relative_position() -> None:
+    """Prune 4 of 8 pairs per kv head; every causal offset 0..47 of the real rotation."""
+    hq, hkv, d, t = 4, 2, 16, 48
+    pairs, freqs, group = half_split_pairs(d), rope_freqs(d), torch.tensor([0, 0, 1, 1])
+    g = torch.Generator().manual_seed(8)
+    wq = torch.randn(hq * d, 12, generator=g, dtype=D64) / 12**0.5
+    wk = torch.randn(hkv * d, 12, generator=g, dtype=D64) / 12**0.5
+    x = _sequences(64, t, 12, seed=9)
+    q_pre, k_pre = (x @ wq.T).reshape(64, t, hq, d), (x @ wk.T).reshape(64, t, hkv, d)
+    gq, gk = head_grams(q_pre.reshape(-1, hq, d)), head_grams(k_pre.reshape(-1, hkv, d))
+    keep = E.select_top_per_head(E.rotary_pair_scores(gq, gk, pairs, group), 4)
+    angles, weights = causal_offsets(freqs, t)
+    sol = E.rotary_qk_compensation(gq, gk, pairs, keep, group, rel_angles=angles, rel_weights=weights)
+    assert float(sol.err_compensated.sum()) < 0.99 * float(sol.err_uncompensated.sum())
+    pos = torch.arange(t)
+    q, k = rotate(q_pre, pairs, freqs, pos), rotate(k_pre, pairs, freqs, pos)
+    _check_every_offset(q, k, q_pre, k_pre, pairs, freqs, keep, sol, group, head_tol=2e-3)
+
+
+def test_random_weights_dense_target_closer_at_every_relative_position() -> None:
+    """The sequential case: q/k come from a drifted (pruned upstream) stream; the target is the dense logit."""
+    hq, hkv, d, t = 4, 2, 16, 48
+    pairs, freqs, group = interleaved_pairs(d), rope_freqs(d, base=100.0), torch.tensor([0, 0, 1, 1])
+    g = torch.Generator().manual_seed(11)
+    wq = torch.randn(hq * d, 12, generator=g, dtype=D64) / 12**0.5
+    wk = torch.randn(hkv * d, 12, generator=g, dtype=D64) / 12**0.5
+    x_d = _sequences(64, t, 12, seed=12)
+    drift = torch.eye(12, dtype=D64) + 0.3 * torch.randn(12, 12, generator=g, dtype=D64)
+    x_p = x_d @ drift + 0.05 * torch.randn(x_d.shape, generator=g, dtype=D64)
+    qd_pre, kd_pre = (x_d @ wq.T).reshape(64, t, hq, d), (x_d @ wk.T).reshape(64, t, hkv, d)
+    qp_pre, kp_pre = (x_p @ wq.T).reshape(64, t, hq, d), (x_p @ wk.T).reshape(64, t, hkv, d)
+    flat = lambda v: v.reshape(-1, v.shape[2], d)  # noqa: E731
+    gq, gk = head_grams(flat(qp_pre)), head_grams(flat(kp_pre))
+    keep = E.select_top_per_head(E.rotary_pair_scores(gq, gk, pairs, group), 5)
+    angles, weights = causal_offsets(freqs, t)
+    sol = E.rotary_qk_compensation(gq, gk, pairs, keep, group, rel_angles=angles, rel_weights=weights,
+                                   q_cross=cross_grams(flat(qp_pre), flat(qd_pre)), k_cross=cross_grams(flat(kp_pre), flat(kd_pre)),
+                                   qd_second=head_grams(flat(qd_pre)), kd_second=head_grams(flat(kd_pre)))
+    pos = torch.arange(t)
+    layer = _check_every_offset(rotate(qd_pre, pairs, freqs, pos), rotate(kd_pre, pairs, freqs, pos), qp_pre, kp_pre,
+                                pairs, freqs, keep, sol, group, head_tol=2e-3)
+    assert float(layer.max()) < 0.9  # the drift of each kept pair is corrected at its own frequency
+
+
+def _stories_qk(model, ids: Tensor, layer: int) -> tuple[Tensor, Tensor]:
+    """Pre-rotation q/k (S, T, H, d) of one layer of the real stories260K Llama on token windows ids (S, T)."""
+    att = model.model.layers[layer].self_attn
+    cap: dict[str, Tensor] = {}
+    hooks = [att.q_proj.register_forward_hook(lambda m, i, o: cap.__setitem__("q", o.detach().to(D64))),
+             att.k_proj.register_forward_hook(lambda m, i, o: cap.__setitem__("k", o.detach().to(D64)))]
+    try:
+        with torch.no_grad():
+            model(ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    d = model.config.head_dim
+    s, t = ids.shape
+    return cap["q"].reshape(s, t, -1, d), cap["k"].reshape(s, t, -1, d)
+
+
+@needs_stories
+def test_real_stories260k_weights_closer_at_every_relative_position() -> None:
+    """The real model's q/k projections on its own stories, its own rotary (half-split pairs, theta 10000).
+
+    Self target: 2 of the 4 pairs kept per kv head in layer 0. Dense target: the q/k of layer 2 on a
+    stream drifted by pruning half of layer 0's MLP units uncompensated, against the dense stream's.
+    Every causal offset 0..63 of a 64-token window, the real rotation applied to the folded queries.
+    """
+    transformers = pytest.importorskip("transformers")
+    model = transformers.AutoModelForCausalLM.from_pretrained(STORIES260K, dtype=torch.float32).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(STORIES260K)
+    t = 64
+    windows = [tok(line, return_tensors="pt").input_ids[0][:t] for line in STORIES.read_text().splitlines()[:120]]
+    ids = torch.stack([w for w in windows if len(w) == t])
+    cfg = model.config
+    d, hq, hkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+    group = torch.arange(hq) // (hq // hkv)
+    pairs = half_split_pairs(d)  # transformers' rotate_half layout: dim j pairs with j + d/2
+    freqs = rope_freqs(d, cfg.rope_parameters["rope_theta"])
+    pos = torch.arange(t)
+    angles, weights = causal_offsets(freqs, t)
+    flat = lambda v: v.reshape(-1, v.shape[2], d)  # noqa: E731
+
+    q_pre, k_pre = _stories_qk(model, ids, 0)
+    gq, gk = head_grams(flat(q_pre)), head_grams(flat(k_pre))
+    keep = E.select_top_per_head(E.rotary_pair_scores(gq, gk, pairs, group), 2)
+    sol = E.rotary_qk_compensation(gq, gk, pairs, keep, group, rel_angles=angles, rel_weights=weights)
+    assert bool((sol.coef != 0).any())
+    q, k = rotate(q_pre, pairs, freqs, pos), rotate(k_pre, pairs, freqs, pos)
+    _check_every_offset(q, k, q_pre, k_pre, pairs, freqs, keep, sol, group, head_tol=1e-2)
+
+    qd_pre, kd_pre = _stories_qk(model, ids, 2)
+    down = model.model.layers[0].mlp.down_proj
+    with torch.no_grad():
+        down.weight[:, ::2] = 0.0
+    qp_pre, kp_pre = _stories_qk(model, ids, 2)
+    gq, gk = head_grams(flat(qp_pre)), head_grams(flat(kp_pre))
+    keep = E.select_top_per_head(E.rotary_pair_scores(gq, gk, pairs, group), 3)
+    sol = E.rotary_qk_compensation(gq, gk, pairs, keep, group, rel_angles=angles, rel_weights=weights,
+                                   q_cross=cross_grams(flat(qp_pre), flat(qd_pre)), k_cross=cross_grams(flat(kp_pre), flat(kd_pre)),
+                                   qd_second=head_grams(flat(qd_pre)), kd_second=head_grams(flat(kd_pre)))
+    _check_every_offset(rotate(qd_pre, pairs, freqs, pos), rotate(kd_pre, pairs, freqs, pos), qp_pre, kp_pre,
+                        pairs, freqs, keep, sol, group, head_tol=1e-2)
