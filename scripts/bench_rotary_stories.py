@@ -128,7 +128,8 @@ def main() -> None:
                     gq, gk = grams(qc), grams(kc)
                     kw = dict(rel_angles=angles, rel_weights=weights, every_offset=mode == "positional")
                     q_eval, k_eval = qh, kh
-                keep = E.select_top_per_head(E.rotary_pair_scores(gq, gk, pairs, group), keep_n)
+                keep = E.select_top_per_head(E.rotary_pair_scores(gq, gk, pairs, group, **({} if mode == "pooled" else
+                                                    dict(rel_angles=angles, rel_weights=weights))), keep_n)
                 sol = E.rotary_qk_compensation(gq, gk, pairs, keep, group, **kw)
                 k_r = rotate(k_eval, pairs, freqs)
                 with_c = offset_errors(qh_r, kh_r, rotate(fold(q_eval, pairs, keep, sol.coef, group), pairs, freqs), k_r, group)
