@@ -1072,6 +1072,32 @@ def fold_rotary_q(
     return apply(wq), (apply(bq) if bq is not None else None)
 
 
+def rotary_pairs_of_dims(pairs: Tensor, dims: Tensor) -> Tensor:
+    """Kept pair indices (H, s) from kept dims (H, 2s): a ValueError unless the dims are whole pairs."""
+    d = int(pairs.max()) + 1
+    member = torch.zeros(dims.shape[0], d, dtype=torch.bool, device=dims.device)
+    member.scatter_(1, dims, True)
+    both = member[:, pairs[:, 0]] & member[:, pairs[:, 1]]
+    either = member[:, pairs[:, 0]] | member[:, pairs[:, 1]]
+    if bool((both != either).any()) or int(both.sum(1).min()) * 2 != dims.shape[1] or \
+            int(both.sum(1).max()) * 2 != dims.shape[1]:
+        raise ValueError("kept Q/K dims of a rotary head must be whole rotation pairs")
+    return torch.stack([torch.nonzero(r).flatten() for r in both])
+
+
+def rotary_correction_matrix(pairs: Tensor, keep: Tensor, coef: Tensor, group: Tensor) -> tuple[Tensor, Tensor]:
+    """The complex scales as section 3's logit correction: (kept dims (Hq, 2s) ascending, M (Hq, 2s, 2s)).
+
+    logit = q_S^T (I + M) k_S with M = C^T on each kept pair, so folding (I + M)^T into the
+    kept query rows only (fold_qk, balanced=False) is fold_rotary_q in the kept-dims order.
+    """
+    d = int(pairs.max()) + 1
+    dims = pairs[keep][group]  # (Hq, s, 2)
+    full = _rotary_m(coef.to(ACC_DTYPE), dims, d)
+    flat = torch.sort(dims.reshape(dims.shape[0], -1), dim=1).values
+    return flat, _gather_blocks(full, flat, flat)
+
+
 def rotary_kept_dims(pairs: Tensor, keep: Tensor, *, split: bool) -> Tensor:
     """The kept dims of each kv head (Hkv, 2s), in the order a compacted head keeps its rotary layout.
 

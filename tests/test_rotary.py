@@ -436,3 +436,20 @@ def test_pair_scores_over_offsets_average_the_rotated_pair_energy() -> None:
             for p, (i, j) in enumerate(pairs.tolist()):
                 want[int(GROUP[h]), p] += w[lag] * (q[:, h][:, [i, j]] @ kr[:, [i, j]].T).square().mean()
     assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_correction_matrix_folded_on_the_query_side_is_the_rotary_fold() -> None:
+    pairs = interleaved_pairs(DH)
+    keep = torch.tensor([[1, 3], [0, 2]])
+    coef = torch.randn(HQ, 2, 2, generator=torch.Generator().manual_seed(14), dtype=D64)
+    dims, m = E.rotary_correction_matrix(pairs, keep, coef, GROUP)
+    assert dims.tolist() == [[2, 3, 6, 7], [2, 3, 6, 7], [0, 1, 4, 5], [0, 1, 4, 5]]
+    assert_close(E.rotary_pairs_of_dims(pairs, dims[::2]), keep)
+    with pytest.raises(ValueError, match="whole rotation pairs"):
+        E.rotary_pairs_of_dims(pairs, torch.tensor([[0, 2, 3, 4]]))
+    wq = torch.randn(HQ * DH, 5, dtype=D64)
+    wk = torch.randn(HKV * DH, 5, dtype=D64)
+    folded, _ = E.fold_rotary_q(wq, None, pairs, keep, coef, GROUP)
+    rows = (torch.arange(HQ)[:, None] * DH + dims).reshape(-1)
+    wq_n, _, _, _ = E.fold_qk(wq, None, wq, None, dims, m, balanced=False)  # the K rows are untouched here
+    assert_close(wq_n, folded[rows])
