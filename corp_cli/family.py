@@ -337,6 +337,24 @@ class ModelFamily(abc.ABC):
     def softmax_scale(self, model: nn.Module, i: int) -> float:
         raise UnsupportedModelError(self.qk_refusal(model, i) or f"{self.name}: no softmax scale")
 
+    def rotary_pairs(self, model: nn.Module, i: int) -> Tensor | None:
+        """(P, 2) the two dims of each rotary frequency pair within a head of block i; None: no rotary embedding.
+
+        Q/K pruning then removes whole pairs (the same in a kv head and its query heads), and
+        the correction is one complex scale per kept pair per query head, folded into the query
+        rows only (narrow_qk / install_attention get balanced=False); engine "rotary Q/K pairs".
+        """
+        return None
+
+    def rotary_offsets(self, model: nn.Module, i: int) -> tuple[Tensor, Tensor] | None:
+        """(angles (L, P), weights (L,)) of the (query, key) relative rotations block i's logits see.
+
+        angles[l, p] is pair p's key angle minus its query angle (a token without rotation has
+        angle 0), weights how often offset l occurs. Given, qk_hook emits q and k BEFORE the
+        rotation and the fit is positional (engine.rotary_qk_compensation); None: after it, pooled.
+        """
+        return None
+
     def narrow_qk(self, model: nn.Module, i: int, keep: Tensor, m: Tensor, *, balanced: bool) -> None:
         """Install Q/K-narrow attention in block i: kept dims (H, ds), folded correction M (H, ds, ds)."""
         raise UnsupportedModelError(self.qk_refusal(model, i) or f"{self.name}: Q/K pruning unsupported")

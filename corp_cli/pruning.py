@@ -186,15 +186,19 @@ def _mlp_lambda(opts: PruneOptions, m: engine.Moments, keep: Tensor) -> float:
     return engine.oas_lambda(m.cov[keep][:, keep], m.n)
 
 
-def keep_counts(o: PruneOptions, shape: BlockShape) -> Widths:
-    """What one block keeps of each part its options prune, from the sparsities."""
+def keep_counts(o: PruneOptions, shape: BlockShape, *, pairs: bool = False) -> Widths:
+    """What one block keeps of each part its options prune, from the sparsities.
+
+    pairs: Q/K dims are rotary pairs, removed whole, so the Q/K count is even (never below 2).
+    """
     counts: Widths = {}
     if o.prune_mlp and o.mlp_sparsity > 0:
         counts["mlp"] = engine.keep_count(shape.mlp_hidden, o.mlp_sparsity, round_to=o.round_to, min_keep=o.min_keep)
     if o.prune_heads and o.head_sparsity > 0:
         counts["heads"] = engine.keep_count(shape.num_heads, o.head_sparsity)
     if o.prune_attn and o.attn_sparsity > 0:
-        counts["qk"] = engine.keep_count(shape.head_dim, o.attn_sparsity, min_keep=o.min_qk_dim)
+        counts["qk"] = (engine.keep_count(shape.head_dim, o.attn_sparsity, round_to=2, min_keep=o.min_qk_dim + o.min_qk_dim % 2)
+                        if pairs else engine.keep_count(shape.head_dim, o.attn_sparsity, min_keep=o.min_qk_dim))
     if o.prune_vo and o.vo_sparsity > 0:
         counts["vo"] = engine.keep_count(shape.head_dim, o.vo_sparsity)
     return counts
@@ -236,7 +240,7 @@ def plan_masks(model: nn.Module, stats: Statistics, opts: PruneOptions, family: 
     masks: list[BlockMasks] = []
     for i in range(fam.num_blocks(model)):
         o = opts.for_block(i)
-        counts = widths[i] if widths is not None else keep_counts(o, fam.shape(model, i))
+        counts = widths[i] if widths is not None else keep_counts(o, fam.shape(model, i), pairs=fam.rotary_pairs(model, i) is not None)
         check_block(fam, model, i, o, list(counts))
         require_parts(stats, stats_parts_for(list(counts)))
         masks.append(plan_block(fam, model, i, stats.blocks[i], o, counts))
@@ -327,7 +331,80 @@ def qk_scores(fam: ModelFamily, model: nn.Module, i: int, st: dict[str, Tensor],
 
 
 def _rank_qk(fam: ModelFamily, model: nn.Module, i: int, st: dict[str, Tensor], o: PruneOptions, keep_n: int) -> Tensor:
+    lay = rotary_layout(fam, model, i)
+    if lay is not None:
+        if keep_n % 2:
+            raise InputError(f"block {i}: {keep_n} Q/K dims is not a whole number of rotary pairs; keep an even count")
+        keep = engine.select_top_per_head(rotary_scores(fam, model, i, st, o, lay), keep_n // 2)
+        return torch.sort(lay.pairs[keep].reshape(keep.shape[0], -1), dim=1).values.cpu()
     return engine.select_top_per_head(qk_scores(fam, model, i, st, o), keep_n).cpu()
+
+
+# --- rotary Q/K pairs ---
+
+
+@dataclass(frozen=True)
+class RotaryLayout:
+    """How block i's heads rotate: the pairs, the query head -> kv head map, and the offsets of the positional fit."""
+
+    pairs: Tensor  # (P, 2)
+    group: Tensor  # (Hq,)
+    angles: Tensor | None  # (L, P), or None: statistics after the rotation, pooled fit
+    weights: Tensor | None  # (L,)
+
+    def fit_kwargs(self) -> dict[str, Tensor]:
+        return {} if self.angles is None else {"rel_angles": self.angles, "rel_weights": self.weights}
+
+
+def rotary_layout(fam: ModelFamily, model: nn.Module, i: int) -> RotaryLayout | None:
+    pairs = fam.rotary_pairs(model, i)
+    if pairs is None:
+        return None
+    shape = fam.shape(model, i)
+    kv = shape.kv_heads or shape.num_heads
+    group = torch.arange(shape.num_heads) // (shape.num_heads // kv)
+    off = fam.rotary_offsets(model, i)
+    angles, weights = off if off is not None else (None, None)
+    return RotaryLayout(pairs=pairs.cpu(), group=group, angles=angles, weights=weights)
+
+
+def rotary_scores(fam: ModelFamily, model: nn.Module, i: int, st: dict[str, Tensor], o: PruneOptions,
+                  lay: RotaryLayout) -> Tensor:
+    """How much each rotary pair of each kv head is worth keeping, (Hkv, P).
+
+    energy: the pair's logit energy (engine.rotary_pair_scores); the other rankers: the sum of
+    the pair's two dims' scores, summed over the group's query heads.
+    """
+    if o.qk_ranker == "energy":
+        n = int(st["count"].sum())
+        return engine.rotary_pair_scores(st["q_gram"].cpu() / n, st["k_gram"].cpu() / n, lay.pairs, lay.group,
+                                         **lay.fit_kwargs())
+    dims = qk_scores(fam, model, i, st, o).cpu().to(engine.ACC_DTYPE)
+    per_q = dims[:, lay.pairs[:, 0]] + dims[:, lay.pairs[:, 1]]
+    out = torch.zeros(int(lay.group.max()) + 1, lay.pairs.shape[0], dtype=engine.ACC_DTYPE)
+    return out.index_add_(0, lay.group, per_q)
+
+
+def _rotary_qk_solve(fam: ModelFamily, model: nn.Module, i: int, st: dict[str, Tensor], keep: Tensor,
+                     heads: Tensor | None, o: PruneOptions, lam_rel: float, lay: RotaryLayout) -> engine.QKSolution:
+    """The rotary solve of the kept query heads, as a QKSolution: M over each kept head's kept dims (ascending).
+
+    keep: (kept kv heads, 2s) kept dims, whole pairs; the correction is folded into the queries only.
+    """
+    dev = keep.device
+    n = int(st["count"].sum())
+    q2, k2 = st["q_gram"].to(dev) / n, st["k_gram"].to(dev) / n
+    group = lay.group.to(dev)
+    if heads is not None:
+        kv = torch.unique(group[heads])
+        q2, k2, group = q2[heads], k2[kv], torch.searchsorted(kv, group[heads])
+    pairs = lay.pairs.to(dev)
+    keep_pairs = engine.rotary_pairs_of_dims(pairs, keep)
+    kw = {k: v.to(dev) for k, v in lay.fit_kwargs().items()}
+    sol = engine.rotary_qk_compensation(q2, k2, pairs, keep_pairs, group, lam=o.lam, scale=fam.softmax_scale(model, i),
+                                        lam_rel=lam_rel, **kw)
+    _, m = engine.rotary_correction_matrix(pairs, keep_pairs, sol.coef, group)
+    return engine.QKSolution(m=m, lam=sol.lam, err_compensated=sol.err_compensated, err_uncompensated=sol.err_uncompensated)
 
 
 def apply_masks(
@@ -439,12 +516,15 @@ def _qk_solve(fam: ModelFamily, model: nn.Module, i: int, st: dict[str, Tensor],
     """(pruned dims per head, the logit compensation) of the heads kept (all when None): the one Q/K solve."""
     d = fam.shape(model, i).head_dim
     prune = torch.stack([engine.complement(k, d) for k in keep])
+    # a bf16/fp16 forward rounds the Grams: the ridge rises to that rounding level (method notes)
+    lam_rel = engine.qk_lambda_rel(getattr(torch, forward_dtype) if forward_dtype else None)
+    lay = rotary_layout(fam, model, i)
+    if lay is not None:
+        return prune, _rotary_qk_solve(fam, model, i, st, keep, heads, o, lam_rel, lay)
     n = int(st["count"].sum())
     q2, k2 = st["q_gram"].to(keep.device) / n, st["k_gram"].to(keep.device) / n
     if heads is not None:
         q2, k2 = q2[heads], k2[heads]
-    # a bf16/fp16 forward rounds the Grams: the ridge rises to that rounding level (method notes)
-    lam_rel = engine.qk_lambda_rel(getattr(torch, forward_dtype) if forward_dtype else None)
     if engine.has_target(st):
         mo = {k: st[k].to(keep.device) / n for k in engine.QK_TARGET_KEYS}
         if heads is not None:
@@ -468,7 +548,7 @@ def _prune_attn_block(fam: ModelFamily, model: nn.Module, i: int, st: dict[str, 
     keep = keep.to(dev)
     prune, sol = _qk_solve(fam, model, i, st, keep, None, o, forward_dtype)
     m = sol.m if o.compensation else torch.zeros_like(sol.m)
-    fam.narrow_qk(model, i, keep, m, balanced=o.qk_balanced)
+    fam.narrow_qk(model, i, keep, m, balanced=o.qk_balanced and fam.rotary_pairs(model, i) is None)
     return {
         "head_dim": shape.head_dim,
         "qk_kept": int(keep.shape[1]),
@@ -531,7 +611,8 @@ def _prune_attention_cut(fam: ModelFamily, model: nn.Module, i: int, st: dict[st
         err_c = engine.mlp_predicted_error(w.out_weight, m, keep, prune, sol_o.b) if sol_o is not None else err_u
         w_n, b_n = engine.fold_mlp_output(w.out_weight, w.out_bias, keep, prune, sol_o if o.compensation else None)
     fam.install_attention(model, i, AttentionCut(heads=heads, qk_keep=qk_keep, qk_m=qk_m, v_keep=v_keep,
-                                                 out_weight=w_n, out_bias=b_n, balanced=o.qk_balanced))
+                                                 out_weight=w_n, out_bias=b_n,
+                                                 balanced=o.qk_balanced and fam.rotary_pairs(model, i) is None))
     out["vo"] = {
         "width": nh * d,
         "kept": int(keep.numel()),
@@ -588,7 +669,7 @@ def planned_widths(fam: ModelFamily, model: nn.Module, opts: PruneOptions) -> li
     out = []
     for i in range(fam.num_blocks(model)):
         o, s = opts.for_block(i), fam.shape(model, i)
-        k = keep_counts(o, s)
+        k = keep_counts(o, s, pairs=fam.rotary_pairs(model, i) is not None)
         out.append({"block": i, "mlp_hidden": s.mlp_hidden, "mlp_kept": k.get("mlp", s.mlp_hidden),
                     "head_dim": s.head_dim, "qk_kept": k.get("qk", s.qk_dim), "num_heads": s.num_heads,
                     "heads_kept": k.get("heads", s.num_heads), "v_kept": k.get("vo", s.v_dim)})

@@ -19,6 +19,7 @@ from safetensors.torch import save_file  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from corp_cli import engine  # noqa: E402
+from corp_cli.pruning import rotary_layout  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -114,10 +115,20 @@ def masked_reference(dense, masks, stats, blocks):
             keep = bm.attn
             prune = torch.stack([engine.complement(k, d) for k in keep])
             lam = torch.tensor(entry["attn"]["lambda_per_head"], dtype=torch.float64)
-            sol = engine.qk_compensation(st["q_gram"][heads] / n, st["k_gram"][heads] / n, keep, prune, lam=None,
-                                         scale=fam.softmax_scale(dense.model, i))
+            lay = rotary_layout(fam, dense.model, i)
+            if lay is None:
+                sol = engine.qk_compensation(st["q_gram"][heads] / n, st["k_gram"][heads] / n, keep, prune, lam=None,
+                                             scale=fam.softmax_scale(dense.model, i))
+                m_fit = sol.m
+            else:  # whole rotary pairs, a complex scale per kept pair on the query side (q, k before the rotation)
+                pairs = engine.rotary_pairs_of_dims(lay.pairs, keep)
+                group = torch.arange(int(heads.numel()))  # one kv head per query head here
+                sol = engine.rotary_qk_compensation(st["q_gram"][heads] / n, st["k_gram"][heads] / n, lay.pairs, pairs,
+                                                    group, scale=fam.softmax_scale(dense.model, i), **lay.fit_kwargs())
+                dims, m_fit = engine.rotary_correction_matrix(lay.pairs, pairs, sol.coef, group)
+                assert torch.equal(dims, keep)
             assert torch.allclose(sol.lam, lam)
-            mix = torch.eye(keep.shape[1], dtype=torch.float64) + sol.m  # (Hk, ds, ds)
+            mix = torch.eye(keep.shape[1], dtype=torch.float64) + m_fit  # (Hk, ds, ds)
 
             def on_qk(q: Tensor, k: Tensor, keep: Tensor = keep, mix: Tensor = mix,
                       heads: Tensor = heads) -> tuple[Tensor, Tensor]:

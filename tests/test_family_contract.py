@@ -108,7 +108,7 @@ CASES: dict[str, tuple[str, Callable[[Path], tuple[Loaded, list, dict]]]] = {
 
 # Families whose attention output (V/O dims, whole heads) corp prunes: checked with every part at once.
 ALL_PARTS = "mlp,qk,vo,heads"
-VO_CASES = ("timm-vit", "timm-vit-qknorm", "hf-bert", "hf-vit")
+VO_CASES = ("timm-vit", "timm-vit-qknorm", "timm-eva", "hf-bert", "hf-vit")
 
 
 def test_every_registered_family_has_a_contract_case() -> None:
