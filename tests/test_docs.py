@@ -141,6 +141,15 @@ def test_the_readme_is_a_short_guide() -> None:
     assert len(README.read_text().splitlines()) <= 250
 
 
+def test_the_readme_shows_the_same_families_table_as_the_models_page() -> None:
+    def table(text: str) -> list[str]:
+        rows = text[text.index("| family |"):].splitlines()
+        return rows[:next(i for i, r in enumerate(rows) if not r.startswith("|"))]
+
+    assert table(README.read_text()) == table((DOCS / "models.md").read_text()), \
+        "the supported-models table differs between README.md and docs/models.md"
+
+
 def test_the_set_up_commands_are_the_ones_ci_runs() -> None:
     text = README.read_text()
     setup = text[text.index("## Set up\n"):]
