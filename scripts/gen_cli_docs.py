@@ -79,7 +79,8 @@ def _default(param: Any) -> str:
     if param.required:
         return "required"
     value = param.default
-    if callable(value) or value is None or value == ():
+    # no default: None, an empty tuple, a factory, or a click/typer "unset" sentinel object
+    if callable(value) or value is None or value == () or "UNSET" in repr(value):
         return ""
     if getattr(param, "is_flag", False):
         return "on" if value else "off"

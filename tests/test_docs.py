@@ -141,6 +141,15 @@ def test_the_readme_is_a_short_guide() -> None:
     assert len(README.read_text().splitlines()) <= 250
 
 
+def test_the_readme_shows_the_same_families_table_as_the_models_page() -> None:
+    def table(text: str) -> list[str]:
+        rows = text[text.index("| family |"):].splitlines()
+        return rows[:next(i for i, r in enumerate(rows) if not r.startswith("|"))]
+
+    assert table(README.read_text()) == table((DOCS / "models.md").read_text()), \
+        "the supported-models table differs between README.md and docs/models.md"
+
+
 def test_the_set_up_commands_are_the_ones_ci_runs() -> None:
     text = README.read_text()
     setup = text[text.index("## Set up\n"):]
@@ -291,15 +300,20 @@ CHECKS: dict[tuple[str, int], Callable[[subprocess.CompletedProcess[str], Path],
 }
 
 
-def _run_page(page: Path, tmp_path: Path, data: Path, slow: bool) -> None:
+def _sandbox(tmp_path: Path, data: Path) -> Path:
+    """A scratch folder where a checkout sits: ../shared/data beside it, configs/ and scripts/ in it."""
     (tmp_path / "shared").mkdir()
     (tmp_path / "shared" / "data").symlink_to(data, target_is_directory=True)
-    cwd = tmp_path / "repo"  # where a checkout sits: ../shared/data beside it
+    cwd = tmp_path / "repo"
     cwd.mkdir()
     for name in ("configs", "scripts"):
         (cwd / name).symlink_to(REPO / name, target_is_directory=True)
+    return cwd
+
+
+def _run_blocks(page: Path, cwd: Path, which: Callable[[Example], bool], slow: bool) -> None:
     for i, ex in enumerate(examples(page)):
-        if not slow and ex.flags:
+        if not which(ex):
             continue
         t0 = time.perf_counter()
         res = _run(ex, cwd, timeout=900 if slow else 300)
@@ -312,6 +326,12 @@ def _run_page(page: Path, tmp_path: Path, data: Path, slow: bool) -> None:
             check(res, cwd)
 
 
+# The folder each page's quick blocks ran in, once they all passed: its slow blocks continue there
+# (quick blocks never depend on slow ones, since the default run has no slow ones), so `-m ""`
+# does not run the quick blocks twice.
+_QUICK_RUNS: dict[Path, Path] = {}
+
+
 FAST_PAGES = [p for p in PAGES if any(not ex.flags for ex in examples(p))]
 SLOW_PAGES = [p for p in PAGES if any(ex.flags for ex in examples(p))]
 
@@ -319,16 +339,20 @@ SLOW_PAGES = [p for p in PAGES if any(ex.flags for ex in examples(p))]
 @pytest.mark.parametrize("page", FAST_PAGES, ids=lambda p: str(p.relative_to(REPO)))
 def test_runnable_examples(page: Path, tmp_path: Path, stand_in_data: Path) -> None:
     """The page's quick runnable blocks, in order, on the stand-ins."""
-    _run_page(page, tmp_path, stand_in_data, slow=False)
+    cwd = _sandbox(tmp_path, stand_in_data)
+    _run_blocks(page, cwd, lambda ex: not ex.flags, slow=False)
+    _QUICK_RUNS[page] = cwd
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("page", SLOW_PAGES, ids=lambda p: str(p.relative_to(REPO)))
 def test_runnable_examples_slow(page: Path, tmp_path: Path, stand_in_data: Path) -> None:
     """Every runnable block of the page, in order; on the real shared data where a block asks for it."""
-    data = stand_in_data
     if any("shared-data" in ex.flags for ex in examples(page)):
         if not SHARED_DATA.is_dir():
             pytest.skip(f"{page.name} needs the real shared data ({SHARED_DATA} is absent)")
-        data = SHARED_DATA
-    _run_page(page, tmp_path, data, slow=True)
+        _run_blocks(page, _sandbox(tmp_path, SHARED_DATA), lambda ex: True, slow=True)
+    elif page in _QUICK_RUNS:
+        _run_blocks(page, _QUICK_RUNS[page], lambda ex: bool(ex.flags), slow=True)
+    else:
+        _run_blocks(page, _sandbox(tmp_path, stand_in_data), lambda ex: True, slow=True)
