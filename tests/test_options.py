@@ -58,7 +58,7 @@ CLASSES = {
             "--no-compensation", "--config", "--masks", "--reference", "--reference-checkpoint", "--sparsities",
             "--cache-mb", "--batch-sizes", "--dtype", "--compile", "--warmup", "--runs", "--format", "--dynamic-batch",
             "--verify", "--debug", "--verbose", "--version", "--blocks", "--dry-run", "--max-memory", "--allow-gaps",
-            "--flops-budget", "--flops-budgets"},
+            "--flops-budget", "--flops-budgets", "--plot"},
 }
 
 
