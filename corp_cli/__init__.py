@@ -1,7 +1,8 @@
 """corp: one-shot structured pruning of trained transformers with closed-form compensation (CORP).
 
-The Python API (see corp_cli.api): calibrate, prune, save_pruned, load_pruned. Attributes
-are imported on first use, so `import corp_cli` (and the CLI's --help) stays cheap.
+The Python API (see corp_cli.api): calibrate, prune, save_pruned, load_pruned; describe(path)
+says what an artifact is (corp_cli.inspection). Attributes are imported on first use, so
+`import corp_cli` (and the CLI's --help) stays cheap.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ _API = {
     "PruneOptions": "corp_cli.pruning",
     "Statistics": "corp_cli.stats",
     "ModelOptions": "corp_cli.family",
+    "describe": "corp_cli.inspection",  # what an artifact is (`corp inspect`)
 }
 
 __all__ = ["__version__", *_API]

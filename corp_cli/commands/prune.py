@@ -34,7 +34,7 @@ def prune_cmd(
     head_ranker: Annotated[str | None, typer.Option("--head-ranker", help=f"Head ranking: {', '.join(D.HEAD_RANKERS)} (default: {D.HEAD_RANKER}: the compensated error of removing the head).")] = None,
     lam: Annotated[str | None, typer.Option("--lambda", help="Ridge lambda: auto (data-scaled shrinkage) or a number (default: auto).")] = None,
     no_compensation: Annotated[bool, typer.Option("--no-compensation", help="Drop units with no correction (the baseline).")] = False,
-    round_to: Annotated[int | None, typer.Option("--round-to", help=f"Keep survivor counts multiples of N (default: {D.ROUND_TO}).")] = None,
+    round_to: Annotated[int | None, typer.Option("--round-to", help=f"Keep MLP survivor counts multiples of N (default: {D.ROUND_TO}, kernel-friendly; 1 keeps the exact fractions).")] = None,
     min_keep: Annotated[int | None, typer.Option("--min-keep", help=f"Never keep fewer MLP units per block (default: {D.MIN_KEEP}).")] = None,
     min_qk_dim: Annotated[int | None, typer.Option("--min-qk-dim", help=f"Never keep fewer Q/K dims per head (default: {D.MIN_QK_DIM}).")] = None,
     qk_fold: Annotated[str | None, typer.Option("--qk-fold", help="Fold the logit correction into q only, or balanced between q and k (default: balanced).")] = None,
