@@ -185,3 +185,54 @@ def test_q_k_pairs_lower_the_logit_error_at_every_offset_on_real_images() -> Non
     assert not worse, worse[:8]
     assert len([k for k in classes if k[0] == "patch"]) == (2 * side - 1) ** 2
     assert float(errs[0].mean()) < float(errs[1].mean())
+
+
+def _calibrated(size: int = 28) -> tuple[api.Loaded, object, dict]:
+    dense = api.adopt(_eva(size))
+    dense.model.double()
+    x = _images(12, size).double()
+    stats = api.calibrate(dense, [x[:6], x[6:]], precision="float64", parts=("mlp", "attn", "vo"))
+    return dense, stats, {"pixel_values": _images(3, size, seed=9).double()}
+
+
+def test_flops_budget_keeps_whole_pairs_and_compacted_equals_masked() -> None:
+    """--flops-budget over Q/K pairs and value dims: even Q/K widths of whole pairs, the budget held."""
+    from corp_cli.flops import model_counts
+
+    dense, stats, check = _calibrated()
+    result = api.prune(dense, stats, target="qk,vo", flops_budget=0.8)
+    fam = dense.family
+    pairs = fam.rotary_pairs(dense.model, 0)
+    for i, bm in enumerate(result.masks):
+        shape = fam.shape(result.model, i)
+        assert shape.qk_dim % 2 == 0
+        if bm.attn is not None:
+            engine.rotary_pairs_of_dims(pairs, bm.attn)  # raises unless whole pairs
+    assert any(m.attn is not None for m in result.masks), "the allocator pruned some Q/K pairs"
+    flops = model_counts(result.model, family=fam)["flops"] / model_counts(dense.model, family=fam)["flops"]
+    assert flops <= 0.8 + 1e-9
+    got, ref = _outputs(result.loaded, check), _outputs(masked_reference(dense, result.masks, result.stats, result.blocks), check)
+    assert_close(got[1], ref[1], rtol=1e-9, atol=1e-9)
+
+
+def test_uniform_q_k_sparsity_rounds_to_whole_pairs() -> None:
+    dense, stats, _ = _calibrated()
+    result = api.prune(dense, stats, target="qk", sparsity=0.3)  # 64 - floor(19.2) = 45 dims: 46 (nearest, ties up)
+    assert {dense.family.shape(result.model, i).qk_dim for i in range(2)} == {46}
+    assert all(r["attn"]["qk_kept"] == 46 for r in result.blocks)
+    for r in result.blocks:
+        assert all(c <= u + 1e-12 for c, u in zip(r["attn"]["predicted_logit_error_compensated"],
+                                                  r["attn"]["predicted_logit_error_uncompensated"]))
+
+
+def test_saved_attention_pruned_eva_reloads_and_only_mlp_pruned_stays_stock(tmp_path: Path) -> None:
+    dense, stats, check = _calibrated()
+    check = {k: v.float() for k, v in check.items()}
+    for target, stock in (("mlp", True), ("mlp,qk,vo,heads", False)):
+        result = api.prune(dense, stats, target=target, sparsity=0.5)
+        result.loaded.model.float()
+        out = tmp_path / target.replace(",", "-")
+        api.save_pruned(result, out)
+        again = load_pruned_loaded(out)
+        assert_close(_outputs(again, check)[1], _outputs(result.loaded, check)[1], rtol=0, atol=0)
+        assert (FAM.stock_loader(FAM.architecture(result.loaded)) is not None) == stock
