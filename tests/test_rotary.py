@@ -7,7 +7,6 @@ relative position, on random weights and on the real stories260K Llama's q/k pro
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
