@@ -976,43 +976,65 @@ def _rotary_system(gq: Tensor, gk: Tensor, dims: Tensor, dense: tuple[Tensor, Te
 _ROTARY_CHUNK_NUMBERS = 1 << 22
 
 
-def _rotate_pair_dims(g: Tensor, pairs: Tensor, cos: Tensor, sin: Tensor, dim: int) -> Tensor:
-    """Rotate g (L, H, d, d) along `dim` (-2: rows, -1: columns), pair p by the angle with cos/sin (L, P)."""
-    g = g.movedim(dim, -1)
-    i, j = pairs[:, 0], pairs[:, 1]
-    c = cos[:, None, None, :]
-    s_ = sin[:, None, None, :]
-    out = g.clone()
-    out[..., i] = c * g[..., i] - s_ * g[..., j]
-    out[..., j] = s_ * g[..., i] + c * g[..., j]
-    return out.movedim(-1, dim)
+def _pair_order(x: Tensor, pairs: Tensor) -> Tensor:
+    """x (H, d, d) as the 2x2 blocks between pairs, (H, P, P, 2, 2): block [p, q] is x[pairs[p]][:, pairs[q]]."""
+    return x[:, pairs[:, None, :, None], pairs[None, :, None, :]]
 
 
-def _rotated_chunks(b: Tensor, pairs: Tensor, angles: Tensor):  # noqa: ANN202 - a generator of (slice, tensor)
-    """(offsets, R_l b R_l^T) for chunks of the offsets l; b (H, d, d), angles (L, P)."""
-    nl = angles.shape[0]
-    step = max(1, _ROTARY_CHUNK_NUMBERS // max(1, b.numel()))
+def _block_parts(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A 2x2 block [[x00, x01], [x10, x11]] as x00 + x11, x10 - x01 (the rotation-like part) and x00 - x11, x01 + x10."""
+    x00, x01, x10, x11 = x[..., 0, 0], x[..., 0, 1], x[..., 1, 0], x[..., 1, 1]
+    return x00 + x11, x10 - x01, x00 - x11, x01 + x10
+
+
+def _offset_bases(angles: Tensor):  # noqa: ANN202 - a generator of (slice, (l, 4, P, P))
+    """cos and sin of phi_p - phi_q and of phi_p + phi_q per offset, chunked: what R_l b R_l^T is linear in.
+
+    With R(phi) a 2x2 rotation, a block b = b_c + b_a splits into a part that commutes with
+    rotations (a complex scale) and a scaled reflection, and R(phi) b R(psi)^T = b_c R(phi - psi)
+    + b_a R(-(phi + psi)): every rotated moment, and every inner product with one, is linear in
+    these four (P, P) tables, so no rotated (d x d) matrix is ever formed.
+    """
+    nl, npairs = angles.shape
+    step = max(1, _ROTARY_CHUNK_NUMBERS // max(1, 4 * npairs * npairs))
     for lo in range(0, nl, step):
         a = angles[lo:lo + step]
-        cos, sin = a.cos(), a.sin()
-        m = b[None].expand(a.shape[0], -1, -1, -1)
-        yield slice(lo, lo + a.shape[0]), _rotate_pair_dims(_rotate_pair_dims(m, pairs, cos, sin, -2), pairs, cos, sin, -1)
+        c, s_ = a.cos(), a.sin()
+        cc, ss = c[:, :, None] * c[:, None, :], s_[:, :, None] * s_[:, None, :]
+        sc, cs = s_[:, :, None] * c[:, None, :], c[:, :, None] * s_[:, None, :]
+        yield slice(lo, lo + a.shape[0]), torch.stack([cc + ss, sc - cs, cc - ss, sc + cs], 1)
 
 
 def _offset_mean(b: Tensor, pairs: Tensor, angles: Tensor, weights: Tensor) -> Tensor:
     """sum_l w_l R_l b R_l^T: the moment the offset-averaged fit uses (every quantity of the fit is linear in it)."""
-    out = torch.zeros_like(b)
-    for sl, rot in _rotated_chunks(b, pairs, angles):
-        out += torch.einsum("l,lhij->hij", weights[sl], rot)
+    mean = torch.zeros(4, pairs.shape[0], pairs.shape[0], dtype=ACC_DTYPE, device=b.device)
+    for sl, basis in _offset_bases(angles):
+        mean += torch.einsum("l,lkpq->kpq", weights[sl], basis)
+    cd, sd, cs_, ss_ = mean  # mean cos/sin of the difference and of the sum
+    al, be, ga, de = (0.5 * t for t in _block_parts(_pair_order(b, pairs)))
+    # b_c R(D) + b_a R(-S), with b_c = [[al, -be], [be, al]], b_a = [[ga, de], [de, -ga]], entry by entry
+    blocks = torch.stack([
+        torch.stack([al * cd - be * sd + ga * cs_ - de * ss_, -al * sd - be * cd + ga * ss_ + de * cs_], -1),
+        torch.stack([be * cd + al * sd + de * cs_ + ga * ss_, al * cd - be * sd + de * ss_ - ga * cs_], -1),
+    ], -2)  # (H, P, P, 2, 2)
+    out = torch.empty_like(b)
+    out[:, pairs[:, None, :, None], pairs[None, :, None, :]] = blocks
     return out
 
 
 def _offset_inner(b: Tensor, pairs: Tensor, angles: Tensor, a: list[Tensor]) -> list[Tensor]:
-    """<a_k, R_l b R_l^T> for every offset l and every a_k (H, d, d): (L, H) each."""
+    """<a_k, R_l b R_l^T> for every offset l and every a_k (H, d, d): (L, H) each, one matrix product per chunk."""
+    al, be, ga, de = (0.5 * t for t in _block_parts(_pair_order(b, pairs)))
+    coefs = []
+    for ak in a:
+        aa, ab, ag, ad = _block_parts(_pair_order(ak, pairs))
+        # <A, b_c R(D) + b_a R(-S)> block by block: the coefficients of cos D, sin D, cos S, sin S
+        coefs.append(torch.stack([al * aa + be * ab, al * ab - be * aa, ga * ag + de * ad, ga * ad - de * ag], 1))
     out = [torch.zeros(angles.shape[0], b.shape[0], dtype=ACC_DTYPE, device=b.device) for _ in a]
-    for sl, rot in _rotated_chunks(b, pairs, angles):
-        for o, ak in zip(out, a):
-            o[sl] = torch.einsum("lhij,hij->lh", rot, ak)
+    for sl, basis in _offset_bases(angles):
+        flat = basis.reshape(basis.shape[0], -1)
+        for o, c in zip(out, coefs):
+            o[sl] = flat @ c.reshape(c.shape[0], -1).T
     return out
 
 

@@ -258,7 +258,7 @@ class TimmEvaFamily(TimmFamily):
         theta = torch.cat([theta.new_zeros(npt, theta.shape[1]), theta])
         diff = (theta[None, :, :] - theta[:, None, :]).reshape(-1, theta.shape[1])  # key - query
         diff = torch.atan2(diff.sin(), diff.cos())  # the same rotation, in (-pi, pi]
-        key = torch.round(diff * 1e9)
+        key = torch.round(diff * 1e5)  # the rope embedding is float32: equal offsets agree to ~1e-6
         uniq, inverse, counts = torch.unique(key, dim=0, return_inverse=True, return_counts=True)
         angles = torch.zeros(uniq.shape[0], diff.shape[1], dtype=torch.float64).index_copy_(0, inverse, diff)
         return angles, counts.double()
