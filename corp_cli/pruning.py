@@ -192,7 +192,8 @@ def keep_counts(o: PruneOptions, shape: BlockShape) -> Widths:
     if o.prune_mlp and o.mlp_sparsity > 0:
         counts["mlp"] = engine.keep_count(shape.mlp_hidden, o.mlp_sparsity, round_to=o.round_to, min_keep=o.min_keep)
     if o.prune_heads and o.head_sparsity > 0:
-        counts["heads"] = engine.keep_count(shape.num_heads, o.head_sparsity)
+        # under grouped-query attention a head is a key/value head with its group of query heads
+        counts["heads"] = engine.keep_count(kv_count(shape), o.head_sparsity)
     if o.prune_attn and o.attn_sparsity > 0:
         counts["qk"] = engine.keep_count(shape.head_dim, o.attn_sparsity, min_keep=o.min_qk_dim)
     if o.prune_vo and o.vo_sparsity > 0:
@@ -243,25 +244,73 @@ def plan_masks(model: nn.Module, stats: Statistics, opts: PruneOptions, family: 
         bm = BlockMasks()
         if "mlp" in counts:
             bm.mlp = _rank_mlp(fam.mlp_weights(model, i), stats.blocks[i]["mlp"], o, counts["mlp"])
-        heads = None
+        kv = None  # the kept key/value heads (every head, or every group, when None)
         if "heads" in counts:
             order = head_order(fam, model, i, stats.blocks[i]["vo"], o)
-            heads = bm.heads = torch.sort(order[: counts["heads"]]).values
+            kv = torch.sort(order[: counts["heads"]]).values
+            bm.heads = query_heads_of(kv, shape)
         if "qk" in counts:
             kept = _rank_qk(fam, model, i, stats.blocks[i]["attn"], o, counts["qk"])
-            bm.attn = kept if heads is None else kept[heads]
+            bm.attn = kept if kv is None else kept[kv]
         if "vo" in counts:
-            ranks = vo_dim_scores(fam, model, i, stats.blocks[i]["vo"], o)
+            ranks = group_sum(vo_dim_scores(fam, model, i, stats.blocks[i]["vo"], o), shape)
             kept = engine.select_top_per_head(ranks, counts["vo"]).cpu()
-            bm.vo = kept if heads is None else kept[heads]
+            bm.vo = kept if kv is None else kept[kv]
         masks.append(bm)
     return masks
 
 
+# ---- grouped-query attention: a key/value head serves a group of query heads
+#
+# Query heads g*G .. g*G+G-1 read kv head g (G = num_heads / kv_heads; the stock layout of
+# the dense model). Their outputs are contiguous in o, so a kv head with its group is one
+# "head" of G*d dims of o for the head rankers, and one value dim of kv head g is the G dims
+# (h, j), h in the group, of o. Masks: `heads` are kept QUERY heads; `attn` and `vo` rows
+# belong to the kept KV heads. Without GQA (G = 1) every rule below is the identity.
+
+
+def kv_count(shape: BlockShape) -> int:
+    return shape.kv_heads or shape.num_heads
+
+
+def group_size(shape: BlockShape) -> int:
+    """Query heads per key/value head (1 without grouped-query attention)."""
+    return shape.num_heads // kv_count(shape)
+
+
+def query_heads_of(kv: Tensor, shape: BlockShape) -> Tensor:
+    """The query heads of the kv heads `kv` (ascending)."""
+    g = group_size(shape)
+    return (kv[:, None] * g + torch.arange(g, device=kv.device)).reshape(-1)
+
+
+def kv_heads_of(heads: Tensor, shape: BlockShape) -> Tensor:
+    """The kv heads the query heads `heads` read (ascending, each once)."""
+    return torch.unique(torch.div(heads, group_size(shape), rounding_mode="floor"))
+
+
+def per_query_head(rows: Tensor, heads: Tensor, shape: BlockShape) -> Tensor:
+    """Rows of the kept kv heads -> one row per kept query head `heads` (its kv head's)."""
+    kv_of = torch.div(heads, group_size(shape), rounding_mode="floor")
+    return rows[torch.searchsorted(kv_heads_of(heads, shape).to(rows.device), kv_of.to(rows.device))]
+
+
+def group_sum(scores: Tensor, shape: BlockShape) -> Tensor:
+    """Per-query-head dim scores (H, d) -> per-kv-head (Hkv, d): a kv dim costs its whole group's."""
+    g = group_size(shape)
+    return scores if g == 1 else scores.reshape(kv_count(shape), g, -1).sum(1)
+
+
+def o_kept_dims(shape: BlockShape, heads: Tensor | None, v_keep: Tensor | None) -> Tensor:
+    """The kept dims of o (the o_proj input): kept query heads, and each one's kv head's kept value dims."""
+    heads = torch.arange(shape.num_heads) if heads is None else heads
+    return engine.vo_kept_dims(heads, None if v_keep is None else per_query_head(v_keep, heads, shape), shape.head_dim)
+
+
 def head_order(fam: ModelFamily, model: nn.Module, i: int, st: dict[str, Tensor], o: PruneOptions) -> Tensor:
-    """Block i's heads, most important first, by --head-ranker (every prefix is a kept set)."""
+    """Block i's (kv) heads, most important first, by --head-ranker (every prefix is a kept set)."""
     vw = fam.vo_weights(model, i)
-    w, nh = vw.out_weight, fam.shape(model, i).num_heads
+    w, nh = vw.out_weight, kv_count(fam.shape(model, i))
     m = engine.fit_moments({k: v.to(w.device) for k, v in st.items()}, intercept=vw.out_bias is not None)
     if o.head_ranker == "energy":
         return engine.ranking_order(engine.head_energy_scores(w, m.second, nh)).cpu()
@@ -445,6 +494,7 @@ def _prune_attention_cut(fam: ModelFamily, model: nn.Module, i: int, stats: Stat
     w = fam.vo_weights(model, i)
     dev = w.out_weight.device
     heads = (bm.heads if bm.heads is not None else torch.arange(nh)).to(dev)
+    kv = kv_heads_of(heads, shape)
     out: dict[str, Any] = {}
     qk_keep = qk_m = None
     if bm.attn is not None:
@@ -466,7 +516,9 @@ def _prune_attention_cut(fam: ModelFamily, model: nn.Module, i: int, stats: Stat
     v_keep = bm.vo.to(dev) if bm.vo is not None else None
     # as for the MLP: a projection without a bias takes an intercept-free fit
     m = engine.fit_moments({k: v.to(dev) for k, v in stats.blocks[i]["vo"].items()}, intercept=w.out_bias is not None)
-    keep = engine.vo_kept_dims(heads, v_keep, d)
+    # under GQA one value dim is a dim of every query head of its group: the removed set of o is their union,
+    # and the ridge on all of o fits o_proj's correction jointly over the group
+    keep = o_kept_dims(shape, heads, v_keep).to(dev)
     prune = engine.complement(keep, nh * d)
     lam = _mlp_lambda(o, m, keep)
     try:
@@ -477,7 +529,8 @@ def _prune_attention_cut(fam: ModelFamily, model: nn.Module, i: int, stats: Stat
     err_c = engine.mlp_predicted_error(w.out_weight, m, keep, prune, sol_o.b) if sol_o is not None else err_u
     w_n, b_n = engine.fold_mlp_output(w.out_weight, w.out_bias, keep, prune, sol_o if o.compensation else None)
     fam.install_attention(model, i, AttentionCut(heads=heads, qk_keep=qk_keep, qk_m=qk_m, v_keep=v_keep,
-                                                 out_weight=w_n, out_bias=b_n, balanced=o.qk_balanced))
+                                                 out_weight=w_n, out_bias=b_n, balanced=o.qk_balanced,
+                                                 kv_heads=kv if group_size(shape) > 1 else None))
     out["vo"] = {
         "width": nh * d,
         "kept": int(keep.numel()),
@@ -485,6 +538,7 @@ def _prune_attention_cut(fam: ModelFamily, model: nn.Module, i: int, stats: Stat
         "num_heads": nh,
         "heads_kept": int(heads.numel()),
         "kept_heads": [int(h) for h in heads],
+        **({"kv_heads": kv_count(shape), "kv_heads_kept": int(kv.numel())} if group_size(shape) > 1 else {}),
         "head_dim": d,
         "v_kept": int(v_keep.shape[1]) if v_keep is not None else d,
         "lambda": sol_o.lam if sol_o is not None else 0.0,

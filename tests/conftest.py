@@ -19,6 +19,7 @@ from safetensors.torch import save_file  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from corp_cli import engine  # noqa: E402
+from corp_cli.pruning import o_kept_dims  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -97,7 +98,7 @@ def masked_reference(dense, masks, stats, blocks):
         if bm.vo is not None or bm.heads is not None:
             intercept = fam.vo_weights(dense.model, i).out_bias is not None
             m = engine.fit_moments(stats.blocks[i]["vo"], intercept=intercept)
-            keep = engine.vo_kept_dims(heads, bm.vo, fam.shape(dense.model, i).head_dim)
+            keep = o_kept_dims(fam.shape(dense.model, i), bm.heads, bm.vo)
             prune = engine.complement(keep, m.mean.shape[0])
             fam.vo_hook(model, i, _predict(keep, prune, engine.ridge_compensation(m, keep, prune, entry["vo"]["lambda"])))
         if bm.mlp is not None:

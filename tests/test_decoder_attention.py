@@ -1,0 +1,158 @@
+"""Decoder attention (Llama / Qwen2 / Mistral) under grouped-query attention: value dims, kv heads, reloading.
+
+Tiny random decoders with num_key_value_heads < num_attention_heads (tests/conftest.py DECODER_LAYOUTS),
+in float64: the o_proj correction is checked against a brute-force least-squares fit over the
+calibration tokens, the compacted modules against the masked dense model, and the saved folder
+against transformers alone (uniform widths) or corp's loader (per-layer widths).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from corp_cli import api, engine
+from corp_cli.compact import load_pruned, load_pruned_loaded
+from corp_cli.families.decoder_attention import DecoderAttention
+from corp_cli.loading import load_dense
+from corp_cli.pruning import group_size, o_kept_dims
+
+from .conftest import masked_reference, tiny_decoder
+from .test_family_contract import _outputs
+from .test_hf_llama import _double, _tokens
+
+transformers = pytest.importorskip("transformers")
+
+
+def _dense(tmp_path: Path, layout: str = "llama", **overrides: object):
+    dense = load_dense(tiny_decoder(tmp_path / layout, layout, tokenizer=False, **overrides))
+    dense.model.double()
+    return dense
+
+
+def _calib() -> list[dict[str, torch.Tensor]]:
+    return [_double(_tokens(6)), _double(_tokens(6, seed=1))]
+
+
+def _o_inputs(dense, batches) -> list[torch.Tensor]:
+    """Every block's o (o_proj's input) over the real calibration tokens, (T, Hq*d), read off the dense model."""
+    fam, model = dense.family, dense.model
+    got: list[list[torch.Tensor]] = [[] for _ in range(fam.num_blocks(model))]
+    mask: list[torch.Tensor] = []
+    hooks = [fam.attn_module(model, i).o_proj.register_forward_pre_hook(
+        lambda _m, args, i=i: got[i].append(args[0][mask[0]].clone())) for i in range(fam.num_blocks(model))]
+    try:
+        with torch.inference_mode():
+            for b in batches:
+                mask[:] = [b["attention_mask"].bool()]
+                model(**b, use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return [torch.cat(x) for x in got]
+
+
+@pytest.mark.parametrize("layout", ["llama", "qwen2"])
+def test_gqa_value_dims_are_removed_per_kv_head_and_o_proj_is_the_least_squares_fit(layout: str, tmp_path: Path) -> None:
+    dense = _dense(tmp_path, layout)
+    shape = dense.family.shape(dense.model, 0)
+    assert group_size(shape) == 2  # 4 query heads share 2 kv heads
+    batches = _calib()
+    stats = api.calibrate(dense, batches, precision="float64", parts=("mlp", "vo"))
+    lam = 1e-9
+    result = api.prune(dense, stats, target="vo", vo_sparsity=0.5, lam=lam)
+    o = _o_inputs(dense, batches)
+    for i, bm in enumerate(result.masks):
+        assert bm.vo.shape == (2, 4) and bm.heads is None  # one row per KV head
+        attn = dense.family.attn_module(result.model, i)
+        assert isinstance(attn, DecoderAttention)
+        assert (attn.num_heads, attn.kv_heads, attn.qk_dim, attn.v_dim) == (4, 2, 8, 4)
+        assert attn.v_proj.out_features == 8 and attn.o_proj.in_features == 16 and attn.k_proj.out_features == 16
+        keep = o_kept_dims(shape, None, bm.vo)
+        # every query head of a group keeps its kv head's dims: the removed set of o is their union
+        assert torch.equal(keep.reshape(4, 4) % 8, bm.vo.repeat_interleave(2, 0))
+        w = dense.family.attn_module(dense.model, i).o_proj.weight.detach()
+        x = o[i]
+        n = x.shape[0]
+        xs, xp = x[:, keep], x[:, engine.complement(keep, 32)]
+        # brute force, jointly over all of o: the removed dims o_P predicted from the kept ones by least squares
+        # with CORP's ridge, argmin_B sum_t ||o_P,t - B o_S,t||^2 + n lam ||B||^2 (no intercept: o_proj has no
+        # bias), folded as W' = W_S + W_P B
+        a = torch.cat([xs, (n * lam) ** 0.5 * torch.eye(len(keep), dtype=x.dtype)])
+        b = torch.cat([xp, torch.zeros(len(keep), xp.shape[1], dtype=x.dtype)])
+        coef = torch.linalg.lstsq(a, b).solution.T
+        brute = w[:, keep] + w[:, engine.complement(keep, 32)] @ coef
+        target = x @ w.T
+        torch.testing.assert_close(attn.o_proj.weight.detach(), brute, rtol=1e-7, atol=1e-9)
+        assert attn.o_proj.bias is None
+        entry = result.blocks[i]["vo"]
+        assert entry["predicted_error_compensated"] < entry["predicted_error_uncompensated"]
+        # the predicted error is the measured one on the calibration tokens
+        measured = float(((xs @ brute.T - target) ** 2).sum(1).mean())
+        assert entry["predicted_error_compensated"] == pytest.approx(measured, rel=1e-6)
+
+
+@pytest.mark.parametrize("target", ["vo", "heads", "mlp,vo,heads"])
+def test_compacted_decoder_attention_is_the_masked_model(target: str, tmp_path: Path) -> None:
+    dense = _dense(tmp_path)
+    stats = api.calibrate(dense, _calib(), precision="float64", parts=("mlp", "vo"))
+    result = api.prune(dense, stats, target=target, sparsity=0.5)
+    fam = dense.family
+    for i, bm in enumerate(result.masks):
+        shape = fam.shape(result.model, i)
+        if "heads" in target:  # one kv head of two is gone, with both of its query heads
+            assert bm.heads.numel() == 2 and int(bm.heads[1] - bm.heads[0]) == 1 and int(bm.heads[0]) % 2 == 0
+            assert (shape.num_heads, shape.kv_heads) == (2, 1)
+        if "vo" in target:
+            assert shape.v_dim == 4
+    check = _double(_tokens(3, seed=9))
+    got, _ = _outputs(result.loaded, check)
+    ref, _ = _outputs(masked_reference(dense, result.masks, result.stats, result.blocks), check)
+    torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-9)
+    plain = api.prune(dense, stats, target=target, sparsity=0.5, compensation=False)
+    unc, _ = _outputs(plain.loaded, check)
+    full, _ = _outputs(dense, check)
+    assert float((got - full).abs().max()) > 1e-6  # not vacuous
+    assert float((got - unc).abs().max()) > 1e-6  # the correction is folded in
+
+
+def test_kv_heads_pruned_alike_in_every_layer_reload_with_transformers_alone(tmp_path: Path) -> None:
+    folder = tiny_decoder(tmp_path / "llama", "llama")
+    dense = load_dense(folder)
+    stats = api.calibrate(dense, [_tokens(6), _tokens(6, seed=1)], parts=("mlp", "vo"))
+    result = api.prune(dense, stats, target="mlp,heads", sparsity=0.5)
+    out = tmp_path / "pruned"
+    api.save_pruned(result, out)
+    assert (out / "config.json").is_file()
+    stock = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert (stock.config.num_attention_heads, stock.config.num_key_value_heads, stock.config.head_dim) == (2, 1, 8)
+    assert not any(isinstance(m, DecoderAttention) for m in stock.modules())
+    x = _tokens(2, seed=5)
+    with torch.inference_mode():
+        torch.testing.assert_close(stock(**x).logits, result.model(**x).logits, rtol=1e-5, atol=1e-5)
+        gen = stock.generate(input_ids=x["input_ids"][:1], max_new_tokens=4, min_new_tokens=4, do_sample=False)
+        ours = result.model.generate(input_ids=x["input_ids"][:1], max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert torch.equal(gen, ours)
+    assert load_pruned(out, stock_timm=True).config.num_key_value_heads == 1
+
+
+def test_value_dims_need_corps_loader_and_it_rebuilds_them(tmp_path: Path) -> None:
+    folder = tiny_decoder(tmp_path / "llama", "llama", tokenizer=False)
+    dense = load_dense(folder)
+    stats = api.calibrate(dense, [_tokens(6), _tokens(6, seed=1)], parts=("mlp", "vo"))
+    result = api.prune(dense, stats, target="vo", vo_sparsity=0.5)
+    out = tmp_path / "pruned"
+    api.save_pruned(result, out)
+    assert not (out / "config.json").exists()  # no stock config has a value width apart from the head width
+    loaded = load_pruned_loaded(out)
+    assert [loaded.family.shape(loaded.model, i) for i in range(2)] == [dense.family.shape(result.model, i) for i in range(2)]
+    x = _tokens(2, seed=5)
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded.model(**x).logits, result.model(**x).logits, rtol=0, atol=0)
+        # decoding with the KV cache of narrow values is the same function as the full forward
+        ids = x["input_ids"][:1]
+        gen = loaded.model.generate(input_ids=ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+        step = loaded.model(input_ids=gen[:, :-1], use_cache=False).logits[0, ids.shape[1] - 1:].argmax(-1)
+    assert torch.equal(gen[0, ids.shape[1]:], step)
