@@ -734,6 +734,311 @@ def qk_error_grid(
     return out
 
 
+# --- rotary Q/K pairs ---
+#
+# Rotary embeddings rotate each frequency pair (i, j) of a head's q and k by an angle set by
+# the position. Whole pairs are pruned (the same pairs in every query head of a GQA group and
+# in their kv head); each kept pair of each QUERY head gets a complex scale, q_pair <- (I + C) q_pair
+# with C = [[a, -b], [b, a]], which commutes with every 2-D rotation (docs/method.md §3). With
+# q, k the vectors as they enter the logits (after the rotation), logit = q^T (Pi_S + M) k where
+# M = C^T on each kept pair: M = a E_a + b E_b with E_a = [[1, 0], [0, 1]], E_b = [[0, 1], [-1, 0]].
+
+# The two 2x2 basis blocks of M on one kept pair, for the coefficients (a, b).
+_ROTARY_BASIS = ((1.0, 0.0, 0.0, 1.0), (0.0, 1.0, -1.0, 0.0))
+
+
+def _rotary_basis(device: torch.device) -> Tensor:
+    return torch.tensor(_ROTARY_BASIS, dtype=ACC_DTYPE, device=device).reshape(2, 2, 2)
+
+
+def _pair_blocks(g: Tensor, dims: Tensor) -> Tensor:
+    """g (H, d, d), dims (H, s, 2) -> (H, s, 2, s, 2): the 2x2 blocks of g between kept pairs."""
+    h, s, _ = dims.shape
+    flat = dims.reshape(h, 2 * s)
+    return _gather_blocks(g, flat, flat).reshape(h, s, 2, s, 2)
+
+
+def _gather_rows(g: Tensor, rows: Tensor) -> Tensor:
+    """g (H, d, c), rows (H, r) -> (H, r, c)."""
+    return torch.gather(g, 1, rows[:, :, None].expand(-1, -1, g.shape[2]))
+
+
+def _gather_cols(g: Tensor, cols: Tensor) -> Tensor:
+    """g (H, r, d), cols (H, c) -> (H, r, c)."""
+    return torch.gather(g, 2, cols[:, None, :].expand(-1, g.shape[1], -1))
+
+
+def rotary_pair_scores(q_second: Tensor, k_second: Tensor, pairs: Tensor, group: Tensor) -> Tensor:
+    """Energy of each pair's logit term, E[(q_p . k_p)^2] = tr(G_Q[p,p] G_K[p,p]), summed over a group: (Hkv, P).
+
+    q_second (Hq, d, d) and k_second (Hkv, d, d) are the second moments of q and k as they enter
+    the logits; group (Hq,) maps each query head to its kv head; pairs (P, 2) are the two dims of
+    each frequency pair. A pair is kept or removed for the whole group, so the group's query
+    heads' energies add (independent query/key pairs, as in the logit solve).
+    """
+    gq = q_second.to(ACC_DTYPE)
+    gk = k_second.to(ACC_DTYPE)[group]
+    dims = pairs.to(gq.device)[None].expand(gq.shape[0], -1, -1)
+    bq = torch.diagonal(_pair_blocks(gq, dims), dim1=1, dim2=3)  # (Hq, 2, 2, P)
+    bk = torch.diagonal(_pair_blocks(gk, dims), dim1=1, dim2=3)
+    per_q = torch.einsum("habp,hbap->hp", bq, bk)
+    out = torch.zeros(int(k_second.shape[0]), pairs.shape[0], dtype=ACC_DTYPE, device=gq.device)
+    return out.index_add_(0, group.to(gq.device), per_q)
+
+
+@dataclass(frozen=True)
+class RotaryQKSolution:
+    coef: Tensor  # (Hq, s, 2): (a, b) per kept pair per query head; the pair's q becomes (I + [[a,-b],[b,a]]) q
+    lam: Tensor  # (Hq,) lambda used per query head
+    err_compensated: Tensor  # (Hq,) expected squared logit error against the target (scaled logits)
+    err_uncompensated: Tensor  # (Hq,)
+    err_per_offset: Tensor | None = None  # (L, Hq) at each relative offset (positional fit only)
+    err_per_offset_uncompensated: Tensor | None = None  # (L, Hq)
+
+
+def _rotate_pair_dims(g: Tensor, pairs: Tensor, cos: Tensor, sin: Tensor, dim: int) -> Tensor:
+    """Rotate g (L, H, d, d) along `dim` (-2: rows, -1: columns), pair p by the angle with cos/sin (L, P)."""
+    g = g.movedim(dim, -1)
+    i, j = pairs[:, 0], pairs[:, 1]
+    c = cos[:, None, None, :]
+    s_ = sin[:, None, None, :]
+    out = g.clone()
+    out[..., i] = c * g[..., i] - s_ * g[..., j]
+    out[..., j] = s_ * g[..., i] + c * g[..., j]
+    return out.movedim(-1, dim)
+
+
+def _rotary_system(gq: Tensor, gk: Tensor, dims: Tensor, dense: tuple[Tensor, Tensor, Tensor, Tensor] | None,
+                   ) -> tuple[Tensor, Tensor, Tensor]:
+    """The normal equations (F (B, 2s, 2s), g (B, 2s)) and the uncompensated error (B,) of a batch of query heads.
+
+    gq, gk (B, d, d): the q and k second moments of each query head (k of its kv head); dims (B, s, 2);
+    dense = (X, Y, qd_second, kd_second) per query head, X = E[q q_d^T], Y = E[k_d k^T], or None.
+    """
+    nb, s = gq.shape[0], dims.shape[1]
+    flat = dims.reshape(nb, 2 * s)
+    qss = _gather_blocks(gq, flat, flat)
+    kss = _gather_blocks(gk, flat, flat)
+    if dense is not None:
+        x, y, qd, kd = dense
+        xy = x @ y
+        # E[(t - u)^2], t = q_d^T k_d, u = q^T Pi_S k
+        t_sq = (qd * kd).sum((1, 2))
+        tu = torch.diagonal(_gather_blocks(xy, flat, flat), dim1=1, dim2=2).sum(-1)
+        base = (t_sq - 2.0 * tu + (qss * kss).sum((1, 2))).clamp_min(0)
+        target = xy - _gather_cols(gq, flat) @ _gather_rows(gk, flat)  # X Y - G_Q Pi_S G_K
+    else:
+        prune_dims = torch.stack([complement(f, gq.shape[1]) for f in flat]) if nb else flat
+        # E[(q_P^T k_P)^2] directly: no cancellation between large terms
+        base = (_gather_blocks(gq, prune_dims, prune_dims) * _gather_blocks(gk, prune_dims, prune_dims)).sum((1, 2))
+        target = _gather_cols(gq, prune_dims) @ _gather_rows(gk, prune_dims)  # G_Q Pi_P G_K
+    basis = _rotary_basis(gq.device)
+    qb = qss.reshape(nb, s, 2, s, 2)
+    kb = kss.reshape(nb, s, 2, s, 2)
+    # F_fg = tr(E_f G_K E_g^T G_Q) on the kept pairs' 2x2 blocks
+    f = torch.einsum("fab,hpbqd,gcd,hqcpa->hpfqg", basis, kb, basis, qb).reshape(nb, 2 * s, 2 * s)
+    f = 0.5 * (f + f.transpose(1, 2))
+    blocks = _pair_blocks(target, dims).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)  # (B, s, 2, 2)
+    g = torch.einsum("hpab,fab->hpf", blocks, basis).reshape(nb, 2 * s)
+    return f, g, base
+
+
+def rotary_qk_compensation(
+    q_second: Tensor, k_second: Tensor, pairs: Tensor, keep: Tensor, group: Tensor, *,
+    q_cross: Tensor | None = None, k_cross: Tensor | None = None,
+    qd_second: Tensor | None = None, kd_second: Tensor | None = None,
+    rel_angles: Tensor | None = None, rel_weights: Tensor | None = None, every_offset: bool = True,
+    lam: float | None = None, scale: float = 1.0, compensate: bool = True, lam_rel: float = QK_LAMBDA_REL,
+) -> RotaryQKSolution:
+    """Fit one complex scale per kept pair per query head to the target logits, in closed form.
+
+    q_second (Hq, d, d) = E[q q^T], k_second (Hkv, d, d) = E[k k^T] on the stream being pruned;
+    pairs (P, 2); keep (Hkv, s) kept pair indices per kv head; group (Hq,) query head -> kv head.
+    The target is the logit q^T k itself (self target) unless the dense-stream moments are given:
+    q_cross = E[q q_d^T] (Hq, d, d), k_cross = E[k k_d^T] (Hkv, d, d), qd_second = E[q_d q_d^T],
+    kd_second = E[k_d k_d^T]; the target is then q_d^T k_d.
+
+    Pooled (rel_angles None): q, k are taken as they enter the logits (after the rotation), and the
+    fit is least squares over independent (query, key) pairs: with features phi_f = q^T E_f k (two
+    per kept pair), F theta = g, F_fg = tr(E_f G_K E_g^T G_Q), g_f = <E_f, X Y - G_Q Pi_S G_K>,
+    X = E[q q_d^T], Y = E[k_d k^T]: a (2s x 2s) system per query head.
+
+    Positional (rel_angles (L, P) given): the moments are of q, k BEFORE the rotation, and the
+    logit at relative offset l is q^T R_l k, R_l rotating pair p by rel_angles[l, p] (key position
+    minus query position, times the pair's frequency; 2-D ropes give each pair its axis' offset).
+    Since R_l commutes with the correction, offset l's system is the pooled one with G_K, Y, E[k_d k_d^T]
+    rotated by R_l; the fit minimises the rel_weights-weighted mean over the L offsets, and then
+    (every_offset) the solution is shortened, per query head, to the largest step t <= 1 along it
+    that lowers the predicted error at EVERY offset (t = min_l alpha_l / beta_l, with alpha_l the
+    error's first-order drop and beta_l its curvature at offset l along the solution; a head with
+    an offset that no step helps gets t = 0). err_per_offset then holds (L, Hq) errors.
+
+    Ridge lam (None: lam_rel * the mean eigenvalue of F), raised where ill-conditioned.
+    Cost per query head: O(s^2) to form F from the 2x2 blocks (times L offsets), O(s^3) to solve.
+    """
+    gq = q_second.to(ACC_DTYPE)
+    dev = gq.device
+    group = group.to(dev)
+    pairs = pairs.to(dev)
+    gk = k_second.to(ACC_DTYPE)[group]
+    hq, s = gq.shape[0], keep.shape[1]
+    dims = pairs[keep.to(dev)][group]  # (Hq, s, 2)
+    present = [x is not None for x in (q_cross, k_cross, qd_second, kd_second)]
+    if any(present) and not all(present):
+        raise ValueError("the dense target needs all of q_cross, k_cross, qd_second, kd_second")
+    dense = None
+    if all(present):
+        assert q_cross is not None and k_cross is not None and qd_second is not None and kd_second is not None
+        dense = (q_cross.to(ACC_DTYPE), k_cross.to(ACC_DTYPE)[group].transpose(1, 2),
+                 qd_second.to(ACC_DTYPE), kd_second.to(ACC_DTYPE)[group])
+    if rel_angles is None:
+        f, g, base = _rotary_system(gq, gk, dims, dense)
+        f_l = g_l = base_l = None
+        weights = None
+    else:
+        ang = rel_angles.to(device=dev, dtype=ACC_DTYPE)
+        nl = ang.shape[0]
+        cos, sin = ang.cos(), ang.sin()
+        weights = (torch.ones(nl, dtype=ACC_DTYPE, device=dev) if rel_weights is None
+                   else rel_weights.to(device=dev, dtype=ACC_DTYPE))
+        weights = weights / weights.sum()
+
+        def rot(m: Tensor) -> Tensor:  # R_l m R_l^T for every offset: (L, Hq, d, d)
+            m = m[None].expand(nl, -1, -1, -1)
+            return _rotate_pair_dims(_rotate_pair_dims(m, pairs, cos, sin, -2), pairs, cos, sin, -1)
+
+        def rep(m: Tensor) -> Tensor:
+            return m[None].expand(nl, *m.shape).reshape(nl * hq, *m.shape[1:])
+
+        gk_l = rot(gk).reshape(nl * hq, *gk.shape[1:])
+        dense_l = None
+        if dense is not None:
+            x, y, qd, kd = dense
+            dense_l = (rep(x), rot(y).reshape(nl * hq, *y.shape[1:]), rep(qd), rot(kd).reshape(nl * hq, *kd.shape[1:]))
+        f_l, g_l, base_l = _rotary_system(rep(gq), gk_l, rep(dims), dense_l)
+        f_l = f_l.reshape(nl, hq, 2 * s, 2 * s)
+        g_l = g_l.reshape(nl, hq, 2 * s)
+        base_l = base_l.reshape(nl, hq)
+        f = torch.einsum("l,lhij->hij", weights, f_l)
+        g = torch.einsum("l,lhi->hi", weights, g_l)
+        base = weights @ base_l
+    zero = torch.zeros(hq, s, 2, dtype=ACC_DTYPE, device=dev)
+    if not compensate or s == 0:
+        per = None if base_l is None else base_l * scale**2
+        return RotaryQKSolution(coef=zero, lam=torch.zeros(hq, dtype=ACC_DTYPE, device=dev),
+                                err_compensated=base * scale**2, err_uncompensated=base * scale**2,
+                                err_per_offset=per, err_per_offset_uncompensated=per)
+    e, v = torch.linalg.eigh(f)
+    e = e.clamp_min(0)  # PSD up to rounding
+    lam_t = lam_rel * e.mean(-1) if lam is None else torch.full((hq,), float(lam), dtype=ACC_DTYPE, device=dev)
+    lam_t = torch.where(lam_t > 0, lam_t, torch.full_like(lam_t, 1e-30))
+    lam_t = _rotary_well_posed_lambda(e, lam_t)
+    theta = (v @ ((v.transpose(1, 2) @ g[:, :, None]) / (e + lam_t[:, None])[:, :, None]))[:, :, 0]
+    per = per_none = None
+    if f_l is not None:
+        assert g_l is not None and base_l is not None and weights is not None
+        alpha = torch.einsum("hi,lhi->lh", theta, g_l)
+        beta = torch.einsum("hi,lhij,hj->lh", theta, f_l, theta)
+        step = torch.where(alpha > 0, alpha / beta.clamp_min(1e-300), torch.zeros_like(alpha))
+        t = step.amin(0).clamp(0.0, 1.0) if every_offset else torch.ones_like(alpha[0])
+        theta = theta * t[:, None]
+        per = (base_l - 2.0 * (t * alpha) + (t * t) * beta).clamp_min(0) * scale**2
+        per_none = base_l * scale**2
+        err = weights @ per
+    else:
+        err = (base - 2.0 * (theta * g).sum(-1) + torch.einsum("hi,hij,hj->h", theta, f, theta)).clamp_min(0) * scale**2
+    return RotaryQKSolution(coef=theta.reshape(hq, s, 2), lam=lam_t, err_compensated=err,
+                            err_uncompensated=base * scale**2, err_per_offset=per, err_per_offset_uncompensated=per_none)
+
+
+def _rotary_well_posed_lambda(e: Tensor, lam: Tensor) -> Tensor:
+    """Raise a query head's lambda where e_i + lam spans more than COND_LIMIT (a dead kept pair), and say so."""
+    top, bottom = e.amax(-1), e.amin(-1)
+    bad = (top + lam) > COND_LIMIT * (bottom + lam)
+    if not bool(bad.any()):
+        return lam
+    raised = torch.where(bad, torch.maximum(lam, (top - COND_LIMIT * bottom) / (COND_LIMIT - 1.0)), lam)
+    heads = bad.nonzero().flatten().tolist()
+    log.warning("rotary Q/K solve was ill-conditioned for query head(s) %s; lambda raised from %.3g to %.3g",
+                heads, float(lam[heads].max()), float(raised[heads].max()))
+    return raised
+
+
+def fold_rotary_q(
+    wq: Tensor, bq: Tensor | None, pairs: Tensor, keep: Tensor, coef: Tensor, group: Tensor,
+) -> tuple[Tensor, Tensor | None]:
+    """Fold the complex scales into W_Q (Hq*d, dim) at full width: kept pairs' rows get (I + C), removed pairs' rows 0.
+
+    For kept pair (i, j) of query head h with (a, b) = coef[h, p]: q_i' = (1+a) q_i - b q_j,
+    q_j' = b q_i + (1+a) q_j, a complex multiplication, so it commutes with the rotation and
+    the folded model's logits equal the fitted ones at every position. W_K is untouched (one
+    kv head serves the group). Zeroed rows make the masked model equal the compacted one;
+    a family compacts by taking the kept rows in its own rotary layout (rotary_kept_dims).
+    """
+    hq = int(group.shape[0])
+    d = wq.shape[0] // hq
+    dev = wq.device
+    dims = pairs.to(dev)[keep.to(dev)][group.to(dev)]  # (Hq, s, 2)
+    base = torch.arange(hq, device=dev)[:, None] * d
+    ri = (base + dims[..., 0]).reshape(-1)
+    rj = (base + dims[..., 1]).reshape(-1)
+    a = 1.0 + coef[..., 0].reshape(-1, 1).to(device=dev, dtype=ACC_DTYPE)
+    b = coef[..., 1].reshape(-1, 1).to(device=dev, dtype=ACC_DTYPE)
+
+    def apply(x: Tensor) -> Tensor:
+        x64 = x.to(ACC_DTYPE).reshape(hq * d, -1)
+        out = torch.zeros_like(x64)
+        xi, xj = x64[ri], x64[rj]
+        out[ri] = a * xi - b * xj
+        out[rj] = b * xi + a * xj
+        return out.reshape(x.shape).to(x.dtype)
+
+    return apply(wq), (apply(bq) if bq is not None else None)
+
+
+def rotary_kept_dims(pairs: Tensor, keep: Tensor, *, split: bool) -> Tensor:
+    """The kept dims of each kv head (Hkv, 2s), in the order a compacted head keeps its rotary layout.
+
+    split=True (half-split layout, pairs (j, j + d/2)): every pair's first dim, then every
+    pair's second, so the narrow head is half-split again. split=False (interleaved, (2j, 2j+1)):
+    pair by pair.
+    """
+    dims = pairs[keep]  # (Hkv, s, 2)
+    return (dims.transpose(1, 2) if split else dims).reshape(keep.shape[0], -1)
+
+
+def rotary_qk_error_grid(
+    q_second: Tensor, k_second: Tensor, scores: Tensor, pairs: Tensor, group: Tensor, widths: list[int], *,
+    lam: float | None = None, scale: float = 1.0, compensate: bool = True,
+    q_cross: Tensor | None = None, k_cross: Tensor | None = None,
+    qd_second: Tensor | None = None, kd_second: Tensor | None = None,
+    rel_angles: Tensor | None = None, rel_weights: Tensor | None = None,
+) -> Tensor:
+    """Per-query-head logit error (len(widths), Hq) when each kv head keeps its top-`w` pairs by `scores` (Hkv, P).
+
+    The keyword moments are rotary_qk_compensation's. Without a dense target keeping all P
+    pairs costs nothing (0); with one it is the remaining dense-vs-pruned error, solved too.
+    One thread, as qk_error_grid (many small batched eigendecompositions).
+    """
+    npairs = scores.shape[1]
+    dense = q_cross is not None
+    out = torch.zeros(len(widths), int(group.shape[0]), dtype=ACC_DTYPE)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for j, w in enumerate(widths):
+            if w >= npairs and not dense:
+                continue
+            keep = select_top_per_head(scores, min(w, npairs))
+            sol = rotary_qk_compensation(q_second, k_second, pairs, keep, group, lam=lam, scale=scale,
+                                         compensate=compensate, q_cross=q_cross, k_cross=k_cross,
+                                         qd_second=qd_second, kd_second=kd_second,
+                                         rel_angles=rel_angles, rel_weights=rel_weights)
+            out[j] = (sol.err_compensated if compensate else sol.err_uncompensated).cpu()
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
 @dataclass
 class Menu:
     """One choice among options: option k costs `flops[k]` and adds `err[k]` to the objective."""
