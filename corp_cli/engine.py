@@ -138,20 +138,22 @@ def gram_batch_stats(x: Tensor, product_dtype: torch.dtype = ACC_DTYPE) -> dict[
 
 
 def qk_batch_stats(q: Tensor, k: Tensor, product_dtype: torch.dtype = ACC_DTYPE) -> dict[str, Tensor]:
-    """Per-head sums over one batch of queries/keys shaped (B, H, N, d).
+    """Per-head sums over one batch of queries (B, Hq, N, d) and keys (B, Hkv, N, d).
 
     Full per-head second moments (for the logit solve and its error), and the same-token
-    sum of q_j^2 k_j^2 (for the joint ranker).
+    sum of q_j^2 k_j^2 (for the joint ranker). Under grouped-query attention (Hkv < Hq, query
+    heads h*G .. h*G+G-1 reading kv head h) the key moments are per kv head, qk_sq per query head.
     """
     b, nh, t, d = q.shape
+    nkv = k.shape[1]
     qh = q.transpose(0, 1).reshape(nh, b * t, d)
-    kh = k.transpose(0, 1).reshape(nh, b * t, d)
+    kh = k.transpose(0, 1).reshape(nkv, b * t, d)
     qp, kp = qh.to(product_dtype), kh.to(product_dtype)
     return {
         "count": torch.tensor([b * t], dtype=torch.int64, device=q.device),
         "q_gram": torch.bmm(qp.transpose(1, 2), qp),
         "k_gram": torch.bmm(kp.transpose(1, 2), kp),
-        "qk_sq": (qh.to(ACC_DTYPE).square() * kh.to(ACC_DTYPE).square()).sum(1),
+        "qk_sq": (qh.to(ACC_DTYPE).square() * kh.to(ACC_DTYPE).square().repeat_interleave(nh // nkv, 0)).sum(1),
     }
 
 

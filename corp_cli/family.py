@@ -209,6 +209,11 @@ class AttentionCut:
     # grouped-query attention: the kept key/value heads, ascending; then the rows of `qk_keep` and `v_keep`
     # are these kv heads (a kv head's dims are its whole group's) while `qk_m` stays per kept query head
     kv_heads: Tensor | None = None
+    # rotary Q/K pairs: `rotary_keep` (Hkv, s) kept pair indices of each kept kv head (qk_keep then holds their dims,
+    # [first dims | second dims]) and `rotary_coef` (Hk, s, 2) the complex scale (a, b) of each kept pair of each
+    # kept query head, folded into W_Q as q <- (I + [[a, -b], [b, a]]) q (engine.fold_rotary_q); qk_m is None
+    rotary_keep: Tensor | None = None
+    rotary_coef: Tensor | None = None
 
 
 class ModelFamily(abc.ABC):
@@ -226,6 +231,8 @@ class ModelFamily(abc.ABC):
     # For README / --help: example names and what can be pruned.
     examples: tuple[str, ...] = ()
     summary: str = ""
+    # Whether generation keeps a key/value cache per token (decoders): then corp counts its bytes
+    caches_keys_values: bool = False
 
     # ---- specs and loading
 
@@ -329,6 +336,18 @@ class ModelFamily(abc.ABC):
         """Install Q/K-narrow attention in block i: kept dims (H, ds), folded correction M (H, ds, ds)."""
         raise UnsupportedModelError(self.qk_refusal(model, i) or f"{self.name}: Q/K pruning unsupported")
 
+    def rotary_pairs(self, model: nn.Module, i: int) -> Tensor | None:
+        """(P, 2) the two dims of each rotary frequency pair within a head (None: no rotary embedding).
+
+        Then Q/K pruning removes whole pairs, the statistics' q/k are taken BEFORE the rotation
+        (qk_hook), and the correction is a complex scale per kept pair (engine.rotary_qk_compensation).
+        """
+        return None
+
+    def rotary_frequencies(self, model: nn.Module, i: int) -> Tensor | None:
+        """(P,) the angle per token of each pair in rotary_pairs (radians), for the fit at every relative offset."""
+        return None
+
     # attention values and output (V/O dims, whole heads)
 
     def vo_refusal(self, model: nn.Module, i: int) -> str | None:
@@ -382,6 +401,10 @@ class ModelFamily(abc.ABC):
         return Loaded(model=model, family=self, identity=identity, preprocessing=prep,
                       classes=parse_classes(meta.get("classes")),
                       model_kwargs=dict(meta["architecture"].get("model_kwargs") or {}), source_dir=folder)
+
+    def reload_case(self, arch: dict[str, Any]) -> str | None:
+        """How a pruned checkpoint of `arch` is reloaded, in one line for the prune command (None: nothing to say)."""
+        return None
 
     def stock_loader(self, arch: dict[str, Any]) -> Callable[[], nn.Module] | None:
         """A builder using only the model's own library classes (no corp modules), when the pruning allows one."""

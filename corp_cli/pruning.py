@@ -86,10 +86,13 @@ class PruneOptions:
     vo_ranker: str = D.VO_RANKER
     head_ranker: str = D.HEAD_RANKER
     flops_budget: float | None = None  # keep at most this fraction of the dense FLOPs; widths chosen per block
+    # grouped-query attention: the fraction of query heads removed inside each kept kv group (the same count in
+    # every group, so the layout stays the stock one); with the "heads" part
+    q_head_sparsity: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "target", target_name(parse_target(self.target)))
-        for name in ("mlp_sparsity", "attn_sparsity", "vo_sparsity", "head_sparsity"):
+        for name in ("mlp_sparsity", "attn_sparsity", "vo_sparsity", "head_sparsity", "q_head_sparsity"):
             _check_sparsity(name, getattr(self, name))
         for name, allowed in (("ranker", MLP_RANKERS), ("qk_ranker", QK_RANKERS), ("vo_ranker", VO_RANKERS),
                               ("head_ranker", HEAD_RANKERS)):
@@ -135,7 +138,8 @@ class PruneOptions:
 
     def active(self, part: str) -> bool:
         """Whether `part` is pruned at all: in the target, and given a sparsity (or a FLOPs budget to share)."""
-        return part in self.parts and (self.flops_budget is not None or getattr(self, PART_SPARSITY[part]) > 0)
+        given = getattr(self, PART_SPARSITY[part]) > 0 or (part == "heads" and self.q_head_sparsity > 0)
+        return part in self.parts and (self.flops_budget is not None or given)
 
     def for_block(self, i: int) -> PruneOptions:
         ov = self.block_overrides.get(i)
@@ -150,6 +154,8 @@ class PruneOptions:
                     d.pop(n)
         if self.flops_budget is None:
             d.pop("flops_budget")
+        if not self.q_head_sparsity:
+            d.pop("q_head_sparsity")
         return d
 
     @staticmethod
@@ -194,6 +200,8 @@ def keep_counts(o: PruneOptions, shape: BlockShape) -> Widths:
     if o.prune_heads and o.head_sparsity > 0:
         # under grouped-query attention a head is a key/value head with its group of query heads
         counts["heads"] = engine.keep_count(kv_count(shape), o.head_sparsity)
+    if o.prune_heads and o.q_head_sparsity > 0 and group_size(shape) > 1:
+        counts["q_heads"] = engine.keep_count(group_size(shape), o.q_head_sparsity)  # per kept kv group
     if o.prune_attn and o.attn_sparsity > 0:
         counts["qk"] = engine.keep_count(shape.head_dim, o.attn_sparsity, min_keep=o.min_qk_dim)
     if o.prune_vo and o.vo_sparsity > 0:
@@ -210,19 +218,25 @@ def check_block(fam: ModelFamily, model: nn.Module, i: int, o: PruneOptions, par
         why = fam.mlp_refusal(model, i)
     if "qk" in parts:
         why = why or fam.qk_refusal(model, i)
-    if "vo" in parts or "heads" in parts:
+    if "vo" in parts or "heads" in parts or "q_heads" in parts:
         why = why or fam.vo_refusal(model, i)
     if why is not None:
         raise UnsupportedModelError(why)
     if "mlp" in parts and o.min_keep > shape.mlp_hidden:
         raise InputError(f"block {i}: --min-keep {o.min_keep} exceeds its {shape.mlp_hidden} MLP units")
+    if "qk" in parts and fam.rotary_pairs(model, i) is not None and o.qk_ranker != "energy":
+        raise InputError(f"--qk-ranker {o.qk_ranker}: under rotary embeddings Q/K pairs are ranked by their logit "
+                         "energy only (--qk-ranker energy)")
     if "qk" in parts and o.min_qk_dim > shape.head_dim:
         raise InputError(f"block {i}: --min-qk-dim {o.min_qk_dim} exceeds the head dim {shape.head_dim}")
+    if ("heads" in parts or "q_heads" in parts) and o.q_head_sparsity > 0 and group_size(shape) == 1:
+        raise InputError(f"block {i}: --q-head-sparsity removes query heads inside a key/value group, but this "
+                         "attention has one query head per key/value head: use --head-sparsity")
 
 
 def stats_parts_for(parts: list[str] | tuple[str, ...]) -> list[str]:
     """The statistics parts that pruning `parts` needs (Q/K: attn; V/O dims and heads: vo)."""
-    need = {"mlp": "mlp", "qk": "attn", "vo": "vo", "heads": "vo"}
+    need = {"mlp": "mlp", "qk": "attn", "vo": "vo", "heads": "vo", "q_heads": "vo"}
     return list(dict.fromkeys(need[p] for p in parts))
 
 
@@ -245,12 +259,15 @@ def plan_masks(model: nn.Module, stats: Statistics, opts: PruneOptions, family: 
         if "mlp" in counts:
             bm.mlp = _rank_mlp(fam.mlp_weights(model, i), stats.blocks[i]["mlp"], o, counts["mlp"])
         kv = None  # the kept key/value heads (every head, or every group, when None)
-        if "heads" in counts:
+        if "heads" in counts or "q_heads" in counts:
             order = head_order(fam, model, i, stats.blocks[i]["vo"], o)
-            kv = torch.sort(order[: counts["heads"]]).values
+            kv = torch.sort(order[: counts.get("heads", kv_count(shape))]).values
             bm.heads = query_heads_of(kv, shape)
+            if "q_heads" in counts:
+                bm.heads = _best_in_groups(head_order(fam, model, i, stats.blocks[i]["vo"], o, per_query=True),
+                                           bm.heads, shape, counts["q_heads"])
         if "qk" in counts:
-            kept = _rank_qk(fam, model, i, stats.blocks[i]["attn"], o, counts["qk"])
+            kept = _rank_qk(fam, model, i, stats.blocks[i]["attn"], o, counts["qk"])  # rotary: pairs per kv head
             bm.attn = kept if kv is None else kept[kv]
         if "vo" in counts:
             ranks = group_sum(vo_dim_scores(fam, model, i, stats.blocks[i]["vo"], o), shape)
@@ -307,10 +324,26 @@ def o_kept_dims(shape: BlockShape, heads: Tensor | None, v_keep: Tensor | None) 
     return engine.vo_kept_dims(heads, None if v_keep is None else per_query_head(v_keep, heads, shape), shape.head_dim)
 
 
-def head_order(fam: ModelFamily, model: nn.Module, i: int, st: dict[str, Tensor], o: PruneOptions) -> Tensor:
-    """Block i's (kv) heads, most important first, by --head-ranker (every prefix is a kept set)."""
+def _best_in_groups(order: Tensor, heads: Tensor, shape: BlockShape, per_group: int) -> Tensor:
+    """The first `per_group` query heads of `order` in every kv group among `heads` (ascending)."""
+    g = group_size(shape)
+    taken: dict[int, list[int]] = {int(kv): [] for kv in kv_heads_of(heads, shape)}
+    for h in order.tolist():
+        group = taken.get(h // g)
+        if group is not None and len(group) < per_group:
+            group.append(h)
+    return torch.tensor(sorted(h for hs in taken.values() for h in hs), dtype=torch.int64)
+
+
+def head_order(fam: ModelFamily, model: nn.Module, i: int, st: dict[str, Tensor], o: PruneOptions, *,
+               per_query: bool = False) -> Tensor:
+    """Block i's (kv) heads, most important first, by --head-ranker (every prefix is a kept set).
+
+    Under grouped-query attention the units are kv heads with their groups, or with `per_query` the query heads.
+    """
     vw = fam.vo_weights(model, i)
-    w, nh = vw.out_weight, kv_count(fam.shape(model, i))
+    shape = fam.shape(model, i)
+    w, nh = vw.out_weight, shape.num_heads if per_query else kv_count(shape)
     m = engine.fit_moments({k: v.to(w.device) for k, v in st.items()}, intercept=vw.out_bias is not None)
     if o.head_ranker == "energy":
         return engine.ranking_order(engine.head_energy_scores(w, m.second, nh)).cpu()
@@ -371,7 +404,21 @@ def qk_scores(fam: ModelFamily, model: nn.Module, i: int, st: dict[str, Tensor],
 
 
 def _rank_qk(fam: ModelFamily, model: nn.Module, i: int, st: dict[str, Tensor], o: PruneOptions, keep_n: int) -> Tensor:
+    """Kept Q/K dims per head (H, keep_n); under rotary embeddings kept pairs per kv head (Hkv, keep_n // 2)."""
+    pairs = fam.rotary_pairs(model, i)
+    if pairs is not None:
+        return engine.select_top_per_head(rotary_scores(fam, model, i, st), max(1, keep_n // 2)).cpu()
     return engine.select_top_per_head(qk_scores(fam, model, i, st, o), keep_n).cpu()
+
+
+def rotary_scores(fam: ModelFamily, model: nn.Module, i: int, st: dict[str, Tensor]) -> Tensor:
+    """(Hkv, P): each frequency pair's logit energy over the query heads that share the kv head (the pair ranker)."""
+    shape = fam.shape(model, i)
+    n = int(st["count"].sum())
+    group = torch.div(torch.arange(shape.num_heads), group_size(shape), rounding_mode="floor")
+    pairs = fam.rotary_pairs(model, i)
+    assert pairs is not None
+    return engine.rotary_pair_scores(st["q_gram"] / n, st["k_gram"] / n, pairs, group)
 
 
 def apply_masks(
@@ -391,7 +438,7 @@ def apply_masks(
             entry: dict[str, Any] = {"block": i}
             if bm.mlp is not None:
                 entry["mlp"] = _prune_mlp_block(fam, model, i, stats.blocks[i]["mlp"], bm.mlp, o)
-            if bm.vo is not None or bm.heads is not None:
+            if bm.vo is not None or bm.heads is not None or (bm.attn is not None and fam.rotary_pairs(model, i) is not None):
                 entry.update(_prune_attention_cut(fam, model, i, stats, bm, o))
             elif bm.attn is not None:
                 entry["attn"] = _prune_attn_block(fam, model, i, stats.blocks[i]["attn"], bm.attn, o,
@@ -482,13 +529,48 @@ def _prune_attn_block(fam: ModelFamily, model: nn.Module, i: int, st: dict[str, 
     }
 
 
+# Relative offsets the rotary fit weighs (all of them up to this many; beyond, this many evenly spaced,
+# each weighted by how many (query, key) pairs of a causal window sit at it).
+ROTARY_OFFSETS = 128
+
+
+def rotary_offsets(fam: ModelFamily, model: nn.Module, i: int, window: int) -> tuple[Tensor, Tensor]:
+    """Angles (L, P) of the causal offsets 0..window-1 (the key l tokens back) and their pair counts (L,)."""
+    freqs = fam.rotary_frequencies(model, i)
+    assert freqs is not None
+    off = torch.arange(window, dtype=engine.ACC_DTYPE)
+    if window > ROTARY_OFFSETS:
+        off = torch.unique(torch.linspace(0, window - 1, ROTARY_OFFSETS, dtype=engine.ACC_DTYPE).round())
+    return -off[:, None] * freqs[None, :], window - off
+
+
+def _rotary_solve(fam: ModelFamily, model: nn.Module, i: int, stats: Statistics, keep: Tensor, heads: Tensor,
+                  o: PruneOptions) -> engine.RotaryQKSolution:
+    """The complex scales of the kept query heads' kept pairs, fitted at every relative offset of a window."""
+    st = stats.blocks[i]["attn"]
+    shape = fam.shape(model, i)
+    dev = keep.device
+    n = int(st["count"].sum())
+    kv = kv_heads_of(heads, shape)
+    group = torch.searchsorted(kv, torch.div(heads, group_size(shape), rounding_mode="floor"))
+    q2, k2 = st["q_gram"].to(dev)[heads] / n, st["k_gram"].to(dev)[kv] / n
+    window = int(stats.meta.get("preprocessing", {}).get("max_length") or fam.tokens_per_item(model))
+    angles, weights = rotary_offsets(fam, model, i, window)
+    fdt = stats.meta.get("forward_dtype")
+    lam_rel = engine.qk_lambda_rel(getattr(torch, fdt) if fdt else None)
+    return engine.rotary_qk_compensation(q2, k2, fam.rotary_pairs(model, i), keep, group, rel_angles=angles,
+                                         rel_weights=weights, lam=o.lam, scale=fam.softmax_scale(model, i),
+                                         compensate=True, lam_rel=lam_rel)
+
+
 def _prune_attention_cut(fam: ModelFamily, model: nn.Module, i: int, stats: Statistics, bm: BlockMasks,
                          o: PruneOptions) -> dict[str, Any]:
     """Heads and V/O dims (and Q/K dims with them): the Q/K solve on the kept heads, the ridge on o, one install."""
-    why = fam.vo_refusal(model, i) or (fam.qk_refusal(model, i) if bm.attn is not None else None)
+    output = bm.vo is not None or bm.heads is not None  # V/O dims or heads: the ridge on o
+    why = (fam.vo_refusal(model, i) if output else None) or (fam.qk_refusal(model, i) if bm.attn is not None else None)
     if why is not None:
         raise UnsupportedModelError(why)
-    require_parts(stats, ["vo"] + (["attn"] if bm.attn is not None else []))
+    require_parts(stats, (["vo"] if output else []) + (["attn"] if bm.attn is not None else []))
     shape = fam.shape(model, i)
     nh, d = shape.num_heads, shape.head_dim
     w = fam.vo_weights(model, i)
@@ -496,8 +578,30 @@ def _prune_attention_cut(fam: ModelFamily, model: nn.Module, i: int, stats: Stat
     heads = (bm.heads if bm.heads is not None else torch.arange(nh)).to(dev)
     kv = kv_heads_of(heads, shape)
     out: dict[str, Any] = {}
-    qk_keep = qk_m = None
-    if bm.attn is not None:
+    qk_keep = qk_m = rotary_keep = rotary_coef = None
+    pairs = fam.rotary_pairs(model, i)
+    if bm.attn is not None and pairs is not None:
+        rotary_keep = bm.attn.to(dev)
+        sol_r = _rotary_solve(fam, model, i, stats, rotary_keep, heads, o)
+        rotary_coef = sol_r.coef if o.compensation else torch.zeros_like(sol_r.coef)
+        qk_keep = engine.rotary_kept_dims(pairs.to(dev), rotary_keep, split=True)
+        per, per_none = sol_r.err_per_offset, sol_r.err_per_offset_uncompensated
+        out["attn"] = {
+            "head_dim": d,
+            "qk_kept": int(qk_keep.shape[1]),
+            "qk_removed": d - int(qk_keep.shape[1]),
+            "pairs_kept": int(rotary_keep.shape[1]),
+            "compensated": bool(o.compensation),
+            "qk_ranker": "pair-energy",
+            "heads": [int(h) for h in heads],
+            "lambda_per_head": [float(x) for x in sol_r.lam],
+            "predicted_logit_error_compensated": [float(x) for x in sol_r.err_compensated],
+            "predicted_logit_error_uncompensated": [float(x) for x in sol_r.err_uncompensated],
+            # the worst relative offset: the correction is shortened until it helps at every one
+            **({"worst_offset_ratio": float((per.sum(1) / per_none.sum(1).clamp_min(1e-300)).max())}
+               if per is not None and per_none is not None else {}),
+        }
+    elif bm.attn is not None:
         st = stats.blocks[i]["attn"]
         qk_keep = bm.attn.to(dev)
         prune, sol = _qk_solve(fam, model, i, st, qk_keep, heads, o, stats.meta.get("forward_dtype"))
@@ -514,6 +618,11 @@ def _prune_attention_cut(fam: ModelFamily, model: nn.Module, i: int, stats: Stat
             "predicted_logit_error_uncompensated": [float(x) for x in sol.err_uncompensated],
         }
     v_keep = bm.vo.to(dev) if bm.vo is not None else None
+    if not output:  # Q/K pairs alone: the output projection stays as it was
+        fam.install_attention(model, i, AttentionCut(
+            heads=heads, qk_keep=qk_keep, qk_m=None, v_keep=None, out_weight=w.out_weight, out_bias=w.out_bias,
+            kv_heads=kv if group_size(shape) > 1 else None, rotary_keep=rotary_keep, rotary_coef=rotary_coef))
+        return out
     # as for the MLP: a projection without a bias takes an intercept-free fit
     m = engine.fit_moments({k: v.to(dev) for k, v in stats.blocks[i]["vo"].items()}, intercept=w.out_bias is not None)
     # under GQA one value dim is a dim of every query head of its group: the removed set of o is their union,
@@ -530,7 +639,8 @@ def _prune_attention_cut(fam: ModelFamily, model: nn.Module, i: int, stats: Stat
     w_n, b_n = engine.fold_mlp_output(w.out_weight, w.out_bias, keep, prune, sol_o if o.compensation else None)
     fam.install_attention(model, i, AttentionCut(heads=heads, qk_keep=qk_keep, qk_m=qk_m, v_keep=v_keep,
                                                  out_weight=w_n, out_bias=b_n, balanced=o.qk_balanced,
-                                                 kv_heads=kv if group_size(shape) > 1 else None))
+                                                 kv_heads=kv if group_size(shape) > 1 else None,
+                                                 rotary_keep=rotary_keep, rotary_coef=rotary_coef))
     out["vo"] = {
         "width": nh * d,
         "kept": int(keep.numel()),
@@ -555,7 +665,9 @@ def _prune_attention_cut(fam: ModelFamily, model: nn.Module, i: int, stats: Stat
 
 def supported_parts(fam: ModelFamily, model: nn.Module) -> tuple[str, ...]:
     """The statistics parts gathered by default: the MLP always, attention where every block allows Q/K pruning."""
-    attn = all(fam.qk_refusal(model, i) is None for i in range(fam.num_blocks(model)))
+    # rotary Q/K pairs are pruned when asked for (--target qk), not by default
+    attn = all(fam.qk_refusal(model, i) is None and fam.rotary_pairs(model, i) is None
+               for i in range(fam.num_blocks(model)))
     return ("mlp", "attn") if attn else ("mlp",)
 
 

@@ -108,7 +108,9 @@ def masked_reference(dense, masks, stats, blocks):
             keep = bm.mlp
             prune = engine.complement(keep, m.mean.shape[0])
             fam.mlp_hook(model, i, _predict(keep, prune, engine.ridge_compensation(m, keep, prune, entry["mlp"]["lambda"])))
-        if bm.attn is not None:
+        if bm.attn is not None and fam.rotary_pairs(dense.model, i) is not None:
+            _rotary_reference(fam, dense.model, model, i, stats, bm, heads, entry)
+        elif bm.attn is not None:
             st = stats.blocks[i]["attn"]
             n = int(st["count"].sum())
             d = st["q_gram"].shape[-1]
@@ -132,6 +134,32 @@ def masked_reference(dense, masks, stats, blocks):
 
             fam.qk_hook(model, i, on_qk)
     return ref
+
+
+def _rotary_reference(fam, dense_model, model, i, stats, bm, heads, entry) -> None:
+    """Rotary Q/K pairs on the masked model: removed pairs zeroed in q and k (before the rotation, which keeps
+    each pair apart), each kept query head's kept pairs scaled by their complex scales."""
+    from corp_cli.pruning import PruneOptions, _rotary_solve, group_size, kv_heads_of
+
+    shape = fam.shape(dense_model, i)
+    d = shape.head_dim
+    sol = _rotary_solve(fam, dense_model, i, stats, bm.attn, heads, PruneOptions())
+    assert torch.allclose(sol.lam, torch.tensor(entry["attn"]["lambda_per_head"], dtype=torch.float64))
+    kv = kv_heads_of(heads, shape)
+    group = torch.searchsorted(kv, heads // group_size(shape))
+    pairs = fam.rotary_pairs(dense_model, i)
+    fold, _ = engine.fold_rotary_q(torch.eye(len(heads) * d, dtype=torch.float64), None, pairs, bm.attn, sol.coef, group)
+    kept = engine.rotary_kept_dims(pairs, bm.attn, split=True)
+
+    def on_qk(q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        q2, k2 = torch.zeros_like(q), torch.zeros_like(k)
+        for j, h in enumerate(heads.tolist()):
+            q2[:, h] = (q[:, h].double() @ fold[j * d:(j + 1) * d, j * d:(j + 1) * d].T).to(q.dtype)
+        for j, g in enumerate(kv.tolist()):
+            k2[:, g][..., kept[j]] = k[:, g][..., kept[j]]
+        return q2, k2
+
+    fam.qk_hook(model, i, on_qk)
 
 
 STORIES260K = SHARED_DATA / "llama-stories260k"

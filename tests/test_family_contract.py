@@ -31,6 +31,7 @@ from corp_cli.calibration import as_batch
 from corp_cli.compact import load_pruned_loaded
 from corp_cli.family import Loaded
 from corp_cli.registry import families
+from corp_cli.pruning import supported_parts
 
 from .conftest import masked_reference
 
@@ -109,8 +110,8 @@ CASES: dict[str, tuple[str, Callable[[Path], tuple[Loaded, list, dict]]]] = {
 # Families whose attention output (V/O dims, whole heads) corp prunes: checked with every part at once.
 ALL_PARTS = "mlp,qk,vo,heads"
 VO_CASES = ("timm-vit", "timm-vit-qknorm", "hf-bert", "hf-vit", "hf-llama")
-# where not every part applies: decoders (rotary Q/K pairs are another path) are checked without Q/K
-CASE_PARTS = {"hf-llama": "mlp,vo,heads"}
+# where not every part applies (none today)
+CASE_PARTS: dict[str, str] = {}
 
 
 def test_every_registered_family_has_a_contract_case() -> None:
@@ -152,7 +153,8 @@ def test_family_contract(case: str, target: str | None, tmp_path: Path) -> None:
     fam = dense.family
     check = {k: v.double() if v.is_floating_point() else v for k, v in check.items()}
     pruned_attn = any(m.attn is not None for m in result.masks)
-    assert pruned_attn == (fam.qk_refusal(dense.model, 0) is None), "Q/K pruned exactly where the family allows it"
+    by_default = "attn" in supported_parts(fam, dense.model)  # rotary Q/K pairs: allowed, but asked for
+    assert pruned_attn == (by_default or "qk" in (target or "")), "Q/K pruned exactly where the family allows it"
     widths = [fam.shape(dense.model, i).mlp_hidden for i in range(fam.num_blocks(dense.model))]
     assert [m.mlp.numel() for m in result.masks] == [w - w // 2 for w in widths]
     if target:

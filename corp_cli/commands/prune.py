@@ -294,6 +294,11 @@ def _print_summary(out: Path, report: dict[str, Any]) -> None:
 
 def _print_totals(report: dict[str, Any]) -> None:
     t = report["totals"]
+    if "kv_ratio" in t:
+        C.out.print(f"KV cache {t['kv_bytes_per_token_before']:,} -> {t['kv_bytes_per_token_after']:,} bytes per token "
+                    f"({t['kv_ratio']:.3f} of dense)")
+    if "reload" in report:
+        C.out.print(f"reload: {report['reload']}")
     plain = "" if report["options"].get("compensation", True) else ", no compensation (the 'none' errors are the ones applied)"
     synth = "  [SYNTHETIC calibration data]" if report["synthetic"] else ""
     C.out.print(

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from corp_cli import engine
 from corp_cli.errors import ArtifactError, InputError, UnsupportedModelError
 from corp_cli.family import AttentionCut, Batch, BlockShape, Hook, Loaded, MlpWeights, ModelOptions, Outputs
 from corp_cli.families.decoder_attention import DecoderAttention, rope_dims_of_pairs
@@ -85,6 +86,7 @@ class HFLlamaFamily(HFFamily):
     model_types = ("llama", "qwen2", "mistral")
     classes = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
     base_class = "AutoModelForCausalLM"
+    caches_keys_values = True
     examples = ("a local Llama / Qwen2 / Mistral folder", "hf-model:Qwen/Qwen2-0.5B")
     summary = "Hugging Face decoder LMs (Llama, Qwen2, Mistral layouts); MLP pruning"
 
@@ -210,13 +212,30 @@ class HFLlamaFamily(HFFamily):
         mlp.down_proj = nn.Linear(width, d.out_features, bias=d.bias is not None)
         mlp.intermediate_size = width
 
+    # Q/K: whole rotary frequency pairs. transformers' rotate_half pairs dim j with j + d/2 (half-split);
+    # the same pairs go in a kv head and every query head of its group; each kept pair of each query head
+    # gets a complex scale folded into W_Q, which commutes with the rotation (docs/method.md, section 3).
+
     def qk_refusal(self, model: nn.Module, i: int) -> str | None:
-        cfg = model.config
-        heads, kv = int(cfg.num_attention_heads), int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
-        gqa = f" and shares each key across {heads // kv} query heads (grouped-query attention)" if kv < heads else ""
-        return (f"{type(model).__name__} applies rotary position embeddings to its queries and keys{gqa}, so a Q/K "
-                "logit correction would mix dims that rotate at different frequencies, which no static weight can "
-                "hold; corp refuses Q/K pruning here: MLP pruning is available (--target mlp)")
+        if isinstance(self.attn_module(model, i), DecoderAttention):
+            return f"block {i}: attention is already pruned; prune the dense model instead"
+        freqs = getattr(getattr(model.model, "rotary_emb", None), "inv_freq", None)  # shapes only (may be on meta)
+        d = self.shape(model, i).head_dim
+        if freqs is None or freqs.numel() != d // 2 or d % 2:
+            return (f"{type(model).__name__}: its rotary embedding does not rotate every pair of the {d} head dims "
+                    "(partial rotary), which corp's Q/K pair pruning does not cover: prune --target mlp,vo,heads")
+        return None
+
+    def rotary_pairs(self, model: nn.Module, i: int) -> Tensor | None:
+        half = self.shape(model, i).head_dim // 2
+        return torch.stack([torch.arange(half), torch.arange(half) + half], 1)
+
+    def rotary_frequencies(self, model: nn.Module, i: int) -> Tensor | None:
+        inv = getattr(getattr(model.model, "rotary_emb", None), "inv_freq", None)
+        return None if inv is None else inv.detach().to(torch.float64).cpu()
+
+    # qk_hook (HFFamily's: q_proj / k_proj outputs split into heads of head_dim, i.e. q and k BEFORE the
+    # rotation, (B, Hq, N, d) and (B, Hkv, N, d)), qk_weights and softmax_scale are HFFamily's
 
     # V/O dims and whole (key/value) heads. Values are not rotated, so a value dim commutes with the
     # rotary embedding; under GQA a value dim of kv head g is a dim of every query head of g's group
@@ -248,6 +267,14 @@ class HFLlamaFamily(HFFamily):
         qk_dims = (torch.arange(d, device=dev).expand(len(kv), d) if cut.qk_keep is None else cut.qk_keep.to(dev))
         v_dims = torch.arange(d, device=dev).expand(len(kv), d) if cut.v_keep is None else cut.v_keep.to(dev)
         q_rows = (heads[:, None] * d + qk_dims[kv_index]).reshape(-1)
+        wq, bq = old.q_proj.weight.detach(), old.q_proj.bias.detach() if old.q_proj.bias is not None else None
+        if cut.rotary_coef is not None:  # the complex scales, folded into the kept query heads' rows at full width
+            assert cut.rotary_keep is not None
+            rows = engine.head_dims(heads, d)
+            fq, fb = engine.fold_rotary_q(wq[rows], bq[rows] if bq is not None else None, self.rotary_pairs(model, i),
+                                          cut.rotary_keep.to(dev), cut.rotary_coef.to(dev), kv_index)
+            local = (torch.arange(len(heads), device=dev)[:, None] * d + qk_dims[kv_index]).reshape(-1)
+            wq, bq, q_rows = fq[local], (fb[local] if fb is not None else None), torch.arange(len(local), device=dev)
         k_rows = (kv[:, None] * d + qk_dims).reshape(-1)
         v_rows = (kv[:, None] * d + v_dims).reshape(-1)
         new = DecoderAttention(
@@ -257,8 +284,10 @@ class HFLlamaFamily(HFFamily):
             qkv_bias=old.q_proj.bias is not None, o_bias=old.o_proj.bias is not None, scaling=float(old.scaling),
         ).to(device=dev, dtype=old.q_proj.weight.dtype)
         with torch.no_grad():
-            for lin, src, rows in ((new.q_proj, old.q_proj, q_rows), (new.k_proj, old.k_proj, k_rows),
-                                   (new.v_proj, old.v_proj, v_rows)):
+            new.q_proj.weight.copy_(wq[q_rows])
+            if bq is not None:
+                new.q_proj.bias.copy_(bq[q_rows])
+            for lin, src, rows in ((new.k_proj, old.k_proj, k_rows), (new.v_proj, old.v_proj, v_rows)):
                 lin.weight.copy_(src.weight[rows])
                 if src.bias is not None:
                     lin.bias.copy_(src.bias[rows])
