@@ -255,7 +255,7 @@ def prune(
     fam = loaded.family
     check_prunable(fam, loaded.model, opts)
     allocation = None
-    if masks is None and opts.flops_budget is not None:
+    if masks is None and opts.budgeted:
         from corp_cli.allocation import allocate
 
         alloc = allocate(fam, loaded.model, stats, opts)

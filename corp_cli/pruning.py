@@ -31,7 +31,7 @@ VO_RANKERS = D.VO_RANKERS
 HEAD_RANKERS = D.HEAD_RANKERS
 # Options a per-block override (YAML `blocks:` entries) may set.
 BLOCK_OVERRIDABLE = ("mlp_sparsity", "attn_sparsity", "ranker", "qk_ranker", "min_keep", "min_qk_dim", "round_to",
-                     "vo_sparsity", "head_sparsity", "vo_ranker", "head_ranker")
+                     "vo_sparsity", "head_sparsity", "vo_ranker", "head_ranker", "q_head_sparsity")
 # The sparsity option of each target part.
 PART_SPARSITY = {"mlp": "mlp_sparsity", "qk": "attn_sparsity", "vo": "vo_sparsity", "heads": "head_sparsity"}
 # Fields added after the first named targets: recorded only where they mean something, so the
@@ -89,6 +89,8 @@ class PruneOptions:
     # grouped-query attention: the fraction of query heads removed inside each kept kv group (the same count in
     # every group, so the layout stays the stock one); with the "heads" part
     q_head_sparsity: float = 0.0
+    # keep at most this fraction of the dense KV-cache bytes per token (decoders); widths chosen per block
+    kv_budget: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "target", target_name(parse_target(self.target)))
@@ -103,6 +105,13 @@ class PruneOptions:
         for name in ("round_to", "min_keep", "min_qk_dim"):
             if getattr(self, name) < 1:
                 raise InputError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.kv_budget is not None:
+            f = self.kv_budget
+            if isinstance(f, bool) or not isinstance(f, (int, float)) or not (0.0 < f <= 1.0):
+                raise InputError(f"--kv-budget must be a fraction of the dense KV-cache bytes in (0, 1], got {f!r}")
+            if self.block_overrides:
+                raise InputError("--kv-budget chooses every block's widths; per-block overrides (--config blocks:) "
+                                 "do not apply: drop one of them")
         if self.flops_budget is not None:
             f = self.flops_budget
             if isinstance(f, bool) or not isinstance(f, (int, float)) or not (0.0 < f < 1.0):
@@ -139,7 +148,12 @@ class PruneOptions:
     def active(self, part: str) -> bool:
         """Whether `part` is pruned at all: in the target, and given a sparsity (or a FLOPs budget to share)."""
         given = getattr(self, PART_SPARSITY[part]) > 0 or (part == "heads" and self.q_head_sparsity > 0)
-        return part in self.parts and (self.flops_budget is not None or given)
+        return part in self.parts and (self.budgeted or given)
+
+    @property
+    def budgeted(self) -> bool:
+        """Widths chosen by the allocator (a FLOPs and/or a KV-cache budget) rather than by the sparsities."""
+        return self.flops_budget is not None or self.kv_budget is not None
 
     def for_block(self, i: int) -> PruneOptions:
         ov = self.block_overrides.get(i)
@@ -156,6 +170,8 @@ class PruneOptions:
             d.pop("flops_budget")
         if not self.q_head_sparsity:
             d.pop("q_head_sparsity")
+        if self.kv_budget is None:
+            d.pop("kv_budget")
         return d
 
     @staticmethod
@@ -544,6 +560,11 @@ def rotary_offsets(fam: ModelFamily, model: nn.Module, i: int, window: int) -> t
     return -off[:, None] * freqs[None, :], window - off
 
 
+def _rotary_window(fam: ModelFamily, model: nn.Module, stats: Statistics) -> int:
+    """The token window the statistics were gathered on (its relative offsets are the ones fitted)."""
+    return int(stats.meta.get("preprocessing", {}).get("max_length") or fam.tokens_per_item(model))
+
+
 def _rotary_solve(fam: ModelFamily, model: nn.Module, i: int, stats: Statistics, keep: Tensor, heads: Tensor,
                   o: PruneOptions) -> engine.RotaryQKSolution:
     """The complex scales of the kept query heads' kept pairs, fitted at every relative offset of a window."""
@@ -554,8 +575,7 @@ def _rotary_solve(fam: ModelFamily, model: nn.Module, i: int, stats: Statistics,
     kv = kv_heads_of(heads, shape)
     group = torch.searchsorted(kv, torch.div(heads, group_size(shape), rounding_mode="floor"))
     q2, k2 = st["q_gram"].to(dev)[heads] / n, st["k_gram"].to(dev)[kv] / n
-    window = int(stats.meta.get("preprocessing", {}).get("max_length") or fam.tokens_per_item(model))
-    angles, weights = rotary_offsets(fam, model, i, window)
+    angles, weights = rotary_offsets(fam, model, i, _rotary_window(fam, model, stats))
     fdt = stats.meta.get("forward_dtype")
     lam_rel = engine.qk_lambda_rel(getattr(torch, fdt) if fdt else None)
     return engine.rotary_qk_compensation(q2, k2, fam.rotary_pairs(model, i), keep, group, rel_angles=angles,
@@ -677,6 +697,9 @@ def default_target(fam: ModelFamily, model: nn.Module) -> str:
 
 def check_prunable(fam: ModelFamily, model: nn.Module, opts: PruneOptions) -> None:
     """Refuse, before any expensive work, a part the family cannot prune correctly in some block."""
+    if opts.kv_budget is not None and not fam.caches_keys_values:
+        raise InputError(f"--kv-budget bounds the key/value cache of a decoder's generation; {fam.name} models keep none "
+                         "(use --flops-budget)")
     for i in range(fam.num_blocks(model)):
         o = opts.for_block(i)
         check_block(fam, model, i, o, [p for p in o.parts if o.active(p)])
@@ -685,7 +708,7 @@ def check_prunable(fam: ModelFamily, model: nn.Module, opts: PruneOptions) -> No
 def planned_widths(fam: ModelFamily, model: nn.Module, opts: PruneOptions) -> list[dict[str, int]]:
     """What every block would keep under `opts` (from shapes alone); [] under --flops-budget, whose widths
     the allocation chooses from the statistics."""
-    if opts.flops_budget is not None:
+    if opts.budgeted:
         return []
     out = []
     for i in range(fam.num_blocks(model)):

@@ -311,3 +311,40 @@ def test_real_stories260k_rotary_pairs_every_relative_position(tmp_path: Path) -
     full = [b for b in full if b["input_ids"].shape[0] and b["input_ids"].shape[1] == 64]  # whole 64-token windows
     stats = api.calibrate(dense, full, precision="float64", parts=("mlp", "attn"))
     _check_rotary_every_offset(dense, stats, full, 0.5)
+
+
+def test_the_allocator_spans_every_part_and_holds_the_flops_and_kv_budgets(tmp_path: Path) -> None:
+    dense = _dense(tmp_path)
+    stats = api.calibrate(dense, _calib(), precision="float64", parts=("mlp", "attn", "vo"))
+    free = api.prune(dense, stats, target="mlp,qk,vo,heads", flops_budget=0.7)
+    assert free.allocation["flops_ratio"] <= 0.7 and "kv_ratio" in free.allocation
+    result = api.prune(dense, stats, target="mlp,qk,vo,heads", flops_budget=0.7, kv_budget=0.4)
+    alloc = result.allocation
+    assert alloc["flops_ratio"] <= 0.7 and alloc["kv_ratio"] <= 0.4 < free.allocation["kv_ratio"]
+    # what the allocator counted is what the pruned model holds
+    report = result.report()
+    assert report["totals"]["kv_ratio"] == pytest.approx(alloc["kv_ratio"])
+    assert report["totals"]["flops_after"] == alloc["flops"]
+    _assert_masked(dense, result)
+    kv_only = api.prune(dense, stats, target="mlp,qk,vo,heads", kv_budget=0.5)
+    assert kv_only.allocation["kv_ratio"] <= 0.5 and kv_only.allocation["flops_budget"] is None
+    with pytest.raises(InputError, match="--kv-budget"):
+        api.prune(dense, stats, target="mlp", kv_budget=0.5)
+
+
+def test_two_budget_allocation_holds_both_and_is_the_one_budget_choice_when_the_second_is_loose() -> None:
+    g = torch.Generator().manual_seed(3)
+    groups = []
+    for _ in range(6):
+        err = torch.rand(5, generator=g, dtype=torch.float64).sort(descending=True).values
+        flops = torch.linspace(-4, 0, 5, dtype=torch.float64)
+        kv = torch.linspace(1, 5, 5, dtype=torch.float64) * float(torch.rand(1, generator=g) + 0.5)
+        groups.append([engine.Alternative(0.0, 0.0, [engine.Menu(err, flops, kv)])])
+    one = engine.allocate_budget(groups, -10.0)
+    assert engine.allocate_two_budgets(groups, -10.0, 1e9) == one
+    kv_one = engine.picked_kv(groups, one)
+    two = engine.allocate_two_budgets(groups, -10.0, 0.7 * kv_one)
+    assert engine.picked_kv(groups, two) <= 0.7 * kv_one
+    assert sum(float(alts[a].menus[0].flops[ks[0]]) for alts, (a, ks) in zip(groups, two)) <= -10.0
+    with pytest.raises(ValueError, match="KV budget"):
+        engine.allocate_two_budgets(groups, -10.0, 1.0)
