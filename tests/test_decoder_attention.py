@@ -348,3 +348,37 @@ def test_two_budget_allocation_holds_both_and_is_the_one_budget_choice_when_the_
     assert sum(float(alts[a].menus[0].flops[ks[0]]) for alts, (a, ks) in zip(groups, two)) <= -10.0
     with pytest.raises(ValueError, match="KV budget"):
         engine.allocate_two_budgets(groups, -10.0, 1.0)
+
+
+def test_cli_prunes_decoder_attention_under_a_kv_budget_and_benchmarks_kv_bytes(tmp_path: Path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from corp_cli.cli import app
+
+    from .conftest import STORIES
+
+    runner = CliRunner()
+    folder = tiny_decoder(tmp_path / "llama", "llama")
+    out = tmp_path / "pruned"
+    args = ["prune", str(folder), "--calib-data", f"text:{STORIES}@calib" if STORIES.is_file() else "text:pydoc",
+            "--samples", "8", "--seq-len", "16", "--target", "mlp,qk,vo,heads", "--flops-budget", "0.8",
+            "--kv-budget", "0.5", "--out", str(out)]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "KV cache" in res.stdout and "reload: " in res.stdout and "--kv-budget 0.5" in res.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["totals"]["kv_ratio"] <= 0.5 and report["allocation"]["flops_ratio"] <= 0.8
+    assert report["reload"].startswith(("the same widths", "widths differ"))
+    assert (out / "config.json").is_file() == report["reload"].startswith("the same widths")
+    res = runner.invoke(app, ["benchmark", str(out), "--batch-sizes", "1", "--seq-lens", "8", "--new-tokens", "3",
+                              "--runs", "1", "--warmup", "0", "--json", "-"])
+    assert res.exit_code == 0, res.output
+    bench = json.loads(res.stdout)
+    assert bench["model"]["kv_bytes_per_token"] < bench["reference"]["kv_bytes_per_token"]
+    assert bench["comparison"]["kv_ratio"] == pytest.approx(report["totals"]["kv_ratio"])  # both fp32 here
+    assert bench["model"]["decode"][0]["decode_tokens_per_s"] > 0
+    res = runner.invoke(app, ["prune", "deit_tiny_patch16_224", "--calib-data", "synthetic", "--samples", "2",
+                              "--kv-budget", "0.5", "--out", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "--kv-budget" in res.stderr, res.output
