@@ -705,16 +705,48 @@ def check_prunable(fam: ModelFamily, model: nn.Module, opts: PruneOptions) -> No
         check_block(fam, model, i, o, [p for p in o.parts if o.active(p)])
 
 
+def planned_shape(shape: BlockShape, counts: Widths) -> BlockShape:
+    """A block's shape once pruned to `counts` (kept heads are kv heads with their groups under GQA)."""
+    kv = counts.get("heads", kv_count(shape))
+    per_group = counts.get("q_heads", group_size(shape))
+    return replace(shape, mlp_hidden=counts.get("mlp", shape.mlp_hidden), num_heads=kv * per_group,
+                   kv_heads=kv if shape.kv_heads is not None else None, qk_dim=counts.get("qk", shape.qk_dim),
+                   v_dim=counts.get("vo", shape.v_dim))
+
+
 def planned_widths(fam: ModelFamily, model: nn.Module, opts: PruneOptions) -> list[dict[str, int]]:
-    """What every block would keep under `opts` (from shapes alone); [] under --flops-budget, whose widths
+    """What every block would keep under `opts` (from shapes alone); [] under a budget, whose widths
     the allocation chooses from the statistics."""
     if opts.budgeted:
         return []
     out = []
     for i in range(fam.num_blocks(model)):
         o, s = opts.for_block(i), fam.shape(model, i)
-        k = keep_counts(o, s)
-        out.append({"block": i, "mlp_hidden": s.mlp_hidden, "mlp_kept": k.get("mlp", s.mlp_hidden),
-                    "head_dim": s.head_dim, "qk_kept": k.get("qk", s.qk_dim), "num_heads": s.num_heads,
-                    "heads_kept": k.get("heads", s.num_heads), "v_kept": k.get("vo", s.v_dim)})
+        p = planned_shape(s, keep_counts(o, s))
+        if fam.rotary_pairs(model, i) is not None and p.qk_dim < s.qk_dim:
+            p = replace(p, qk_dim=max(2, p.qk_dim - p.qk_dim % 2))  # whole rotary pairs
+        row = {"block": i, "mlp_hidden": s.mlp_hidden, "mlp_kept": p.mlp_hidden, "head_dim": s.head_dim,
+               "qk_kept": p.qk_dim, "num_heads": s.num_heads, "heads_kept": p.num_heads, "v_kept": p.v_dim}
+        if s.kv_heads is not None:
+            row.update(kv_heads=s.kv_heads, kv_kept=p.kv_heads)
+        out.append(row)
+    return out
+
+
+def planned_totals(fam: ModelFamily, model: nn.Module, widths: list[dict[str, int]]) -> dict[str, Any]:
+    """FLOPs per item (and KV-cache bytes per token, for decoders) of the dense model and of `widths` (planned_widths)."""
+    from corp_cli.flops import kv_cache_bytes, model_counts, shape_flops
+
+    counts = model_counts(model, family=fam)
+    shapes = [replace(fam.shape(model, w["block"]), mlp_hidden=w["mlp_kept"], qk_dim=w["qk_kept"],
+                      num_heads=w["heads_kept"], v_dim=w["v_kept"], kv_heads=w.get("kv_kept")) for w in widths]
+    flops = counts["flops"] - counts["flops_blocks"] + sum(
+        int(shape_flops(fam, model, i, s, counts["tokens"])["total"]) for i, s in enumerate(shapes))
+    out: dict[str, Any] = {"tokens": counts["tokens"], "flops_dense": counts["flops"], "flops": flops,
+                           "flops_ratio": flops / counts["flops"]}
+    if "kv_bytes_per_token" in counts:
+        p = next(iter(model.parameters()), None)
+        kv = kv_cache_bytes(shapes, p.element_size() if p is not None else 4)
+        out.update(kv_bytes_per_token_dense=counts["kv_bytes_per_token"], kv_bytes_per_token=kv,
+                   kv_ratio=kv / counts["kv_bytes_per_token"])
     return out

@@ -218,7 +218,7 @@ def _default_target_for(opts: Any, fam: Any, model: Any) -> Any:
 def _print_dry_run(plan: Any, loaded: Any, opts: Any, out: Path, json_out: str | None, model: str, options: Any,
                    stats: Any = None, family: Any = None, shape_model: Any = None) -> None:
     """What a prune would do: the calibration plan (when it calibrates), and the widths every block keeps."""
-    from corp_cli.pruning import planned_widths
+    from corp_cli.pruning import planned_totals, planned_widths
 
     fam = family or (loaded.family if loaded is not None else None)
     shape_model = shape_model if shape_model is not None else (loaded.model if loaded is not None else None)
@@ -228,7 +228,8 @@ def _print_dry_run(plan: Any, loaded: Any, opts: Any, out: Path, json_out: str |
         fam, name = resolve_model(model, options)
         shape_model = fam.meta_model(name, options) or fam.load(name, options, "cpu").model
     widths = planned_widths(fam, shape_model, opts)
-    report = {"dry_run": True, "out": str(out), "options": opts.to_dict(), "widths": widths,
+    totals = planned_totals(fam, shape_model, widths) if widths else None
+    report = {"dry_run": True, "out": str(out), "options": opts.to_dict(), "widths": widths, "totals": totals,
               "calibration": plan.to_dict() if plan is not None else None,
               "stats": {"path": str(stats.path), "bytes": stats.path.stat().st_size} if stats is not None else None}
     if C.write_json(json_out, report):
@@ -249,6 +250,11 @@ def _print_dry_run(plan: Any, loaded: Any, opts: Any, out: Path, json_out: str |
         table.add_row(str(w["block"]), f"{w['mlp_kept']}/{w['mlp_hidden']}", f"{w['qk_kept']}/{w['head_dim']}",
                       *((f"{w['heads_kept']}/{w['num_heads']}", f"{w['v_kept']}/{w['head_dim']}") if attn else ()))
     C.out.print(table)
+    assert totals is not None
+    kv = (f"; KV cache {totals['kv_bytes_per_token_dense']:,} -> {totals['kv_bytes_per_token']:,} bytes per token "
+          f"({totals['kv_ratio']:.3f} of dense)" if "kv_ratio" in totals else "")
+    C.out.print(f"FLOPs per item ({totals['tokens']} tokens) {totals['flops_dense'] / 1e9:.2f}G -> "
+                f"{totals['flops'] / 1e9:.2f}G ({totals['flops_ratio']:.3f} of dense){kv}")
 
 
 def _print_allocation(out: Path, report: dict[str, Any]) -> None:

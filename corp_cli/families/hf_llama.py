@@ -7,17 +7,23 @@ down_proj's input: CORP's MLP compensation is unchanged for a gated MLP (h_P is 
 h_S by the same ridge and the correction folds into down_proj); a unit's gate and up rows are
 removed together.
 
-Refused, in one line: Q/K pruning. Rotary embeddings rotate each pair of query/key dims at
-its own frequency, so a logit correction mixing kept dims cannot be held by a static weight
-(docs/method.md, section 3), and under grouped-query attention a key dim is shared by every
-query head of its group, so no per-head choice of dims exists either.
+Attention (docs/decoder-attention.md): value/output dims and whole key/value heads under
+grouped-query attention (a kv head's value dims are dims of every query head of its group, so
+the removed set of o is their union and o_proj's correction is fitted over all of o, without
+intercept: o_proj has no bias), query heads inside each group, and rotary Q/K frequency pairs
+(the same pairs in a kv head and its query heads; a complex scale per kept pair per query head
+folded into W_Q, fitted at every relative offset of the window). Pruned blocks run in
+decoder_attention.DecoderAttention. Q/K pairs are pruned when asked for (--target qk), not by
+default.
 
 Text is read as documents cut into windows of --seq-len tokens (text.LmTextPreprocessing)
 under the causal mask; only real tokens enter the statistics and the scores. `corp evaluate`
 scores perplexity and the next-token fidelity to the dense model (evaluation() == "lm").
 
 The pruned folder is a plain transformers folder when every layer keeps the same number of
-units: config.json with the narrower intermediate_size, model.safetensors (corp's metadata
+units and the same heads at the full head width in the stock grouping (kv heads and/or query
+heads per group removed alike everywhere): config.json with the narrower intermediate_size and
+head counts, model.safetensors (corp's metadata
 rides in its header; a tied lm_head is stored once, as transformers stores it),
 generation_config.json and the tokenizer files, so `AutoModelForCausalLM.from_pretrained(DIR)`
 and `AutoTokenizer.from_pretrained(DIR)` load it. Per-layer widths that differ are recorded
@@ -88,7 +94,8 @@ class HFLlamaFamily(HFFamily):
     base_class = "AutoModelForCausalLM"
     caches_keys_values = True
     examples = ("a local Llama / Qwen2 / Mistral folder", "hf-model:Qwen/Qwen2-0.5B")
-    summary = "Hugging Face decoder LMs (Llama, Qwen2, Mistral layouts); MLP pruning"
+    summary = ("Hugging Face decoder LMs (Llama, Qwen2, Mistral layouts); MLP, value dims, kv / query heads, "
+               "rotary Q/K pairs")
 
     # ---- specs and loading
 
