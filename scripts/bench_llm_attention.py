@@ -30,7 +30,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from corp_cli import api  # noqa: E402
+from corp_cli import allocation, api  # noqa: E402
 from corp_cli.errors import InputError  # noqa: E402
 from corp_cli.loading import load_dense  # noqa: E402
 from corp_cli.sources import open_data  # noqa: E402
@@ -47,6 +47,12 @@ def _row(label: str, flags: str, result: api.PruneResult, measure: EvalMeasure) 
             "flops": t["flops_after"] / t["flops_before"], "kv": t["kv_ratio"]}
 
 
+def _chosen(result: api.PruneResult) -> str:
+    """The widths the allocator chose, block by block: MLP units / kv heads / Q/K dims / value dims."""
+    shapes = [result.loaded.family.shape(result.model, i) for i in range(result.loaded.family.num_blocks(result.model))]
+    return ", ".join(f"{s.mlp_hidden}/{s.kv_heads}/{s.qk_dim}/{s.v_dim}" for s in shapes)
+
+
 def _split(folder: Path) -> tuple[Any, Any, Any]:
     """The model and its stories, halved: calibration (@calib) and held-out (@eval) documents."""
     model = load_dense(folder)
@@ -60,6 +66,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=DATA, help="the llama-stories260k folder (model + stories.txt)")
     ap.add_argument("--ratios", default="0.8,0.7,0.6", help="FLOP ratios for the allocator rows, comma list")
+    ap.add_argument("--targets", default="mlp,qk,vo;mlp,qk,vo,heads;mlp", help="allocator targets, ';' list")
+    ap.add_argument("--qk-weight", type=float, default=None,
+                    help="weight of a Q/K logit error against output errors (default allocation.QK_LOGIT_WEIGHT)")
+    ap.add_argument("--allocator-only", action="store_true", help="skip the per-part rows")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     torch.manual_seed(0)
@@ -75,13 +85,16 @@ def main() -> None:
     print(f"stories260k, held-out perplexity on {len(held_out)} stories ({tokens} predicted tokens); calibration: "
           f"{len(calib)} other stories, {stats.meta['tokens']} tokens; dense perplexity **{dense['perplexity']:.3f}**\n")
 
-    parts = [("Q/K pairs 50%", "--target qk --attn-sparsity 0.5", {"target": "qk", "attn_sparsity": 0.5}),
+    if args.qk_weight is not None:
+        allocation.QK_LOGIT_WEIGHT = args.qk_weight
+    parts = [] if args.allocator_only else [("Q/K pairs 50%", "--target qk --attn-sparsity 0.5", {"target": "qk", "attn_sparsity": 0.5}),
              ("value dims 50%", "--target vo --vo-sparsity 0.5", {"target": "vo", "vo_sparsity": 0.5}),
              ("kv heads 50%", "--target heads --head-sparsity 0.5", {"target": "heads", "head_sparsity": 0.5}),
              ("query heads 50% in each group", "--target heads --head-sparsity 0 --q-head-sparsity 0.5",
               {"target": "heads", "head_sparsity": 0.0, "q_head_sparsity": 0.5})]
-    print("| part | flags | KV cache | perplexity, CORP | perplexity, none | KL, CORP | KL, none | top-1, CORP | top-1, none |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    if parts:
+        print("| part | flags | KV cache | perplexity, CORP | perplexity, none | KL, CORP | KL, none | top-1, CORP | top-1, none |")
+        print("|---|---|---|---|---|---|---|---|---|")
     for label, flags, kw in parts:
         t = time.perf_counter()
         c = _row(label, flags, api.prune(loaded, stats, **kw), measure)
@@ -90,24 +103,29 @@ def main() -> None:
         print(f"| {label} | `{flags}` | {c['kv']:.2f}x | **{c['ppl']:.3f}** | {u['ppl']:.3f} | {c['kl']:.3f} | "
               f"{u['kl']:.3f} | {100 * c['top1']:.1f}% | {100 * u['top1']:.1f}% |")
 
-    print("\n| FLOP budget | target | flags | FLOPs kept | KV cache | perplexity | KL | top-1 |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"\n| FLOP budget | target | flags | FLOPs kept | KV cache | perplexity | KL | top-1 | chosen per block: MLP units "
+          f"/ kv heads / Q/K dims / value dims (Q/K weight {allocation.QK_LOGIT_WEIGHT:g}) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    names = {"mlp,qk,vo": "all", "mlp,qk,vo,heads": "all + heads", "mlp": "MLP only"}
     for r in (float(x) for x in args.ratios.split(",")):
-        for target, name in (("mlp,qk,vo", "all"), ("mlp,qk,vo,heads", "all + heads"), ("mlp", "MLP only")):
+        for target in args.targets.split(";"):
+            name = names.get(target, target)
             t = time.perf_counter()
             try:
                 pruned = api.prune(loaded, stats, target=target, flops_budget=r)
             except InputError as e:  # e.g. the MLP alone cannot remove that much
-                print(f"| {r:g} | {name} | `--target {target} --flops-budget {r:g}` | unreachable: {e} | | | | |")
+                print(f"| {r:g} | {name} | `--target {target} --flops-budget {r:g}` | unreachable: {e} | | | | | |")
                 continue
             row = _row(name, f"--target {target} --flops-budget {r:g}", pruned, measure)
             log.info("%g %s: %.3f (%.1fs)", r, name, row["ppl"], time.perf_counter() - t)
             print(f"| {r:g} | {name} | `{row['flags']}` | {row['flops']:.3f} | {row['kv']:.2f}x | **{row['ppl']:.3f}** | "
-                  f"{row['kl']:.3f} | {100 * row['top1']:.1f}% |")
-    row = _row("all + heads", "--target mlp,qk,vo,heads --flops-budget 0.8 --kv-budget 0.5",
-               api.prune(loaded, stats, target="mlp,qk,vo,heads", flops_budget=0.8, kv_budget=0.5), measure)
+                  f"{row['kl']:.3f} | {100 * row['top1']:.1f}% | {_chosen(pruned)} |")
+    if args.allocator_only:
+        return
+    both = api.prune(loaded, stats, target="mlp,qk,vo,heads", flops_budget=0.8, kv_budget=0.5)
+    row = _row("all + heads", "--target mlp,qk,vo,heads --flops-budget 0.8 --kv-budget 0.5", both, measure)
     print(f"| 0.8, KV 0.5 | all + heads | `{row['flags']}` | {row['flops']:.3f} | {row['kv']:.2f}x | **{row['ppl']:.3f}** "
-          f"| {row['kl']:.3f} | {100 * row['top1']:.1f}% |")
+          f"| {row['kl']:.3f} | {100 * row['top1']:.1f}% | {_chosen(both)} |")
 
 
 if __name__ == "__main__":

@@ -382,3 +382,13 @@ def test_cli_prunes_decoder_attention_under_a_kv_budget_and_benchmarks_kv_bytes(
     res = runner.invoke(app, ["prune", "deit_tiny_patch16_224", "--calib-data", "synthetic", "--samples", "2",
                               "--kv-budget", "0.5", "--out", str(tmp_path / "x")])
     assert res.exit_code == 2 and "--kv-budget" in res.stderr, res.output
+
+
+def test_the_plan_counts_the_key_statistics_per_kv_head(tmp_path: Path) -> None:
+    from corp_cli.plan import block_stats_bytes
+
+    dense = _dense(tmp_path)
+    stats = api.calibrate(dense, _calib(), precision="float64", parts=("mlp", "attn"))
+    s = dense.family.shape(dense.model, 0)
+    real = sum(t.numel() * t.element_size() for part in stats.blocks[0].values() for t in part.values())
+    assert block_stats_bytes(s.mlp_hidden, s.num_heads, s.head_dim, ("mlp", "attn"), kv_heads=s.kv_heads) == real
