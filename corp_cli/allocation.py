@@ -317,7 +317,8 @@ def allocate(fam: ModelFamily, model: nn.Module, stats: Statistics, opts: PruneO
     if kv is not None and opts.kv_budget is not None and kv > opts.kv_budget * dense_kv * (1 + 1e-12):
         raise NumericalError(f"the allocation keeps {kv / dense_kv:.4f} of the dense KV cache, above --kv-budget "
                              f"{opts.kv_budget:g}")
-    if opts.flops_budget is not None and flops < (1.0 - BUDGET_TOLERANCE) * budget:
+    kv_binds = kv is not None and opts.kv_budget is not None and kv >= (1.0 - BUDGET_TOLERANCE) * opts.kv_budget * dense_kv
+    if opts.flops_budget is not None and not kv_binds and flops < (1.0 - BUDGET_TOLERANCE) * budget:
         log.warning("the chosen widths keep %.4f of the dense FLOPs, more than %.0f%% below the budget %g (the "
                     "allowed widths are too coarse to come closer)", flops / dense, 100 * BUDGET_TOLERANCE,
                     opts.flops_budget)
