@@ -392,3 +392,17 @@ def test_the_plan_counts_the_key_statistics_per_kv_head(tmp_path: Path) -> None:
     s = dense.family.shape(dense.model, 0)
     real = sum(t.numel() * t.element_size() for part in stats.blocks[0].values() for t in part.values())
     assert block_stats_bytes(s.mlp_hidden, s.num_heads, s.head_dim, ("mlp", "attn"), kv_heads=s.kv_heads) == real
+
+
+@pytest.mark.parametrize("layout", ["qwen2", "mistral"])
+def test_every_layout_prunes_all_its_attention_parts_to_the_masked_model(layout: str, tmp_path: Path) -> None:
+    """Qwen2: q/k/v biases (the complex scales fold into q's bias too); Mistral: a sliding window (8) shorter than
+    the 12-token checks, and one query head per kv head."""
+    dense = _dense(tmp_path, layout)
+    stats = api.calibrate(dense, _calib(), precision="float64", parts=("mlp", "attn", "vo"))
+    result = api.prune(dense, stats, target="mlp,qk,vo,heads", sparsity=0.5)
+    shape = dense.family.shape(result.model, 0)
+    assert (shape.qk_dim, shape.v_dim, shape.num_heads) == (4, 4, 2)
+    if layout == "qwen2":
+        assert dense.family.attn_module(result.model, 0).q_proj.bias is not None
+    _assert_masked(dense, result)
