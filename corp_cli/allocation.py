@@ -31,7 +31,7 @@ from corp_cli.errors import InputError, NumericalError
 from corp_cli.family import BlockShape, ModelFamily
 from corp_cli.flops import kv_cache_bytes, model_counts, shape_flops
 from corp_cli.pruning import (
-    PART_SPARSITY, PruneOptions, Widths, _rotary_window, check_block, group_size, group_sum, head_order, keep_counts,
+    PART_SPARSITY, PruneOptions, Widths, _best_in_groups, _rotary_window, check_block, group_size, group_sum, head_order, keep_counts,
     kv_count, mlp_scores, qk_scores, query_heads_of, rotary_offsets, rotary_scores, stats_parts_for, vo_dim_scores,
 )
 from corp_cli.stats import Statistics, require_parts
@@ -192,8 +192,12 @@ def _block_groups(
         g = group_size(shape)  # query heads per kv head (1 without grouped-query attention)
         nkv = kv_count(shape)
         head_counts = allowed_widths("heads", shape, o) if "heads" in parts else [nkv]
-        info["head_counts"] = head_counts
+        # under GQA the "heads" part also chooses how many query heads each kept group keeps (the same in all)
+        q_counts = list(range(1, g + 1)) if "heads" in parts else [g]
+        combos = [(hk, qg) for hk in head_counts for qg in q_counts]
+        info["head_counts"] = combos
         order_h = torch.arange(nkv)
+        order_q = torch.arange(nh)
         vo_errs: dict[int, Tensor] = {}
         vo_scale = 1.0
         if "vo" in parts or "heads" in parts:
@@ -206,15 +210,17 @@ def _block_groups(
                 vo_scale = 1.0 / max(engine.weighted_trace(wv, m.second), 1e-30)
             if "heads" in parts:
                 order_h = head_order(fam, model, i, st, o)
+                if g > 1:
+                    order_q = head_order(fam, model, i, st, o, per_query=True)
             # a kv head's value dims are ranked for its whole group, and every query head of it keeps them
             kv_rank = torch.stack([engine.ranking_order(s) for s in group_sum(vo_dim_scores(fam, model, i, st, o), shape)])
             dim_rank = kv_rank.repeat_interleave(g, 0)
-            for hk in head_counts:
-                kept = query_heads_of(torch.sort(order_h[:hk]).values, shape)
+            for combo in combos:
+                kept = _kept_query_heads(order_h, order_q, combo, shape)
                 vorder = engine.vo_order(dim_rank, kept, nh).to(wv.device)
                 full = engine.prefix_errors(wv, m, vorder, lam, compensated=comp).cpu()
-                vo_errs[hk] = full[torch.arange(d + 1) * len(kept)]  # index dv: each kept head keeps dv dims
-        info["head_order"] = order_h
+                vo_errs[combo] = full[torch.arange(d + 1) * len(kept)]  # index dv: each kept head keeps dv dims
+        info["head_order"] = (order_h, order_q)
         info["vo_errs"] = vo_errs
         qk_widths, qk_grid = qk if qk is not None else ([shape.head_dim], None)
         qk_scale = qk_weight
@@ -230,12 +236,13 @@ def _block_groups(
         info["v_widths"] = v_widths
         kv_bytes = info["kv_bytes"] = kv_value_bytes(model)
         alts = []
-        for hk in head_counts:
-            kept = query_heads_of(torch.sort(order_h[:hk]).values, shape)
+        for combo in combos:
+            hk = combo[0]
+            kept = _kept_query_heads(order_h, order_q, combo, shape)
             at = replace(shape, num_heads=len(kept), kv_heads=hk if shape.kv_heads is not None else None)
             whole = _flops(fam, model, i, at, tokens)
             menus = []
-            err0 = vo_scale * float(vo_errs[hk][d]) if ("heads" in parts and "vo" not in parts) else 0.0
+            err0 = vo_scale * float(vo_errs[combo][d]) if ("heads" in parts and "vo" not in parts) else 0.0
             # KV-cache bytes per token: hk kv heads x (key width + value width); each width's share rides on its menu
             kv0 = hk * kv_bytes * ((d if qk_grid is None else 0) + (d if "vo" not in parts else 0))
             if qk_grid is not None:
@@ -244,7 +251,7 @@ def _block_groups(
                                          torch.tensor(qk_widths, dtype=torch.float64) * hk * kv_bytes))
             if "vo" in parts:
                 f = _width_flops(lambda k: _flops(fam, model, i, replace(at, v_dim=k), tokens) - whole, v_widths)
-                menus.append(engine.Menu(vo_scale * vo_errs[hk][v_widths], f,
+                menus.append(engine.Menu(vo_scale * vo_errs[combo][v_widths], f,
                                          torch.tensor(v_widths, dtype=torch.float64) * hk * kv_bytes))
             alts.append(engine.Alternative(err0, whole - base, menus, kv0))
         groups.append(alts)
@@ -342,8 +349,9 @@ def _decode(
             if k < shape.mlp_hidden:
                 w["mlp"] = k
             continue
-        hk = info["head_counts"][a]
-        kept = query_heads_of(torch.sort(info["head_order"][:hk]).values, shape)
+        combo = info["head_counts"][a]
+        hk, qg = combo
+        kept = _kept_query_heads(*info["head_order"], combo, shape)
         menu = iter(ks)
         if "qk" in parts:
             qw, grid = info["qk"]
@@ -354,7 +362,7 @@ def _decode(
             if qw[j] < shape.head_dim:
                 w["qk"] = qw[j]
         dv = info["v_widths"][next(menu)] if "vo" in parts else shape.head_dim
-        err = float(info["vo_errs"][hk][dv]) if info["vo_errs"] else 0.0
+        err = float(info["vo_errs"][combo][dv]) if info["vo_errs"] else 0.0
         if "vo" in parts:
             # the attention output's error: removed value dims and removed heads together
             rec["vo"] = {"kept": dv, "width": shape.head_dim, "predicted_error": err}
@@ -362,15 +370,25 @@ def _decode(
                 w["vo"] = dv
         if "heads" in parts:
             rec["heads"] = {"kept": hk, "width": kv_count(shape), "kept_heads": [int(h) for h in kept],
+                            **({"query_heads_per_group": qg} if group_size(shape) > 1 else {}),
                             **({"predicted_error": err} if "vo" not in parts else {})}
             if hk < kv_count(shape):  # kv heads under grouped-query attention, with their query heads
                 w["heads"] = hk
+            if qg < group_size(shape):
+                w["q_heads"] = qg
     return widths, blocks
+
+
+def _kept_query_heads(order_kv: Tensor, order_q: Tensor, combo: tuple[int, int], shape: BlockShape) -> Tensor:
+    """The query heads kept with `combo` = (kv heads kept, query heads per kept group): as plan_masks keeps them."""
+    hk, qg = combo
+    heads = query_heads_of(torch.sort(order_kv[:hk]).values, shape)
+    return heads if qg == group_size(shape) else _best_in_groups(order_q, heads, shape, qg)
 
 
 def _pruned_shape(shape: BlockShape, w: Widths) -> BlockShape:
     kv = w.get("heads", kv_count(shape))  # under grouped-query attention a kept head is a kv head with its group
-    return replace(shape, mlp_hidden=w.get("mlp", shape.mlp_hidden), num_heads=kv * group_size(shape),
+    return replace(shape, mlp_hidden=w.get("mlp", shape.mlp_hidden), num_heads=kv * w.get("q_heads", group_size(shape)),
                    kv_heads=kv if shape.kv_heads is not None else None,
                    qk_dim=w.get("qk", shape.qk_dim), v_dim=w.get("vo", shape.v_dim))
 

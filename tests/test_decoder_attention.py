@@ -326,6 +326,12 @@ def test_the_allocator_spans_every_part_and_holds_the_flops_and_kv_budgets(tmp_p
     assert report["totals"]["kv_ratio"] == pytest.approx(alloc["kv_ratio"])
     assert report["totals"]["flops_after"] == alloc["flops"]
     _assert_masked(dense, result)
+    # the "heads" menu holds every (kv heads, query heads per group) pair: the widths decode to what plan_masks keeps
+    for b, bm, rec in zip(result.masks, result.masks, alloc["blocks"]):
+        heads = bm.heads if bm.heads is not None else torch.arange(4)
+        assert rec["heads"]["kept_heads"] == heads.tolist()
+        groups = torch.bincount(heads // 2, minlength=2)
+        assert set(groups.tolist()) <= {0, rec["heads"]["query_heads_per_group"]}
     kv_only = api.prune(dense, stats, target="mlp,qk,vo,heads", kv_budget=0.5)
     assert kv_only.allocation["kv_ratio"] <= 0.5 and kv_only.allocation["flops_budget"] is None
     with pytest.raises(InputError, match="--kv-budget"):
