@@ -31,8 +31,8 @@ from corp_cli.errors import InputError, NumericalError
 from corp_cli.family import BlockShape, ModelFamily
 from corp_cli.flops import kv_cache_bytes, model_counts, shape_flops
 from corp_cli.pruning import (
-    PART_SPARSITY, PruneOptions, Widths, _best_in_groups, _rotary_window, check_block, group_size, group_sum, head_order, keep_counts,
-    kv_count, mlp_scores, qk_scores, query_heads_of, rotary_offsets, rotary_scores, stats_parts_for, vo_dim_scores,
+    PART_SPARSITY, PruneOptions, Widths, _best_in_groups, check_block, group_size, group_sum, head_order, keep_counts,
+    kv_count, mlp_scores, qk_scores, query_heads_of, rotary_layout, rotary_scores, stats_parts_for, vo_dim_scores,
 )
 from corp_cli.stats import Statistics, require_parts
 
@@ -79,11 +79,12 @@ class Allocation:
 QK_WIDTHS = 16
 
 
-def allowed_widths(part: str, shape: BlockShape, o: PruneOptions) -> list[int]:
+def allowed_widths(part: str, shape: BlockShape, o: PruneOptions, *, pairs: bool = False) -> list[int]:
     """The kept counts the allocator chooses among for one part (ascending, full width last).
 
     --round-to / --min-keep bound the MLP's, --min-qk-dim the Q/K dims' (of which a grid of
-    about QK_WIDTHS is considered); value dims and heads may go down to one.
+    about QK_WIDTHS is considered; under rotary embeddings (pairs) only even counts, whole pairs);
+    value dims and heads may go down to one.
     """
     if part == "mlp":
         width = shape.mlp_hidden
@@ -94,6 +95,8 @@ def allowed_widths(part: str, shape: BlockShape, o: PruneOptions) -> list[int]:
         d = shape.head_dim
         low = min(o.min_qk_dim, d)
         step = max(1, d // QK_WIDTHS)
+        if pairs:
+            low, step = max(2, low + low % 2), step + step % 2
         return sorted({low} | set(range(d, low - 1, -step)))
     if part == "vo":
         return list(range(1, shape.head_dim + 1))
@@ -127,11 +130,23 @@ def _qk_grids(fam: ModelFamily, model: nn.Module, stats: Statistics, o: PruneOpt
     out: dict[int, tuple[list[int], Tensor]] = {}
     for i in range(fam.num_blocks(model)):
         s = fam.shape(model, i)
-        if fam.rotary_pairs(model, i) is not None:
-            out[i] = _rotary_grid(fam, model, i, stats, o)
-            continue
         by_layout.setdefault((s.num_heads, s.head_dim), []).append(i)
+    for i in [i for blocks in by_layout.values() for i in blocks]:
+        lay = rotary_layout(fam, model, i)
+        if lay is None:
+            continue
+        # rotary pairs: one block at a time (its own offsets), kept pairs = width / 2
+        widths = allowed_widths("qk", fam.shape(model, i), o, pairs=True)
+        st = stats.blocks[i]["attn"]
+        n = int(st["count"].sum())
+        grid = engine.rotary_qk_error_grid(st["q_gram"].cpu() / n, st["k_gram"].cpu() / n, rotary_scores(fam, model, i, st, o, lay),
+                                           lay.pairs, lay.group, [w // 2 for w in widths], lam=o.lam,
+                                           compensate=o.compensation, **lay.fit_kwargs())
+        out[i] = (widths, grid * fam.softmax_scale(model, i) ** 2)
     for (nh, _d), blocks in by_layout.items():
+        blocks = [i for i in blocks if i not in out]
+        if not blocks:
+            continue
         widths = allowed_widths("qk", fam.shape(model, blocks[0]), o)
         q2, k2, scores = [], [], []
         for i in blocks:
@@ -145,22 +160,6 @@ def _qk_grids(fam: ModelFamily, model: nn.Module, stats: Statistics, o: PruneOpt
         for j, i in enumerate(blocks):
             out[i] = (widths, grid[:, j * nh:(j + 1) * nh] * fam.softmax_scale(model, i) ** 2)
     return out
-
-
-def _rotary_grid(fam: ModelFamily, model: nn.Module, i: int, stats: Statistics, o: PruneOptions) -> tuple[list[int], Tensor]:
-    """Block i's per-query-head logit error at every even Q/K width (whole pairs), fitted at every relative offset."""
-    shape = fam.shape(model, i)
-    st = stats.blocks[i]["attn"]
-    n = int(st["count"].sum())
-    pairs = fam.rotary_pairs(model, i)
-    assert pairs is not None
-    widths = sorted({max(2, w - w % 2) for w in allowed_widths("qk", shape, o)})
-    group = torch.div(torch.arange(shape.num_heads), group_size(shape), rounding_mode="floor")
-    angles, weights = rotary_offsets(fam, model, i, _rotary_window(fam, model, stats))
-    grid = engine.rotary_qk_error_grid(st["q_gram"] / n, st["k_gram"] / n, rotary_scores(fam, model, i, st), pairs, group,
-                                       [w // 2 for w in widths], lam=o.lam, scale=fam.softmax_scale(model, i),
-                                       compensate=o.compensation, rel_angles=angles, rel_weights=weights)
-    return widths, grid
 
 
 def _block_groups(
@@ -407,7 +406,8 @@ def uniform_sparsity(fam: ModelFamily, model: nn.Module, opts: PruneOptions, bud
         total = outer
         for i in range(fam.num_blocks(model)):
             shape = fam.shape(model, i)
-            total += int(shape_flops(fam, model, i, _pruned_shape(shape, keep_counts(o.for_block(i), shape)), tokens)["total"])
+            kept = keep_counts(o.for_block(i), shape, pairs=fam.rotary_pairs(model, i) is not None)
+            total += int(shape_flops(fam, model, i, _pruned_shape(shape, kept), tokens)["total"])
         return total / dense
 
     lo, hi = 0.0, 0.999

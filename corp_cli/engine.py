@@ -771,16 +771,24 @@ def _gather_cols(g: Tensor, cols: Tensor) -> Tensor:
     return torch.gather(g, 2, cols[:, None, :].expand(-1, g.shape[1], -1))
 
 
-def rotary_pair_scores(q_second: Tensor, k_second: Tensor, pairs: Tensor, group: Tensor) -> Tensor:
+def rotary_pair_scores(q_second: Tensor, k_second: Tensor, pairs: Tensor, group: Tensor, *,
+                       rel_angles: Tensor | None = None, rel_weights: Tensor | None = None) -> Tensor:
     """Energy of each pair's logit term, E[(q_p . k_p)^2] = tr(G_Q[p,p] G_K[p,p]), summed over a group: (Hkv, P).
 
     q_second (Hq, d, d) and k_second (Hkv, d, d) are the second moments of q and k as they enter
     the logits; group (Hq,) maps each query head to its kv head; pairs (P, 2) are the two dims of
     each frequency pair. A pair is kept or removed for the whole group, so the group's query
-    heads' energies add (independent query/key pairs, as in the logit solve).
+    heads' energies add (independent query/key pairs, as in the logit solve). With rel_angles
+    (moments before the rotation, as in rotary_qk_compensation) the energy is averaged over the
+    offsets: G_K is replaced by its rel_weights-weighted mean rotation.
     """
     gq = q_second.to(ACC_DTYPE)
     gk = k_second.to(ACC_DTYPE)[group]
+    if rel_angles is not None:
+        ang = rel_angles.to(device=gq.device, dtype=ACC_DTYPE)
+        w = torch.ones(ang.shape[0], dtype=ACC_DTYPE, device=gq.device) if rel_weights is None else \
+            rel_weights.to(device=gq.device, dtype=ACC_DTYPE)
+        gk = _offset_mean(gk, pairs.to(gq.device), ang, w / w.sum())
     dims = pairs.to(gq.device)[None].expand(gq.shape[0], -1, -1)
     bq = torch.diagonal(_pair_blocks(gq, dims), dim1=1, dim2=3)  # (Hq, 2, 2, P)
     bk = torch.diagonal(_pair_blocks(gk, dims), dim1=1, dim2=3)
@@ -797,18 +805,6 @@ class RotaryQKSolution:
     err_uncompensated: Tensor  # (Hq,)
     err_per_offset: Tensor | None = None  # (L, Hq) at each relative offset (positional fit only)
     err_per_offset_uncompensated: Tensor | None = None  # (L, Hq)
-
-
-def _rotate_pair_dims(g: Tensor, pairs: Tensor, cos: Tensor, sin: Tensor, dim: int) -> Tensor:
-    """Rotate g (L, H, d, d) along `dim` (-2: rows, -1: columns), pair p by the angle with cos/sin (L, P)."""
-    g = g.movedim(dim, -1)
-    i, j = pairs[:, 0], pairs[:, 1]
-    c = cos[:, None, None, :]
-    s_ = sin[:, None, None, :]
-    out = g.clone()
-    out[..., i] = c * g[..., i] - s_ * g[..., j]
-    out[..., j] = s_ * g[..., i] + c * g[..., j]
-    return out.movedim(-1, dim)
 
 
 def _rotary_system(gq: Tensor, gk: Tensor, dims: Tensor, dense: tuple[Tensor, Tensor, Tensor, Tensor] | None,
@@ -846,6 +842,93 @@ def _rotary_system(gq: Tensor, gk: Tensor, dims: Tensor, dense: tuple[Tensor, Te
     return f, g, base
 
 
+# Offsets rotated per chunk: about this many float64 numbers in one (chunk, Hq, d, d) block.
+_ROTARY_CHUNK_NUMBERS = 1 << 22
+
+
+def _pair_order(x: Tensor, pairs: Tensor) -> Tensor:
+    """x (H, d, d) as the 2x2 blocks between pairs, (H, P, P, 2, 2): block [p, q] is x[pairs[p]][:, pairs[q]]."""
+    return x[:, pairs[:, None, :, None], pairs[None, :, None, :]]
+
+
+def _block_parts(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A 2x2 block [[x00, x01], [x10, x11]] as x00 + x11, x10 - x01 (the rotation-like part) and x00 - x11, x01 + x10."""
+    x00, x01, x10, x11 = x[..., 0, 0], x[..., 0, 1], x[..., 1, 0], x[..., 1, 1]
+    return x00 + x11, x10 - x01, x00 - x11, x01 + x10
+
+
+def _offset_bases(angles: Tensor):  # noqa: ANN202 - a generator of (slice, (l, 4, P, P))
+    """cos and sin of phi_p - phi_q and of phi_p + phi_q per offset, chunked: what R_l b R_l^T is linear in.
+
+    With R(phi) a 2x2 rotation, a block b = b_c + b_a splits into a part that commutes with
+    rotations (a complex scale) and a scaled reflection, and R(phi) b R(psi)^T = b_c R(phi - psi)
+    + b_a R(-(phi + psi)): every rotated moment, and every inner product with one, is linear in
+    these four (P, P) tables, so no rotated (d x d) matrix is ever formed.
+    """
+    nl, npairs = angles.shape
+    step = max(1, _ROTARY_CHUNK_NUMBERS // max(1, 4 * npairs * npairs))
+    for lo in range(0, nl, step):
+        a = angles[lo:lo + step]
+        c, s_ = a.cos(), a.sin()
+        cc, ss = c[:, :, None] * c[:, None, :], s_[:, :, None] * s_[:, None, :]
+        sc, cs = s_[:, :, None] * c[:, None, :], c[:, :, None] * s_[:, None, :]
+        yield slice(lo, lo + a.shape[0]), torch.stack([cc + ss, sc - cs, cc - ss, sc + cs], 1)
+
+
+def _offset_mean(b: Tensor, pairs: Tensor, angles: Tensor, weights: Tensor) -> Tensor:
+    """sum_l w_l R_l b R_l^T: the moment the offset-averaged fit uses (every quantity of the fit is linear in it)."""
+    mean = torch.zeros(4, pairs.shape[0], pairs.shape[0], dtype=ACC_DTYPE, device=b.device)
+    for sl, basis in _offset_bases(angles):
+        mean += torch.einsum("l,lkpq->kpq", weights[sl], basis)
+    cd, sd, cs_, ss_ = mean  # mean cos/sin of the difference and of the sum
+    al, be, ga, de = (0.5 * t for t in _block_parts(_pair_order(b, pairs)))
+    # b_c R(D) + b_a R(-S), with b_c = [[al, -be], [be, al]], b_a = [[ga, de], [de, -ga]], entry by entry
+    blocks = torch.stack([
+        torch.stack([al * cd - be * sd + ga * cs_ - de * ss_, -al * sd - be * cd + ga * ss_ + de * cs_], -1),
+        torch.stack([be * cd + al * sd + de * cs_ + ga * ss_, al * cd - be * sd + de * ss_ - ga * cs_], -1),
+    ], -2)  # (H, P, P, 2, 2)
+    out = torch.empty_like(b)
+    out[:, pairs[:, None, :, None], pairs[None, :, None, :]] = blocks
+    return out
+
+
+def _offset_inner(b: Tensor, pairs: Tensor, angles: Tensor, a: list[Tensor]) -> list[Tensor]:
+    """<a_k, R_l b R_l^T> for every offset l and every a_k (H, d, d): (L, H) each, one matrix product per chunk."""
+    al, be, ga, de = (0.5 * t for t in _block_parts(_pair_order(b, pairs)))
+    coefs = []
+    for ak in a:
+        aa, ab, ag, ad = _block_parts(_pair_order(ak, pairs))
+        # <A, b_c R(D) + b_a R(-S)> block by block: the coefficients of cos D, sin D, cos S, sin S
+        coefs.append(torch.stack([al * aa + be * ab, al * ab - be * aa, ga * ag + de * ad, ga * ad - de * ag], 1))
+    out = [torch.zeros(angles.shape[0], b.shape[0], dtype=ACC_DTYPE, device=b.device) for _ in a]
+    for sl, basis in _offset_bases(angles):
+        flat = basis.reshape(basis.shape[0], -1)
+        for o, c in zip(out, coefs):
+            o[sl] = flat @ c.reshape(c.shape[0], -1).T
+    return out
+
+
+def _rotary_m(theta: Tensor, dims: Tensor, d: int) -> Tensor:
+    """The (Hq, d, d) logit correction M = sum_f theta_f E_f of coefficients theta (Hq, s, 2) on the kept pairs dims (Hq, s, 2)."""
+    hq = theta.shape[0]
+    m = torch.zeros(hq, d, d, dtype=ACC_DTYPE, device=theta.device)
+    h = torch.arange(hq, device=theta.device)[:, None].expand_as(dims[..., 0])
+    i, j = dims[..., 0], dims[..., 1]
+    a, b = theta[..., 0], theta[..., 1]
+    m[h, i, i] = a
+    m[h, j, j] = a
+    m[h, i, j] = b
+    m[h, j, i] = -b
+    return m
+
+
+def _dims_projector(flat: Tensor, d: int) -> Tensor:
+    """(Hq, d, d) diagonal 0/1 matrices selecting the dims in flat (Hq, r)."""
+    p = torch.zeros(flat.shape[0], d, dtype=ACC_DTYPE, device=flat.device)
+    p.scatter_(1, flat, 1.0)
+    return torch.diag_embed(p)
+
+
 def rotary_qk_compensation(
     q_second: Tensor, k_second: Tensor, pairs: Tensor, keep: Tensor, group: Tensor, *,
     q_cross: Tensor | None = None, k_cross: Tensor | None = None,
@@ -868,19 +951,22 @@ def rotary_qk_compensation(
 
     Positional (rel_angles (L, P) given): the moments are of q, k BEFORE the rotation, and the
     logit at relative offset l is q^T R_l k, R_l rotating pair p by rel_angles[l, p] (key position
-    minus query position, times the pair's frequency; 2-D ropes give each pair its axis' offset).
-    Since R_l commutes with the correction, offset l's system is the pooled one with G_K, Y, E[k_d k_d^T]
-    rotated by R_l; the fit minimises the rel_weights-weighted mean over the L offsets, and then
-    (every_offset) the solution is shortened, per query head, to the largest step t <= 1 along it
-    that lowers the predicted error at EVERY offset (t = min_l alpha_l / beta_l, with alpha_l the
-    error's first-order drop and beta_l its curvature at offset l along the solution; a head with
-    an offset that no step helps gets t = 0). err_per_offset then holds (L, Hq) errors.
+    minus query position, times the pair's frequency; a token without rotation counts as position 0).
+    R_l commutes with the correction, so offset l's system is the pooled one with G_K, Y and
+    E[k_d k_d^T] replaced by R_l G_K R_l^T etc.; every term is linear in those, so the
+    rel_weights-weighted mean over the offsets is the pooled system on their weighted means.
+    Then (every_offset) the solution is shortened, per query head, to the largest step t <= 1 along
+    it that lowers the predicted error at EVERY offset: along it the error at offset l is
+    e_l - 2 t alpha_l + t^2 beta_l, so t = min_l alpha_l / beta_l (0 when an offset has alpha_l <= 0).
+    err_per_offset then holds the (L, Hq) errors.
 
     Ridge lam (None: lam_rel * the mean eigenvalue of F), raised where ill-conditioned.
-    Cost per query head: O(s^2) to form F from the 2x2 blocks (times L offsets), O(s^3) to solve.
+    Cost per query head: O(s^2) to form F from the 2x2 blocks, O(s^3) to solve; the positional fit
+    adds O(L d^2) for the offset means and the per-offset errors.
     """
     gq = q_second.to(ACC_DTYPE)
     dev = gq.device
+    d = gq.shape[1]
     group = group.to(dev)
     pairs = pairs.to(dev)
     gk = k_second.to(ACC_DTYPE)[group]
@@ -894,40 +980,24 @@ def rotary_qk_compensation(
         assert q_cross is not None and k_cross is not None and qd_second is not None and kd_second is not None
         dense = (q_cross.to(ACC_DTYPE), k_cross.to(ACC_DTYPE)[group].transpose(1, 2),
                  qd_second.to(ACC_DTYPE), kd_second.to(ACC_DTYPE)[group])
+    ang = weights = None
     if rel_angles is None:
         f, g, base = _rotary_system(gq, gk, dims, dense)
-        f_l = g_l = base_l = None
-        weights = None
     else:
         ang = rel_angles.to(device=dev, dtype=ACC_DTYPE)
-        nl = ang.shape[0]
-        cos, sin = ang.cos(), ang.sin()
-        weights = (torch.ones(nl, dtype=ACC_DTYPE, device=dev) if rel_weights is None
+        weights = (torch.ones(ang.shape[0], dtype=ACC_DTYPE, device=dev) if rel_weights is None
                    else rel_weights.to(device=dev, dtype=ACC_DTYPE))
         weights = weights / weights.sum()
-
-        def rot(m: Tensor) -> Tensor:  # R_l m R_l^T for every offset: (L, Hq, d, d)
-            m = m[None].expand(nl, -1, -1, -1)
-            return _rotate_pair_dims(_rotate_pair_dims(m, pairs, cos, sin, -2), pairs, cos, sin, -1)
-
-        def rep(m: Tensor) -> Tensor:
-            return m[None].expand(nl, *m.shape).reshape(nl * hq, *m.shape[1:])
-
-        gk_l = rot(gk).reshape(nl * hq, *gk.shape[1:])
-        dense_l = None
+        mean_dense = None
         if dense is not None:
             x, y, qd, kd = dense
-            dense_l = (rep(x), rot(y).reshape(nl * hq, *y.shape[1:]), rep(qd), rot(kd).reshape(nl * hq, *kd.shape[1:]))
-        f_l, g_l, base_l = _rotary_system(rep(gq), gk_l, rep(dims), dense_l)
-        f_l = f_l.reshape(nl, hq, 2 * s, 2 * s)
-        g_l = g_l.reshape(nl, hq, 2 * s)
-        base_l = base_l.reshape(nl, hq)
-        f = torch.einsum("l,lhij->hij", weights, f_l)
-        g = torch.einsum("l,lhi->hi", weights, g_l)
-        base = weights @ base_l
+            mean_dense = (x, _offset_mean(y, pairs, ang, weights), qd, _offset_mean(kd, pairs, ang, weights))
+        f, g, base = _rotary_system(gq, _offset_mean(gk, pairs, ang, weights), dims, mean_dense)
     zero = torch.zeros(hq, s, 2, dtype=ACC_DTYPE, device=dev)
+    keep_p = _dims_projector(dims.reshape(hq, 2 * s), d)
+    prune_p = torch.eye(d, dtype=ACC_DTYPE, device=dev) - keep_p
     if not compensate or s == 0:
-        per = None if base_l is None else base_l * scale**2
+        per = None if ang is None else _offset_errors(gq, gk, dense, pairs, ang, keep_p, prune_p, None)[0] * scale**2
         return RotaryQKSolution(coef=zero, lam=torch.zeros(hq, dtype=ACC_DTYPE, device=dev),
                                 err_compensated=base * scale**2, err_uncompensated=base * scale**2,
                                 err_per_offset=per, err_per_offset_uncompensated=per)
@@ -937,21 +1007,49 @@ def rotary_qk_compensation(
     lam_t = torch.where(lam_t > 0, lam_t, torch.full_like(lam_t, 1e-30))
     lam_t = _rotary_well_posed_lambda(e, lam_t)
     theta = (v @ ((v.transpose(1, 2) @ g[:, :, None]) / (e + lam_t[:, None])[:, :, None]))[:, :, 0]
-    per = per_none = None
-    if f_l is not None:
-        assert g_l is not None and base_l is not None and weights is not None
-        alpha = torch.einsum("hi,lhi->lh", theta, g_l)
-        beta = torch.einsum("hi,lhij,hj->lh", theta, f_l, theta)
-        step = torch.where(alpha > 0, alpha / beta.clamp_min(1e-300), torch.zeros_like(alpha))
-        t = step.amin(0).clamp(0.0, 1.0) if every_offset else torch.ones_like(alpha[0])
-        theta = theta * t[:, None]
-        per = (base_l - 2.0 * (t * alpha) + (t * t) * beta).clamp_min(0) * scale**2
-        per_none = base_l * scale**2
-        err = weights @ per
-    else:
-        err = (base - 2.0 * (theta * g).sum(-1) + torch.einsum("hi,hij,hj->h", theta, f, theta)).clamp_min(0) * scale**2
-    return RotaryQKSolution(coef=theta.reshape(hq, s, 2), lam=lam_t, err_compensated=err,
-                            err_uncompensated=base * scale**2, err_per_offset=per, err_per_offset_uncompensated=per_none)
+    if ang is None:
+        err = (base - 2.0 * (theta * g).sum(-1) + torch.einsum("hi,hij,hj->h", theta, f, theta)).clamp_min(0)
+        return RotaryQKSolution(coef=theta.reshape(hq, s, 2), lam=lam_t, err_compensated=err * scale**2,
+                                err_uncompensated=base * scale**2)
+    assert weights is not None
+    m = _rotary_m(theta.reshape(hq, s, 2), dims, d)
+    base_l, alpha, beta = _offset_errors(gq, gk, dense, pairs, ang, keep_p, prune_p, m)
+    step = torch.where(alpha > 0, alpha / beta.clamp_min(1e-300), torch.zeros_like(alpha))
+    t = step.amin(0).clamp(0.0, 1.0) if every_offset else torch.ones_like(alpha[0])
+    per = (base_l - 2.0 * t * alpha + t * t * beta).clamp_min(0)
+    return RotaryQKSolution(coef=(theta * t[:, None]).reshape(hq, s, 2), lam=lam_t,
+                            err_compensated=(weights @ per) * scale**2, err_uncompensated=(weights @ base_l) * scale**2,
+                            err_per_offset=per * scale**2, err_per_offset_uncompensated=base_l * scale**2)
+
+
+def _offset_errors(gq: Tensor, gk: Tensor, dense: tuple[Tensor, Tensor, Tensor, Tensor] | None, pairs: Tensor,
+                   ang: Tensor, keep_p: Tensor, prune_p: Tensor, m: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """At every offset l, (L, Hq) each: the uncompensated error e_l and, for the correction m, alpha_l and beta_l.
+
+    The error with m is e_l - 2 alpha_l + beta_l: beta_l = E[(q^T M R_l k)^2] = <K_l, M^T G_Q M>,
+    alpha_l = <M, X Y_l - G_Q Pi_S K_l> = <X^T M, Y_l> - <Pi_S G_Q M, K_l> (self: <Pi_P G_Q M, K_l>), with
+    K_l = R_l G_K R_l^T, Y_l = R_l Y R_l^T: inner products with rotated moments, never a per-offset solve.
+    """
+    zero = torch.zeros(ang.shape[0], gq.shape[0], dtype=ACC_DTYPE, device=gq.device)
+    if dense is None:
+        k_terms = [prune_p @ gq @ prune_p]
+        if m is not None:
+            k_terms += [prune_p @ gq @ m, m.transpose(1, 2) @ gq @ m]
+        out = _offset_inner(gk, pairs, ang, k_terms)
+        return (out[0], out[1], out[2]) if m is not None else (out[0], zero, zero)
+    x, y, qd, kd = dense
+    k_terms = [keep_p @ gq @ keep_p]
+    y_terms = [x.transpose(1, 2) @ keep_p]
+    if m is not None:
+        k_terms += [keep_p @ gq @ m, m.transpose(1, 2) @ gq @ m]
+        y_terms += [x.transpose(1, 2) @ m]
+    ko = _offset_inner(gk, pairs, ang, k_terms)
+    yo = _offset_inner(y, pairs, ang, y_terms)
+    (kdo,) = _offset_inner(kd, pairs, ang, [qd])
+    base = (kdo - 2.0 * yo[0] + ko[0]).clamp_min(0)
+    if m is None:
+        return base, zero, zero
+    return base, yo[1] - ko[1], ko[2]
 
 
 def _rotary_well_posed_lambda(e: Tensor, lam: Tensor) -> Tensor:
@@ -997,6 +1095,32 @@ def fold_rotary_q(
         return out.reshape(x.shape).to(x.dtype)
 
     return apply(wq), (apply(bq) if bq is not None else None)
+
+
+def rotary_pairs_of_dims(pairs: Tensor, dims: Tensor) -> Tensor:
+    """Kept pair indices (H, s) from kept dims (H, 2s): a ValueError unless the dims are whole pairs."""
+    d = int(pairs.max()) + 1
+    member = torch.zeros(dims.shape[0], d, dtype=torch.bool, device=dims.device)
+    member.scatter_(1, dims, True)
+    both = member[:, pairs[:, 0]] & member[:, pairs[:, 1]]
+    either = member[:, pairs[:, 0]] | member[:, pairs[:, 1]]
+    if bool((both != either).any()) or int(both.sum(1).min()) * 2 != dims.shape[1] or \
+            int(both.sum(1).max()) * 2 != dims.shape[1]:
+        raise ValueError("kept Q/K dims of a rotary head must be whole rotation pairs")
+    return torch.stack([torch.nonzero(r).flatten() for r in both])
+
+
+def rotary_correction_matrix(pairs: Tensor, keep: Tensor, coef: Tensor, group: Tensor) -> tuple[Tensor, Tensor]:
+    """The complex scales as section 3's logit correction: (kept dims (Hq, 2s) ascending, M (Hq, 2s, 2s)).
+
+    logit = q_S^T (I + M) k_S with M = C^T on each kept pair, so folding (I + M)^T into the
+    kept query rows only (fold_qk, balanced=False) is fold_rotary_q in the kept-dims order.
+    """
+    d = int(pairs.max()) + 1
+    dims = pairs[keep][group]  # (Hq, s, 2)
+    full = _rotary_m(coef.to(ACC_DTYPE), dims, d)
+    flat = torch.sort(dims.reshape(dims.shape[0], -1), dim=1).values
+    return flat, _gather_blocks(full, flat, flat)
 
 
 def rotary_kept_dims(pairs: Tensor, keep: Tensor, *, split: bool) -> Tensor:

@@ -209,11 +209,6 @@ class AttentionCut:
     # grouped-query attention: the kept key/value heads, ascending; then the rows of `qk_keep` and `v_keep`
     # are these kv heads (a kv head's dims are its whole group's) while `qk_m` stays per kept query head
     kv_heads: Tensor | None = None
-    # rotary Q/K pairs: `rotary_keep` (Hkv, s) kept pair indices of each kept kv head (qk_keep then holds their dims,
-    # [first dims | second dims]) and `rotary_coef` (Hk, s, 2) the complex scale (a, b) of each kept pair of each
-    # kept query head, folded into W_Q as q <- (I + [[a, -b], [b, a]]) q (engine.fold_rotary_q); qk_m is None
-    rotary_keep: Tensor | None = None
-    rotary_coef: Tensor | None = None
 
 
 class ModelFamily(abc.ABC):
@@ -332,21 +327,27 @@ class ModelFamily(abc.ABC):
     def softmax_scale(self, model: nn.Module, i: int) -> float:
         raise UnsupportedModelError(self.qk_refusal(model, i) or f"{self.name}: no softmax scale")
 
-    def narrow_qk(self, model: nn.Module, i: int, keep: Tensor, m: Tensor, *, balanced: bool) -> None:
-        """Install Q/K-narrow attention in block i: kept dims (H, ds), folded correction M (H, ds, ds)."""
-        raise UnsupportedModelError(self.qk_refusal(model, i) or f"{self.name}: Q/K pruning unsupported")
-
     def rotary_pairs(self, model: nn.Module, i: int) -> Tensor | None:
-        """(P, 2) the two dims of each rotary frequency pair within a head (None: no rotary embedding).
+        """(P, 2) the two dims of each rotary frequency pair within a head of block i; None: no rotary embedding.
 
-        Then Q/K pruning removes whole pairs, the statistics' q/k are taken BEFORE the rotation
-        (qk_hook), and the correction is a complex scale per kept pair (engine.rotary_qk_compensation).
+        Q/K pruning then removes whole pairs (the same in a kv head and its query heads), and
+        the correction is one complex scale per kept pair per query head, folded into the query
+        rows only (narrow_qk / install_attention get balanced=False); engine "rotary Q/K pairs".
         """
         return None
 
-    def rotary_frequencies(self, model: nn.Module, i: int) -> Tensor | None:
-        """(P,) the angle per token of each pair in rotary_pairs (radians), for the fit at every relative offset."""
+    def rotary_offsets(self, model: nn.Module, i: int) -> tuple[Tensor, Tensor] | None:
+        """(angles (L, P), weights (L,)) of the (query, key) relative rotations block i's logits see.
+
+        angles[l, p] is pair p's key angle minus its query angle (a token without rotation has
+        angle 0), weights how often offset l occurs. Given, qk_hook emits q and k BEFORE the
+        rotation and the fit is positional (engine.rotary_qk_compensation); None: after it, pooled.
+        """
         return None
+
+    def narrow_qk(self, model: nn.Module, i: int, keep: Tensor, m: Tensor, *, balanced: bool) -> None:
+        """Install Q/K-narrow attention in block i: kept dims (H, ds), folded correction M (H, ds, ds)."""
+        raise UnsupportedModelError(self.qk_refusal(model, i) or f"{self.name}: Q/K pruning unsupported")
 
     # attention values and output (V/O dims, whole heads)
 

@@ -208,8 +208,11 @@ def _mlp_lambda(opts: PruneOptions, m: engine.Moments, keep: Tensor) -> float:
     return engine.oas_lambda(m.cov[keep][:, keep], m.n)
 
 
-def keep_counts(o: PruneOptions, shape: BlockShape) -> Widths:
-    """What one block keeps of each part its options prune, from the sparsities."""
+def keep_counts(o: PruneOptions, shape: BlockShape, *, pairs: bool = False) -> Widths:
+    """What one block keeps of each part its options prune, from the sparsities.
+
+    pairs: Q/K dims are rotary pairs, removed whole, so the Q/K count is even (never below 2).
+    """
     counts: Widths = {}
     if o.prune_mlp and o.mlp_sparsity > 0:
         counts["mlp"] = engine.keep_count(shape.mlp_hidden, o.mlp_sparsity, round_to=o.round_to, min_keep=o.min_keep)
@@ -219,7 +222,8 @@ def keep_counts(o: PruneOptions, shape: BlockShape) -> Widths:
     if o.prune_heads and o.q_head_sparsity > 0 and group_size(shape) > 1:
         counts["q_heads"] = engine.keep_count(group_size(shape), o.q_head_sparsity)  # per kept kv group
     if o.prune_attn and o.attn_sparsity > 0:
-        counts["qk"] = engine.keep_count(shape.head_dim, o.attn_sparsity, min_keep=o.min_qk_dim)
+        counts["qk"] = (engine.keep_count(shape.head_dim, o.attn_sparsity, round_to=2, min_keep=o.min_qk_dim + o.min_qk_dim % 2)
+                        if pairs else engine.keep_count(shape.head_dim, o.attn_sparsity, min_keep=o.min_qk_dim))
     if o.prune_vo and o.vo_sparsity > 0:
         counts["vo"] = engine.keep_count(shape.head_dim, o.vo_sparsity)
     return counts
@@ -240,9 +244,6 @@ def check_block(fam: ModelFamily, model: nn.Module, i: int, o: PruneOptions, par
         raise UnsupportedModelError(why)
     if "mlp" in parts and o.min_keep > shape.mlp_hidden:
         raise InputError(f"block {i}: --min-keep {o.min_keep} exceeds its {shape.mlp_hidden} MLP units")
-    if "qk" in parts and fam.rotary_pairs(model, i) is not None and o.qk_ranker != "energy":
-        raise InputError(f"--qk-ranker {o.qk_ranker}: under rotary embeddings Q/K pairs are ranked by their logit "
-                         "energy only (--qk-ranker energy)")
     if "qk" in parts and o.min_qk_dim > shape.head_dim:
         raise InputError(f"block {i}: --min-qk-dim {o.min_qk_dim} exceeds the head dim {shape.head_dim}")
     if ("heads" in parts or "q_heads" in parts) and o.q_head_sparsity > 0 and group_size(shape) == 1:
@@ -268,7 +269,7 @@ def plan_masks(model: nn.Module, stats: Statistics, opts: PruneOptions, family: 
     for i in range(fam.num_blocks(model)):
         o = opts.for_block(i)
         shape = fam.shape(model, i)
-        counts = widths[i] if widths is not None else keep_counts(o, shape)
+        counts = widths[i] if widths is not None else keep_counts(o, shape, pairs=fam.rotary_pairs(model, i) is not None)
         check_block(fam, model, i, o, list(counts))
         require_parts(stats, stats_parts_for(list(counts)))
         bm = BlockMasks()
@@ -283,7 +284,7 @@ def plan_masks(model: nn.Module, stats: Statistics, opts: PruneOptions, family: 
                 bm.heads = _best_in_groups(head_order(fam, model, i, stats.blocks[i]["vo"], o, per_query=True),
                                            bm.heads, shape, counts["q_heads"])
         if "qk" in counts:
-            kept = _rank_qk(fam, model, i, stats.blocks[i]["attn"], o, counts["qk"])  # rotary: pairs per kv head
+            kept = _rank_qk(fam, model, i, stats.blocks[i]["attn"], o, counts["qk"])  # rotary: whole pairs' dims, per kv head
             bm.attn = kept if kv is None else kept[kv]
         if "vo" in counts:
             ranks = group_sum(vo_dim_scores(fam, model, i, stats.blocks[i]["vo"], o), shape)
@@ -420,21 +421,80 @@ def qk_scores(fam: ModelFamily, model: nn.Module, i: int, st: dict[str, Tensor],
 
 
 def _rank_qk(fam: ModelFamily, model: nn.Module, i: int, st: dict[str, Tensor], o: PruneOptions, keep_n: int) -> Tensor:
-    """Kept Q/K dims per head (H, keep_n); under rotary embeddings kept pairs per kv head (Hkv, keep_n // 2)."""
-    pairs = fam.rotary_pairs(model, i)
-    if pairs is not None:
-        return engine.select_top_per_head(rotary_scores(fam, model, i, st), max(1, keep_n // 2)).cpu()
+    lay = rotary_layout(fam, model, i)
+    if lay is not None:
+        if keep_n % 2:
+            raise InputError(f"block {i}: {keep_n} Q/K dims is not a whole number of rotary pairs; keep an even count")
+        keep = engine.select_top_per_head(rotary_scores(fam, model, i, st, o, lay), keep_n // 2)
+        return torch.sort(lay.pairs[keep].reshape(keep.shape[0], -1), dim=1).values.cpu()
     return engine.select_top_per_head(qk_scores(fam, model, i, st, o), keep_n).cpu()
 
 
-def rotary_scores(fam: ModelFamily, model: nn.Module, i: int, st: dict[str, Tensor]) -> Tensor:
-    """(Hkv, P): each frequency pair's logit energy over the query heads that share the kv head (the pair ranker)."""
-    shape = fam.shape(model, i)
-    n = int(st["count"].sum())
-    group = torch.div(torch.arange(shape.num_heads), group_size(shape), rounding_mode="floor")
+# --- rotary Q/K pairs ---
+
+
+@dataclass(frozen=True)
+class RotaryLayout:
+    """How block i's heads rotate: the pairs, the query head -> kv head map, and the offsets of the positional fit."""
+
+    pairs: Tensor  # (P, 2)
+    group: Tensor  # (Hq,)
+    angles: Tensor | None  # (L, P), or None: statistics after the rotation, pooled fit
+    weights: Tensor | None  # (L,)
+
+    def fit_kwargs(self) -> dict[str, Tensor]:
+        return {} if self.angles is None else {"rel_angles": self.angles, "rel_weights": self.weights}
+
+
+def rotary_layout(fam: ModelFamily, model: nn.Module, i: int) -> RotaryLayout | None:
     pairs = fam.rotary_pairs(model, i)
-    assert pairs is not None
-    return engine.rotary_pair_scores(st["q_gram"] / n, st["k_gram"] / n, pairs, group)
+    if pairs is None:
+        return None
+    shape = fam.shape(model, i)
+    kv = shape.kv_heads or shape.num_heads
+    group = torch.arange(shape.num_heads) // (shape.num_heads // kv)
+    off = fam.rotary_offsets(model, i)
+    angles, weights = off if off is not None else (None, None)
+    return RotaryLayout(pairs=pairs.cpu(), group=group, angles=angles, weights=weights)
+
+
+def rotary_scores(fam: ModelFamily, model: nn.Module, i: int, st: dict[str, Tensor], o: PruneOptions,
+                  lay: RotaryLayout) -> Tensor:
+    """How much each rotary pair of each kv head is worth keeping, (Hkv, P).
+
+    energy: the pair's logit energy (engine.rotary_pair_scores); the other rankers: the sum of
+    the pair's two dims' scores, summed over the group's query heads.
+    """
+    if o.qk_ranker == "energy":
+        n = int(st["count"].sum())
+        return engine.rotary_pair_scores(st["q_gram"].cpu() / n, st["k_gram"].cpu() / n, lay.pairs, lay.group,
+                                         **lay.fit_kwargs())
+    dims = qk_scores(fam, model, i, st, o).cpu().to(engine.ACC_DTYPE)
+    per_q = dims[:, lay.pairs[:, 0]] + dims[:, lay.pairs[:, 1]]
+    out = torch.zeros(int(lay.group.max()) + 1, lay.pairs.shape[0], dtype=engine.ACC_DTYPE)
+    return out.index_add_(0, lay.group, per_q)
+
+
+def _rotary_qk_solve(fam: ModelFamily, model: nn.Module, i: int, st: dict[str, Tensor], keep: Tensor,
+                     heads: Tensor | None, o: PruneOptions, lam_rel: float, lay: RotaryLayout) -> engine.QKSolution:
+    """The rotary solve of the kept query heads, as a QKSolution: M over each kept head's kept dims (ascending).
+
+    keep: (kept kv heads, 2s) kept dims, whole pairs; the correction is folded into the queries only.
+    """
+    dev = keep.device
+    n = int(st["count"].sum())
+    q2, k2 = st["q_gram"].to(dev) / n, st["k_gram"].to(dev) / n
+    group = lay.group.to(dev)
+    if heads is not None:
+        kv = torch.unique(group[heads])
+        q2, k2, group = q2[heads], k2[kv], torch.searchsorted(kv, group[heads])
+    pairs = lay.pairs.to(dev)
+    keep_pairs = engine.rotary_pairs_of_dims(pairs, keep)
+    kw = {k: v.to(dev) for k, v in lay.fit_kwargs().items()}
+    sol = engine.rotary_qk_compensation(q2, k2, pairs, keep_pairs, group, lam=o.lam, scale=fam.softmax_scale(model, i),
+                                        lam_rel=lam_rel, **kw)
+    _, m = engine.rotary_correction_matrix(pairs, keep_pairs, sol.coef, group)
+    return engine.QKSolution(m=m, lam=sol.lam, err_compensated=sol.err_compensated, err_uncompensated=sol.err_uncompensated)
 
 
 def apply_masks(
@@ -454,7 +514,7 @@ def apply_masks(
             entry: dict[str, Any] = {"block": i}
             if bm.mlp is not None:
                 entry["mlp"] = _prune_mlp_block(fam, model, i, stats.blocks[i]["mlp"], bm.mlp, o)
-            if bm.vo is not None or bm.heads is not None or (bm.attn is not None and fam.rotary_pairs(model, i) is not None):
+            if bm.vo is not None or bm.heads is not None:
                 entry.update(_prune_attention_cut(fam, model, i, stats, bm, o))
             elif bm.attn is not None:
                 entry["attn"] = _prune_attn_block(fam, model, i, stats.blocks[i]["attn"], bm.attn, o,
@@ -509,12 +569,15 @@ def _qk_solve(fam: ModelFamily, model: nn.Module, i: int, st: dict[str, Tensor],
     """(pruned dims per head, the logit compensation) of the heads kept (all when None): the one Q/K solve."""
     d = fam.shape(model, i).head_dim
     prune = torch.stack([engine.complement(k, d) for k in keep])
+    # a bf16/fp16 forward rounds the Grams: the ridge rises to that rounding level (method notes)
+    lam_rel = engine.qk_lambda_rel(getattr(torch, forward_dtype) if forward_dtype else None)
+    lay = rotary_layout(fam, model, i)
+    if lay is not None:
+        return prune, _rotary_qk_solve(fam, model, i, st, keep, heads, o, lam_rel, lay)
     n = int(st["count"].sum())
     q2, k2 = st["q_gram"].to(keep.device) / n, st["k_gram"].to(keep.device) / n
     if heads is not None:
         q2, k2 = q2[heads], k2[heads]
-    # a bf16/fp16 forward rounds the Grams: the ridge rises to that rounding level (method notes)
-    lam_rel = engine.qk_lambda_rel(getattr(torch, forward_dtype) if forward_dtype else None)
     sol = engine.qk_compensation(q2, k2, keep, prune, lam=o.lam, scale=fam.softmax_scale(model, i), compensate=True,
                                  lam_rel=lam_rel)
     return prune, sol
@@ -532,7 +595,7 @@ def _prune_attn_block(fam: ModelFamily, model: nn.Module, i: int, st: dict[str, 
     keep = keep.to(dev)
     prune, sol = _qk_solve(fam, model, i, st, keep, None, o, forward_dtype)
     m = sol.m if o.compensation else torch.zeros_like(sol.m)
-    fam.narrow_qk(model, i, keep, m, balanced=o.qk_balanced)
+    fam.narrow_qk(model, i, keep, m, balanced=o.qk_balanced and fam.rotary_pairs(model, i) is None)
     return {
         "head_dim": shape.head_dim,
         "qk_kept": int(keep.shape[1]),
@@ -545,52 +608,13 @@ def _prune_attn_block(fam: ModelFamily, model: nn.Module, i: int, st: dict[str, 
     }
 
 
-# Relative offsets the rotary fit weighs (all of them up to this many; beyond, this many evenly spaced,
-# each weighted by how many (query, key) pairs of a causal window sit at it).
-ROTARY_OFFSETS = 128
-
-
-def rotary_offsets(fam: ModelFamily, model: nn.Module, i: int, window: int) -> tuple[Tensor, Tensor]:
-    """Angles (L, P) of the causal offsets 0..window-1 (the key l tokens back) and their pair counts (L,)."""
-    freqs = fam.rotary_frequencies(model, i)
-    assert freqs is not None
-    off = torch.arange(window, dtype=engine.ACC_DTYPE)
-    if window > ROTARY_OFFSETS:
-        off = torch.unique(torch.linspace(0, window - 1, ROTARY_OFFSETS, dtype=engine.ACC_DTYPE).round())
-    return -off[:, None] * freqs[None, :], window - off
-
-
-def _rotary_window(fam: ModelFamily, model: nn.Module, stats: Statistics) -> int:
-    """The token window the statistics were gathered on (its relative offsets are the ones fitted)."""
-    return int(stats.meta.get("preprocessing", {}).get("max_length") or fam.tokens_per_item(model))
-
-
-def _rotary_solve(fam: ModelFamily, model: nn.Module, i: int, stats: Statistics, keep: Tensor, heads: Tensor,
-                  o: PruneOptions) -> engine.RotaryQKSolution:
-    """The complex scales of the kept query heads' kept pairs, fitted at every relative offset of a window."""
-    st = stats.blocks[i]["attn"]
-    shape = fam.shape(model, i)
-    dev = keep.device
-    n = int(st["count"].sum())
-    kv = kv_heads_of(heads, shape)
-    group = torch.searchsorted(kv, torch.div(heads, group_size(shape), rounding_mode="floor"))
-    q2, k2 = st["q_gram"].to(dev)[heads] / n, st["k_gram"].to(dev)[kv] / n
-    angles, weights = rotary_offsets(fam, model, i, _rotary_window(fam, model, stats))
-    fdt = stats.meta.get("forward_dtype")
-    lam_rel = engine.qk_lambda_rel(getattr(torch, fdt) if fdt else None)
-    return engine.rotary_qk_compensation(q2, k2, fam.rotary_pairs(model, i), keep, group, rel_angles=angles,
-                                         rel_weights=weights, lam=o.lam, scale=fam.softmax_scale(model, i),
-                                         compensate=True, lam_rel=lam_rel)
-
-
 def _prune_attention_cut(fam: ModelFamily, model: nn.Module, i: int, stats: Statistics, bm: BlockMasks,
                          o: PruneOptions) -> dict[str, Any]:
     """Heads and V/O dims (and Q/K dims with them): the Q/K solve on the kept heads, the ridge on o, one install."""
-    output = bm.vo is not None or bm.heads is not None  # V/O dims or heads: the ridge on o
-    why = (fam.vo_refusal(model, i) if output else None) or (fam.qk_refusal(model, i) if bm.attn is not None else None)
+    why = fam.vo_refusal(model, i) or (fam.qk_refusal(model, i) if bm.attn is not None else None)
     if why is not None:
         raise UnsupportedModelError(why)
-    require_parts(stats, (["vo"] if output else []) + (["attn"] if bm.attn is not None else []))
+    require_parts(stats, ["vo"] + (["attn"] if bm.attn is not None else []))
     shape = fam.shape(model, i)
     nh, d = shape.num_heads, shape.head_dim
     w = fam.vo_weights(model, i)
@@ -598,30 +622,8 @@ def _prune_attention_cut(fam: ModelFamily, model: nn.Module, i: int, stats: Stat
     heads = (bm.heads if bm.heads is not None else torch.arange(nh)).to(dev)
     kv = kv_heads_of(heads, shape)
     out: dict[str, Any] = {}
-    qk_keep = qk_m = rotary_keep = rotary_coef = None
-    pairs = fam.rotary_pairs(model, i)
-    if bm.attn is not None and pairs is not None:
-        rotary_keep = bm.attn.to(dev)
-        sol_r = _rotary_solve(fam, model, i, stats, rotary_keep, heads, o)
-        rotary_coef = sol_r.coef if o.compensation else torch.zeros_like(sol_r.coef)
-        qk_keep = engine.rotary_kept_dims(pairs.to(dev), rotary_keep, split=True)
-        per, per_none = sol_r.err_per_offset, sol_r.err_per_offset_uncompensated
-        out["attn"] = {
-            "head_dim": d,
-            "qk_kept": int(qk_keep.shape[1]),
-            "qk_removed": d - int(qk_keep.shape[1]),
-            "pairs_kept": int(rotary_keep.shape[1]),
-            "compensated": bool(o.compensation),
-            "qk_ranker": "pair-energy",
-            "heads": [int(h) for h in heads],
-            "lambda_per_head": [float(x) for x in sol_r.lam],
-            "predicted_logit_error_compensated": [float(x) for x in sol_r.err_compensated],
-            "predicted_logit_error_uncompensated": [float(x) for x in sol_r.err_uncompensated],
-            # the worst relative offset: the correction is shortened until it helps at every one
-            **({"worst_offset_ratio": float((per.sum(1) / per_none.sum(1).clamp_min(1e-300)).max())}
-               if per is not None and per_none is not None else {}),
-        }
-    elif bm.attn is not None:
+    qk_keep = qk_m = None
+    if bm.attn is not None:  # rows per kept (kv) head; under rotary embeddings M is per kept query head
         st = stats.blocks[i]["attn"]
         qk_keep = bm.attn.to(dev)
         prune, sol = _qk_solve(fam, model, i, st, qk_keep, heads, o, stats.meta.get("forward_dtype"))
@@ -638,11 +640,6 @@ def _prune_attention_cut(fam: ModelFamily, model: nn.Module, i: int, stats: Stat
             "predicted_logit_error_uncompensated": [float(x) for x in sol.err_uncompensated],
         }
     v_keep = bm.vo.to(dev) if bm.vo is not None else None
-    if not output:  # Q/K pairs alone: the output projection stays as it was
-        fam.install_attention(model, i, AttentionCut(
-            heads=heads, qk_keep=qk_keep, qk_m=None, v_keep=None, out_weight=w.out_weight, out_bias=w.out_bias,
-            kv_heads=kv if group_size(shape) > 1 else None, rotary_keep=rotary_keep, rotary_coef=rotary_coef))
-        return out
     # as for the MLP: a projection without a bias takes an intercept-free fit
     m = engine.fit_moments({k: v.to(dev) for k, v in stats.blocks[i]["vo"].items()}, intercept=w.out_bias is not None)
     # under GQA one value dim is a dim of every query head of its group: the removed set of o is their union,
@@ -658,9 +655,9 @@ def _prune_attention_cut(fam: ModelFamily, model: nn.Module, i: int, stats: Stat
     err_c = engine.mlp_predicted_error(w.out_weight, m, keep, prune, sol_o.b) if sol_o is not None else err_u
     w_n, b_n = engine.fold_mlp_output(w.out_weight, w.out_bias, keep, prune, sol_o if o.compensation else None)
     fam.install_attention(model, i, AttentionCut(heads=heads, qk_keep=qk_keep, qk_m=qk_m, v_keep=v_keep,
-                                                 out_weight=w_n, out_bias=b_n, balanced=o.qk_balanced,
-                                                 kv_heads=kv if group_size(shape) > 1 else None,
-                                                 rotary_keep=rotary_keep, rotary_coef=rotary_coef))
+                                                 out_weight=w_n, out_bias=b_n,
+                                                 balanced=o.qk_balanced and fam.rotary_pairs(model, i) is None,
+                                                 kv_heads=kv if group_size(shape) > 1 else None))
     out["vo"] = {
         "width": nh * d,
         "kept": int(keep.numel()),
@@ -722,9 +719,7 @@ def planned_widths(fam: ModelFamily, model: nn.Module, opts: PruneOptions) -> li
     out = []
     for i in range(fam.num_blocks(model)):
         o, s = opts.for_block(i), fam.shape(model, i)
-        p = planned_shape(s, keep_counts(o, s))
-        if fam.rotary_pairs(model, i) is not None and p.qk_dim < s.qk_dim:
-            p = replace(p, qk_dim=max(2, p.qk_dim - p.qk_dim % 2))  # whole rotary pairs
+        p = planned_shape(s, keep_counts(o, s, pairs=fam.rotary_pairs(model, i) is not None))
         row = {"block": i, "mlp_hidden": s.mlp_hidden, "mlp_kept": p.mlp_hidden, "head_dim": s.head_dim,
                "qk_kept": p.qk_dim, "num_heads": s.num_heads, "heads_kept": p.num_heads, "v_kept": p.v_dim}
         if s.kv_heads is not None:

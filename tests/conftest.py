@@ -19,7 +19,7 @@ from safetensors.torch import save_file  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from corp_cli import engine  # noqa: E402
-from corp_cli.pruning import o_kept_dims  # noqa: E402
+from corp_cli.pruning import group_size, kv_heads_of, o_kept_dims, rotary_layout  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -108,58 +108,45 @@ def masked_reference(dense, masks, stats, blocks):
             keep = bm.mlp
             prune = engine.complement(keep, m.mean.shape[0])
             fam.mlp_hook(model, i, _predict(keep, prune, engine.ridge_compensation(m, keep, prune, entry["mlp"]["lambda"])))
-        if bm.attn is not None and fam.rotary_pairs(dense.model, i) is not None:
-            _rotary_reference(fam, dense.model, model, i, stats, bm, heads, entry)
-        elif bm.attn is not None:
+        if bm.attn is not None:
             st = stats.blocks[i]["attn"]
             n = int(st["count"].sum())
             d = st["q_gram"].shape[-1]
-            keep = bm.attn
-            prune = torch.stack([engine.complement(k, d) for k in keep])
+            keep = bm.attn  # rows: the kept heads, or under grouped-query attention the kept kv heads
+            shape = fam.shape(dense.model, i)
+            kv = kv_heads_of(heads, shape)
+            group = torch.searchsorted(kv, heads // group_size(shape))  # kept query head -> its row of keep
             lam = torch.tensor(entry["attn"]["lambda_per_head"], dtype=torch.float64)
-            sol = engine.qk_compensation(st["q_gram"][heads] / n, st["k_gram"][heads] / n, keep, prune, lam=None,
-                                         scale=fam.softmax_scale(dense.model, i))
+            lay = rotary_layout(fam, dense.model, i)
+            if lay is None:
+                prune = torch.stack([engine.complement(k, d) for k in keep])
+                sol = engine.qk_compensation(st["q_gram"][heads] / n, st["k_gram"][heads] / n, keep, prune, lam=None,
+                                             scale=fam.softmax_scale(dense.model, i))
+                m_fit = sol.m
+            else:  # whole rotary pairs, a complex scale per kept pair on the query side (q, k before the rotation)
+                pairs = engine.rotary_pairs_of_dims(lay.pairs, keep)
+                sol = engine.rotary_qk_compensation(st["q_gram"][heads] / n, st["k_gram"][kv] / n, lay.pairs, pairs,
+                                                    group, scale=fam.softmax_scale(dense.model, i), **lay.fit_kwargs())
+                dims, m_fit = engine.rotary_correction_matrix(lay.pairs, pairs, sol.coef, group)
+                assert torch.equal(dims, keep[group])
             assert torch.allclose(sol.lam, lam)
-            mix = torch.eye(keep.shape[1], dtype=torch.float64) + sol.m  # (Hk, ds, ds)
+            mix = torch.eye(keep.shape[1], dtype=torch.float64) + m_fit  # (Hk, ds, ds)
 
-            def on_qk(q: Tensor, k: Tensor, keep: Tensor = keep, mix: Tensor = mix,
-                      heads: Tensor = heads) -> tuple[Tensor, Tensor]:
+            def on_qk(q: Tensor, k: Tensor, keep: Tensor = keep, mix: Tensor = mix, heads: Tensor = heads,
+                      kv: Tensor = kv, group: Tensor = group) -> tuple[Tensor, Tensor]:
                 # a removed head's output is replaced by the V/O prediction: its logits do not matter
                 q2, k2 = q.clone(), k.clone()
-                for j, (h, s) in enumerate(zip(heads.tolist(), keep)):
-                    q2[:, h], k2[:, h] = 0, 0  # logit = q_S^T (I + M) k_S, removed dims contribute nothing
+                for j, h in enumerate(heads.tolist()):
+                    s = keep[group[j]]
+                    q2[:, h] = 0  # logit = q_S^T (I + M) k_S, removed dims contribute nothing
                     q2[:, h][..., s] = (q[:, h][..., s].double() @ mix[j]).to(q.dtype)
-                    k2[:, h][..., s] = k[:, h][..., s]
+                for j, g in enumerate(kv.tolist()):
+                    k2[:, g] = 0
+                    k2[:, g][..., keep[j]] = k[:, g][..., keep[j]]
                 return q2, k2
 
             fam.qk_hook(model, i, on_qk)
     return ref
-
-
-def _rotary_reference(fam, dense_model, model, i, stats, bm, heads, entry) -> None:
-    """Rotary Q/K pairs on the masked model: removed pairs zeroed in q and k (before the rotation, which keeps
-    each pair apart), each kept query head's kept pairs scaled by their complex scales."""
-    from corp_cli.pruning import PruneOptions, _rotary_solve, group_size, kv_heads_of
-
-    shape = fam.shape(dense_model, i)
-    d = shape.head_dim
-    sol = _rotary_solve(fam, dense_model, i, stats, bm.attn, heads, PruneOptions())
-    assert torch.allclose(sol.lam, torch.tensor(entry["attn"]["lambda_per_head"], dtype=torch.float64))
-    kv = kv_heads_of(heads, shape)
-    group = torch.searchsorted(kv, heads // group_size(shape))
-    pairs = fam.rotary_pairs(dense_model, i)
-    fold, _ = engine.fold_rotary_q(torch.eye(len(heads) * d, dtype=torch.float64), None, pairs, bm.attn, sol.coef, group)
-    kept = engine.rotary_kept_dims(pairs, bm.attn, split=True)
-
-    def on_qk(q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
-        q2, k2 = torch.zeros_like(q), torch.zeros_like(k)
-        for j, h in enumerate(heads.tolist()):
-            q2[:, h] = (q[:, h].double() @ fold[j * d:(j + 1) * d, j * d:(j + 1) * d].T).to(q.dtype)
-        for j, g in enumerate(kv.tolist()):
-            k2[:, g][..., kept[j]] = k[:, g][..., kept[j]]
-        return q2, k2
-
-    fam.qk_hook(model, i, on_qk)
 
 
 STORIES260K = SHARED_DATA / "llama-stories260k"

@@ -109,7 +109,7 @@ CASES: dict[str, tuple[str, Callable[[Path], tuple[Loaded, list, dict]]]] = {
 
 # Families whose attention output (V/O dims, whole heads) corp prunes: checked with every part at once.
 ALL_PARTS = "mlp,qk,vo,heads"
-VO_CASES = ("timm-vit", "timm-vit-qknorm", "hf-bert", "hf-vit", "hf-llama")
+VO_CASES = ("timm-vit", "timm-vit-qknorm", "timm-eva", "hf-bert", "hf-vit", "hf-llama")
 # where not every part applies (none today)
 CASE_PARTS: dict[str, str] = {}
 

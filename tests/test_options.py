@@ -181,7 +181,7 @@ def test_part_options_are_refused_where_the_target_does_not_prune_that_part(spec
         for flag, value in ATTN_ONLY.items():
             _refused([*base, "--target", "mlp", flag, value], flag)
         for flag, value in MLP_ONLY.items():
-            if fam.name not in ("timm-eva", "hf-llama"):  # rotary models cannot prune attention: --target attn is refused first
+            if fam.name != "hf-llama":  # it cannot prune attention: --target attn is refused first
                 _refused([*base, "--target", "attn", flag, value], flag)
 
 
@@ -189,9 +189,9 @@ def test_value_and_head_options_are_refused_where_the_target_does_not_prune_them
     for fam in families():
         base = _base("prune", specs[fam.name], tmp_path)
         for flag, value in VO_ONLY.items():
-            _refused([*base, "--target", "mlp,heads" if fam.name != "timm-eva" else "mlp", flag, value], flag)
+            _refused([*base, "--target", "mlp,heads", flag, value], flag)
         for flag, value in HEADS_ONLY.items():
-            _refused([*base, "--target", "mlp,vo" if fam.name != "timm-eva" else "mlp", flag, value], flag)
+            _refused([*base, "--target", "mlp,vo", flag, value], flag)
         # a FLOPs budget chooses the sparsities itself
         _refused([*base, "--flops-budget", "0.7", "--mlp-sparsity", "0.3"], "--mlp-sparsity")
         if not fam.caches_keys_values:  # a KV-cache budget means something for decoders only
@@ -200,18 +200,25 @@ def test_value_and_head_options_are_refused_where_the_target_does_not_prune_them
 
 
 def test_value_and_head_pruning_is_refused_in_one_line_where_the_family_cannot(specs: dict, tmp_path: Path) -> None:
-    """Eva (rotary attention) has no narrowed attention in corp: V/O dims and heads are refused before calibration."""
-    base = _base("prune", specs["timm-eva"], tmp_path)
-    for target in ("vo", "heads", "mlp,vo", "all"):
+    """Eva with a norm over its attention output (scale_attn_inner): no narrow form, refused before calibration."""
+    name = "eva02_tiny_patch14_224"
+    torch.manual_seed(0)
+    ckpt = tmp_path / "normed.safetensors"
+    save_file(timm.create_model(name, pretrained=False, scale_attn_inner=True).state_dict(), str(ckpt))
+    base = ["prune", name, "--checkpoint", str(ckpt), "--model-arg", "scale_attn_inner=true", "--calib-data", "synthetic",
+            "--samples", "2", "--out", str(tmp_path / "p")]
+    for target in ("vo", "heads", "mlp,vo", "all", "both"):
         _refused([*base, "--target", target], "--target mlp")
-    _refused([*_base("calibrate", specs["timm-eva"], tmp_path), "--parts", "mlp,vo"], "--parts mlp")
 
 
-def test_eva_refuses_attention_options_without_a_target_and_q_k_pruning_with_one(specs: dict, tmp_path: Path) -> None:
-    base = _base("prune", specs["timm-eva"], tmp_path)
-    _refused([*base, "--qk-ranker", "joint"], "--qk-ranker")  # the default target there is mlp
-    res = runner.invoke(app, [*base, "--target", "both"])
-    assert res.exit_code == 2 and "rotary position embeddings" in res.stderr and "--target mlp" in res.stderr
+def test_eva_refuses_q_k_pruning_without_rotary_embeddings(tmp_path: Path) -> None:
+    name = "eva02_tiny_patch14_224"
+    torch.manual_seed(0)
+    ckpt = tmp_path / "plain.safetensors"
+    save_file(timm.create_model(name, pretrained=False, use_rot_pos_emb=False).state_dict(), str(ckpt))
+    res = runner.invoke(app, ["prune", name, "--checkpoint", str(ckpt), "--model-arg", "use_rot_pos_emb=false",
+                              "--calib-data", "synthetic", "--samples", "2", "--out", str(tmp_path / "p"), "--target", "both"])
+    assert res.exit_code == 2 and "without rotary embeddings" in res.stderr and "--target mlp" in res.stderr
 
 
 def test_model_options_a_family_takes_reach_the_artifact(specs: dict, tmp_path: Path) -> None:

@@ -421,3 +421,35 @@ def test_real_stories260k_weights_closer_at_every_relative_position() -> None:
                                    qd_second=head_grams(flat(qd_pre)), kd_second=head_grams(flat(kd_pre)))
     _check_every_offset(rotate(qd_pre, pairs, freqs, pos), rotate(kd_pre, pairs, freqs, pos), qp_pre, kp_pre,
                         pairs, freqs, keep, sol, group, head_tol=1e-2)
+
+
+def test_pair_scores_over_offsets_average_the_rotated_pair_energy() -> None:
+    pairs, freqs = interleaved_pairs(DH), rope_freqs(DH, base=50.0)
+    q, k = _random_qk(30, HQ, HKV, DH, seed=13)
+    angles, weights = causal_offsets(freqs, 7)
+    got = E.rotary_pair_scores(head_grams(q), head_grams(k), pairs, GROUP, rel_angles=angles, rel_weights=weights)
+    want = torch.zeros(HKV, DH // 2, dtype=D64)
+    w = weights / weights.sum()
+    for lag in range(7):
+        for h in range(HQ):
+            kr = rotate_by(k[:, int(GROUP[h])], pairs, angles[lag])
+            for p, (i, j) in enumerate(pairs.tolist()):
+                want[int(GROUP[h]), p] += w[lag] * (q[:, h][:, [i, j]] @ kr[:, [i, j]].T).square().mean()
+    assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_correction_matrix_folded_on_the_query_side_is_the_rotary_fold() -> None:
+    pairs = interleaved_pairs(DH)
+    keep = torch.tensor([[1, 3], [0, 2]])
+    coef = torch.randn(HQ, 2, 2, generator=torch.Generator().manual_seed(14), dtype=D64)
+    dims, m = E.rotary_correction_matrix(pairs, keep, coef, GROUP)
+    assert dims.tolist() == [[2, 3, 6, 7], [2, 3, 6, 7], [0, 1, 4, 5], [0, 1, 4, 5]]
+    assert_close(E.rotary_pairs_of_dims(pairs, dims[::2]), keep)
+    with pytest.raises(ValueError, match="whole rotation pairs"):
+        E.rotary_pairs_of_dims(pairs, torch.tensor([[0, 2, 3, 4]]))
+    wq = torch.randn(HQ * DH, 5, dtype=D64)
+    wk = torch.randn(HKV * DH, 5, dtype=D64)
+    folded, _ = E.fold_rotary_q(wq, None, pairs, keep, coef, GROUP)
+    rows = (torch.arange(HQ)[:, None] * DH + dims).reshape(-1)
+    wq_n, _, _, _ = E.fold_qk(wq, None, wq, None, dims, m, balanced=False)  # the K rows are untouched here
+    assert_close(wq_n, folded[rows])

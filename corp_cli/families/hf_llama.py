@@ -58,6 +58,8 @@ TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
     "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
 )
+# Relative offsets the rotary fit weighs (all of them up to this many; beyond, this many evenly spaced).
+ROTARY_OFFSETS = 128
 # Export traces and checks (see hf_bert): neither 0 nor 1, and different from each other.
 TRACE_SEQ = 16
 CHECK_SEQ = 21
@@ -237,9 +239,25 @@ class HFLlamaFamily(HFFamily):
         half = self.shape(model, i).head_dim // 2
         return torch.stack([torch.arange(half), torch.arange(half) + half], 1)
 
-    def rotary_frequencies(self, model: nn.Module, i: int) -> Tensor | None:
-        inv = getattr(getattr(model.model, "rotary_emb", None), "inv_freq", None)
-        return None if inv is None else inv.detach().to(torch.float64).cpu()
+    def rotary_offsets(self, model: nn.Module, i: int) -> tuple[Tensor, Tensor] | None:
+        """The causal offsets 0..T-1 of a window of the default length (the key l tokens back), each weighted by
+        its (query, key) pairs; all of them up to ROTARY_OFFSETS, else that many evenly spaced."""
+        freqs = model.model.rotary_emb.inv_freq.detach().to(torch.float64).cpu()  # on the decoder, shared by layers
+        window = self.tokens_per_item(model)
+        off = torch.arange(window, dtype=torch.float64)
+        if window > ROTARY_OFFSETS:
+            off = torch.unique(torch.linspace(0, window - 1, ROTARY_OFFSETS, dtype=torch.float64).round())
+        return -off[:, None] * freqs[None, :], window - off
+
+    def narrow_qk(self, model: nn.Module, i: int, keep: Tensor, m: Tensor, *, balanced: bool) -> None:
+        """Q/K pairs alone: the attention cut with every head, the value and output projections as they were."""
+        shape = self.shape(model, i)
+        attn = self.attn_module(model, i)
+        gqa = shape.num_heads > (shape.kv_heads or shape.num_heads)
+        self.install_attention(model, i, AttentionCut(
+            heads=torch.arange(shape.num_heads, device=keep.device), qk_keep=keep, qk_m=m, v_keep=None,
+            out_weight=attn.o_proj.weight.detach(), out_bias=attn.o_proj.bias.detach() if attn.o_proj.bias is not None
+            else None, balanced=False, kv_heads=torch.arange(shape.kv_heads, device=keep.device) if gqa else None))
 
     # qk_hook (HFFamily's: q_proj / k_proj outputs split into heads of head_dim, i.e. q and k BEFORE the
     # rotation, (B, Hq, N, d) and (B, Hkv, N, d)), qk_weights and softmax_scale are HFFamily's
@@ -275,13 +293,12 @@ class HFLlamaFamily(HFFamily):
         v_dims = torch.arange(d, device=dev).expand(len(kv), d) if cut.v_keep is None else cut.v_keep.to(dev)
         q_rows = (heads[:, None] * d + qk_dims[kv_index]).reshape(-1)
         wq, bq = old.q_proj.weight.detach(), old.q_proj.bias.detach() if old.q_proj.bias is not None else None
-        if cut.rotary_coef is not None:  # the complex scales, folded into the kept query heads' rows at full width
-            assert cut.rotary_keep is not None
-            rows = engine.head_dims(heads, d)
-            fq, fb = engine.fold_rotary_q(wq[rows], bq[rows] if bq is not None else None, self.rotary_pairs(model, i),
-                                          cut.rotary_keep.to(dev), cut.rotary_coef.to(dev), kv_index)
-            local = (torch.arange(len(heads), device=dev)[:, None] * d + qk_dims[kv_index]).reshape(-1)
-            wq, bq, q_rows = fq[local], (fb[local] if fb is not None else None), torch.arange(len(local), device=dev)
+        if cut.qk_m is not None:  # the rotary correction, into each kept query head's kept rows: (I + M)^T W_Q[S]
+            t = torch.eye(qk_dims.shape[1], dtype=engine.ACC_DTYPE, device=dev) + cut.qk_m.to(dev, engine.ACC_DTYPE)
+            rows = q_rows.reshape(len(heads), -1)
+            fw = (t.transpose(1, 2) @ wq.to(engine.ACC_DTYPE)[rows]).reshape(len(q_rows), -1).to(wq.dtype)
+            fb = None if bq is None else (t.transpose(1, 2) @ bq.to(engine.ACC_DTYPE)[rows][..., None]).reshape(-1).to(bq.dtype)
+            wq, bq, q_rows = fw, fb, torch.arange(len(q_rows), device=dev)
         k_rows = (kv[:, None] * d + qk_dims).reshape(-1)
         v_rows = (kv[:, None] * d + v_dims).reshape(-1)
         new = DecoderAttention(

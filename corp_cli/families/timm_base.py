@@ -28,6 +28,27 @@ log = logging.getLogger(__name__)
 
 
 
+def qk_norm_hooks(attn: nn.Module, emit: Any) -> list[Any]:
+    """Hooks on attn.q_norm / attn.k_norm (Identity unless q/k norms) calling emit(q, k) with their outputs, (B, H, N, d).
+
+    When emit returns (q', k'), q' is copied where q lies (it is already computed) and k' replaces k.
+    """
+    pending: list[Tensor] = []
+
+    def on_q(_m: nn.Module, _a: Any, out: Tensor) -> None:
+        pending.append(out)
+
+    def on_k(_m: nn.Module, _a: Any, out: Tensor) -> Tensor | None:
+        q = pending.pop()
+        replaced = emit(q, out)
+        if replaced is None:
+            return None
+        q.copy_(replaced[0])
+        return replaced[1]
+
+    return [attn.q_norm.register_forward_hook(on_q), attn.k_norm.register_forward_hook(on_k)]
+
+
 class TimmFamily(ModelFamily):
     modality = "image"
     options = frozenset({"checkpoint", "num_classes", "pretrained_cfg", "preprocessing", "model_args"})

@@ -23,7 +23,7 @@ from corp_cli import engine
 from corp_cli.attention import sdpa_mixed_width
 from corp_cli.errors import ArtifactError, UnsupportedModelError
 from corp_cli.family import AttentionCut, BlockShape, Hook, Loaded, MlpWeights
-from corp_cli.families.timm_base import TimmFamily, kwargs_from_record
+from corp_cli.families.timm_base import TimmFamily, kwargs_from_record, qk_norm_hooks
 
 SUPPORTED = (
     "timm VisionTransformer models whose blocks use Mlp (fc1 -> act -> fc2) and fused-qkv Attention, "
@@ -216,23 +216,9 @@ class TimmViTFamily(TimmFamily):
         return None
 
     def qk_hook(self, model: nn.Module, i: int, emit: Callable[[Tensor, Tensor], None]) -> list[Hook]:
-        attn = model.blocks[i].attn
-        pending: list[Tensor] = []
-
-        def on_q(_m: nn.Module, _a: Any, out: Tensor) -> None:
-            pending.append(out)
-
-        def on_k(_m: nn.Module, _a: Any, out: Tensor) -> Tensor | None:
-            q = pending.pop()
-            replaced = emit(q, out)
-            if replaced is None:
-                return None
-            q.copy_(replaced[0])  # q is already computed: it is replaced where it lies
-            return replaced[1]
-
         # q_norm / k_norm are Identity without qk_norm: either way their outputs are the q and k
         # that enter the logits, already (B, H, N, d)
-        return [attn.q_norm.register_forward_hook(on_q), attn.k_norm.register_forward_hook(on_k)]
+        return qk_norm_hooks(model.blocks[i].attn, emit)
 
     def qk_weights(self, model: nn.Module, i: int) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
         attn = model.blocks[i].attn
