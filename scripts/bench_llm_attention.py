@@ -48,9 +48,9 @@ def _row(label: str, flags: str, result: api.PruneResult, measure: EvalMeasure) 
 
 
 def _chosen(result: api.PruneResult) -> str:
-    """The widths the allocator chose, block by block: MLP units / kv heads / Q/K dims / value dims."""
+    """The widths the allocator chose, block by block: MLP units / query heads / kv heads / Q/K dims / value dims."""
     shapes = [result.loaded.family.shape(result.model, i) for i in range(result.loaded.family.num_blocks(result.model))]
-    return ", ".join(f"{s.mlp_hidden}/{s.kv_heads}/{s.qk_dim}/{s.v_dim}" for s in shapes)
+    return ", ".join(f"{s.mlp_hidden}/{s.num_heads}/{s.kv_heads}/{s.qk_dim}/{s.v_dim}" for s in shapes)
 
 
 def _split(folder: Path) -> tuple[Any, Any, Any]:
@@ -104,7 +104,7 @@ def main() -> None:
               f"{u['kl']:.3f} | {100 * c['top1']:.1f}% | {100 * u['top1']:.1f}% |")
 
     print(f"\n| FLOP budget | target | flags | FLOPs kept | KV cache | perplexity | KL | top-1 | chosen per block: MLP units "
-          f"/ kv heads / Q/K dims / value dims (Q/K weight {allocation.QK_LOGIT_WEIGHT:g}) |")
+          f"/ query heads / kv heads / Q/K dims / value dims (Q/K weight {allocation.QK_LOGIT_WEIGHT:g}) |")
     print("|---|---|---|---|---|---|---|---|---|")
     names = {"mlp,qk,vo": "all", "mlp,qk,vo,heads": "all + heads", "mlp": "MLP only"}
     for r in (float(x) for x in args.ratios.split(",")):
