@@ -7,7 +7,6 @@ relative position, on random weights and on the real stories260K Llama's q/k pro
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from torch import Tensor
 from torch.testing import assert_close
 
 from corp_cli import engine as E
-from tests.conftest import STORIES, STORIES260K, needs_stories
+from .conftest import STORIES, STORIES260K, needs_stories
 
 D64 = torch.float64
 
