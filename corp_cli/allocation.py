@@ -29,10 +29,10 @@ from torch import Tensor, nn
 from corp_cli import engine
 from corp_cli.errors import InputError, NumericalError
 from corp_cli.family import BlockShape, ModelFamily
-from corp_cli.flops import model_counts, shape_flops
+from corp_cli.flops import kv_cache_bytes, model_counts, shape_flops
 from corp_cli.pruning import (
-    PART_SPARSITY, PruneOptions, Widths, check_block, head_order, keep_counts, mlp_scores, qk_scores, rotary_layout,
-    rotary_scores, stats_parts_for, vo_dim_scores,
+    PART_SPARSITY, PruneOptions, Widths, _best_in_groups, check_block, group_size, group_sum, head_order, keep_counts,
+    kv_count, mlp_scores, qk_scores, query_heads_of, rotary_layout, rotary_scores, stats_parts_for, vo_dim_scores,
 )
 from corp_cli.stats import Statistics, require_parts
 
@@ -57,14 +57,21 @@ class Allocation:
 
     widths: list[Widths]  # parts absent from a block are kept whole
     blocks: list[dict[str, Any]]
-    budget: float  # the fraction asked for
+    budget: float | None  # the fraction asked for (None: only a KV budget)
     dense_flops: int
     flops: int  # what corp's counter counts for the chosen widths
     seconds: float
+    kv_budget: float | None = None  # the fraction of the dense KV-cache bytes per token asked for
+    dense_kv: int | None = None  # KV-cache bytes per token, dense and chosen (decoders)
+    kv: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"flops_budget": self.budget, "dense_flops": self.dense_flops, "flops": self.flops,
-                "flops_ratio": self.flops / self.dense_flops, "seconds": round(self.seconds, 3), "blocks": self.blocks}
+        d = {"flops_budget": self.budget, "dense_flops": self.dense_flops, "flops": self.flops,
+             "flops_ratio": self.flops / self.dense_flops, "seconds": round(self.seconds, 3), "blocks": self.blocks}
+        if self.dense_kv is not None and self.kv is not None:
+            d.update(kv_budget=self.kv_budget, dense_kv_bytes_per_token=self.dense_kv, kv_bytes_per_token=self.kv,
+                     kv_ratio=self.kv / self.dense_kv)
+        return d
 
 
 # Q/K widths the allocator considers per head: every QK_STEP-th count down from the full width
@@ -93,7 +100,13 @@ def allowed_widths(part: str, shape: BlockShape, o: PruneOptions, *, pairs: bool
         return sorted({low} | set(range(d, low - 1, -step)))
     if part == "vo":
         return list(range(1, shape.head_dim + 1))
-    return list(range(1, shape.num_heads + 1))
+    return list(range(1, kv_count(shape) + 1))  # under grouped-query attention: kv heads, with their groups
+
+
+def kv_value_bytes(model: nn.Module) -> int:
+    """Bytes of one cached key or value element: the model's dtype."""
+    p = next(iter(model.parameters()), None)
+    return p.element_size() if p is not None else 4
 
 
 def _flops(fam: ModelFamily, model: nn.Module, i: int, shape: BlockShape, tokens: int) -> float:
@@ -114,10 +127,10 @@ def _width_flops(count: Callable[[int], float], widths: list[int]) -> Tensor:
 def _qk_grids(fam: ModelFamily, model: nn.Module, stats: Statistics, o: PruneOptions) -> dict[int, tuple[list[int], Tensor]]:
     """Every block's per-head logit error at every allowed Q/K width, one batched solve per width over all blocks."""
     by_layout: dict[tuple[int, int], list[int]] = {}
+    out: dict[int, tuple[list[int], Tensor]] = {}
     for i in range(fam.num_blocks(model)):
         s = fam.shape(model, i)
         by_layout.setdefault((s.num_heads, s.head_dim), []).append(i)
-    out: dict[int, tuple[list[int], Tensor]] = {}
     for i in [i for blocks in by_layout.values() for i in blocks]:
         lay = rotary_layout(fam, model, i)
         if lay is None:
@@ -175,9 +188,15 @@ def _block_groups(
         info["mlp"] = (widths, errs[widths])
     attn = [p for p in ("qk", "vo", "heads") if p in parts]
     if attn:
-        head_counts = allowed_widths("heads", shape, o) if "heads" in parts else [nh]
-        info["head_counts"] = head_counts
-        order_h = torch.arange(nh)
+        g = group_size(shape)  # query heads per kv head (1 without grouped-query attention)
+        nkv = kv_count(shape)
+        head_counts = allowed_widths("heads", shape, o) if "heads" in parts else [nkv]
+        # under GQA the "heads" part also chooses how many query heads each kept group keeps (the same in all)
+        q_counts = list(range(1, g + 1)) if "heads" in parts else [g]
+        combos = [(hk, qg) for hk in head_counts for qg in q_counts]
+        info["head_counts"] = combos
+        order_h = torch.arange(nkv)
+        order_q = torch.arange(nh)
         vo_errs: dict[int, Tensor] = {}
         vo_scale = 1.0
         if "vo" in parts or "heads" in parts:
@@ -190,40 +209,50 @@ def _block_groups(
                 vo_scale = 1.0 / max(engine.weighted_trace(wv, m.second), 1e-30)
             if "heads" in parts:
                 order_h = head_order(fam, model, i, st, o)
-            dim_rank = torch.stack([engine.ranking_order(s) for s in vo_dim_scores(fam, model, i, st, o)])
-            for hk in head_counts:
-                kept = torch.sort(order_h[:hk]).values
+                if g > 1:
+                    order_q = head_order(fam, model, i, st, o, per_query=True)
+            # a kv head's value dims are ranked for its whole group, and every query head of it keeps them
+            kv_rank = torch.stack([engine.ranking_order(s) for s in group_sum(vo_dim_scores(fam, model, i, st, o), shape)])
+            dim_rank = kv_rank.repeat_interleave(g, 0)
+            for combo in combos:
+                kept = _kept_query_heads(order_h, order_q, combo, shape)
                 vorder = engine.vo_order(dim_rank, kept, nh).to(wv.device)
                 full = engine.prefix_errors(wv, m, vorder, lam, compensated=comp).cpu()
-                vo_errs[hk] = full[torch.arange(d + 1) * hk]  # index dv: each kept head keeps dv dims
-        info["head_order"] = order_h
+                vo_errs[combo] = full[torch.arange(d + 1) * len(kept)]  # index dv: each kept head keeps dv dims
+        info["head_order"] = (order_h, order_q)
         info["vo_errs"] = vo_errs
         qk_widths, qk_grid = qk if qk is not None else ([shape.head_dim], None)
         qk_scale = qk_weight
         if qk_grid is not None and weighting == "relative":
             st = stats.blocks[i]["attn"]
             n = int(st["count"].sum())
-            logits = float(torch.einsum("hij,hji->", st["q_gram"] / n, st["k_gram"] / n)) * fam.softmax_scale(model, i) ** 2
+            k2 = (st["k_gram"] / n).repeat_interleave(g, 0)
+            logits = float(torch.einsum("hij,hji->", st["q_gram"] / n, k2)) * fam.softmax_scale(model, i) ** 2
             qk_scale = qk_weight / max(logits, 1e-30)
         info["qk"] = (qk_widths, qk_grid)
         info["qk_scale"] = qk_scale
         v_widths = allowed_widths("vo", shape, o) if "vo" in parts else [d]
         info["v_widths"] = v_widths
+        kv_bytes = info["kv_bytes"] = kv_value_bytes(model)
         alts = []
-        for hk in head_counts:
-            kept = torch.sort(order_h[:hk]).values
-            whole = _flops(fam, model, i, replace(shape, num_heads=hk), tokens)
+        for combo in combos:
+            hk = combo[0]
+            kept = _kept_query_heads(order_h, order_q, combo, shape)
+            at = replace(shape, num_heads=len(kept), kv_heads=hk if shape.kv_heads is not None else None)
+            whole = _flops(fam, model, i, at, tokens)
             menus = []
-            err0 = vo_scale * float(vo_errs[hk][d]) if ("heads" in parts and "vo" not in parts) else 0.0
+            err0 = vo_scale * float(vo_errs[combo][d]) if ("heads" in parts and "vo" not in parts) else 0.0
+            # KV-cache bytes per token: hk kv heads x (key width + value width); each width's share rides on its menu
+            kv0 = hk * kv_bytes * ((d if qk_grid is None else 0) + (d if "vo" not in parts else 0))
             if qk_grid is not None:
-                f = _width_flops(lambda k: _flops(fam, model, i, replace(shape, num_heads=hk, qk_dim=k), tokens) - whole,
-                                 qk_widths)
-                menus.append(engine.Menu(qk_scale * qk_grid[:, kept].sum(1), f))
+                f = _width_flops(lambda k: _flops(fam, model, i, replace(at, qk_dim=k), tokens) - whole, qk_widths)
+                menus.append(engine.Menu(qk_scale * qk_grid[:, kept].sum(1), f,
+                                         torch.tensor(qk_widths, dtype=torch.float64) * hk * kv_bytes))
             if "vo" in parts:
-                f = _width_flops(lambda k: _flops(fam, model, i, replace(shape, num_heads=hk, v_dim=k), tokens) - whole,
-                                 v_widths)
-                menus.append(engine.Menu(vo_scale * vo_errs[hk][v_widths], f))
-            alts.append(engine.Alternative(err0, whole - base, menus))
+                f = _width_flops(lambda k: _flops(fam, model, i, replace(at, v_dim=k), tokens) - whole, v_widths)
+                menus.append(engine.Menu(vo_scale * vo_errs[combo][v_widths], f,
+                                         torch.tensor(v_widths, dtype=torch.float64) * hk * kv_bytes))
+            alts.append(engine.Alternative(err0, whole - base, menus, kv0))
         groups.append(alts)
     return groups, info
 
@@ -238,14 +267,18 @@ def allocate(fam: ModelFamily, model: nn.Module, stats: Statistics, opts: PruneO
     weighting = WEIGHTING if weighting is None else weighting
     if weighting not in WEIGHTINGS:
         raise InputError(f"weighting must be one of {', '.join(WEIGHTINGS)}, not {weighting!r}")
-    if opts.flops_budget is None:
-        raise InputError("allocate needs a --flops-budget")
+    if opts.flops_budget is None and opts.kv_budget is None:
+        raise InputError("allocate needs a --flops-budget or a --kv-budget")
     t0 = time.perf_counter()
     parts = list(opts.parts)
     require_parts(stats, stats_parts_for(parts))
     counts = model_counts(model, family=fam)
     tokens, dense = counts["tokens"], counts["flops"]
-    budget = opts.flops_budget * dense
+    flops_frac = opts.flops_budget if opts.flops_budget is not None else 1.0
+    budget = flops_frac * dense
+    dense_kv = counts.get("kv_bytes_per_token")
+    if opts.kv_budget is not None and dense_kv is None:
+        raise InputError(f"--kv-budget: {fam.name} models keep no key/value cache")
     groups: list[list[engine.Alternative]] = []
     owners: list[int] = []
     kinds: list[str] = []
@@ -261,11 +294,19 @@ def allocate(fam: ModelFamily, model: nn.Module, stats: Statistics, opts: PruneO
             kinds += (["mlp"] if "mlp" in parts else []) + (["attn"] if len(g) > ("mlp" in parts) else [])
             infos.append(info)
     try:
-        picks = engine.allocate_budget(groups, budget - dense)
-    except ValueError:
+        if opts.kv_budget is None:
+            picks = engine.allocate_budget(groups, budget - dense)
+        else:
+            # the KV bytes of blocks whose attention the target leaves whole are fixed
+            fixed = dense_kv if not {"qk", "vo", "heads"} & set(parts) else 0
+            picks = engine.allocate_two_budgets(groups, budget - dense, opts.kv_budget * dense_kv - fixed)
+    except ValueError as e:
+        if "KV budget" in str(e):
+            raise InputError(f"--kv-budget {opts.kv_budget:g} is below what the allowed widths reach within the FLOPs "
+                             f"budget with target {opts.target}: raise it or add vo/heads/qk to --target") from None
         cheapest = dense + sum(min(a.flops + sum(float(m.flops.min()) for m in a.menus) for a in alts) for alts in groups)
         raise InputError(
-            f"--flops-budget {opts.flops_budget:g} is below what the allowed widths reach ({cheapest / dense:.3f} of the "
+            f"--flops-budget {flops_frac:g} is below what the allowed widths reach ({cheapest / dense:.3f} of the "
             f"dense FLOPs with target {opts.target}, --min-keep/--min-qk-dim/--round-to as given): raise it or add parts "
             "to --target"
         ) from None
@@ -277,13 +318,18 @@ def allocate(fam: ModelFamily, model: nn.Module, stats: Statistics, opts: PruneO
         b["flops"] = int(shape_flops(fam, model, i, s, tokens)["total"])
     if flops > budget:  # the menus assume a block's parts add up; a layout where they do not would show here
         raise NumericalError(f"the allocation counts {flops / dense:.4f} of the dense FLOPs, above the budget "
-                             f"{opts.flops_budget:g}: {fam.name}'s FLOPs do not separate by part")
-    if flops < (1.0 - BUDGET_TOLERANCE) * budget:
+                             f"{flops_frac:g}: {fam.name}'s FLOPs do not separate by part")
+    kv = kv_cache_bytes(pruned, kv_value_bytes(model)) if dense_kv is not None else None
+    if kv is not None and opts.kv_budget is not None and kv > opts.kv_budget * dense_kv * (1 + 1e-12):
+        raise NumericalError(f"the allocation keeps {kv / dense_kv:.4f} of the dense KV cache, above --kv-budget "
+                             f"{opts.kv_budget:g}")
+    kv_binds = kv is not None and opts.kv_budget is not None and kv >= (1.0 - BUDGET_TOLERANCE) * opts.kv_budget * dense_kv
+    if opts.flops_budget is not None and not kv_binds and flops < (1.0 - BUDGET_TOLERANCE) * budget:
         log.warning("the chosen widths keep %.4f of the dense FLOPs, more than %.0f%% below the budget %g (the "
                     "allowed widths are too coarse to come closer)", flops / dense, 100 * BUDGET_TOLERANCE,
                     opts.flops_budget)
     return Allocation(widths=widths, blocks=blocks, budget=opts.flops_budget, dense_flops=dense, flops=flops,
-                      seconds=time.perf_counter() - t0)
+                      seconds=time.perf_counter() - t0, kv_budget=opts.kv_budget, dense_kv=dense_kv, kv=kv)
 
 
 def _decode(
@@ -302,8 +348,9 @@ def _decode(
             if k < shape.mlp_hidden:
                 w["mlp"] = k
             continue
-        hk = info["head_counts"][a]
-        kept = torch.sort(info["head_order"][:hk]).values
+        combo = info["head_counts"][a]
+        hk, qg = combo
+        kept = _kept_query_heads(*info["head_order"], combo, shape)
         menu = iter(ks)
         if "qk" in parts:
             qw, grid = info["qk"]
@@ -314,22 +361,34 @@ def _decode(
             if qw[j] < shape.head_dim:
                 w["qk"] = qw[j]
         dv = info["v_widths"][next(menu)] if "vo" in parts else shape.head_dim
-        err = float(info["vo_errs"][hk][dv]) if info["vo_errs"] else 0.0
+        err = float(info["vo_errs"][combo][dv]) if info["vo_errs"] else 0.0
         if "vo" in parts:
             # the attention output's error: removed value dims and removed heads together
             rec["vo"] = {"kept": dv, "width": shape.head_dim, "predicted_error": err}
             if dv < shape.head_dim:
                 w["vo"] = dv
         if "heads" in parts:
-            rec["heads"] = {"kept": hk, "width": shape.num_heads, "kept_heads": [int(h) for h in kept],
+            rec["heads"] = {"kept": hk, "width": kv_count(shape), "kept_heads": [int(h) for h in kept],
+                            **({"query_heads_per_group": qg} if group_size(shape) > 1 else {}),
                             **({"predicted_error": err} if "vo" not in parts else {})}
-            if hk < shape.num_heads:
+            if hk < kv_count(shape):  # kv heads under grouped-query attention, with their query heads
                 w["heads"] = hk
+            if qg < group_size(shape):
+                w["q_heads"] = qg
     return widths, blocks
 
 
+def _kept_query_heads(order_kv: Tensor, order_q: Tensor, combo: tuple[int, int], shape: BlockShape) -> Tensor:
+    """The query heads kept with `combo` = (kv heads kept, query heads per kept group): as plan_masks keeps them."""
+    hk, qg = combo
+    heads = query_heads_of(torch.sort(order_kv[:hk]).values, shape)
+    return heads if qg == group_size(shape) else _best_in_groups(order_q, heads, shape, qg)
+
+
 def _pruned_shape(shape: BlockShape, w: Widths) -> BlockShape:
-    return replace(shape, mlp_hidden=w.get("mlp", shape.mlp_hidden), num_heads=w.get("heads", shape.num_heads),
+    kv = w.get("heads", kv_count(shape))  # under grouped-query attention a kept head is a kv head with its group
+    return replace(shape, mlp_hidden=w.get("mlp", shape.mlp_hidden), num_heads=kv * w.get("q_heads", group_size(shape)),
+                   kv_heads=kv if shape.kv_heads is not None else None,
                    qk_dim=w.get("qk", shape.qk_dim), v_dim=w.get("vo", shape.v_dim))
 
 

@@ -209,6 +209,10 @@ class PruneResult:
                 "flops_after": after["flops"],
                 "flops_reduction": 1.0 - after["flops"] / before["flops"],
                 "params_reduction": 1.0 - after["params"] / before["params"],
+                **({"kv_bytes_per_token_before": before["kv_bytes_per_token"],
+                    "kv_bytes_per_token_after": after["kv_bytes_per_token"],
+                    "kv_ratio": after["kv_bytes_per_token"] / before["kv_bytes_per_token"]}
+                   if "kv_bytes_per_token" in before else {}),
             },
             "seconds": round(self.seconds, 3),
             **({"allocation": self.allocation} if self.allocation is not None else {}),
@@ -276,7 +280,7 @@ def prune(
     fam = loaded.family
     check_prunable(fam, loaded.model, opts)
     allocation = None
-    if masks is None and opts.flops_budget is not None:
+    if masks is None and opts.budgeted:
         from corp_cli.allocation import allocate
 
         alloc = allocate(fam, loaded.model, stats, opts)
@@ -386,8 +390,11 @@ def save_pruned(
                    options=result.options.to_dict(), stats_fingerprint=fingerprint,
                    allocation=result.allocation["blocks"] if result.allocation is not None else None)
         loaded.model.cpu()
-        save_pruned_checkpoint(tmp, loaded, provenance)
+        arch = save_pruned_checkpoint(tmp, loaded, provenance)
         report = result.report(fingerprint)
+        reload = loaded.family.reload_case(arch)
+        if reload is not None:
+            report["reload"] = reload
         if started is not None:
             report["seconds"] = round(time.perf_counter() - started, 3)
         write_json_atomic(tmp / REPORT_FILE, report)

@@ -30,7 +30,7 @@ import torch
 
 from corp_cli.errors import InputError
 from corp_cli.family import Batch, Loaded
-from corp_cli.flops import model_counts
+from corp_cli.flops import kv_cache_bytes, model_counts
 
 log = logging.getLogger(__name__)
 
@@ -262,15 +262,20 @@ def time_decode(loaded: Loaded, batch_size: int, cfg: BenchConfig, prompt_tokens
 
 
 def static_figures(loaded: Loaded, dtype: torch.dtype) -> dict[str, Any]:
-    counts = model_counts(loaded.model, family=loaded.family)
+    fam, model = loaded.family, loaded.model
+    counts = model_counts(model, family=fam)
     params = counts["params"]
-    return {
+    size = torch.empty((), dtype=dtype).element_size()
+    out = {
         "params": params,
-        "param_bytes": params * torch.empty((), dtype=dtype).element_size(),
+        "param_bytes": params * size,
         "flops_per_item": counts["flops"],
         "tokens": counts["tokens"],
         "per_block_flops": [b["total"] for b in counts["per_block"]],
     }
+    if fam.caches_keys_values:  # what each generated (or prompt) token adds to the KV cache, in the timed dtype
+        out["kv_bytes_per_token"] = kv_cache_bytes([fam.shape(model, i) for i in range(fam.num_blocks(model))], size)
+    return out
 
 
 def compare(model_rows: list[dict[str, Any]], ref_rows: list[dict[str, Any]], flops: int, ref_flops: int) -> list[dict[str, Any]]:

@@ -218,7 +218,8 @@ def check_parts(loaded: Loaded, parts: tuple[str, ...]) -> None:
         why = fam.qk_refusal(model, i) if "attn" in parts else None
         why = why or (fam.vo_refusal(model, i) if "vo" in parts else None)
         if why is not None:
-            allowed = [p for p in parts if p == "mlp" or (p == "attn" and fam.qk_refusal(model, i) is None)]
+            allowed = [p for p in parts if p == "mlp" or (p == "attn" and fam.qk_refusal(model, i) is None)
+                       or (p == "vo" and fam.vo_refusal(model, i) is None)]
             raise InputError(f"{why}; calibrate with --parts {','.join(allowed) or 'mlp'}")
 
 

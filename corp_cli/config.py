@@ -126,20 +126,22 @@ PART_OPTIONS = {
     "qk": {"attn_sparsity": "--attn-sparsity", "qk_ranker": "--qk-ranker", "min_qk_dim": "--min-qk-dim",
            "qk_balanced": "--qk-fold"},
     "vo": {"vo_sparsity": "--vo-sparsity", "vo_ranker": "--vo-ranker"},
-    "heads": {"head_sparsity": "--head-sparsity", "head_ranker": "--head-ranker"},
+    "heads": {"head_sparsity": "--head-sparsity", "head_ranker": "--head-ranker", "q_head_sparsity": "--q-head-sparsity"},
 }
 # With --flops-budget the allocator chooses every width: these flags have nothing left to set.
 BUDGET_REPLACES = {"sparsity": "--sparsity", "mlp_sparsity": "--mlp-sparsity", "attn_sparsity": "--attn-sparsity",
-                   "vo_sparsity": "--vo-sparsity", "head_sparsity": "--head-sparsity"}
+                   "vo_sparsity": "--vo-sparsity", "head_sparsity": "--head-sparsity",
+                   "q_head_sparsity": "--q-head-sparsity"}
 
 
 def check_options_apply(opts: PruneOptions, flags: dict[str, Any], config: dict[str, Any] | None = None,
                         config_path: Path | None = None) -> None:
     """Refuse part-specific flags (given, i.e. not None) that the final target does not prune."""
-    if opts.flops_budget is not None:
+    if opts.budgeted:
         given = [flag for key, flag in BUDGET_REPLACES.items() if flags.get(key) is not None]
         if given:
-            raise InputError(f"--flops-budget chooses every block's sparsities; drop {', '.join(given)}")
+            which = "--flops-budget" if opts.flops_budget is not None else "--kv-budget"
+            raise InputError(f"{which} chooses every block's sparsities; drop {', '.join(given)}")
     part_name = {"mlp": "MLP", "qk": "Q/K", "vo": "V/O", "heads": "head"}
     for part, names in PART_OPTIONS.items():
         if part in opts.parts:
@@ -155,7 +157,8 @@ def check_options_apply(opts: PruneOptions, flags: dict[str, Any], config: dict[
 
 # The options that choose masks; with --masks the file's own record of them is what applied.
 MASK_CHOOSERS = ("mlp_sparsity", "attn_sparsity", "ranker", "qk_ranker", "round_to", "min_keep", "min_qk_dim",
-                 "vo_sparsity", "head_sparsity", "vo_ranker", "head_ranker", "flops_budget")
+                 "vo_sparsity", "head_sparsity", "vo_ranker", "head_ranker", "flops_budget", "q_head_sparsity",
+                 "kv_budget")
 
 
 def masks_target(masks: list[BlockMasks]) -> str:

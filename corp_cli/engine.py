@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -138,20 +139,22 @@ def gram_batch_stats(x: Tensor, product_dtype: torch.dtype = ACC_DTYPE) -> dict[
 
 
 def qk_batch_stats(q: Tensor, k: Tensor, product_dtype: torch.dtype = ACC_DTYPE) -> dict[str, Tensor]:
-    """Per-head sums over one batch of queries/keys shaped (B, H, N, d).
+    """Per-head sums over one batch of queries (B, Hq, N, d) and keys (B, Hkv, N, d).
 
     Full per-head second moments (for the logit solve and its error), and the same-token
-    sum of q_j^2 k_j^2 (for the joint ranker).
+    sum of q_j^2 k_j^2 (for the joint ranker). Under grouped-query attention (Hkv < Hq, query
+    heads h*G .. h*G+G-1 reading kv head h) the key moments are per kv head, qk_sq per query head.
     """
     b, nh, t, d = q.shape
+    nkv = k.shape[1]
     qh = q.transpose(0, 1).reshape(nh, b * t, d)
-    kh = k.transpose(0, 1).reshape(nh, b * t, d)
+    kh = k.transpose(0, 1).reshape(nkv, b * t, d)
     qp, kp = qh.to(product_dtype), kh.to(product_dtype)
     return {
         "count": torch.tensor([b * t], dtype=torch.int64, device=q.device),
         "q_gram": torch.bmm(qp.transpose(1, 2), qp),
         "k_gram": torch.bmm(kp.transpose(1, 2), kp),
-        "qk_sq": (qh.to(ACC_DTYPE).square() * kh.to(ACC_DTYPE).square()).sum(1),
+        "qk_sq": (qh.to(ACC_DTYPE).square() * kh.to(ACC_DTYPE).square().repeat_interleave(nh // nkv, 0)).sum(1),
     }
 
 
@@ -1302,6 +1305,7 @@ class Menu:
 
     err: Tensor  # (K,) float64
     flops: Tensor  # (K,) float64
+    kv: Tensor | None = None  # (K,) a second cost (KV-cache bytes per token); None: 0
 
 
 @dataclass
@@ -1311,6 +1315,56 @@ class Alternative:
     err: float
     flops: float
     menus: list[Menu]
+    kv: float = 0.0  # the second cost of the fixed part
+
+
+def picked_kv(groups: list[list[Alternative]], picks: list[tuple[int, list[int]]]) -> float:
+    """The second cost (KV bytes) of a choice."""
+    return sum(alts[a].kv + sum(float(m.kv[k]) for m, k in zip(alts[a].menus, ks) if m.kv is not None)
+               for alts, (a, ks) in zip(groups, picks))
+
+
+def _priced(groups: list[list[Alternative]], nu: float) -> list[list[Alternative]]:
+    """The groups with the second cost priced into the error at nu per unit."""
+    return [[Alternative(a.err + nu * a.kv, a.flops,
+                         [Menu(m.err + nu * m.kv if m.kv is not None else m.err, m.flops, m.kv) for m in a.menus], a.kv)
+             for a in alts] for alts in groups]
+
+
+def allocate_two_budgets(groups: list[list[Alternative]], budget: float, kv_budget: float) -> list[tuple[int, list[int]]]:
+    """allocate_budget with a second budget on the `kv` costs (KV-cache bytes), both held.
+
+    The second constraint is priced into the error at a multiplier nu (a second Lagrangian), bisected
+    to the smallest nu whose FLOPs-budgeted choice also fits the KV budget; the FLOPs allocation (and its
+    greedy fill, which then never buys KV bytes that are not worth nu each) runs for every nu tried.
+    Raises ValueError when even the KV-cheapest choice within the FLOPs budget does not fit.
+    """
+    picks = allocate_budget(groups, budget)
+    if picked_kv(groups, picks) <= kv_budget:
+        return picks
+    nu = _smallest_multiplier(lambda x: picked_kv(groups, allocate_budget(_priced(groups, x), budget)) > kv_budget,
+                              100, 1e-9, "no choice within the FLOPs budget meets the KV budget")
+    return allocate_budget(_priced(groups, nu), budget)
+
+
+def _smallest_multiplier(too_big: Callable[[float], bool], rounds: int, rel: float, why: str) -> float:
+    """The smallest multiplier (> 0, bisected in log space) whose choice is not `too_big`; ValueError(why) if none."""
+    lo, hi = 0.0, 1e-30
+    while too_big(hi):
+        lo, hi = hi, hi * 10.0
+        if hi > 1e300:
+            raise ValueError(why)
+    for _ in range(rounds):
+        mid = math.sqrt(lo * hi) if lo > 0 else hi / 10.0
+        if mid <= lo or mid >= hi:
+            break
+        if too_big(mid):
+            lo = mid
+        else:
+            hi = mid
+        if lo > 0 and hi / lo < 1 + rel:
+            break
+    return hi
 
 
 def _lagrangian(groups: list[list[Alternative]], mu: float) -> tuple[float, list[tuple[int, list[int]]]]:
@@ -1354,21 +1408,8 @@ def allocate_budget(groups: list[list[Alternative]], budget: float) -> list[tupl
         raise ValueError(f"the cheapest allowed widths cost {cheapest:.6g} FLOPs, above the budget {budget:.6g}")
     flops0, picks = _lagrangian(groups, 0.0)
     if flops0 > budget:
-        lo, hi = 0.0, 1e-30
-        while _lagrangian(groups, hi)[0] > budget:
-            lo, hi = hi, hi * 10.0
-            if hi > 1e300:
-                raise ValueError("no multiplier meets the budget")
-        for _ in range(200):
-            mid = math.sqrt(lo * hi) if lo > 0 else hi / 10.0
-            if mid <= lo or mid >= hi:
-                break
-            if _lagrangian(groups, mid)[0] > budget:
-                lo = mid
-            else:
-                hi = mid
-            if lo > 0 and hi / lo < 1 + 1e-12:
-                break
+        hi = _smallest_multiplier(lambda mu: _lagrangian(groups, mu)[0] > budget, 200, 1e-12,
+                                  "no multiplier meets the budget")
         picks = _lagrangian(groups, hi)[1]
     return _switch_alternatives(groups, _fill(groups, picks, budget), budget)
 

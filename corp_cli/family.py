@@ -194,7 +194,8 @@ class MlpWeights:
 class AttentionCut:
     """What block i's attention keeps, with the corrections folded in (see ModelFamily.install_attention).
 
-    Rows of `qk_keep`, `qk_m` and `v_keep` are the kept heads, in `heads` order. Per-head
+    Rows of `qk_keep`, `qk_m` and `v_keep` are the kept heads, in `heads` order (under
+    grouped-query attention `qk_keep`/`v_keep` rows are the kept kv heads, see `kv_heads`). Per-head
     widths are equal inside the block, so the result is a regular narrower attention.
     """
 
@@ -205,6 +206,9 @@ class AttentionCut:
     out_weight: Tensor  # (out, Hk*dv) the output projection over the kept dims, compensation folded in
     out_bias: Tensor | None
     balanced: bool = True  # how the logit correction is split between the Q and K rows
+    # grouped-query attention: the kept key/value heads, ascending; then the rows of `qk_keep` and `v_keep`
+    # are these kv heads (a kv head's dims are its whole group's) while `qk_m` stays per kept query head
+    kv_heads: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -238,6 +242,8 @@ class ModelFamily(abc.ABC):
     # For README / --help: example names and what can be pruned.
     examples: tuple[str, ...] = ()
     summary: str = ""
+    # Whether generation keeps a key/value cache per token (decoders): then corp counts its bytes
+    caches_keys_values: bool = False
 
     # ---- specs and loading
 
@@ -473,6 +479,10 @@ class ModelFamily(abc.ABC):
         return Loaded(model=model, family=self, identity=identity, preprocessing=prep,
                       classes=parse_classes(meta.get("classes")),
                       model_kwargs=dict(meta["architecture"].get("model_kwargs") or {}), source_dir=folder)
+
+    def reload_case(self, arch: dict[str, Any]) -> str | None:
+        """How a pruned checkpoint of `arch` is reloaded, in one line for the prune command (None: nothing to say)."""
+        return None
 
     def stock_loader(self, arch: dict[str, Any]) -> Callable[[], nn.Module] | None:
         """A builder using only the model's own library classes (no corp modules), when the pruning allows one."""

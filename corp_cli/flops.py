@@ -50,6 +50,11 @@ def shape_flops(family: ModelFamily, model: nn.Module, i: int, shape: BlockShape
                        shape.kv_heads, v_dim=shape.v_dim)
 
 
+def kv_cache_bytes(shapes: list[BlockShape], bytes_per_value: int) -> int:
+    """KV-cache bytes one token adds during generation: every block's kv heads x (key width + value width)."""
+    return sum((s.kv_heads or s.num_heads) * (s.qk_dim + s.v_dim) for s in shapes) * bytes_per_value
+
+
 def model_counts(model: nn.Module, tokens: int | None = None, family: ModelFamily | None = None) -> dict[str, Any]:
     """Parameters and per-item forward FLOPs of the blocks and the whole model.
 
@@ -62,12 +67,18 @@ def model_counts(model: nn.Module, tokens: int | None = None, family: ModelFamil
         family = family_of(model)
     if tokens is None:
         tokens = family.tokens_per_item(model)
-    blocks = [shape_flops(family, model, i, family.shape(model, i), tokens) for i in range(family.num_blocks(model))]
+    shapes = [family.shape(model, i) for i in range(family.num_blocks(model))]
+    blocks = [shape_flops(family, model, i, s, tokens) for i, s in enumerate(shapes)]
     in_blocks = sum(b["total"] for b in blocks)
-    return {
+    out = {
         "params": sum(p.numel() for p in model.parameters()),
         "tokens": tokens,
         "flops": family.outer_flops(model, tokens) + in_blocks,
         "flops_blocks": in_blocks,
         "per_block": blocks,
     }
+    if family.caches_keys_values:
+        # in the model's own dtype (the cache holds keys and values as the model computes them)
+        p = next(iter(model.parameters()), None)
+        out["kv_bytes_per_token"] = kv_cache_bytes(shapes, p.element_size() if p is not None else 4)
+    return out

@@ -85,7 +85,7 @@ def load_masks(path: Path, shapes: list[dict[str, int]] | None = None) -> tuple[
         limit, heads = shapes[i].get(limit_key), shapes[i].get("num_heads")
         if not _positive_int(limit) or (want_ndim == 2 and not _positive_int(heads)):
             raise ArtifactError(f"{path}: block_shapes[{i}] has no valid {limit_key}/num_heads for {key}")
-        rows_wanted = heads if masks[i].heads is None else int(masks[i].heads.numel())
+        rows_wanted = _rows_wanted(shapes[i], masks[i].heads)
         if t.ndim != want_ndim or (want_ndim == 2 and t.shape[0] != rows_wanted):
             raise ArtifactError(f"{path}: {key} has shape {tuple(t.shape)}, which does not fit block {i}")
         rows = t.reshape(1, -1) if want_ndim == 1 else t
@@ -95,6 +95,15 @@ def load_masks(path: Path, shapes: list[dict[str, int]] | None = None) -> tuple[
             raise ArtifactError(f"{path}: {key} indices must be strictly ascending (no duplicates)")
         setattr(masks[i], part, t)
     return masks, meta
+
+
+def _rows_wanted(shape: dict[str, Any], heads: Tensor | None) -> int:
+    """Rows of a per-head part: one per kept head, or, under grouped-query attention, per kept kv head."""
+    nh, kv = shape["num_heads"], shape.get("kv_heads")
+    group = nh // kv if _positive_int(kv) and kv < nh and nh % kv == 0 else 1
+    if heads is None:
+        return nh // group
+    return int(torch.unique(torch.div(heads, group, rounding_mode="floor")).numel())
 
 
 def _positive_int(v: Any) -> bool:

@@ -41,13 +41,15 @@ FIXES = {
 }
 
 
-def block_stats_bytes(dim_hidden: int, num_heads: int, head_dim: int, parts: tuple[str, ...], elem: int = F64) -> int:
-    """Bytes of one block's statistics: the MLP Gram (D^2), sum and |h| histogram; per head the q/k Grams."""
+def block_stats_bytes(dim_hidden: int, num_heads: int, head_dim: int, parts: tuple[str, ...], elem: int = F64,
+                      kv_heads: int | None = None) -> int:
+    """Bytes of one block's statistics: the MLP Gram (D^2), sum and |h| histogram; per head the q/k Grams
+    (the k Grams per kv head under grouped-query attention)."""
     total = 0
     if "mlp" in parts:
         total += dim_hidden * dim_hidden * elem + dim_hidden * elem + dim_hidden * engine.HIST_BINS * I64 + I64
     if "attn" in parts:
-        total += 2 * num_heads * head_dim * head_dim * elem + num_heads * head_dim * F64 + I64
+        total += (num_heads + (kv_heads or num_heads)) * head_dim * head_dim * elem + num_heads * head_dim * F64 + I64
     return total
 
 
@@ -110,9 +112,10 @@ def plan_calibration(
     param = next(iter(model.parameters()), None)
     f_elem = torch.empty((), dtype=forward_dtype or (param.dtype if param is not None else torch.float32)).element_size()
     weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
-    sums = sum(block_stats_bytes(shapes[i].mlp_hidden, shapes[i].num_heads, shapes[i].head_dim, parts) for i in covered)
-    held = sum(block_stats_bytes(shapes[i].mlp_hidden, shapes[i].num_heads, shapes[i].head_dim, parts, p_elem)
-               for i in covered)
+    sums = sum(block_stats_bytes(shapes[i].mlp_hidden, shapes[i].num_heads, shapes[i].head_dim, parts,
+                                 kv_heads=shapes[i].kv_heads) for i in covered)
+    held = sum(block_stats_bytes(shapes[i].mlp_hidden, shapes[i].num_heads, shapes[i].head_dim, parts, p_elem,
+                                 kv_heads=shapes[i].kv_heads) for i in covered)
     widest = max(shapes, key=lambda s: s.mlp_hidden)
     heads = max(s.num_heads * s.head_dim for s in shapes)
     dim = max(s.dim for s in shapes)

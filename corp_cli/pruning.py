@@ -31,7 +31,7 @@ VO_RANKERS = D.VO_RANKERS
 HEAD_RANKERS = D.HEAD_RANKERS
 # Options a per-block override (YAML `blocks:` entries) may set.
 BLOCK_OVERRIDABLE = ("mlp_sparsity", "attn_sparsity", "ranker", "qk_ranker", "min_keep", "min_qk_dim", "round_to",
-                     "vo_sparsity", "head_sparsity", "vo_ranker", "head_ranker")
+                     "vo_sparsity", "head_sparsity", "vo_ranker", "head_ranker", "q_head_sparsity")
 # The sparsity option of each target part.
 PART_SPARSITY = {"mlp": "mlp_sparsity", "qk": "attn_sparsity", "vo": "vo_sparsity", "heads": "head_sparsity"}
 # Fields added after the first named targets: recorded only where they mean something, so the
@@ -86,10 +86,15 @@ class PruneOptions:
     vo_ranker: str = D.VO_RANKER
     head_ranker: str = D.HEAD_RANKER
     flops_budget: float | None = None  # keep at most this fraction of the dense FLOPs; widths chosen per block
+    # grouped-query attention: the fraction of query heads removed inside each kept kv group (the same count in
+    # every group, so the layout stays the stock one); with the "heads" part
+    q_head_sparsity: float = 0.0
+    # keep at most this fraction of the dense KV-cache bytes per token (decoders); widths chosen per block
+    kv_budget: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "target", target_name(parse_target(self.target)))
-        for name in ("mlp_sparsity", "attn_sparsity", "vo_sparsity", "head_sparsity"):
+        for name in ("mlp_sparsity", "attn_sparsity", "vo_sparsity", "head_sparsity", "q_head_sparsity"):
             _check_sparsity(name, getattr(self, name))
         for name, allowed in (("ranker", MLP_RANKERS), ("qk_ranker", QK_RANKERS), ("vo_ranker", VO_RANKERS),
                               ("head_ranker", HEAD_RANKERS)):
@@ -100,6 +105,13 @@ class PruneOptions:
         for name in ("round_to", "min_keep", "min_qk_dim"):
             if getattr(self, name) < 1:
                 raise InputError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.kv_budget is not None:
+            f = self.kv_budget
+            if isinstance(f, bool) or not isinstance(f, (int, float)) or not (0.0 < f <= 1.0):
+                raise InputError(f"--kv-budget must be a fraction of the dense KV-cache bytes in (0, 1], got {f!r}")
+            if self.block_overrides:
+                raise InputError("--kv-budget chooses every block's widths; per-block overrides (--config blocks:) "
+                                 "do not apply: drop one of them")
         if self.flops_budget is not None:
             f = self.flops_budget
             if isinstance(f, bool) or not isinstance(f, (int, float)) or not (0.0 < f < 1.0):
@@ -135,7 +147,13 @@ class PruneOptions:
 
     def active(self, part: str) -> bool:
         """Whether `part` is pruned at all: in the target, and given a sparsity (or a FLOPs budget to share)."""
-        return part in self.parts and (self.flops_budget is not None or getattr(self, PART_SPARSITY[part]) > 0)
+        given = getattr(self, PART_SPARSITY[part]) > 0 or (part == "heads" and self.q_head_sparsity > 0)
+        return part in self.parts and (self.budgeted or given)
+
+    @property
+    def budgeted(self) -> bool:
+        """Widths chosen by the allocator (a FLOPs and/or a KV-cache budget) rather than by the sparsities."""
+        return self.flops_budget is not None or self.kv_budget is not None
 
     def for_block(self, i: int) -> PruneOptions:
         ov = self.block_overrides.get(i)
@@ -150,6 +168,10 @@ class PruneOptions:
                     d.pop(n)
         if self.flops_budget is None:
             d.pop("flops_budget")
+        if not self.q_head_sparsity:
+            d.pop("q_head_sparsity")
+        if self.kv_budget is None:
+            d.pop("kv_budget")
         return d
 
     @staticmethod
@@ -195,7 +217,10 @@ def keep_counts(o: PruneOptions, shape: BlockShape, *, pairs: bool = False) -> W
     if o.prune_mlp and o.mlp_sparsity > 0:
         counts["mlp"] = engine.keep_count(shape.mlp_hidden, o.mlp_sparsity, round_to=o.round_to, min_keep=o.min_keep)
     if o.prune_heads and o.head_sparsity > 0:
-        counts["heads"] = engine.keep_count(shape.num_heads, o.head_sparsity)
+        # under grouped-query attention a head is a key/value head with its group of query heads
+        counts["heads"] = engine.keep_count(kv_count(shape), o.head_sparsity)
+    if o.prune_heads and o.q_head_sparsity > 0 and group_size(shape) > 1:
+        counts["q_heads"] = engine.keep_count(group_size(shape), o.q_head_sparsity)  # per kept kv group
     if o.prune_attn and o.attn_sparsity > 0:
         counts["qk"] = (engine.keep_count(shape.head_dim, o.attn_sparsity, round_to=2, min_keep=o.min_qk_dim + o.min_qk_dim % 2)
                         if pairs else engine.keep_count(shape.head_dim, o.attn_sparsity, min_keep=o.min_qk_dim))
@@ -213,7 +238,7 @@ def check_block(fam: ModelFamily, model: nn.Module, i: int, o: PruneOptions, par
         why = fam.mlp_refusal(model, i)
     if "qk" in parts:
         why = why or fam.qk_refusal(model, i)
-    if "vo" in parts or "heads" in parts:
+    if "vo" in parts or "heads" in parts or "q_heads" in parts:
         why = why or fam.vo_refusal(model, i)
     if why is not None:
         raise UnsupportedModelError(why)
@@ -221,11 +246,14 @@ def check_block(fam: ModelFamily, model: nn.Module, i: int, o: PruneOptions, par
         raise InputError(f"block {i}: --min-keep {o.min_keep} exceeds its {shape.mlp_hidden} MLP units")
     if "qk" in parts and o.min_qk_dim > shape.head_dim:
         raise InputError(f"block {i}: --min-qk-dim {o.min_qk_dim} exceeds the head dim {shape.head_dim}")
+    if ("heads" in parts or "q_heads" in parts) and o.q_head_sparsity > 0 and group_size(shape) == 1:
+        raise InputError(f"block {i}: --q-head-sparsity removes query heads inside a key/value group, but this "
+                         "attention has one query head per key/value head: use --head-sparsity")
 
 
 def stats_parts_for(parts: list[str] | tuple[str, ...]) -> list[str]:
     """The statistics parts that pruning `parts` needs (Q/K: attn; V/O dims and heads: vo)."""
-    need = {"mlp": "mlp", "qk": "attn", "vo": "vo", "heads": "vo"}
+    need = {"mlp": "mlp", "qk": "attn", "vo": "vo", "heads": "vo", "q_heads": "vo"}
     return list(dict.fromkeys(need[p] for p in parts))
 
 
@@ -250,27 +278,95 @@ def plan_masks(model: nn.Module, stats: Statistics, opts: PruneOptions, family: 
 def plan_block(fam: ModelFamily, model: nn.Module, i: int, st: dict[str, dict[str, Tensor]], o: PruneOptions,
                counts: Widths) -> BlockMasks:
     """What block i keeps of each part in `counts`, ranked on its statistics `st` (by part)."""
+    shape = fam.shape(model, i)
     bm = BlockMasks()
     if "mlp" in counts:
         bm.mlp = _rank_mlp(fam.mlp_weights(model, i), st["mlp"], o, counts["mlp"])
-    heads = None
-    if "heads" in counts:
+    kv = None  # the kept key/value heads (every head, or every group, when None)
+    if "heads" in counts or "q_heads" in counts:
         order = head_order(fam, model, i, st["vo"], o)
-        heads = bm.heads = torch.sort(order[: counts["heads"]]).values
+        kv = torch.sort(order[: counts.get("heads", kv_count(shape))]).values
+        bm.heads = query_heads_of(kv, shape)
+        if "q_heads" in counts:
+            bm.heads = _best_in_groups(head_order(fam, model, i, st["vo"], o, per_query=True),
+                                       bm.heads, shape, counts["q_heads"])
     if "qk" in counts:
-        kept = _rank_qk(fam, model, i, st["attn"], o, counts["qk"])
-        bm.attn = kept if heads is None else kept[heads]
+        kept = _rank_qk(fam, model, i, st["attn"], o, counts["qk"])  # rotary: whole pairs' dims, per kv head
+        bm.attn = kept if kv is None else kept[kv]
     if "vo" in counts:
-        ranks = vo_dim_scores(fam, model, i, st["vo"], o)
+        ranks = group_sum(vo_dim_scores(fam, model, i, st["vo"], o), shape)
         kept = engine.select_top_per_head(ranks, counts["vo"]).cpu()
-        bm.vo = kept if heads is None else kept[heads]
+        bm.vo = kept if kv is None else kept[kv]
     return bm
 
 
-def head_order(fam: ModelFamily, model: nn.Module, i: int, st: dict[str, Tensor], o: PruneOptions) -> Tensor:
-    """Block i's heads, most important first, by --head-ranker (every prefix is a kept set)."""
+# ---- grouped-query attention: a key/value head serves a group of query heads
+#
+# Query heads g*G .. g*G+G-1 read kv head g (G = num_heads / kv_heads; the stock layout of
+# the dense model). Their outputs are contiguous in o, so a kv head with its group is one
+# "head" of G*d dims of o for the head rankers, and one value dim of kv head g is the G dims
+# (h, j), h in the group, of o. Masks: `heads` are kept QUERY heads; `attn` and `vo` rows
+# belong to the kept KV heads. Without GQA (G = 1) every rule below is the identity.
+
+
+def kv_count(shape: BlockShape) -> int:
+    return shape.kv_heads or shape.num_heads
+
+
+def group_size(shape: BlockShape) -> int:
+    """Query heads per key/value head (1 without grouped-query attention)."""
+    return shape.num_heads // kv_count(shape)
+
+
+def query_heads_of(kv: Tensor, shape: BlockShape) -> Tensor:
+    """The query heads of the kv heads `kv` (ascending)."""
+    g = group_size(shape)
+    return (kv[:, None] * g + torch.arange(g, device=kv.device)).reshape(-1)
+
+
+def kv_heads_of(heads: Tensor, shape: BlockShape) -> Tensor:
+    """The kv heads the query heads `heads` read (ascending, each once)."""
+    return torch.unique(torch.div(heads, group_size(shape), rounding_mode="floor"))
+
+
+def per_query_head(rows: Tensor, heads: Tensor, shape: BlockShape) -> Tensor:
+    """Rows of the kept kv heads -> one row per kept query head `heads` (its kv head's)."""
+    kv_of = torch.div(heads, group_size(shape), rounding_mode="floor")
+    return rows[torch.searchsorted(kv_heads_of(heads, shape).to(rows.device), kv_of.to(rows.device))]
+
+
+def group_sum(scores: Tensor, shape: BlockShape) -> Tensor:
+    """Per-query-head dim scores (H, d) -> per-kv-head (Hkv, d): a kv dim costs its whole group's."""
+    g = group_size(shape)
+    return scores if g == 1 else scores.reshape(kv_count(shape), g, -1).sum(1)
+
+
+def o_kept_dims(shape: BlockShape, heads: Tensor | None, v_keep: Tensor | None) -> Tensor:
+    """The kept dims of o (the o_proj input): kept query heads, and each one's kv head's kept value dims."""
+    heads = torch.arange(shape.num_heads) if heads is None else heads
+    return engine.vo_kept_dims(heads, None if v_keep is None else per_query_head(v_keep, heads, shape), shape.head_dim)
+
+
+def _best_in_groups(order: Tensor, heads: Tensor, shape: BlockShape, per_group: int) -> Tensor:
+    """The first `per_group` query heads of `order` in every kv group among `heads` (ascending)."""
+    g = group_size(shape)
+    taken: dict[int, list[int]] = {int(kv): [] for kv in kv_heads_of(heads, shape)}
+    for h in order.tolist():
+        group = taken.get(h // g)
+        if group is not None and len(group) < per_group:
+            group.append(h)
+    return torch.tensor(sorted(h for hs in taken.values() for h in hs), dtype=torch.int64)
+
+
+def head_order(fam: ModelFamily, model: nn.Module, i: int, st: dict[str, Tensor], o: PruneOptions, *,
+               per_query: bool = False) -> Tensor:
+    """Block i's (kv) heads, most important first, by --head-ranker (every prefix is a kept set).
+
+    Under grouped-query attention the units are kv heads with their groups, or with `per_query` the query heads.
+    """
     vw = fam.vo_weights(model, i)
-    w, nh = vw.out_weight, fam.shape(model, i).num_heads
+    shape = fam.shape(model, i)
+    w, nh = vw.out_weight, shape.num_heads if per_query else kv_count(shape)
     m = engine.fit_moments({k: v.to(w.device) for k, v in st.items()}, intercept=vw.out_bias is not None)
     if o.head_ranker == "energy":
         return engine.ranking_order(engine.head_energy_scores(w, m.second, nh)).cpu()
@@ -573,9 +669,10 @@ def _prune_attention_cut(fam: ModelFamily, model: nn.Module, i: int, st: dict[st
     w = fam.vo_weights(model, i)
     dev = w.out_weight.device
     heads = (bm.heads if bm.heads is not None else torch.arange(nh)).to(dev)
+    kv = kv_heads_of(heads, shape)
     out: dict[str, Any] = {}
     qk_keep = qk_m = None
-    if bm.attn is not None:
+    if bm.attn is not None:  # rows per kept (kv) head; under rotary embeddings M is per kept query head
         qk_keep = bm.attn.to(dev)
         prune, sol = _qk_solve(fam, model, i, st["attn"], qk_keep, heads, o, forward_dtype)
         qk_m = sol.m if o.compensation else torch.zeros_like(sol.m)
@@ -594,7 +691,9 @@ def _prune_attention_cut(fam: ModelFamily, model: nn.Module, i: int, st: dict[st
     # as for the MLP: a projection without a bias takes an intercept-free fit
     vo_st = {k: v.to(dev) for k, v in st["vo"].items()}
     m = engine.fit_moments(vo_st, intercept=w.out_bias is not None)
-    keep = engine.vo_kept_dims(heads, v_keep, d)
+    # under GQA one value dim is a dim of every query head of its group: the removed set of o is their union,
+    # and the ridge on all of o fits o_proj's correction jointly over the group
+    keep = o_kept_dims(shape, heads, v_keep).to(dev)
     prune = engine.complement(keep, nh * d)
     lam = _mlp_lambda(o, m, keep)
     fit: dict[str, Any] = {}
@@ -612,7 +711,8 @@ def _prune_attention_cut(fam: ModelFamily, model: nn.Module, i: int, st: dict[st
         w_n, b_n = engine.fold_mlp_output(w.out_weight, w.out_bias, keep, prune, sol_o if o.compensation else None)
     fam.install_attention(model, i, AttentionCut(heads=heads, qk_keep=qk_keep, qk_m=qk_m, v_keep=v_keep,
                                                  out_weight=w_n, out_bias=b_n,
-                                                 balanced=o.qk_balanced and fam.rotary_pairs(model, i) is None))
+                                                 balanced=o.qk_balanced and fam.rotary_pairs(model, i) is None,
+                                                 kv_heads=kv if group_size(shape) > 1 else None))
     out["vo"] = {
         "width": nh * d,
         "kept": int(keep.numel()),
@@ -620,6 +720,7 @@ def _prune_attention_cut(fam: ModelFamily, model: nn.Module, i: int, st: dict[st
         "num_heads": nh,
         "heads_kept": int(heads.numel()),
         "kept_heads": [int(h) for h in heads],
+        **({"kv_heads": kv_count(shape), "kv_heads_kept": int(kv.numel())} if group_size(shape) > 1 else {}),
         "head_dim": d,
         "v_kept": int(v_keep.shape[1]) if v_keep is not None else d,
         "lambda": sol_o.lam if sol_o is not None else fit.get("lambda", 0.0),
@@ -646,7 +747,9 @@ def _require_block_parts(st: dict[str, dict[str, Tensor]], needed: list[str], wh
 
 def supported_parts(fam: ModelFamily, model: nn.Module) -> tuple[str, ...]:
     """The statistics parts gathered by default: the MLP always, attention where every block allows Q/K pruning."""
-    attn = all(fam.qk_refusal(model, i) is None for i in range(fam.num_blocks(model)))
+    # rotary Q/K pairs are pruned when asked for (--target qk), not by default
+    attn = all(fam.qk_refusal(model, i) is None and fam.rotary_pairs(model, i) is None
+               for i in range(fam.num_blocks(model)))
     return ("mlp", "attn") if attn else ("mlp",)
 
 
@@ -656,21 +759,54 @@ def default_target(fam: ModelFamily, model: nn.Module) -> str:
 
 def check_prunable(fam: ModelFamily, model: nn.Module, opts: PruneOptions) -> None:
     """Refuse, before any expensive work, a part the family cannot prune correctly in some block."""
+    if opts.kv_budget is not None and not fam.caches_keys_values:
+        raise InputError(f"--kv-budget bounds the key/value cache of a decoder's generation; {fam.name} models keep none "
+                         "(use --flops-budget)")
     for i in range(fam.num_blocks(model)):
         o = opts.for_block(i)
         check_block(fam, model, i, o, [p for p in o.parts if o.active(p)])
 
 
+def planned_shape(shape: BlockShape, counts: Widths) -> BlockShape:
+    """A block's shape once pruned to `counts` (kept heads are kv heads with their groups under GQA)."""
+    kv = counts.get("heads", kv_count(shape))
+    per_group = counts.get("q_heads", group_size(shape))
+    return replace(shape, mlp_hidden=counts.get("mlp", shape.mlp_hidden), num_heads=kv * per_group,
+                   kv_heads=kv if shape.kv_heads is not None else None, qk_dim=counts.get("qk", shape.qk_dim),
+                   v_dim=counts.get("vo", shape.v_dim))
+
+
 def planned_widths(fam: ModelFamily, model: nn.Module, opts: PruneOptions) -> list[dict[str, int]]:
-    """What every block would keep under `opts` (from shapes alone); [] under --flops-budget, whose widths
+    """What every block would keep under `opts` (from shapes alone); [] under a budget, whose widths
     the allocation chooses from the statistics."""
-    if opts.flops_budget is not None:
+    if opts.budgeted:
         return []
     out = []
     for i in range(fam.num_blocks(model)):
         o, s = opts.for_block(i), fam.shape(model, i)
-        k = keep_counts(o, s, pairs=fam.rotary_pairs(model, i) is not None)
-        out.append({"block": i, "mlp_hidden": s.mlp_hidden, "mlp_kept": k.get("mlp", s.mlp_hidden),
-                    "head_dim": s.head_dim, "qk_kept": k.get("qk", s.qk_dim), "num_heads": s.num_heads,
-                    "heads_kept": k.get("heads", s.num_heads), "v_kept": k.get("vo", s.v_dim)})
+        p = planned_shape(s, keep_counts(o, s, pairs=fam.rotary_pairs(model, i) is not None))
+        row = {"block": i, "mlp_hidden": s.mlp_hidden, "mlp_kept": p.mlp_hidden, "head_dim": s.head_dim,
+               "qk_kept": p.qk_dim, "num_heads": s.num_heads, "heads_kept": p.num_heads, "v_kept": p.v_dim}
+        if s.kv_heads is not None:
+            row.update(kv_heads=s.kv_heads, kv_kept=p.kv_heads)
+        out.append(row)
+    return out
+
+
+def planned_totals(fam: ModelFamily, model: nn.Module, widths: list[dict[str, int]]) -> dict[str, Any]:
+    """FLOPs per item (and KV-cache bytes per token, for decoders) of the dense model and of `widths` (planned_widths)."""
+    from corp_cli.flops import kv_cache_bytes, model_counts, shape_flops
+
+    counts = model_counts(model, family=fam)
+    shapes = [replace(fam.shape(model, w["block"]), mlp_hidden=w["mlp_kept"], qk_dim=w["qk_kept"],
+                      num_heads=w["heads_kept"], v_dim=w["v_kept"], kv_heads=w.get("kv_kept")) for w in widths]
+    flops = counts["flops"] - counts["flops_blocks"] + sum(
+        int(shape_flops(fam, model, i, s, counts["tokens"])["total"]) for i, s in enumerate(shapes))
+    out: dict[str, Any] = {"tokens": counts["tokens"], "flops_dense": counts["flops"], "flops": flops,
+                           "flops_ratio": flops / counts["flops"]}
+    if "kv_bytes_per_token" in counts:
+        p = next(iter(model.parameters()), None)
+        kv = kv_cache_bytes(shapes, p.element_size() if p is not None else 4)
+        out.update(kv_bytes_per_token_dense=counts["kv_bytes_per_token"], kv_bytes_per_token=kv,
+                   kv_ratio=kv / counts["kv_bytes_per_token"])
     return out

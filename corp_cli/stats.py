@@ -26,7 +26,8 @@ _MLP_FIELDS = {
 _ATTN_FIELDS = {
     "count": (torch.int64, lambda s: (1,)),
     "q_gram": (torch.float64, lambda s: (s["num_heads"], s["head_dim"], s["head_dim"])),
-    "k_gram": (torch.float64, lambda s: (s["num_heads"], s["head_dim"], s["head_dim"])),
+    # under grouped-query attention keys are per kv head (DESIGN.md A)
+    "k_gram": (torch.float64, lambda s: (s.get("kv_heads") or s["num_heads"], s["head_dim"], s["head_dim"])),
     "qk_sq": (torch.float64, lambda s: (s["num_heads"], s["head_dim"])),
 }
 

@@ -19,7 +19,7 @@ from safetensors.torch import save_file  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from corp_cli import engine  # noqa: E402
-from corp_cli.pruning import rotary_layout  # noqa: E402
+from corp_cli.pruning import group_size, kv_heads_of, o_kept_dims, rotary_layout  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -98,7 +98,7 @@ def masked_reference(dense, masks, stats, blocks):
         if bm.vo is not None or bm.heads is not None:
             intercept = fam.vo_weights(dense.model, i).out_bias is not None
             m = engine.fit_moments(stats.blocks[i]["vo"], intercept=intercept)
-            keep = engine.vo_kept_dims(heads, bm.vo, fam.shape(dense.model, i).head_dim)
+            keep = o_kept_dims(fam.shape(dense.model, i), bm.heads, bm.vo)
             prune = engine.complement(keep, m.mean.shape[0])
             fam.vo_hook(model, i, _predict(keep, prune, engine.ridge_compensation(m, keep, prune, entry["vo"]["lambda"])))
         if bm.mlp is not None:
@@ -112,32 +112,37 @@ def masked_reference(dense, masks, stats, blocks):
             st = stats.blocks[i]["attn"]
             n = int(st["count"].sum())
             d = st["q_gram"].shape[-1]
-            keep = bm.attn
-            prune = torch.stack([engine.complement(k, d) for k in keep])
+            keep = bm.attn  # rows: the kept heads, or under grouped-query attention the kept kv heads
+            shape = fam.shape(dense.model, i)
+            kv = kv_heads_of(heads, shape)
+            group = torch.searchsorted(kv, heads // group_size(shape))  # kept query head -> its row of keep
             lam = torch.tensor(entry["attn"]["lambda_per_head"], dtype=torch.float64)
             lay = rotary_layout(fam, dense.model, i)
             if lay is None:
+                prune = torch.stack([engine.complement(k, d) for k in keep])
                 sol = engine.qk_compensation(st["q_gram"][heads] / n, st["k_gram"][heads] / n, keep, prune, lam=None,
                                              scale=fam.softmax_scale(dense.model, i))
                 m_fit = sol.m
             else:  # whole rotary pairs, a complex scale per kept pair on the query side (q, k before the rotation)
                 pairs = engine.rotary_pairs_of_dims(lay.pairs, keep)
-                group = torch.arange(int(heads.numel()))  # one kv head per query head here
-                sol = engine.rotary_qk_compensation(st["q_gram"][heads] / n, st["k_gram"][heads] / n, lay.pairs, pairs,
+                sol = engine.rotary_qk_compensation(st["q_gram"][heads] / n, st["k_gram"][kv] / n, lay.pairs, pairs,
                                                     group, scale=fam.softmax_scale(dense.model, i), **lay.fit_kwargs())
                 dims, m_fit = engine.rotary_correction_matrix(lay.pairs, pairs, sol.coef, group)
-                assert torch.equal(dims, keep)
+                assert torch.equal(dims, keep[group])
             assert torch.allclose(sol.lam, lam)
             mix = torch.eye(keep.shape[1], dtype=torch.float64) + m_fit  # (Hk, ds, ds)
 
-            def on_qk(q: Tensor, k: Tensor, keep: Tensor = keep, mix: Tensor = mix,
-                      heads: Tensor = heads) -> tuple[Tensor, Tensor]:
+            def on_qk(q: Tensor, k: Tensor, keep: Tensor = keep, mix: Tensor = mix, heads: Tensor = heads,
+                      kv: Tensor = kv, group: Tensor = group) -> tuple[Tensor, Tensor]:
                 # a removed head's output is replaced by the V/O prediction: its logits do not matter
                 q2, k2 = q.clone(), k.clone()
-                for j, (h, s) in enumerate(zip(heads.tolist(), keep)):
-                    q2[:, h], k2[:, h] = 0, 0  # logit = q_S^T (I + M) k_S, removed dims contribute nothing
+                for j, h in enumerate(heads.tolist()):
+                    s = keep[group[j]]
+                    q2[:, h] = 0  # logit = q_S^T (I + M) k_S, removed dims contribute nothing
                     q2[:, h][..., s] = (q[:, h][..., s].double() @ mix[j]).to(q.dtype)
-                    k2[:, h][..., s] = k[:, h][..., s]
+                for j, g in enumerate(kv.tolist()):
+                    k2[:, g] = 0
+                    k2[:, g][..., keep[j]] = k[:, g][..., keep[j]]
                 return q2, k2
 
             fam.qk_hook(model, i, on_qk)

@@ -31,6 +31,7 @@ from corp_cli.calibration import as_batch
 from corp_cli.compact import load_pruned_loaded
 from corp_cli.family import Loaded
 from corp_cli.registry import families
+from corp_cli.pruning import supported_parts
 
 from .conftest import masked_reference
 
@@ -108,7 +109,9 @@ CASES: dict[str, tuple[str, Callable[[Path], tuple[Loaded, list, dict]]]] = {
 
 # Families whose attention output (V/O dims, whole heads) corp prunes: checked with every part at once.
 ALL_PARTS = "mlp,qk,vo,heads"
-VO_CASES = ("timm-vit", "timm-vit-qknorm", "timm-eva", "hf-bert", "hf-vit")
+VO_CASES = ("timm-vit", "timm-vit-qknorm", "timm-eva", "hf-bert", "hf-vit", "hf-llama")
+# where not every part applies (none today)
+CASE_PARTS: dict[str, str] = {}
 
 
 def test_every_registered_family_has_a_contract_case() -> None:
@@ -116,7 +119,7 @@ def test_every_registered_family_has_a_contract_case() -> None:
 
 
 def _params() -> list[tuple[str, str | None]]:
-    return [(c, None) for c in sorted(CASES)] + [(c, ALL_PARTS) for c in VO_CASES]
+    return [(c, None) for c in sorted(CASES)] + [(c, CASE_PARTS.get(c, ALL_PARTS)) for c in VO_CASES]
 
 
 def _outputs(loaded: Loaded, batch: dict) -> tuple[Tensor | None, Tensor]:
@@ -142,7 +145,7 @@ def test_family_contract(case: str, target: str | None, tmp_path: Path) -> None:
     dense, batches, check = make(tmp_path)
     dense.model.double()
     assert dense.family.name == family_name
-    parts = ("mlp", "attn", "vo") if target else None
+    parts = (("mlp", "attn", "vo") if "qk" in target else ("mlp", "vo")) if target else None
     stats = api.calibrate(dense, [{k: v.double() if v.is_floating_point() else v for k, v in as_batch(b).items()}
                                   for b in batches], precision="float64", parts=parts)
     # on a copy; the default target is what the family allows
@@ -150,14 +153,16 @@ def test_family_contract(case: str, target: str | None, tmp_path: Path) -> None:
     fam = dense.family
     check = {k: v.double() if v.is_floating_point() else v for k, v in check.items()}
     pruned_attn = any(m.attn is not None for m in result.masks)
-    assert pruned_attn == (fam.qk_refusal(dense.model, 0) is None), "Q/K pruned exactly where the family allows it"
+    by_default = "attn" in supported_parts(fam, dense.model)  # rotary Q/K pairs: allowed, but asked for
+    assert pruned_attn == (by_default or "qk" in (target or "")), "Q/K pruned exactly where the family allows it"
     widths = [fam.shape(dense.model, i).mlp_hidden for i in range(fam.num_blocks(dense.model))]
     assert [m.mlp.numel() for m in result.masks] == [w - w // 2 for w in widths]
     if target:
         shapes = [fam.shape(result.model, i) for i in range(2)]
         dense_shape = fam.shape(dense.model, 0)
         assert all(s.num_heads == dense_shape.num_heads - dense_shape.num_heads // 2 for s in shapes)
-        assert all(s.v_dim == s.qk_dim == dense_shape.head_dim - dense_shape.head_dim // 2 for s in shapes)
+        half = dense_shape.head_dim - dense_shape.head_dim // 2
+        assert all(s.v_dim == half and s.qk_dim == (half if "qk" in target else dense_shape.head_dim) for s in shapes)
 
     # compacted == masked, in float64: the narrower modules compute the masked, compensated function
     got_logits, got_feats = _outputs(result.loaded, check)

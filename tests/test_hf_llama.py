@@ -96,19 +96,21 @@ def test_padding_never_enters_the_statistics(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("layout", ["llama", "mistral"])
-def test_q_k_pruning_is_refused_in_one_line(layout: str, tmp_path: Path) -> None:
-    folder = tiny_decoder(tmp_path / layout, layout, tokenizer=False)
+def test_rotary_q_k_pairs_are_pruned_when_asked_and_the_default_stays_the_mlp(layout: str, tmp_path: Path) -> None:
+    folder = tiny_decoder(tmp_path / layout, layout)
     dense = load_dense(folder)
-    why = dense.family.qk_refusal(dense.model, 0)
-    assert why is not None and "rotary" in why and "--target mlp" in why and "\n" not in why
-    assert ("grouped-query" in why) == (layout == "llama")  # llama: 4 query heads share 2 K/V heads
+    assert dense.family.qk_refusal(dense.model, 0) is None
     stats = api.calibrate(dense, [_tokens(4)])
-    with pytest.raises(UnsupportedModelError, match="rotary"):
+    assert stats.parts == ["mlp"]  # Q/K pairs are opt-in (--target qk), not the default
+    with pytest.raises(Exception, match="attn"):
         api.prune(dense, stats, target="both", sparsity=0.5)
-    res = runner.invoke(app, ["prune", str(folder), "--target", "both", "--calib-data", "text:pydoc", "--samples", "2",
-                              "--out", str(tmp_path / "out")])
-    assert res.exit_code == 2 and "rotary" in res.stderr and "--target mlp" in res.stderr, res.output
-    assert not (tmp_path / "out").exists()
+    stats = api.calibrate(dense, [_tokens(4)], parts=("mlp", "attn"))
+    result = api.prune(dense, stats, target="both", sparsity=0.5)
+    assert all(m.attn.shape == (dense.family.shape(dense.model, 0).kv_heads, 4) for m in result.masks)  # pair dims per kv head
+    assert all(dense.family.shape(result.model, i).qk_dim == 4 for i in range(2))
+    res = runner.invoke(app, ["prune", str(folder), "--target", "both", "--qk-ranker", "joint", "--calib-data", "text:pydoc",
+                              "--samples", "2", "--out", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output  # the other rankers score a pair by its two dims
 
 
 def _prune_to(folder: Path, out: Path, **options: object) -> api.PruneResult:

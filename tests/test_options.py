@@ -43,12 +43,15 @@ ATTN_ONLY = {"--attn-sparsity": "0.3", "--qk-ranker": "joint", "--min-qk-dim": "
 # benchmark options of causal language models (families honouring seq_len): token windows and generation
 LM_BENCH = {"--seq-lens": "8", "--new-tokens": "4"}
 VO_ONLY = {"--vo-sparsity": "0.3", "--vo-ranker": "obs"}
-HEADS_ONLY = {"--head-sparsity": "0.3", "--head-ranker": "greedy"}
+HEADS_ONLY = {"--head-sparsity": "0.3", "--head-ranker": "greedy", "--q-head-sparsity": "0.5"}
+# options of decoders (families that keep a key/value cache)
+DECODER = {"--kv-budget": "0.5"}
 
 # Every option of every command, by what decides whether it applies.
 CLASSES = {
     "model": {"--checkpoint", "--num-classes", "--pretrained-cfg", "--model-arg", "--seq-len", *PREPROCESSING},
     "lm": {*LM_BENCH},
+    "decoder": {*DECODER},
     "images": {"--workers"},
     "part": {*MLP_ONLY, *ATTN_ONLY, *VO_ONLY, *HEADS_ONLY},
     "classifier": {"--labels"},
@@ -191,6 +194,9 @@ def test_value_and_head_options_are_refused_where_the_target_does_not_prune_them
             _refused([*base, "--target", "mlp,vo", flag, value], flag)
         # a FLOPs budget chooses the sparsities itself
         _refused([*base, "--flops-budget", "0.7", "--mlp-sparsity", "0.3"], "--mlp-sparsity")
+        if not fam.caches_keys_values:  # a KV-cache budget means something for decoders only
+            for flag, value in DECODER.items():
+                _refused([*base, "--target", "mlp,vo" if fam.name != "timm-eva" else "mlp", flag, value], flag)
 
 
 def test_value_and_head_pruning_is_refused_in_one_line_where_the_family_cannot(specs: dict, tmp_path: Path) -> None:

@@ -129,6 +129,8 @@ def benchmark_cmd(
         report["comparison"] = {
             "params_reduction": 1.0 - figures["model"]["params"] / figures["reference"]["params"],
             "flop_reduction": 1.0 - figures["model"]["flops_per_item"] / figures["reference"]["flops_per_item"],
+            **({"kv_ratio": figures["model"]["kv_bytes_per_token"] / figures["reference"]["kv_bytes_per_token"]}
+               if "kv_bytes_per_token" in figures["model"] else {}),
             "per_batch_size": compare(rows["model"], rows["reference"], figures["model"]["flops_per_item"],
                                       figures["reference"]["flops_per_item"]),
         }
@@ -152,11 +154,15 @@ def print_report(report: dict[str, Any]) -> None:
     title = f"corp benchmark {report['model']['name']} ({report['model']['kind']})"
     item = "sequence" if s.get("input") == "token ids" else "image"
     sizes = Table(title=title)
-    for col in ("", "params", f"GFLOPs/{item}", "reduction"):
+    kv = "kv_bytes_per_token" in report["model"]
+    for col in ("", "params", f"GFLOPs/{item}", *(("KV bytes/token",) if kv else ()), "reduction"):
         sizes.add_column(col, justify="right" if col else "left")
     for label, e in entries:
         red = f"-{100 * cmp['params_reduction']:.1f}% params, -{100 * cmp['flop_reduction']:.1f}% FLOPs" if cmp and label == "model" else ""
-        sizes.add_row(label, f"{e['params'] / 1e6:.2f}M", f"{e['flops_per_item'] / 1e9:.3f}", red)
+        if kv and cmp and label == "model":
+            red += f", {cmp['kv_ratio']:.3f}x KV cache"
+        sizes.add_row(label, f"{e['params'] / 1e6:.2f}M", f"{e['flops_per_item'] / 1e9:.3f}",
+                      *((f"{e['kv_bytes_per_token']:,}",) if kv else ()), red)
     C.out.print(sizes)
     speed = Table(title=f"{s['dtype']} on {report['environment']['device']}{', compiled' if s['compile'] else ''}, "
                         f"{s['runs']} timed runs after {s['warmup']} warm-up")

@@ -26,6 +26,8 @@ def prune_cmd(
     attn_sparsity: Annotated[float | None, typer.Option("--attn-sparsity", help="Fraction of each head's Q/K dims removed (overrides --sparsity).")] = None,
     vo_sparsity: Annotated[float | None, typer.Option("--vo-sparsity", help="Fraction of each head's value/output dims removed (overrides --sparsity).")] = None,
     head_sparsity: Annotated[float | None, typer.Option("--head-sparsity", help="Fraction of each block's heads removed (overrides --sparsity).")] = None,
+    q_head_sparsity: Annotated[float | None, typer.Option("--q-head-sparsity", help="Grouped-query attention: fraction of the query heads removed inside each kept key/value group (the same count in every group; with --target heads).")] = None,
+    kv_budget: Annotated[float | None, typer.Option("--kv-budget", help="Decoders: keep at most this fraction (0-1] of the dense KV-cache bytes per token; with or without --flops-budget, the allocator chooses every block's heads and Q/K and value widths.")] = None,
     flops_budget: Annotated[float | None, typer.Option("--flops-budget", help="Keep at most this fraction (0-1) of the dense FLOPs: every block's widths of every part in --target are chosen to minimise the predicted error (instead of the sparsities).")] = None,
     target: Annotated[str | None, typer.Option("--target", help=f"What to prune, a comma list of mlp, qk (Q/K dims), vo (value/output dims), heads; attn = qk, both = mlp,qk, all = mlp,qk,vo (default: {D.TARGET} where the model allows Q/K pruning, else mlp).")] = None,
     ranker: Annotated[str | None, typer.Option("--ranker", help=f"MLP ranking: {', '.join(D.MLP_RANKERS)} (default: {D.RANKER}).")] = None,
@@ -109,6 +111,7 @@ def prune_cmd(
     flags = {
         "sparsity": sparsity, "mlp_sparsity": mlp_sparsity, "attn_sparsity": attn_sparsity,
         "vo_sparsity": vo_sparsity, "head_sparsity": head_sparsity, "flops_budget": flops_budget, "target": target,
+        "q_head_sparsity": q_head_sparsity, "kv_budget": kv_budget,
         "ranker": ranker, "qk_ranker": qk_ranker, "vo_ranker": vo_ranker, "head_ranker": head_ranker, "lam": parse_lambda(lam),
         "compensation": False if no_compensation else None, "round_to": round_to, "min_keep": min_keep,
         "min_qk_dim": min_qk_dim, "qk_balanced": None if qk_fold is None else qk_fold == "balanced",
@@ -124,6 +127,7 @@ def prune_cmd(
     if masks_path is not None:
         chooser_flags = {"--sparsity": sparsity, "--mlp-sparsity": mlp_sparsity, "--attn-sparsity": attn_sparsity,
                          "--vo-sparsity": vo_sparsity, "--head-sparsity": head_sparsity, "--flops-budget": flops_budget,
+                         "--q-head-sparsity": q_head_sparsity, "--kv-budget": kv_budget,
                          "--ranker": ranker, "--qk-ranker": qk_ranker, "--vo-ranker": vo_ranker,
                          "--head-ranker": head_ranker, "--round-to": round_to, "--min-keep": min_keep,
                          "--min-qk-dim": min_qk_dim}
@@ -257,7 +261,7 @@ def _default_target_for(opts: Any, fam: Any, model: Any) -> Any:
 def _print_dry_run(plan: Any, loaded: Any, opts: Any, out: Path, json_out: str | None, model: str, options: Any,
                    stats: Any = None, family: Any = None, shape_model: Any = None) -> None:
     """What a prune would do: the calibration plan (when it calibrates), and the widths every block keeps."""
-    from corp_cli.pruning import planned_widths
+    from corp_cli.pruning import planned_totals, planned_widths
 
     fam = family or (loaded.family if loaded is not None else None)
     shape_model = shape_model if shape_model is not None else (loaded.model if loaded is not None else None)
@@ -267,7 +271,8 @@ def _print_dry_run(plan: Any, loaded: Any, opts: Any, out: Path, json_out: str |
         fam, name = resolve_model(model, options)
         shape_model = fam.meta_model(name, options) or fam.load(name, options, "cpu").model
     widths = planned_widths(fam, shape_model, opts)
-    report = {"dry_run": True, "out": str(out), "options": opts.to_dict(), "widths": widths,
+    totals = planned_totals(fam, shape_model, widths) if widths else None
+    report = {"dry_run": True, "out": str(out), "options": opts.to_dict(), "widths": widths, "totals": totals,
               "calibration": plan.to_dict() if plan is not None else None,
               "stats": {"path": str(stats.path), "bytes": stats.path.stat().st_size} if stats is not None else None,
               **({"sequential": plan.sequential} if plan is not None and plan.sequential is not None else {})}
@@ -278,8 +283,8 @@ def _print_dry_run(plan: Any, loaded: Any, opts: Any, out: Path, json_out: str |
 
         print_plan(plan, "corp prune (calibration)")
     if not widths:
-        C.out.print(f"corp prune plan -> {out}: --flops-budget {opts.flops_budget:g} chooses every block's widths "
-                    "from the statistics (after calibration)")
+        C.out.print(f"corp prune plan -> {out}: the budget chooses every block's widths from the statistics "
+                    "(after calibration)")
         return
     attn = any(w["heads_kept"] != w["num_heads"] or w["v_kept"] != w["head_dim"] for w in widths)
     table = Table(title=f"corp prune plan -> {out} (target {opts.target})")
@@ -289,12 +294,20 @@ def _print_dry_run(plan: Any, loaded: Any, opts: Any, out: Path, json_out: str |
         table.add_row(str(w["block"]), f"{w['mlp_kept']}/{w['mlp_hidden']}", f"{w['qk_kept']}/{w['head_dim']}",
                       *((f"{w['heads_kept']}/{w['num_heads']}", f"{w['v_kept']}/{w['head_dim']}") if attn else ()))
     C.out.print(table)
+    assert totals is not None
+    kv = (f"; KV cache {totals['kv_bytes_per_token_dense']:,} -> {totals['kv_bytes_per_token']:,} bytes per token "
+          f"({totals['kv_ratio']:.3f} of dense)" if "kv_ratio" in totals else "")
+    C.out.print(f"FLOPs per item ({totals['tokens']} tokens) {totals['flops_dense'] / 1e9:.2f}G -> "
+                f"{totals['flops'] / 1e9:.2f}G ({totals['flops_ratio']:.3f} of dense){kv}")
 
 
 def _print_allocation(out: Path, report: dict[str, Any]) -> None:
     alloc = report["allocation"]
-    table = Table(title=f"corp prune -> {out}: --flops-budget {alloc['flops_budget']:g} "
-                        f"(kept {alloc['flops_ratio']:.4f} of the dense FLOPs), widths chosen per block")
+    asked = " ".join(([f"--flops-budget {alloc['flops_budget']:g}"] if alloc.get("flops_budget") is not None else [])
+                     + ([f"--kv-budget {alloc['kv_budget']:g}"] if alloc.get("kv_budget") is not None else []))
+    kv = f", {alloc['kv_ratio']:.4f} of the dense KV cache" if "kv_ratio" in alloc else ""
+    table = Table(title=f"corp prune -> {out}: {asked} (kept {alloc['flops_ratio']:.4f} of the dense FLOPs{kv}), "
+                        "widths chosen per block")
     parts = [p for p in ("mlp", "heads", "qk", "vo") if any(p in b for b in alloc["blocks"])]
     for col in ("block", *[{"mlp": "mlp kept", "heads": "heads", "qk": "qk kept", "vo": "vo kept"}[p] for p in parts],
                 "pred. err", "GFLOPs"):
@@ -343,6 +356,11 @@ def _print_summary(out: Path, report: dict[str, Any]) -> None:
 
 def _print_totals(report: dict[str, Any]) -> None:
     t = report["totals"]
+    if "kv_ratio" in t:
+        C.out.print(f"KV cache {t['kv_bytes_per_token_before']:,} -> {t['kv_bytes_per_token_after']:,} bytes per token "
+                    f"({t['kv_ratio']:.3f} of dense)")
+    if "reload" in report:
+        C.out.print(f"reload: {report['reload']}")
     plain = "" if report["options"].get("compensation", True) else ", no compensation (the 'none' errors are the ones applied)"
     synth = "  [SYNTHETIC calibration data]" if report["synthetic"] else ""
     C.out.print(

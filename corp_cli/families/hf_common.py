@@ -371,14 +371,14 @@ class HFFamily(ModelFamily):
         return None
 
     def qk_hook(self, model: nn.Module, i: int, emit: Callable[[Tensor, Tensor], None]) -> list[Hook]:
-        """The q and k projections' outputs (B, N, H*d), reshaped to (B, H, N, d)."""
+        """The q and k projections' outputs (B, N, H*d), reshaped to (B, H, N, d) (fewer key heads under GQA)."""
         q_lin, k_lin = self.qk_pair(model, i)
-        heads = int(model.config.num_attention_heads)
+        d = self.shape(model, i).head_dim
         pending: list[Tensor] = []
 
         def split(out: Tensor) -> Tensor:
             b, n, w = out.shape
-            return out.reshape(b, n, heads, w // heads).transpose(1, 2)
+            return out.reshape(b, n, w // d, d).transpose(1, 2)
 
         def on_q(_m: nn.Module, _a: Any, out: Tensor) -> None:
             pending.append(split(out))

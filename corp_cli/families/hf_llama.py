@@ -7,17 +7,23 @@ down_proj's input: CORP's MLP compensation is unchanged for a gated MLP (h_P is 
 h_S by the same ridge and the correction folds into down_proj); a unit's gate and up rows are
 removed together.
 
-Refused, in one line: Q/K pruning. Rotary embeddings rotate each pair of query/key dims at
-its own frequency, so a logit correction mixing kept dims cannot be held by a static weight
-(docs/method.md, section 3), and under grouped-query attention a key dim is shared by every
-query head of its group, so no per-head choice of dims exists either.
+Attention (docs/decoder-attention.md): value/output dims and whole key/value heads under
+grouped-query attention (a kv head's value dims are dims of every query head of its group, so
+the removed set of o is their union and o_proj's correction is fitted over all of o, without
+intercept: o_proj has no bias), query heads inside each group, and rotary Q/K frequency pairs
+(the same pairs in a kv head and its query heads; a complex scale per kept pair per query head
+folded into W_Q, fitted at every relative offset of the window). Pruned blocks run in
+decoder_attention.DecoderAttention. Q/K pairs are pruned when asked for (--target qk), not by
+default.
 
 Text is read as documents cut into windows of --seq-len tokens (text.LmTextPreprocessing)
 under the causal mask; only real tokens enter the statistics and the scores. `corp evaluate`
 scores perplexity and the next-token fidelity to the dense model (evaluation() == "lm").
 
 The pruned folder is a plain transformers folder when every layer keeps the same number of
-units: config.json with the narrower intermediate_size, model.safetensors (corp's metadata
+units and the same heads at the full head width in the stock grouping (kv heads and/or query
+heads per group removed alike everywhere): config.json with the narrower intermediate_size and
+head counts, model.safetensors (corp's metadata
 rides in its header; a tied lm_head is stored once, as transformers stores it),
 generation_config.json and the tokenizer files, so `AutoModelForCausalLM.from_pretrained(DIR)`
 and `AutoTokenizer.from_pretrained(DIR)` load it. Per-layer widths that differ are recorded
@@ -36,8 +42,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from corp_cli import engine
 from corp_cli.errors import ArtifactError, InputError, UnsupportedModelError
-from corp_cli.family import Batch, BlockShape, Hook, Loaded, MlpWeights, ModelOptions, Outputs
+from corp_cli.family import AttentionCut, Batch, BlockShape, Hook, Loaded, MlpWeights, ModelOptions, Outputs
+from corp_cli.families.decoder_attention import DecoderAttention, rope_dims_of_pairs
 from corp_cli.families.hf_common import ELEMENTWISE_ACTS, HFFamily, config_dict, linear_rows
 from corp_cli.hub import transformers_module
 from corp_cli.text import LmTextPreprocessing
@@ -50,6 +58,8 @@ TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
     "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
 )
+# Relative offsets the rotary fit weighs (all of them up to this many; beyond, this many evenly spaced).
+ROTARY_OFFSETS = 128
 # Export traces and checks (see hf_bert): neither 0 nor 1, and different from each other.
 TRACE_SEQ = 16
 CHECK_SEQ = 21
@@ -66,6 +76,11 @@ def default_seq_len(config: Any) -> int:
     return min(context_length(config), MAX_DEFAULT_SEQ_LEN)
 
 
+def _head_dim(cfg: dict[str, Any]) -> int:
+    """The per-head width a recorded config builds (an explicit head_dim, else hidden_size / heads)."""
+    return int(cfg.get("head_dim") or int(cfg["hidden_size"]) // int(cfg["num_attention_heads"]))
+
+
 def check_seq_len(seq_len: int, context: int, where: str) -> None:
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or not 2 <= seq_len <= context:
         raise InputError(f"--seq-len {seq_len}: {where} takes windows of 2..{context} tokens (its context length)")
@@ -79,8 +94,10 @@ class HFLlamaFamily(HFFamily):
     model_types = ("llama", "qwen2", "mistral")
     classes = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
     base_class = "AutoModelForCausalLM"
+    caches_keys_values = True
     examples = ("a local Llama / Qwen2 / Mistral folder", "hf-model:Qwen/Qwen2-0.5B")
-    summary = "Hugging Face decoder LMs (Llama, Qwen2, Mistral layouts); MLP pruning"
+    summary = ("Hugging Face decoder LMs (Llama, Qwen2, Mistral layouts); MLP, value dims, kv / query heads, "
+               "rotary Q/K pairs")
 
     # ---- specs and loading
 
@@ -160,11 +177,14 @@ class HFLlamaFamily(HFFamily):
     def shape(self, model: nn.Module, i: int) -> BlockShape:
         cfg = model.config
         attn = self.attn_module(model, i)
+        mlp_hidden = int(self.layers(model)[i].mlp.down_proj.in_features)
+        if isinstance(attn, DecoderAttention):
+            return BlockShape(dim=int(cfg.hidden_size), mlp_hidden=mlp_hidden, num_heads=attn.num_heads,
+                              head_dim=attn.head_dim, qk_dim=attn.qk_dim, v_dim=attn.v_dim, kv_heads=attn.kv_heads)
         heads = int(cfg.num_attention_heads)
         head_dim = int(attn.head_dim)
-        return BlockShape(dim=int(cfg.hidden_size), mlp_hidden=int(self.layers(model)[i].mlp.down_proj.in_features),
-                          num_heads=heads, head_dim=head_dim, qk_dim=head_dim,
-                          kv_heads=int(getattr(cfg, "num_key_value_heads", None) or heads))
+        return BlockShape(dim=int(cfg.hidden_size), mlp_hidden=mlp_hidden, num_heads=heads, head_dim=head_dim,
+                          qk_dim=head_dim, kv_heads=int(getattr(cfg, "num_key_value_heads", None) or heads))
 
     # ---- blocks
 
@@ -207,33 +227,160 @@ class HFLlamaFamily(HFFamily):
         mlp.down_proj = nn.Linear(width, d.out_features, bias=d.bias is not None)
         mlp.intermediate_size = width
 
+    # Q/K: whole rotary frequency pairs. transformers' rotate_half pairs dim j with j + d/2 (half-split);
+    # the same pairs go in a kv head and every query head of its group; each kept pair of each query head
+    # gets a complex scale folded into W_Q, which commutes with the rotation (docs/method.md, section 3).
+
     def qk_refusal(self, model: nn.Module, i: int) -> str | None:
-        cfg = model.config
-        heads, kv = int(cfg.num_attention_heads), int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
-        gqa = f" and shares each key across {heads // kv} query heads (grouped-query attention)" if kv < heads else ""
-        return (f"{type(model).__name__} applies rotary position embeddings to its queries and keys{gqa}, so a Q/K "
-                "logit correction would mix dims that rotate at different frequencies, which no static weight can "
-                "hold; corp refuses Q/K pruning here: MLP pruning is available (--target mlp)")
+        if isinstance(self.attn_module(model, i), DecoderAttention):
+            return f"block {i}: attention is already pruned; prune the dense model instead"
+        freqs = getattr(getattr(model.model, "rotary_emb", None), "inv_freq", None)  # shapes only (may be on meta)
+        d = self.shape(model, i).head_dim
+        if freqs is None or freqs.numel() != d // 2 or d % 2:
+            return (f"{type(model).__name__}: its rotary embedding does not rotate every pair of the {d} head dims "
+                    "(partial rotary), which corp's Q/K pair pruning does not cover: prune --target mlp,vo,heads")
+        return None
+
+    def rotary_pairs(self, model: nn.Module, i: int) -> Tensor | None:
+        half = self.shape(model, i).head_dim // 2
+        return torch.stack([torch.arange(half), torch.arange(half) + half], 1)
+
+    def rotary_offsets(self, model: nn.Module, i: int) -> tuple[Tensor, Tensor] | None:
+        """The causal offsets 0..T-1 of a window of the default length (the key l tokens back), each weighted by
+        its (query, key) pairs; all of them up to ROTARY_OFFSETS, else that many evenly spaced."""
+        freqs = model.model.rotary_emb.inv_freq.detach().to(torch.float64).cpu()  # on the decoder, shared by layers
+        window = self.tokens_per_item(model)
+        off = torch.arange(window, dtype=torch.float64)
+        if window > ROTARY_OFFSETS:
+            off = torch.unique(torch.linspace(0, window - 1, ROTARY_OFFSETS, dtype=torch.float64).round())
+        return -off[:, None] * freqs[None, :], window - off
+
+    def narrow_qk(self, model: nn.Module, i: int, keep: Tensor, m: Tensor, *, balanced: bool) -> None:
+        """Q/K pairs alone: the attention cut with every head, the value and output projections as they were."""
+        shape = self.shape(model, i)
+        attn = self.attn_module(model, i)
+        gqa = shape.num_heads > (shape.kv_heads or shape.num_heads)
+        self.install_attention(model, i, AttentionCut(
+            heads=torch.arange(shape.num_heads, device=keep.device), qk_keep=keep, qk_m=m, v_keep=None,
+            out_weight=attn.o_proj.weight.detach(), out_bias=attn.o_proj.bias.detach() if attn.o_proj.bias is not None
+            else None, balanced=False, kv_heads=torch.arange(shape.kv_heads, device=keep.device) if gqa else None))
+
+    # qk_hook (HFFamily's: q_proj / k_proj outputs split into heads of head_dim, i.e. q and k BEFORE the
+    # rotation, (B, Hq, N, d) and (B, Hkv, N, d)), qk_weights and softmax_scale are HFFamily's
+
+    # V/O dims and whole (key/value) heads. Values are not rotated, so a value dim commutes with the
+    # rotary embedding; under GQA a value dim of kv head g is a dim of every query head of g's group
+    # (pruning.o_kept_dims), and o_proj's correction is fitted over all of o (the ridge without
+    # intercept: o_proj has no bias).
 
     def vo_refusal(self, model: nn.Module, i: int) -> str | None:
-        # value dims would commute with the rotation, but under GQA a value dim is shared by a group
-        # of query heads, and corp has no narrow decoder attention yet
-        return (f"{type(model).__name__}: value/output dims and heads are not pruned for decoder language models "
-                "yet (their value heads are shared across query heads); MLP pruning is available (--target mlp)")
+        if isinstance(self.attn_module(model, i), DecoderAttention):
+            return f"block {i}: attention is already pruned; prune the dense model instead"
+        return None
+
+    def vo_hook(self, model: nn.Module, i: int, emit: Callable[[Tensor], Tensor | None]) -> list[Hook]:
+        o = self.attn_module(model, i).o_proj  # its input is o, the query heads' outputs concatenated
+        return [o.register_forward_pre_hook(lambda _m, args: emit(args[0]))]
+
+    def vo_weights(self, model: nn.Module, i: int) -> MlpWeights:
+        a = self.attn_module(model, i)
+        return MlpWeights([a.v_proj.weight.detach()], a.o_proj.weight.detach(),
+                          a.o_proj.bias.detach() if a.o_proj.bias is not None else None)
+
+    def install_attention(self, model: nn.Module, i: int, cut: AttentionCut) -> None:
+        old = self.attn_module(model, i)
+        shape = self.shape(model, i)
+        d, g = shape.head_dim, shape.num_heads // (shape.kv_heads or shape.num_heads)
+        dev = old.q_proj.weight.device
+        heads = cut.heads.to(dev)
+        kv = (cut.kv_heads if cut.kv_heads is not None else heads).to(dev)  # without GQA: one kv head per head
+        kv_index = torch.searchsorted(kv, torch.div(heads, g, rounding_mode="floor"))
+        qk_dims = (torch.arange(d, device=dev).expand(len(kv), d) if cut.qk_keep is None else cut.qk_keep.to(dev))
+        v_dims = torch.arange(d, device=dev).expand(len(kv), d) if cut.v_keep is None else cut.v_keep.to(dev)
+        q_rows = (heads[:, None] * d + qk_dims[kv_index]).reshape(-1)
+        wq, bq = old.q_proj.weight.detach(), old.q_proj.bias.detach() if old.q_proj.bias is not None else None
+        if cut.qk_m is not None:  # the rotary correction, into each kept query head's kept rows: (I + M)^T W_Q[S]
+            t = torch.eye(qk_dims.shape[1], dtype=engine.ACC_DTYPE, device=dev) + cut.qk_m.to(dev, engine.ACC_DTYPE)
+            rows = q_rows.reshape(len(heads), -1)
+            fw = (t.transpose(1, 2) @ wq.to(engine.ACC_DTYPE)[rows]).reshape(len(q_rows), -1).to(wq.dtype)
+            fb = None if bq is None else (t.transpose(1, 2) @ bq.to(engine.ACC_DTYPE)[rows][..., None]).reshape(-1).to(bq.dtype)
+            wq, bq, q_rows = fw, fb, torch.arange(len(q_rows), device=dev)
+        k_rows = (kv[:, None] * d + qk_dims).reshape(-1)
+        v_rows = (kv[:, None] * d + v_dims).reshape(-1)
+        new = DecoderAttention(
+            model.config, int(old.layer_idx), hidden_size=shape.dim, num_heads=int(heads.numel()),
+            kv_heads=int(kv.numel()), head_dim=d, qk_dim=int(qk_dims.shape[1]), v_dim=int(v_dims.shape[1]),
+            kv_index=kv_index.cpu(), rope_dims=None if cut.qk_keep is None else qk_dims.cpu(),
+            qkv_bias=old.q_proj.bias is not None, o_bias=old.o_proj.bias is not None, scaling=float(old.scaling),
+        ).to(device=dev, dtype=old.q_proj.weight.dtype)
+        with torch.no_grad():
+            new.q_proj.weight.copy_(wq[q_rows])
+            if bq is not None:
+                new.q_proj.bias.copy_(bq[q_rows])
+            for lin, src, rows in ((new.k_proj, old.k_proj, k_rows), (new.v_proj, old.v_proj, v_rows)):
+                lin.weight.copy_(src.weight[rows])
+                if src.bias is not None:
+                    lin.bias.copy_(src.bias[rows])
+            new.o_proj.weight.copy_(cut.out_weight)
+            if cut.out_bias is not None:
+                new.o_proj.bias.copy_(cut.out_bias)
+        self.layers(model)[i].self_attn = new
 
     # ---- the checkpoint
 
     def architecture(self, loaded: Loaded) -> dict[str, Any]:
         arch = super().architecture(loaded)
         widths = [int(b["mlp_hidden"]) for b in arch["blocks"]]
+        cfg = arch["hf_config"]
         # uniform: the pruned width itself (a stock config); else the widest, narrower layers rebuilt per block
-        arch["hf_config"]["intermediate_size"] = max(widths)
+        cfg["intermediate_size"] = max(widths)
+        # the same heads and head width in every layer, in the stock grouping: a stock config too
+        attn = {(b.get("num_heads"), b.get("kv_heads"), b["qk_dim"], b.get("v_dim"), "kv_index" in b, "rope_pairs" in b)
+                for b in arch["blocks"]}
+        if len(attn) == 1:
+            (nh, kv, qk, v, irregular, rope), = attn
+            d = _head_dim(cfg)
+            if nh is not None and qk == d and v is None and not irregular and not rope:
+                cfg.update(num_attention_heads=nh, num_key_value_heads=kv, head_dim=d)
         files = [n for n in TOKENIZER_FILES if loaded.source_dir is not None and (loaded.source_dir / n).is_file()]
         arch["tokenizer"] = "." if "tokenizer_config.json" in files or "tokenizer.json" in files else None
         return arch
 
+    def _block_spec(self, model: nn.Module, i: int) -> dict[str, Any]:
+        s = self.shape(model, i)
+        spec: dict[str, Any] = {"mlp_hidden": s.mlp_hidden, "qk_dim": s.qk_dim}
+        attn = self.attn_module(model, i)
+        if isinstance(attn, DecoderAttention):  # only pruned attention adds keys: other records stay as they were
+            spec.update(num_heads=attn.num_heads, kv_heads=attn.kv_heads)
+            if attn.v_dim != attn.head_dim:
+                spec["v_dim"] = attn.v_dim
+            if not attn.regular:
+                spec["kv_index"] = [int(x) for x in attn.kv_index]
+            if attn.rope_dims is not None:
+                spec["rope_pairs"] = [[int(x) for x in row[: attn.qk_dim // 2]] for row in attn.rope_dims]
+        return spec
+
+    def _stock_attention(self, spec: dict[str, Any], cfg: dict[str, Any]) -> bool:
+        """Whether block `spec`'s attention is the one the recorded config builds (no corp module needed)."""
+        d = _head_dim(cfg)
+        heads = int(cfg["num_attention_heads"])
+        kv = int(cfg.get("num_key_value_heads") or heads)
+        return (int(spec.get("num_heads", heads)) == heads and int(spec.get("kv_heads", kv)) == kv
+                and int(spec["qk_dim"]) == d and int(spec.get("v_dim", d)) == d
+                and "kv_index" not in spec and "rope_pairs" not in spec)
+
     def _uniform(self, arch: dict[str, Any]) -> bool:
-        return len({int(b["mlp_hidden"]) for b in arch["blocks"]}) == 1
+        """Loadable by transformers alone: one MLP width, and every layer's attention the config's."""
+        return (len({int(b["mlp_hidden"]) for b in arch["blocks"]}) == 1
+                and all(self._stock_attention(b, arch["hf_config"]) for b in arch["blocks"]))
+
+    def reload_case(self, arch: dict[str, Any]) -> str:
+        """Which loader a pruned checkpoint needs, in one line (the prune command prints it)."""
+        if self._uniform(arch):
+            return ("the same widths in every layer: a plain transformers folder "
+                    "(AutoModelForCausalLM.from_pretrained(DIR) loads it; corp is not needed)")
+        return ("widths differ per layer (or Q/K pairs / uneven query-head groups were pruned), which no stock config "
+                "describes: reload it with corp_cli.load_pruned(DIR)")
 
     def checkpoint_meta(self, arch: dict[str, Any]) -> dict[str, Any]:
         if not self._uniform(arch):
@@ -264,9 +411,54 @@ class HFLlamaFamily(HFFamily):
             raise ArtifactError(f"recorded Hugging Face config could not be rebuilt ({str(e).splitlines()[0][:160]})") from None
 
     def build(self, arch: dict[str, Any]) -> nn.Module:
-        model = super().build(arch)
+        cfg = arch.get("hf_config")
+        if not isinstance(cfg, dict) or not isinstance(arch.get("blocks"), list):
+            raise ArtifactError("pruned checkpoint architecture lacks its hf_config or blocks")
+        try:
+            d = _head_dim(cfg)
+            plain = [{"mlp_hidden": int(b["mlp_hidden"]), "qk_dim": d} for b in arch["blocks"]]
+        except (KeyError, TypeError, ValueError) as e:
+            raise ArtifactError(f"pruned checkpoint block records are malformed ({e})") from None
+        model = super().build({**arch, "blocks": plain})  # the MLP widths; attention below
+        for i, spec in enumerate(arch["blocks"]):
+            if not self._stock_attention(spec, cfg):
+                self.layers(model)[i].self_attn = self._empty_attention(model, i, spec)
         model.tie_weights()  # built without initialisation, which also skips tying a tied LM head
         return model
+
+    def _empty_attention(self, model: nn.Module, i: int, spec: dict[str, Any]) -> DecoderAttention:
+        """Block i's DecoderAttention at the recorded widths (weights follow), refusing records that cannot fit."""
+        old = self.attn_module(model, i)
+        shape = self.shape(model, i)
+        d, dense_kv = shape.head_dim, shape.kv_heads or shape.num_heads
+        try:
+            nh, kv = int(spec.get("num_heads", shape.num_heads)), int(spec.get("kv_heads", dense_kv))
+            qk, v = int(spec["qk_dim"]), int(spec.get("v_dim", d))
+            if not (0 < kv <= dense_kv and kv <= nh <= shape.num_heads and 0 < qk <= d and 0 < v <= d):
+                raise ValueError(f"widths (heads {nh}, kv heads {kv}, qk {qk}, v {v}) outside the recorded config's")
+            if "kv_index" in spec:
+                kv_index = torch.tensor(spec["kv_index"], dtype=torch.int64)
+                if kv_index.shape != (nh,) or int(kv_index.min()) < 0 or int(kv_index.max()) >= kv:
+                    raise ValueError("kv_index does not map its query heads to its kv heads")
+            elif nh % kv:
+                raise ValueError(f"{nh} query heads do not split into {kv} equal groups")
+            else:
+                kv_index = torch.arange(kv).repeat_interleave(nh // kv)
+            rope = None
+            if "rope_pairs" in spec:
+                pairs = torch.tensor(spec["rope_pairs"], dtype=torch.int64)
+                if pairs.shape != (kv, qk // 2) or qk % 2 or int(pairs.min()) < 0 or int(pairs.max()) >= d // 2:
+                    raise ValueError("rope_pairs do not fit the kv heads and the Q/K width")
+                rope = rope_dims_of_pairs(pairs, d)
+            elif qk != d:
+                raise ValueError("a narrower Q/K width needs its rope_pairs")
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise ArtifactError(f"block {i}: {e}") from None
+        return DecoderAttention(
+            model.config, int(old.layer_idx), hidden_size=shape.dim, num_heads=nh, kv_heads=kv, head_dim=d, qk_dim=qk,
+            v_dim=v, kv_index=kv_index, rope_dims=rope, qkv_bias=old.q_proj.bias is not None,
+            o_bias=old.o_proj.bias is not None, scaling=float(old.scaling),
+        ).to(device=old.q_proj.weight.device, dtype=old.q_proj.weight.dtype)
 
     def stock_loader(self, arch: dict[str, Any]) -> Callable[[], nn.Module] | None:
         if not self._uniform(arch):
