@@ -45,7 +45,9 @@ from corp_cli.stats import finite_or_raise
 
 log = logging.getLogger(__name__)
 
-TARGETS = ("dense", "self")
+# dense: fit to the dense stream; self: to the block's own output on the pruned stream; blend: the
+# dense fit shrunk toward the self fit, by how much chosen by 2-fold cross-validation (engine)
+TARGETS = ("dense", "self", "blend")
 DEFAULT_TARGET = "dense"
 ATTN_PARTS = ("qk", "vo", "heads")
 
@@ -141,7 +143,10 @@ def _real_heads(x: Tensor, mask: Tensor | None) -> Tensor:
     return x if mask is None else x.transpose(1, 2)[mask].unsqueeze(0).transpose(1, 2)
 
 
-def _add(acc: dict[str, dict[str, Tensor]], part: str, st: dict[str, Tensor]) -> None:
+def _add(acc: dict[str, dict[str, Tensor]], part: str, st: dict[str, Tensor], fold: int | None = None) -> None:
+    """Add one batch's sums; with the dense target the first fold's are also kept (cv_ keys, engine.split_folds)."""
+    if fold in (0, 1) and engine.has_target(st):
+        st = {**st, **{engine.CV_PREFIX + k: v if fold == 0 else torch.zeros_like(v) for k, v in st.items()}}
     acc[part] = engine.add_stats(acc.get(part), st)
 
 
@@ -248,7 +253,8 @@ def _block(fam: ModelFamily, model: nn.Module, dense: nn.Module, i: int, items: 
            counts: Widths, target: str, product_dtype: torch.dtype, autocast: Any, preset: BlockMasks | None,
            advance: Callable[[int], None], store: StreamStore) -> tuple[BlockMasks, dict[str, Any], dict[str, dict[str, Tensor]]]:
     """Block i: the three passes of the module docstring; (its masks, its report entry, its statistics)."""
-    want_dense = target == "dense"
+    want_dense = target in ("dense", "blend")
+    folds = target == "blend"
     attn_counts = {p: v for p, v in counts.items() if p in ATTN_PARTS}
     qk = "qk" in attn_counts
     vo = bool({"vo", "heads"} & set(attn_counts))
@@ -275,7 +281,8 @@ def _block(fam: ModelFamily, model: nn.Module, dense: nn.Module, i: int, items: 
         if "s_mlp" in seen:
             s_mlp_dense[j] = seen["s_mlp"]
         if attn_counts:
-            _attention_stats(fam, model, i, it, seen, st, qk, vo, want_dense, product_dtype, autocast)
+            _attention_stats(fam, model, i, it, seen, st, qk, vo, want_dense, product_dtype, autocast,
+                             j % 2 if folds else None)
         advance(1)
     entry: dict[str, Any] = {"block": i}
     bm = BlockMasks()
@@ -287,7 +294,8 @@ def _block(fam: ModelFamily, model: nn.Module, dense: nn.Module, i: int, items: 
     # pass 2: block i with its pruned attention and dense MLP on X_p: the MLP's features and target
     if "mlp" in counts:
         for j, it in enumerate(items):
-            _mlp_stats(fam, model, i, it, s_mlp_dense[j], st, want_dense, product_dtype, autocast)
+            _mlp_stats(fam, model, i, it, s_mlp_dense[j], st, want_dense, product_dtype, autocast,
+                       j % 2 if folds else None)
             s_mlp_dense[j] = None
             advance(1)
         keep = preset.mlp if preset is not None else plan_block(fam, model, i, st, o, {"mlp": counts["mlp"]}).mlp
@@ -316,7 +324,7 @@ def _block(fam: ModelFamily, model: nn.Module, dense: nn.Module, i: int, items: 
 
 def _attention_stats(fam: ModelFamily, model: nn.Module, i: int, it: _Item, seen: dict[str, Any],
                      st: dict[str, dict[str, Tensor]], qk: bool, vo: bool, want_dense: bool,
-                     product_dtype: torch.dtype, autocast: Any) -> None:
+                     product_dtype: torch.dtype, autocast: Any, fold: int | None) -> None:
     """The block (dense still) on X_p, up to its attention's residual sum: Q/K and o statistics."""
     mask = it.mask
     pending: dict[str, Tensor] = {}
@@ -329,7 +337,7 @@ def _attention_stats(fam: ModelFamily, model: nn.Module, i: int, it: _Item, seen
         if want_dense:
             qd, kd = seen["qk"]
             s.update(engine.qk_cross_batch_stats(qp, kp, _real_heads(qd, mask), _real_heads(kd, mask), product_dtype))
-        _add(st, "attn", s)
+        _add(st, "attn", s, fold)
         if not vo:
             raise _Stop
 
@@ -347,7 +355,7 @@ def _attention_stats(fam: ModelFamily, model: nn.Module, i: int, it: _Item, seen
         s = engine.gram_batch_stats(o, product_dtype)
         s.update(engine.target_batch_stats(_real(t, mask), o, product_dtype))
         finite_or_raise(s["t_sum"], f"block {i} attention output target")
-        _add(st, "vo", s)
+        _add(st, "vo", s, fold)
         raise _Stop
 
     hooks: list[Any] = []
@@ -366,7 +374,8 @@ def _attention_stats(fam: ModelFamily, model: nn.Module, i: int, it: _Item, seen
 
 
 def _mlp_stats(fam: ModelFamily, model: nn.Module, i: int, it: _Item, s_dense: Tensor | None,
-               st: dict[str, dict[str, Tensor]], want_dense: bool, product_dtype: torch.dtype, autocast: Any) -> None:
+               st: dict[str, dict[str, Tensor]], want_dense: bool, product_dtype: torch.dtype, autocast: Any,
+               fold: int | None) -> None:
     """Block i (pruned attention, dense MLP) on X_p: the hidden units, and with the dense target its target."""
     mask = it.mask
     pending: dict[str, Tensor] = {}
@@ -388,7 +397,7 @@ def _mlp_stats(fam: ModelFamily, model: nn.Module, i: int, it: _Item, s_dense: T
         s = pending.pop("st")
         s.update(engine.target_batch_stats(_real(t, mask), pending.pop("h"), product_dtype))
         finite_or_raise(s["t_sum"], f"block {i} MLP target")
-        _add(st, "mlp", s)
+        _add(st, "mlp", s, fold)
         raise _Stop
 
     hooks = fam.mlp_hook(model, i, on_h)

@@ -57,6 +57,8 @@ def main() -> None:
     ap.add_argument("--eval-data", type=Path, help="held-out labelled images")
     ap.add_argument("--settings", default="mlp,both,budget")
     ap.add_argument("--batch-size", type=int, default=50)
+    ap.add_argument("--targets", default="dense,self,blend", help="sequential targets to compare")
+    ap.add_argument("--no-one-shot", action="store_true", help="skip the one-shot prune (for a rerun of some targets)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         if args.calib_data is not None:
@@ -68,23 +70,27 @@ def main() -> None:
         print(f"calibration {n_cal} images ({calib}), held-out {held}; torch threads {torch.get_num_threads()}")
         print(f"dense top-1 on the held-out half: {top1(dense, held):.1f}%\n")
         t = time.perf_counter()
-        stats = api.calibrate(dense, open_data(str(calib), "image", samples=None), batch_size=args.batch_size,
-                              workers=2)
+        stats = None if args.no_one_shot else api.calibrate(dense, open_data(str(calib), "image", samples=None),
+                                                              batch_size=args.batch_size, workers=2)
         t_cal = time.perf_counter() - t
-        print("| setting | one-shot | sequential dense | sequential self | seconds (one-shot calibrate+prune / dense / self) |")
-        print("|---|---|---|---|---|")
+        cols = " | ".join(f"sequential {t}" for t in args.targets.split(","))
+        print(f"| setting | one-shot | {cols} | seconds (one-shot calibrate+prune / each sequential) |")
+        print("|---|---|" + "---|" * len(args.targets.split(",")) + "---|")
         for name in args.settings.split(","):
             kw = SETTINGS[name]
-            t = time.perf_counter()
-            one = api.prune(dense, stats, **kw)
-            t_one = t_cal + time.perf_counter() - t
-            row, secs = [f"{top1(one.loaded, held):.1f}%"], [f"{t_one:.0f}"]
             seq_kw = dict(kw)
             masks = None
-            if "flops_budget" in seq_kw:  # sequential re-fits the widths and units the allocation chose
-                seq_kw.pop("flops_budget")
-                masks = one.masks
-            for target in ("dense", "self"):
+            if stats is None:
+                row, secs = ["-"], ["-"]
+            else:
+                t = time.perf_counter()
+                one = api.prune(dense, stats, **kw)
+                t_one = t_cal + time.perf_counter() - t
+                row, secs = [f"{top1(one.loaded, held):.1f}%"], [f"{t_one:.0f}"]
+                if "flops_budget" in seq_kw:  # sequential re-fits the widths and units the allocation chose
+                    seq_kw.pop("flops_budget")
+                    masks = one.masks
+            for target in args.targets.split(","):
                 t = time.perf_counter()
                 r = api.prune(dense, sequential=True, sequential_target=target, masks=masks,
                               data=open_data(str(calib), "image", samples=None), batch_size=args.batch_size,

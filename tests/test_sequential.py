@@ -29,19 +29,21 @@ def _batches() -> list[torch.Tensor]:
     return [x[:8], x[8:]]
 
 
-@pytest.mark.parametrize("target", ["mlp", "both", "mlp,qk,vo,heads"])
-def test_dense_target_predicted_error_is_the_error_measured_on_the_stream(target: str) -> None:
+@pytest.mark.parametrize(("target", "seq"), [("mlp", "dense"), ("both", "dense"), ("mlp,qk,vo,heads", "dense"),
+                                             ("mlp,qk,vo,heads", "blend")])
+def test_dense_target_predicted_error_is_the_error_measured_on_the_stream(target: str, seq: str) -> None:
     """Pre-norm, no layer scale: the MLP is fit to what the dense stream holds after the block, so the
     predicted error of its fit IS the squared distance of the two streams after the block."""
     m = _model()
-    r = api.prune(m, sequential=True, sequential_target="dense", data=_batches(), target=target, sparsity=0.5,
+    r = api.prune(m, sequential=True, sequential_target=seq, data=_batches(), target=target, sparsity=0.5,
                   precision="float64")
     for e in r.blocks:
         pred, meas = e["mlp"]["predicted_error_compensated"], e["sequential"]["measured_stream_error"]
         assert e["mlp"]["fit"] == "target"
         assert abs(pred - meas) < 1e-9 * meas, (e["block"], pred, meas)
         assert e["mlp"]["predicted_error_compensated"] < e["mlp"]["predicted_error_uncompensated"]
-    assert r.report()["sequential"]["target"] == "dense"
+    assert r.report()["sequential"]["target"] == seq
+    assert all(("blend_cv_errors" in e["mlp"]) == (seq == "blend") for e in r.blocks)
 
 
 def test_self_target_is_one_shot_pruning_repeated_on_the_pruned_model() -> None:
