@@ -54,6 +54,27 @@ ATTN_PARTS = ("qk", "vo", "heads")
 Progress = Callable[[str, "int | None", str], AbstractContextManager[Callable[[int], None]]]
 
 
+# Environment: SCRATCH_ENV=1 keeps the streams in the scratch file whatever the plan says;
+# TEST_PAUSE_ENV="BLOCK:SECONDS" (tests) announces block BLOCK on stderr and sleeps, so that a
+# test can interrupt a run in the middle of a block.
+SCRATCH_ENV = "CORP_SEQUENTIAL_SCRATCH"
+TEST_PAUSE_ENV = "CORP_TEST_SEQUENTIAL_PAUSE"
+
+
+def _test_pause(i: int) -> None:
+    spec = os.environ.get(TEST_PAUSE_ENV)
+    if not spec:
+        return
+    block, _, seconds = spec.partition(":")
+    if int(block) == i:
+        import sys
+        import time
+
+        sys.stderr.write(f"corp test hook: pausing in sequential block {i}\n")
+        sys.stderr.flush()
+        time.sleep(float(seconds or 60))
+
+
 def check_target(target: str) -> str:
     if target not in TARGETS:
         raise InputError(f"--sequential-target must be one of {', '.join(TARGETS)}, not {target!r}")
@@ -191,7 +212,7 @@ def prune_sequential(
     autocast = (torch.autocast(param.device.type, dtype=forward_dtype) if forward_dtype is not None
                 else contextlib.nullcontext())
     dense = copy.deepcopy(model)  # the dense reference: its blocks advance X_d and give the targets
-    store = StreamStore(bool(scratch))
+    store = StreamStore(bool(scratch) or os.environ.get(SCRATCH_ENV) == "1")
     items: list[_Item] = []
     samples = tokens = 0
     try:
@@ -213,6 +234,7 @@ def prune_sequential(
         all_stats: list[dict[str, dict[str, Tensor]]] = []
         for i in range(nblocks):
             o = opts.for_block(i)
+            _test_pause(i)
             with progress(f"sequential: block {i + 1}/{nblocks}", 3 * len(items), "batches") as advance:
                 bm, entry, st = _block(fam, model, dense, i, items, o, plans[i], target, product_dtype, autocast,
                                        masks[i] if masks is not None else None, advance, store)
