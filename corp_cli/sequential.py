@@ -263,12 +263,17 @@ def _block_counts(fam: ModelFamily, model: nn.Module, i: int, opts: PruneOptions
     return counts
 
 
-def _run(fam: ModelFamily, model: nn.Module, i: int, x: Tensor, ctx: StreamContext) -> Tensor | None:
-    """Block i on x; None when a hook stopped it early (everything the pass reads was seen)."""
+def _run(fam: ModelFamily, model: nn.Module, i: int, x: Tensor, ctx: StreamContext, hooks: list[Any],
+         autocast: Any) -> Tensor | None:
+    """Block i on x with `hooks` (removed after); None when a hook stopped it early (everything read was seen)."""
     try:
-        return fam.run_block(model, i, x, ctx)
+        with torch.inference_mode(), autocast:
+            return fam.run_block(model, i, x, ctx)
     except _Stop:
         return None
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def _block(fam: ModelFamily, model: nn.Module, dense: nn.Module, i: int, items: list[_Item], o: PruneOptions,
@@ -293,12 +298,8 @@ def _block(fam: ModelFamily, model: nn.Module, dense: nn.Module, i: int, items: 
             hooks += fam.sublayer_hook(dense, i, "vo", lambda _y, s: seen.__setitem__("s_vo", s.detach()))
         if want_dense and "mlp" in counts:
             hooks += fam.sublayer_hook(dense, i, "mlp", lambda _y, s: seen.__setitem__("s_mlp", s.detach()))
-        try:
-            with torch.inference_mode(), autocast:
-                nd = fam.run_block(dense, i, it.dense, it.ctx)
-        finally:
-            for h in hooks:
-                h.remove()
+        nd = _run(fam, dense, i, it.dense, it.ctx, hooks, autocast)
+        assert nd is not None  # nothing stops the dense block early
         it.dense = store.put(it.dense, nd)  # the old X_d is read by nothing else
         if "s_mlp" in seen:
             s_mlp_dense[j] = seen["s_mlp"]
@@ -387,12 +388,7 @@ def _attention_stats(fam: ModelFamily, model: nn.Module, i: int, it: _Item, seen
         hooks += fam.vo_hook(model, i, on_o)
         if want_dense:
             hooks += fam.sublayer_hook(model, i, "vo", on_sum)
-    try:
-        with torch.inference_mode(), autocast:
-            _run(fam, model, i, it.pruned, it.ctx)
-    finally:
-        for h in hooks:
-            h.remove()
+    _run(fam, model, i, it.pruned, it.ctx, hooks, autocast)
 
 
 def _mlp_stats(fam: ModelFamily, model: nn.Module, i: int, it: _Item, s_dense: Tensor | None,
@@ -425,12 +421,7 @@ def _mlp_stats(fam: ModelFamily, model: nn.Module, i: int, it: _Item, s_dense: T
     hooks = fam.mlp_hook(model, i, on_h)
     if want_dense:
         hooks += fam.sublayer_hook(model, i, "mlp", on_sum)
-    try:
-        with torch.inference_mode(), autocast:
-            _run(fam, model, i, it.pruned, it.ctx)
-    finally:
-        for h in hooks:
-            h.remove()
+    _run(fam, model, i, it.pruned, it.ctx, hooks, autocast)
 
 
 def extra_bytes(fam: ModelFamily, model: nn.Module, samples: int) -> int:

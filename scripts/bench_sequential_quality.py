@@ -14,38 +14,26 @@ it prunes one-shot (dense statistics) and sequentially with each target, from th
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from real_deit_dtype import split, top1 as _top1  # the same split and scoring as that study (scripts/ is on the path)
+
 from corp_cli import api
-from corp_cli.evaluate import evaluate
 from corp_cli.family import ModelOptions
 from corp_cli.loading import load_dense
 from corp_cli.sources import open_data
 
 ROOT = Path(__file__).resolve().parents[1]
-SETTINGS = {"mlp": {"target": "mlp", "sparsity": 0.5}, "both": {"target": "both", "sparsity": 0.5},
-            "budget": {"target": "both", "flops_budget": 0.617}}
-
-
-def split(data: Path, tmp: Path) -> tuple[Path, Path]:
-    synsets = sorted(p.name for p in data.iterdir() if p.is_dir())
-    calib, held = tmp / "calib", tmp / "eval"
-    for i, s in enumerate(synsets):
-        dst = (calib if i % 2 == 0 else held) / s
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        os.symlink(data / s, dst)
-    return calib, held
 
 
 def top1(loaded, held: Path) -> float:
-    source = open_data(str(held), "image", samples=None, labels=True)
-    run = evaluate(loaded, loaded.preprocessing.batches(source, 50, 2))
-    return 100 * run.result["accuracy"]["top1"]
+    return 100 * _top1(loaded, held)
+SETTINGS = {"mlp": {"target": "mlp", "sparsity": 0.5}, "both": {"target": "both", "sparsity": 0.5},
+            "budget": {"target": "both", "flops_budget": 0.617}}
 
 
 def main() -> None:

@@ -17,6 +17,8 @@ from corp_cli.calibration import collect_statistics
 from corp_cli.errors import InputError
 from corp_cli.pruning import PruneOptions, apply_block, keep_counts, plan_block
 
+from .test_cli_chain import _folder as _images
+
 
 def _model(depth: int = 3) -> torch.nn.Module:
     torch.manual_seed(0)
@@ -142,18 +144,6 @@ def test_scratch_file_streams_give_the_same_model_and_leave_no_file(tmp_path, mo
 def _cli(tmp: Path, *args: object) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "corp_cli.cli", *map(str, args)], cwd=tmp, capture_output=True,
                           text=True, timeout=300)
-
-
-def _images(root: Path, n: int = 6) -> Path:
-    from PIL import Image
-
-    g = torch.Generator().manual_seed(0)
-    for i in range(n):
-        arr = (torch.rand(64, 80, 3, generator=g) * 255).to(torch.uint8).numpy()
-        sub = root / f"class{i % 2}"
-        sub.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(arr).save(sub / f"img{i}.png")
-    return root
 
 
 @pytest.mark.slow
