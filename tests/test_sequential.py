@@ -248,3 +248,27 @@ def test_interrupted_mid_block_leaves_nothing_at_out_and_no_scratch_file(sig: st
         assert len(lines) == 1 and "no artifact was written" in lines[0], rest
     assert not out.exists()
     assert list(scratch_dir.iterdir()) == []
+
+
+def test_target_sums_round_trip_through_a_statistics_file_and_partial_groups_are_refused(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from corp_cli.errors import ArtifactError
+    from corp_cli.stats import Statistics
+
+    r = api.prune(_model(depth=2), sequential=True, data=_batches(), target="both", sparsity=0.5, precision="float64")
+    path = tmp_path / "seq.safetensors"
+    r.stats.save(path)
+    again = Statistics.load(path)
+    assert torch.equal(again.blocks[1]["mlp"]["t_cross"], r.stats.blocks[1]["mlp"]["t_cross"])
+    assert torch.equal(again.blocks[0]["attn"]["q_cross"], r.stats.blocks[0]["attn"]["q_cross"])
+    tensors = load_file(str(path))
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    tensors.pop("blocks.1.mlp.t_sq")
+    bad = tmp_path / "partial.safetensors"
+    save_file(tensors, str(bad), metadata=meta)
+    with pytest.raises(ArtifactError, match="target sums"):
+        Statistics.load(bad)
