@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 # dense: fit to the dense stream; self: to the block's own output on the pruned stream; blend: the
 # dense fit shrunk toward the self fit, by how much chosen by 2-fold cross-validation (engine)
 TARGETS = ("dense", "self", "blend")
-DEFAULT_TARGET = "dense"
+DEFAULT_TARGET = "blend"  # what the held-out evidence favours (docs/sequential.md)
 ATTN_PARTS = ("qk", "vo", "heads")
 
 Progress = Callable[[str, "int | None", str], AbstractContextManager[Callable[[int], None]]]

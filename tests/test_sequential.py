@@ -161,7 +161,7 @@ def test_cli_sequential_prune_evaluate_reload(tmp_path: Path, tiny_ckpt: Path) -
     assert res.returncode == 0, res.stderr
     assert "stream err" in res.stdout
     report = json.loads((out / "report.json").read_text())
-    assert report["sequential"]["target"] == "dense"
+    assert report["sequential"]["target"] == "blend"
     assert sorted(p.name for p in out.iterdir()) == ["masks.safetensors", "model.safetensors", "report.json"]
     for b in report["blocks"]:
         assert b["mlp"]["kept"] == 384 and b["attn"]["qk_kept"] == 32
@@ -256,7 +256,8 @@ def test_target_sums_round_trip_through_a_statistics_file_and_partial_groups_are
     from corp_cli.errors import ArtifactError
     from corp_cli.stats import Statistics
 
-    r = api.prune(_model(depth=2), sequential=True, data=_batches(), target="both", sparsity=0.5, precision="float64")
+    r = api.prune(_model(depth=2), sequential=True, sequential_target="dense", data=_batches(), target="both",
+                  sparsity=0.5, precision="float64")
     path = tmp_path / "seq.safetensors"
     r.stats.save(path)
     again = Statistics.load(path)
