@@ -230,7 +230,7 @@ def prune(
     progress: Progress | None = None,
     device: str | torch.device = "cpu",
     sequential: bool = False,
-    sequential_target: str = "dense",
+    sequential_target: str = "blend",
     data: str | Any | Iterable[Tensor | Batch] | None = None,
     samples: int | None = None,
     seed: int = 0,
@@ -250,7 +250,8 @@ def prune(
 
     sequential=True calibrates block by block on the already-pruned model (corp_cli.sequential):
     give the calibration `data` (as for calibrate: a spec, an opened source or batches) instead
-    of `stats`, and `sequential_target` "dense" (fit toward the dense model's outputs) or "self".
+    of `stats`, and `sequential_target` "dense" (fit toward the dense model's outputs), "self", or "blend"
+    (the default: the dense fit shrunk toward the self fit by cross-validation; docs/sequential.md).
     """
     t0 = time.perf_counter()
     loaded = as_loaded(model, None, device)

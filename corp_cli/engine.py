@@ -586,6 +586,118 @@ def qk_target_compensation(
     return QKSolution(m=m, lam=lam_t, err_compensated=err(eye + m), err_uncompensated=err(eye))
 
 
+# The dense target's fit is blended with the self target's: W(a) = (1 - a) W_self + a W_dense
+# (both are the formula above, whose solution is affine in C_tS, so this is the fit to the
+# target y_p + a (s_d - s_p)), with a chosen by 2-fold cross-validation over the calibration
+# batches. The self target is an exact function of h and cannot overfit; the dense target's
+# residual error is not, and with few images a full fit to it does (docs/sequential.md).
+BLEND_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
+CV_PREFIX = "cv_"  # a part's sums over the first fold, beside its totals
+
+
+def split_folds(stats: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]] | None:
+    """(first fold, second fold) of statistics that carry the first fold's sums as cv_ keys; None without."""
+    first = {k[len(CV_PREFIX):]: v for k, v in stats.items() if k.startswith(CV_PREFIX)}
+    if not first or int(first["count"].sum()) in (0, int(stats["count"].sum())):
+        return None
+    return first, {k: stats[k] - v for k, v in first.items()}
+
+
+def _self_and_dense(st: dict[str, Tensor], w: Tensor, bias: Tensor | None, keep: Tensor, lam: float,
+                    intercept: bool) -> tuple[tuple[Tensor, Tensor | None], tuple[Tensor, Tensor | None]]:
+    m = fit_moments(st, intercept=intercept)
+    prune = complement(keep, w.shape[1])
+    sol = ridge_compensation(m, keep, prune, lam) if prune.numel() else None
+    ws, bs = fold_mlp_output(w.to(ACC_DTYPE), bias.to(ACC_DTYPE) if bias is not None else None, keep, prune, sol)
+    d = target_compensation(st, w, bias, keep, lam, intercept=intercept)
+    return (ws, bs if intercept else None), (d.weight, d.bias)
+
+
+def _target_error(st: dict[str, Tensor], keep: Tensor, w: Tensor, b: Tensor | None) -> float:
+    raw = mlp_moments(st)
+    n = raw.n
+    return _affine_error(float(st["t_sq"]) / n, st["t_sum"].to(ACC_DTYPE) / n,
+                         st["t_cross"].to(ACC_DTYPE)[:, keep] / n, raw.second[keep][:, keep], raw.mean[keep], w, b)
+
+
+def blended_target_compensation(stats: dict[str, Tensor], w: Tensor, bias: Tensor | None, keep: Tensor, lam: float, *,
+                                intercept: bool = True) -> tuple[TargetSolution, float, list[float]]:
+    """target_compensation blended with the self target's solve, the blend chosen by 2-fold CV.
+
+    Returns (the blended solution, its weight a on the dense fit, the cross-validated error of
+    every a in BLEND_GRID). Without fold sums, a = 1 (the dense fit alone).
+    """
+    full = target_compensation(stats, w, bias, keep, lam, intercept=intercept)
+    folds = split_folds(stats)
+    if folds is None:
+        return full, 1.0, []
+    cv = [0.0] * len(BLEND_GRID)
+    for fit, check in (folds, folds[::-1]):
+        (ws, bs), (wd, bd) = _self_and_dense(fit, w, bias, keep, lam, intercept)
+        for j, a in enumerate(BLEND_GRID):
+            b = None if bd is None else (1 - a) * bs + a * bd  # type: ignore[operator]
+            cv[j] += _target_error(check, keep, (1 - a) * ws + a * wd, b)
+    a = BLEND_GRID[min(range(len(cv)), key=lambda j: (cv[j], -j))]
+    (ws, bs), (wd, bd) = _self_and_dense(stats, w, bias, keep, lam, intercept)
+    wb = (1 - a) * ws + a * wd
+    bb = None if bd is None else (1 - a) * bs + a * bd  # type: ignore[operator]
+    sol = TargetSolution(weight=wb, bias=bb, lam=full.lam, cond_estimate=full.cond_estimate,
+                         err_compensated=_target_error(stats, keep, wb, bb), err_uncompensated=full.err_uncompensated)
+    return sol, a, cv
+
+
+def _qk_pair_error(mo: dict[str, Tensor], heads: Tensor, keep: Tensor, n_: Tensor, scale: float) -> Tensor:
+    """E(q_d^T k_d - q_S^T N k_S)^2 per head on moments `mo` (divided by the count)."""
+    hq = heads[:, None]
+    gq = _gather_blocks(mo["q_gram"][heads], keep, keep)
+    gk = _gather_blocks(mo["k_gram"][heads], keep, keep)
+    xy = mo["q_cross"][hq, keep] @ mo["k_cross"][hq, keep].transpose(1, 2)
+    base = torch.einsum("hij,hji->h", mo["qd_gram"][heads], mo["kd_gram"][heads])
+    quad = torch.einsum("hji,hjk,hkl,hil->h", n_, gq, n_, gk)
+    return (quad - 2.0 * torch.einsum("hij,hij->h", n_, xy) + base).clamp_min(0) * scale**2
+
+
+def _qk_moments(st: dict[str, Tensor]) -> dict[str, Tensor]:
+    n = int(st["count"].sum())
+    return {k: st[k].to(ACC_DTYPE) / n for k in ("q_gram", "k_gram", *QK_TARGET_KEYS)}
+
+
+def _qk_self_and_dense(mo: dict[str, Tensor], heads: Tensor, keep: Tensor, lam: float | None, scale: float,
+                       lam_rel: float) -> tuple[Tensor, Tensor, QKSolution]:
+    q2, k2 = mo["q_gram"][heads], mo["k_gram"][heads]
+    d = q2.shape[-1]
+    prune = torch.stack([complement(k, d) for k in keep])
+    m_self = qk_compensation(q2, k2, keep, prune, lam=lam, scale=scale, lam_rel=lam_rel).m
+    dense = qk_target_compensation(q2, k2, mo["q_cross"][heads], mo["k_cross"][heads], mo["qd_gram"][heads],
+                                   mo["kd_gram"][heads], keep, lam=lam, scale=scale, lam_rel=lam_rel)
+    return m_self, dense.m, dense
+
+
+def blended_qk_target_compensation(stats: dict[str, Tensor], heads: Tensor, keep: Tensor, *, lam: float | None,
+                                   scale: float, lam_rel: float = QK_LAMBDA_REL) -> tuple[QKSolution, Tensor]:
+    """qk_target_compensation blended per head with the self target's M, the blend chosen by 2-fold CV.
+
+    Returns (the solution, the weight a on the dense M per head). Without fold sums, a = 1.
+    """
+    mo = _qk_moments(stats)
+    m_self, m_dense, dense = _qk_self_and_dense(mo, heads, keep, lam, scale, lam_rel)
+    folds = split_folds(stats)
+    alpha = torch.ones(keep.shape[0], dtype=ACC_DTYPE, device=keep.device)
+    if folds is not None:
+        eye = torch.eye(keep.shape[1], dtype=ACC_DTYPE, device=keep.device)
+        cv = torch.zeros(len(BLEND_GRID), keep.shape[0], dtype=ACC_DTYPE, device=keep.device)
+        for fit, check in (folds, folds[::-1]):
+            ms, md, _ = _qk_self_and_dense(_qk_moments(fit), heads, keep, lam, scale, lam_rel)
+            mc = _qk_moments(check)
+            for j, a in enumerate(BLEND_GRID):
+                cv[j] += _qk_pair_error(mc, heads, keep, eye + (1 - a) * ms + a * md, scale)
+        alpha = torch.tensor(BLEND_GRID, dtype=ACC_DTYPE, device=keep.device)[torch.argmin(cv, 0)]
+    m = (1 - alpha)[:, None, None] * m_self + alpha[:, None, None] * m_dense
+    eye = torch.eye(keep.shape[1], dtype=ACC_DTYPE, device=keep.device)
+    err = _qk_pair_error(mo, heads, keep, eye + m, scale)
+    return QKSolution(m=m, lam=dense.lam, err_compensated=err, err_uncompensated=dense.err_uncompensated), alpha
+
+
 # --------------------------------------------------------------------------------------
 # Attention output: V/O dims and whole heads
 # --------------------------------------------------------------------------------------

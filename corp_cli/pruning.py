@@ -592,7 +592,7 @@ def _target_fold(w: Tensor, bias: Tensor | None, st: dict[str, Tensor], keep: Te
     --no-compensation keeps W_S and b (the target only enters the reported errors).
     """
     try:
-        sol = engine.target_compensation(st, w, bias, keep, lam, intercept=intercept)
+        sol, blend, cv = engine.blended_target_compensation(st, w, bias, keep, lam, intercept=intercept)
     except ArithmeticError as e:
         raise NumericalError(f"{where}: {e}") from None
     if o.compensation:
@@ -601,7 +601,7 @@ def _target_fold(w: Tensor, bias: Tensor | None, st: dict[str, Tensor], keep: Te
         w_n, b_n = engine.fold_mlp_output(w, bias, keep, prune, None)
     return w_n, b_n, {
         "lambda": sol.lam, "cond_estimate": sol.cond_estimate, "compensated": bool(o.compensation),
-        "fit": "target",
+        "fit": "target", "dense_blend": blend, **({"blend_cv_errors": cv} if cv else {}),
         "predicted_error_compensated": sol.err_compensated,
         "predicted_error_uncompensated": sol.err_uncompensated,
     }
@@ -622,11 +622,10 @@ def _qk_solve(fam: ModelFamily, model: nn.Module, i: int, st: dict[str, Tensor],
     if heads is not None:
         q2, k2 = q2[heads], k2[heads]
     if engine.has_target(st):
-        mo = {k: st[k].to(keep.device) / n for k in engine.QK_TARGET_KEYS}
-        if heads is not None:
-            mo = {k: v[heads] for k, v in mo.items()}
-        return prune, engine.qk_target_compensation(q2, k2, mo["q_cross"], mo["k_cross"], mo["qd_gram"], mo["kd_gram"],
-                                                    keep, lam=o.lam, scale=fam.softmax_scale(model, i), lam_rel=lam_rel)
+        hs = heads if heads is not None else torch.arange(keep.shape[0], device=keep.device)
+        sol, _ = engine.blended_qk_target_compensation({k: v.to(keep.device) for k, v in st.items()}, hs, keep,
+                                                       lam=o.lam, scale=fam.softmax_scale(model, i), lam_rel=lam_rel)
+        return prune, sol
     sol = engine.qk_compensation(q2, k2, keep, prune, lam=o.lam, scale=fam.softmax_scale(model, i), compensate=True,
                                  lam_rel=lam_rel)
     return prune, sol

@@ -45,11 +45,34 @@ from corp_cli.stats import finite_or_raise
 
 log = logging.getLogger(__name__)
 
-TARGETS = ("dense", "self")
-DEFAULT_TARGET = "dense"
+# dense: fit to the dense stream; self: to the block's own output on the pruned stream; blend: the
+# dense fit shrunk toward the self fit, by how much chosen by 2-fold cross-validation (engine)
+TARGETS = ("dense", "self", "blend")
+DEFAULT_TARGET = "blend"  # what the held-out evidence favours (docs/sequential.md)
 ATTN_PARTS = ("qk", "vo", "heads")
 
 Progress = Callable[[str, "int | None", str], AbstractContextManager[Callable[[int], None]]]
+
+
+# Environment: SCRATCH_ENV=1 keeps the streams in the scratch file whatever the plan says;
+# TEST_PAUSE_ENV="BLOCK:SECONDS" (tests) announces block BLOCK on stderr and sleeps, so that a
+# test can interrupt a run in the middle of a block.
+SCRATCH_ENV = "CORP_SEQUENTIAL_SCRATCH"
+TEST_PAUSE_ENV = "CORP_TEST_SEQUENTIAL_PAUSE"
+
+
+def _test_pause(i: int) -> None:
+    spec = os.environ.get(TEST_PAUSE_ENV)
+    if not spec:
+        return
+    block, _, seconds = spec.partition(":")
+    if int(block) == i:
+        import sys
+        import time
+
+        sys.stderr.write(f"corp test hook: pausing in sequential block {i}\n")
+        sys.stderr.flush()
+        time.sleep(float(seconds or 60))
 
 
 def check_target(target: str) -> str:
@@ -141,7 +164,10 @@ def _real_heads(x: Tensor, mask: Tensor | None) -> Tensor:
     return x if mask is None else x.transpose(1, 2)[mask].unsqueeze(0).transpose(1, 2)
 
 
-def _add(acc: dict[str, dict[str, Tensor]], part: str, st: dict[str, Tensor]) -> None:
+def _add(acc: dict[str, dict[str, Tensor]], part: str, st: dict[str, Tensor], fold: int | None = None) -> None:
+    """Add one batch's sums; with the dense target the first fold's are also kept (cv_ keys, engine.split_folds)."""
+    if fold in (0, 1) and engine.has_target(st):
+        st = {**st, **{engine.CV_PREFIX + k: v if fold == 0 else torch.zeros_like(v) for k, v in st.items()}}
     acc[part] = engine.add_stats(acc.get(part), st)
 
 
@@ -186,7 +212,7 @@ def prune_sequential(
     autocast = (torch.autocast(param.device.type, dtype=forward_dtype) if forward_dtype is not None
                 else contextlib.nullcontext())
     dense = copy.deepcopy(model)  # the dense reference: its blocks advance X_d and give the targets
-    store = StreamStore(bool(scratch))
+    store = StreamStore(bool(scratch) or os.environ.get(SCRATCH_ENV) == "1")
     items: list[_Item] = []
     samples = tokens = 0
     try:
@@ -208,6 +234,7 @@ def prune_sequential(
         all_stats: list[dict[str, dict[str, Tensor]]] = []
         for i in range(nblocks):
             o = opts.for_block(i)
+            _test_pause(i)
             with progress(f"sequential: block {i + 1}/{nblocks}", 3 * len(items), "batches") as advance:
                 bm, entry, st = _block(fam, model, dense, i, items, o, plans[i], target, product_dtype, autocast,
                                        masks[i] if masks is not None else None, advance, store)
@@ -236,19 +263,25 @@ def _block_counts(fam: ModelFamily, model: nn.Module, i: int, opts: PruneOptions
     return counts
 
 
-def _run(fam: ModelFamily, model: nn.Module, i: int, x: Tensor, ctx: StreamContext) -> Tensor | None:
-    """Block i on x; None when a hook stopped it early (everything the pass reads was seen)."""
+def _run(fam: ModelFamily, model: nn.Module, i: int, x: Tensor, ctx: StreamContext, hooks: list[Any],
+         autocast: Any) -> Tensor | None:
+    """Block i on x with `hooks` (removed after); None when a hook stopped it early (everything read was seen)."""
     try:
-        return fam.run_block(model, i, x, ctx)
+        with torch.inference_mode(), autocast:
+            return fam.run_block(model, i, x, ctx)
     except _Stop:
         return None
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def _block(fam: ModelFamily, model: nn.Module, dense: nn.Module, i: int, items: list[_Item], o: PruneOptions,
            counts: Widths, target: str, product_dtype: torch.dtype, autocast: Any, preset: BlockMasks | None,
            advance: Callable[[int], None], store: StreamStore) -> tuple[BlockMasks, dict[str, Any], dict[str, dict[str, Tensor]]]:
     """Block i: the three passes of the module docstring; (its masks, its report entry, its statistics)."""
-    want_dense = target == "dense"
+    want_dense = target in ("dense", "blend")
+    folds = target == "blend"
     attn_counts = {p: v for p, v in counts.items() if p in ATTN_PARTS}
     qk = "qk" in attn_counts
     vo = bool({"vo", "heads"} & set(attn_counts))
@@ -265,17 +298,14 @@ def _block(fam: ModelFamily, model: nn.Module, dense: nn.Module, i: int, items: 
             hooks += fam.sublayer_hook(dense, i, "vo", lambda _y, s: seen.__setitem__("s_vo", s.detach()))
         if want_dense and "mlp" in counts:
             hooks += fam.sublayer_hook(dense, i, "mlp", lambda _y, s: seen.__setitem__("s_mlp", s.detach()))
-        try:
-            with torch.inference_mode(), autocast:
-                nd = fam.run_block(dense, i, it.dense, it.ctx)
-        finally:
-            for h in hooks:
-                h.remove()
+        nd = _run(fam, dense, i, it.dense, it.ctx, hooks, autocast)
+        assert nd is not None  # nothing stops the dense block early
         it.dense = store.put(it.dense, nd)  # the old X_d is read by nothing else
         if "s_mlp" in seen:
             s_mlp_dense[j] = seen["s_mlp"]
         if attn_counts:
-            _attention_stats(fam, model, i, it, seen, st, qk, vo, want_dense, product_dtype, autocast)
+            _attention_stats(fam, model, i, it, seen, st, qk, vo, want_dense, product_dtype, autocast,
+                             j % 2 if folds else None)
         advance(1)
     entry: dict[str, Any] = {"block": i}
     bm = BlockMasks()
@@ -287,7 +317,8 @@ def _block(fam: ModelFamily, model: nn.Module, dense: nn.Module, i: int, items: 
     # pass 2: block i with its pruned attention and dense MLP on X_p: the MLP's features and target
     if "mlp" in counts:
         for j, it in enumerate(items):
-            _mlp_stats(fam, model, i, it, s_mlp_dense[j], st, want_dense, product_dtype, autocast)
+            _mlp_stats(fam, model, i, it, s_mlp_dense[j], st, want_dense, product_dtype, autocast,
+                       j % 2 if folds else None)
             s_mlp_dense[j] = None
             advance(1)
         keep = preset.mlp if preset is not None else plan_block(fam, model, i, st, o, {"mlp": counts["mlp"]}).mlp
@@ -316,7 +347,7 @@ def _block(fam: ModelFamily, model: nn.Module, dense: nn.Module, i: int, items: 
 
 def _attention_stats(fam: ModelFamily, model: nn.Module, i: int, it: _Item, seen: dict[str, Any],
                      st: dict[str, dict[str, Tensor]], qk: bool, vo: bool, want_dense: bool,
-                     product_dtype: torch.dtype, autocast: Any) -> None:
+                     product_dtype: torch.dtype, autocast: Any, fold: int | None) -> None:
     """The block (dense still) on X_p, up to its attention's residual sum: Q/K and o statistics."""
     mask = it.mask
     pending: dict[str, Tensor] = {}
@@ -329,7 +360,7 @@ def _attention_stats(fam: ModelFamily, model: nn.Module, i: int, it: _Item, seen
         if want_dense:
             qd, kd = seen["qk"]
             s.update(engine.qk_cross_batch_stats(qp, kp, _real_heads(qd, mask), _real_heads(kd, mask), product_dtype))
-        _add(st, "attn", s)
+        _add(st, "attn", s, fold)
         if not vo:
             raise _Stop
 
@@ -347,7 +378,7 @@ def _attention_stats(fam: ModelFamily, model: nn.Module, i: int, it: _Item, seen
         s = engine.gram_batch_stats(o, product_dtype)
         s.update(engine.target_batch_stats(_real(t, mask), o, product_dtype))
         finite_or_raise(s["t_sum"], f"block {i} attention output target")
-        _add(st, "vo", s)
+        _add(st, "vo", s, fold)
         raise _Stop
 
     hooks: list[Any] = []
@@ -357,16 +388,12 @@ def _attention_stats(fam: ModelFamily, model: nn.Module, i: int, it: _Item, seen
         hooks += fam.vo_hook(model, i, on_o)
         if want_dense:
             hooks += fam.sublayer_hook(model, i, "vo", on_sum)
-    try:
-        with torch.inference_mode(), autocast:
-            _run(fam, model, i, it.pruned, it.ctx)
-    finally:
-        for h in hooks:
-            h.remove()
+    _run(fam, model, i, it.pruned, it.ctx, hooks, autocast)
 
 
 def _mlp_stats(fam: ModelFamily, model: nn.Module, i: int, it: _Item, s_dense: Tensor | None,
-               st: dict[str, dict[str, Tensor]], want_dense: bool, product_dtype: torch.dtype, autocast: Any) -> None:
+               st: dict[str, dict[str, Tensor]], want_dense: bool, product_dtype: torch.dtype, autocast: Any,
+               fold: int | None) -> None:
     """Block i (pruned attention, dense MLP) on X_p: the hidden units, and with the dense target its target."""
     mask = it.mask
     pending: dict[str, Tensor] = {}
@@ -388,18 +415,13 @@ def _mlp_stats(fam: ModelFamily, model: nn.Module, i: int, it: _Item, s_dense: T
         s = pending.pop("st")
         s.update(engine.target_batch_stats(_real(t, mask), pending.pop("h"), product_dtype))
         finite_or_raise(s["t_sum"], f"block {i} MLP target")
-        _add(st, "mlp", s)
+        _add(st, "mlp", s, fold)
         raise _Stop
 
     hooks = fam.mlp_hook(model, i, on_h)
     if want_dense:
         hooks += fam.sublayer_hook(model, i, "mlp", on_sum)
-    try:
-        with torch.inference_mode(), autocast:
-            _run(fam, model, i, it.pruned, it.ctx)
-    finally:
-        for h in hooks:
-            h.remove()
+    _run(fam, model, i, it.pruned, it.ctx, hooks, autocast)
 
 
 def extra_bytes(fam: ModelFamily, model: nn.Module, samples: int) -> int:

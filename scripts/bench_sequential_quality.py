@@ -14,38 +14,26 @@ it prunes one-shot (dense statistics) and sequentially with each target, from th
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from real_deit_dtype import split, top1 as _top1  # the same split and scoring as that study (scripts/ is on the path)
+
 from corp_cli import api
-from corp_cli.evaluate import evaluate
 from corp_cli.family import ModelOptions
 from corp_cli.loading import load_dense
 from corp_cli.sources import open_data
 
 ROOT = Path(__file__).resolve().parents[1]
-SETTINGS = {"mlp": {"target": "mlp", "sparsity": 0.5}, "both": {"target": "both", "sparsity": 0.5},
-            "budget": {"target": "both", "flops_budget": 0.617}}
-
-
-def split(data: Path, tmp: Path) -> tuple[Path, Path]:
-    synsets = sorted(p.name for p in data.iterdir() if p.is_dir())
-    calib, held = tmp / "calib", tmp / "eval"
-    for i, s in enumerate(synsets):
-        dst = (calib if i % 2 == 0 else held) / s
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        os.symlink(data / s, dst)
-    return calib, held
 
 
 def top1(loaded, held: Path) -> float:
-    source = open_data(str(held), "image", samples=None, labels=True)
-    run = evaluate(loaded, loaded.preprocessing.batches(source, 50, 2))
-    return 100 * run.result["accuracy"]["top1"]
+    return 100 * _top1(loaded, held)
+SETTINGS = {"mlp": {"target": "mlp", "sparsity": 0.5}, "both": {"target": "both", "sparsity": 0.5},
+            "budget": {"target": "both", "flops_budget": 0.617}}
 
 
 def main() -> None:
@@ -57,6 +45,8 @@ def main() -> None:
     ap.add_argument("--eval-data", type=Path, help="held-out labelled images")
     ap.add_argument("--settings", default="mlp,both,budget")
     ap.add_argument("--batch-size", type=int, default=50)
+    ap.add_argument("--targets", default="dense,self,blend", help="sequential targets to compare")
+    ap.add_argument("--no-one-shot", action="store_true", help="skip the one-shot prune (for a rerun of some targets)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         if args.calib_data is not None:
@@ -68,23 +58,27 @@ def main() -> None:
         print(f"calibration {n_cal} images ({calib}), held-out {held}; torch threads {torch.get_num_threads()}")
         print(f"dense top-1 on the held-out half: {top1(dense, held):.1f}%\n")
         t = time.perf_counter()
-        stats = api.calibrate(dense, open_data(str(calib), "image", samples=None), batch_size=args.batch_size,
-                              workers=2)
+        stats = None if args.no_one_shot else api.calibrate(dense, open_data(str(calib), "image", samples=None),
+                                                              batch_size=args.batch_size, workers=2)
         t_cal = time.perf_counter() - t
-        print("| setting | one-shot | sequential dense | sequential self | seconds (one-shot calibrate+prune / dense / self) |")
-        print("|---|---|---|---|---|")
+        cols = " | ".join(f"sequential {t}" for t in args.targets.split(","))
+        print(f"| setting | one-shot | {cols} | seconds (one-shot calibrate+prune / each sequential) |")
+        print("|---|---|" + "---|" * len(args.targets.split(",")) + "---|")
         for name in args.settings.split(","):
             kw = SETTINGS[name]
-            t = time.perf_counter()
-            one = api.prune(dense, stats, **kw)
-            t_one = t_cal + time.perf_counter() - t
-            row, secs = [f"{top1(one.loaded, held):.1f}%"], [f"{t_one:.0f}"]
             seq_kw = dict(kw)
             masks = None
-            if "flops_budget" in seq_kw:  # sequential re-fits the widths and units the allocation chose
-                seq_kw.pop("flops_budget")
-                masks = one.masks
-            for target in ("dense", "self"):
+            if stats is None:
+                row, secs = ["-"], ["-"]
+            else:
+                t = time.perf_counter()
+                one = api.prune(dense, stats, **kw)
+                t_one = t_cal + time.perf_counter() - t
+                row, secs = [f"{top1(one.loaded, held):.1f}%"], [f"{t_one:.0f}"]
+                if "flops_budget" in seq_kw:  # sequential re-fits the widths and units the allocation chose
+                    seq_kw.pop("flops_budget")
+                    masks = one.masks
+            for target in args.targets.split(","):
                 t = time.perf_counter()
                 r = api.prune(dense, sequential=True, sequential_target=target, masks=masks,
                               data=open_data(str(calib), "image", samples=None), batch_size=args.batch_size,

@@ -127,3 +127,31 @@ def test_qk_dense_target_is_brute_force_over_independent_pairs() -> None:
         assert_close(tgt.m[h], m, rtol=0, atol=1e-9)
         resid = float(((qd[h] @ kd[h].T) - qs @ (torch.eye(len(s), dtype=torch.float64) + m) @ ks.T).square().mean())
         assert abs(float(tgt.err_compensated[h]) - resid) < 1e-9 * max(resid, 1.0)
+
+
+def test_blend_is_the_dense_fit_when_the_folds_agree_and_a_convex_mix_otherwise() -> None:
+    h = _features(n=600)
+    g = torch.Generator().manual_seed(4)
+    t = torch.randn(600, 3, generator=g, dtype=torch.float64) + h[:, :3]
+    w = torch.randn(3, 10, generator=g, dtype=torch.float64)
+    b = torch.randn(3, generator=g, dtype=torch.float64)
+    keep = torch.tensor([0, 3, 4, 8])
+    half = _stats(h[:300], t[:300])
+    # two identical folds: the fit on one is the best on the other, so the dense fit (a = 1) wins
+    same = E.add_stats(None, half)
+    same = {k: 2 * v for k, v in same.items()}
+    same.update({E.CV_PREFIX + k: v for k, v in half.items()})
+    sol, a, cv = E.blended_target_compensation(same, w, b, keep, 0.1)
+    assert a == 1.0 and cv.index(min(cv)) == len(cv) - 1
+    full = E.target_compensation(same, w, b, keep, 0.1)
+    assert_close(sol.weight, full.weight, rtol=0, atol=1e-12)
+    # different folds: whatever a it picks, the weights are that mix of the self and dense fits
+    st = _stats(h, t)
+    st.update({E.CV_PREFIX + k: v for k, v in _stats(h[:300], t[:300]).items()})
+    sol, a, cv = E.blended_target_compensation(st, w, b, keep, 0.1)
+    assert a in E.BLEND_GRID and cv[E.BLEND_GRID.index(a)] == min(cv)
+    m = E.fit_moments(st)
+    prune = E.complement(keep, 10)
+    ws, bs = E.fold_mlp_output(w, b, keep, prune, E.ridge_compensation(m, keep, prune, 0.1))
+    dense = E.target_compensation(st, w, b, keep, 0.1)
+    assert_close(sol.weight, (1 - a) * ws + a * dense.weight, rtol=0, atol=1e-10)

@@ -44,7 +44,7 @@ def prune_cmd(
     masks_path: Annotated[Path | None, typer.Option("--masks", help="Reapply these masks instead of ranking.")] = None,
     dtype: Annotated[str | None, typer.Option("--dtype", help="Calibration forward dtype when calibrating here: fp32 (default), or bf16/fp16 under autocast.")] = None,
     sequential: Annotated[bool, typer.Option("--sequential", help="Calibrate block by block on the already-pruned model's activations, each block's correction fit toward --sequential-target (calibrates here: not with --stats).")] = False,
-    sequential_target: Annotated[str | None, typer.Option("--sequential-target", help="With --sequential: dense (fit the pruned block to the dense model's residual stream and logits) or self (to its own output on the pruned stream) (default: dense).")] = None,
+    sequential_target: Annotated[str | None, typer.Option("--sequential-target", help="With --sequential: dense (fit the pruned block to the dense model's residual stream and logits), self (to its own output on the pruned stream), or blend (the dense fit shrunk toward the self fit by 2-fold cross-validation) (default: blend, what the held-out evidence favours).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Check every input and print the plan (calibration memory, kept widths) without running it.")] = False,
     max_memory: Annotated[str | None, typer.Option("--max-memory", help="Refuse to calibrate when the expected peak exceeds this (e.g. 8G; default: the device's free memory).")] = None,
     checkpoint: C.CheckpointOpt = None,
@@ -117,6 +117,9 @@ def prune_cmd(
         "min_qk_dim": min_qk_dim, "qk_balanced": None if qk_fold is None else qk_fold == "balanced",
     }
     opts = build_options(config_keys, dict(flags))
+    if sequential and opts.flops_budget is not None:
+        raise InputError("--flops-budget with --sequential is not supported yet: give --sparsity, or --masks from a "
+                         "--flops-budget run (its widths are then re-fit sequentially)")
     check_out_dir(out, overwrite=overwrite)
     options = C.model_options(checkpoint, num_classes, pretrained_cfg, model_arg, preset_args, seq_len=seq_len, mean=mean,
                               std=std, input_size=input_size,
