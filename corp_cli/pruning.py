@@ -497,6 +497,11 @@ def _rotary_qk_solve(fam: ModelFamily, model: nn.Module, i: int, st: dict[str, T
     pairs = lay.pairs.to(dev)
     keep_pairs = engine.rotary_pairs_of_dims(pairs, keep)
     kw = {k: v.to(dev) for k, v in lay.fit_kwargs().items()}
+    if engine.has_target(st):  # sequential: fit toward the dense stream's logits (q-side rows per query head)
+        qc, kc, qd, kd = (st[k].to(dev) / n for k in engine.QK_TARGET_KEYS)
+        if heads is not None:
+            qc, qd, kc, kd = qc[heads], qd[heads], kc[kv], kd[kv]
+        kw.update(q_cross=qc, k_cross=kc, qd_second=qd, kd_second=kd)
     sol = engine.rotary_qk_compensation(q2, k2, pairs, keep_pairs, group, lam=o.lam, scale=fam.softmax_scale(model, i),
                                         lam_rel=lam_rel, **kw)
     _, m = engine.rotary_correction_matrix(pairs, keep_pairs, sol.coef, group)

@@ -185,14 +185,14 @@ class TimmEvaFamily(TimmFamily):
         return [model.blocks[i].mlp.fc2.register_forward_pre_hook(lambda _m, args: emit(args[0]))]
 
     def sublayer_modules(self, model: nn.Module, i: int, part: str) -> tuple[nn.Module, nn.Module, bool]:
-        # EvaBlock is pre-norm: x + gamma_2 * mlp(norm2(x)) is the block output (only the MLP is pruned here)
+        # EvaBlock is pre-norm: x + gamma_1 * attn(norm1(x)) enters norm2; x + gamma_2 * mlp(norm2(x)) is the output
         blk = model.blocks[i]
-        if part != "mlp" or not hasattr(blk, "gamma_2"):
-            raise UnsupportedModelError(f"block {i}: --sequential prunes only the MLP of pre-norm EVA blocks")
-        return blk.mlp.fc2, blk, False
+        if not hasattr(blk, "gamma_2"):
+            raise UnsupportedModelError(f"block {i}: --sequential needs a pre-norm EvaBlock ({type(blk).__name__} is not one)")
+        return (blk.mlp.fc2, blk, False) if part == "mlp" else (blk.attn.proj, blk.norm2, True)
 
     def sublayer_scale(self, model: nn.Module, i: int, part: str) -> Tensor | None:
-        gamma = getattr(model.blocks[i], "gamma_2", None)
+        gamma = getattr(model.blocks[i], "gamma_2" if part == "mlp" else "gamma_1", None)
         return gamma.detach() if isinstance(gamma, Tensor) else None
 
     def mlp_weights(self, model: nn.Module, i: int) -> MlpWeights:
