@@ -305,9 +305,12 @@ class _Budget:
         return {p: w for p, w in a.widths[i].items() if p in take or (p == "q_heads" and "heads" in take)}
 
     def report(self, model: nn.Module) -> dict[str, Any]:
-        from corp_cli.flops import model_counts
+        from corp_cli.flops import model_counts, shape_flops
 
-        flops = int(model_counts(model, family=self.fam)["flops"])
+        counts = model_counts(model, family=self.fam)
+        flops = int(counts["flops"])
+        for i, b in enumerate(self.blocks):
+            b["flops"] = int(shape_flops(self.fam, model, i, self.fam.shape(model, i), counts["tokens"])["total"])
         return {"flops_budget": self.opts.flops_budget, "dense_flops": self.dense_flops, "flops": flops,
                 "flops_ratio": flops / self.dense_flops, "sequential": True, "blocks": self.blocks}
 

@@ -300,8 +300,26 @@ def test_flops_budget_is_held_and_block_0_gets_the_one_shot_widths(target: str, 
         assert r.allocation["blocks"][0][part] == one.allocation["blocks"][0][part], part
     # what the report says each block kept is what the model now has
     fam = r.loaded.family
+    assert sum(b["flops"] for b in r.allocation["blocks"]) < r.after["flops"]
     for i, b in enumerate(r.allocation["blocks"]):
         if "mlp" in b:
             assert fam.shape(r.model, i).mlp_hidden == b["mlp"]["kept"]
     # the budget moved widths between blocks: not every block keeps the same MLP width
     assert len({b["mlp"]["kept"] for b in r.allocation["blocks"]}) > 1
+
+
+@pytest.mark.slow
+def test_cli_sequential_flops_budget(tmp_path: Path, tiny_ckpt: Path) -> None:
+    from corp_cli.allocation import BUDGET_TOLERANCE
+
+    data = _images(tmp_path / "imgs")
+    out = tmp_path / "pruned"
+    res = _cli(tmp_path, "prune", "deit_tiny_patch16_224", "--checkpoint", tiny_ckpt, "--calib-data", data,
+               "--samples", 6, "--batch-size", 4, "--workers", 0, "--sequential", "--target", "both",
+               "--flops-budget", 0.6, "--out", out)
+    assert res.returncode == 0, res.stderr
+    assert "widths chosen per block" in res.stdout
+    report = json.loads((out / "report.json").read_text())
+    ratio = report["totals"]["flops_after"] / report["totals"]["flops_before"]
+    assert (1 - BUDGET_TOLERANCE) * 0.6 <= ratio <= 0.6
+    assert report["allocation"]["sequential"] and report["sequential"]["target"] == "blend"
