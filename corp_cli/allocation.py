@@ -124,11 +124,12 @@ def _width_flops(count: Callable[[int], float], widths: list[int]) -> Tensor:
     return torch.tensor([count(k) for k in widths], dtype=torch.float64)
 
 
-def _qk_grids(fam: ModelFamily, model: nn.Module, stats: Statistics, o: PruneOptions) -> dict[int, tuple[list[int], Tensor]]:
-    """Every block's per-head logit error at every allowed Q/K width, one batched solve per width over all blocks."""
+def _qk_grids(fam: ModelFamily, model: nn.Module, stats: Statistics, o: PruneOptions,
+              blocks_: list[int] | None = None) -> dict[int, tuple[list[int], Tensor]]:
+    """Every block's (of `blocks_`, default all) per-head logit error at every allowed Q/K width, one batched solve per width."""
     by_layout: dict[tuple[int, int], list[int]] = {}
     out: dict[int, tuple[list[int], Tensor]] = {}
-    for i in range(fam.num_blocks(model)):
+    for i in (range(fam.num_blocks(model)) if blocks_ is None else blocks_):
         s = fam.shape(model, i)
         by_layout.setdefault((s.num_heads, s.head_dim), []).append(i)
     for i in [i for blocks in by_layout.values() for i in blocks]:
@@ -258,10 +259,16 @@ def _block_groups(
 
 
 def allocate(fam: ModelFamily, model: nn.Module, stats: Statistics, opts: PruneOptions, *,
-             qk_weight: float | None = None, weighting: str | None = None) -> Allocation:
+             qk_weight: float | None = None, weighting: str | None = None,
+             free: list[list[str]] | None = None, dense_flops: int | None = None) -> Allocation:
     """The widths that minimise the total predicted error with FLOPs <= opts.flops_budget of the dense model's.
 
-    `qk_weight` defaults to QK_LOGIT_WEIGHT, `weighting` to WEIGHTING.
+    `qk_weight` defaults to QK_LOGIT_WEIGHT, `weighting` to WEIGHTING. `free[i]` (default:
+    every part of the target, in every block) lists the parts of block i the allocator
+    chooses; the others stay as the model has them now, their FLOPs counted as they are
+    (sequential pruning pins what earlier blocks got). `dense_flops` is what the budget is a
+    fraction of, when `model` is already partly pruned (default: `model`'s own FLOPs). Only
+    the free parts appear in the widths and the report.
     """
     qk_weight = QK_LOGIT_WEIGHT if qk_weight is None else qk_weight
     weighting = WEIGHTING if weighting is None else weighting
@@ -271,9 +278,12 @@ def allocate(fam: ModelFamily, model: nn.Module, stats: Statistics, opts: PruneO
         raise InputError("allocate needs a --flops-budget or a --kv-budget")
     t0 = time.perf_counter()
     parts = list(opts.parts)
-    require_parts(stats, stats_parts_for(parts))
+    nb = fam.num_blocks(model)
+    free = [list(parts) for _ in range(nb)] if free is None else [[p for p in parts if p in f] for f in free]
+    need = stats_parts_for(sorted({p for f in free for p in f}))
+    require_parts(Statistics(blocks=[b for b, f in zip(stats.blocks, free) if f], meta={}, path=stats.path), need)
     counts = model_counts(model, family=fam)
-    tokens, dense = counts["tokens"], counts["flops"]
+    tokens, dense = counts["tokens"], counts["flops"] if dense_flops is None else dense_flops
     flops_frac = opts.flops_budget if opts.flops_budget is not None else 1.0
     budget = flops_frac * dense
     dense_kv = counts.get("kv_bytes_per_token")
@@ -284,33 +294,36 @@ def allocate(fam: ModelFamily, model: nn.Module, stats: Statistics, opts: PruneO
     kinds: list[str] = []
     infos = []
     with torch.no_grad():
-        for i in range(fam.num_blocks(model)):
-            check_block(fam, model, i, opts, parts)
-        qk = _qk_grids(fam, model, stats, opts) if "qk" in parts else {}
-        for i in range(fam.num_blocks(model)):
-            g, info = _block_groups(fam, model, i, stats, opts, parts, tokens, qk_weight, qk.get(i), weighting)
+        for i in range(nb):
+            if free[i]:
+                check_block(fam, model, i, opts, free[i])
+        qk = _qk_grids(fam, model, stats, opts, [i for i in range(nb) if "qk" in free[i]]) if "qk" in parts else {}
+        for i in range(nb):
+            g, info = _block_groups(fam, model, i, stats, opts, free[i], tokens, qk_weight, qk.get(i), weighting)
             groups += g
             owners += [i] * len(g)
-            kinds += (["mlp"] if "mlp" in parts else []) + (["attn"] if len(g) > ("mlp" in parts) else [])
+            kinds += (["mlp"] if "mlp" in free[i] else []) + (["attn"] if len(g) > ("mlp" in free[i]) else [])
             infos.append(info)
+    # the allocator spends FLOPs relative to the model as it is now (its blocks' current widths)
+    current = counts["flops"]
     try:
         if opts.kv_budget is None:
-            picks = engine.allocate_budget(groups, budget - dense)
+            picks = engine.allocate_budget(groups, budget - current)
         else:
             # the KV bytes of blocks whose attention the target leaves whole are fixed
             fixed = dense_kv if not {"qk", "vo", "heads"} & set(parts) else 0
-            picks = engine.allocate_two_budgets(groups, budget - dense, opts.kv_budget * dense_kv - fixed)
+            picks = engine.allocate_two_budgets(groups, budget - current, opts.kv_budget * dense_kv - fixed)
     except ValueError as e:
         if "KV budget" in str(e):
             raise InputError(f"--kv-budget {opts.kv_budget:g} is below what the allowed widths reach within the FLOPs "
                              f"budget with target {opts.target}: raise it or add vo/heads/qk to --target") from None
-        cheapest = dense + sum(min(a.flops + sum(float(m.flops.min()) for m in a.menus) for a in alts) for alts in groups)
+        cheapest = current + sum(min(a.flops + sum(float(m.flops.min()) for m in a.menus) for a in alts) for alts in groups)
         raise InputError(
             f"--flops-budget {flops_frac:g} is below what the allowed widths reach ({cheapest / dense:.3f} of the "
             f"dense FLOPs with target {opts.target}, --min-keep/--min-qk-dim/--round-to as given): raise it or add parts "
             "to --target"
         ) from None
-    widths, blocks = _decode(parts, kinds, owners, picks, infos)
+    widths, blocks = _decode(free, kinds, owners, picks, infos)
     pruned = [_pruned_shape(info["shape"], w) for info, w in zip(infos, widths)]
     flops = counts["flops"] - counts["flops_blocks"] + sum(
         int(shape_flops(fam, model, i, s, tokens)["total"]) for i, s in enumerate(pruned))
@@ -333,14 +346,14 @@ def allocate(fam: ModelFamily, model: nn.Module, stats: Statistics, opts: PruneO
 
 
 def _decode(
-    parts: list[str], kinds: list[str], owners: list[int], picks: list[tuple[int, list[int]]],
+    free: list[list[str]], kinds: list[str], owners: list[int], picks: list[tuple[int, list[int]]],
     infos: list[dict[str, Any]],
 ) -> tuple[list[Widths], list[dict[str, Any]]]:
     """Kept counts per block (parts kept whole are left out) and the report of every choice."""
     widths: list[Widths] = [{} for _ in infos]
     blocks: list[dict[str, Any]] = [{"block": i} for i in range(len(infos))]
     for (a, ks), kind, i in zip(picks, kinds, owners):
-        info, shape, w, rec = infos[i], infos[i]["shape"], widths[i], blocks[i]
+        info, shape, w, rec, parts = infos[i], infos[i]["shape"], widths[i], blocks[i], free[i]
         if kind == "mlp":
             kw, errs = info["mlp"]
             k = kw[ks[0]]

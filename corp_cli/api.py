@@ -340,7 +340,7 @@ def _prune_sequential(loaded: Loaded, opts: PruneOptions, masks: list[BlockMasks
     meta["sequential"] = {"target": target, "stream_bytes": run.stream_bytes, "scratch": run.scratch}
     stats = Statistics(blocks=run.stats, meta=meta)
     return PruneResult(loaded=loaded, masks=run.masks, blocks=run.blocks, options=opts, stats=stats, before=before,
-                       after=after, seconds=time.perf_counter() - t0, base_shapes=shapes,
+                       after=after, seconds=time.perf_counter() - t0, base_shapes=shapes, allocation=run.allocation,
                        sequential={"target": target, "stream_bytes": run.stream_bytes, "scratch": run.scratch})
 
 

@@ -107,6 +107,7 @@ class SequentialRun:
     stream_bytes: int
     scratch: bool = False
     notes: list[str] = field(default_factory=list)
+    allocation: dict[str, Any] | None = None  # what --flops-budget chose, block by block (_Budget.report)
 
 
 class StreamStore:
@@ -192,12 +193,15 @@ def prune_sequential(
     check_target(target)
     fam, model = loaded.family, loaded.model
     nblocks = fam.num_blocks(model)
-    if opts.flops_budget is not None and masks is None:
-        raise InputError("--flops-budget with --sequential is not supported yet: give --sparsity (or --masks from a "
-                         "--flops-budget run, whose widths are then re-fit sequentially)")
+    budgeted = opts.budgeted and masks is None
+    if budgeted and opts.kv_budget is not None:
+        raise InputError("--kv-budget with --sequential is not supported yet: give --flops-budget alone, or --masks "
+                         "from a --kv-budget run (its widths are then re-fit sequentially)")
     if masks is not None and len(masks) != nblocks:
         raise InputError(f"{len(masks)} block masks for a model with {nblocks} blocks")
-    plans = [_block_counts(fam, model, i, opts, masks) for i in range(nblocks)]
+    # under a budget every part of the target is gathered; the widths are chosen block by block (_Budget)
+    plans = [{p: 0 for p in opts.parts} if budgeted else _block_counts(fam, model, i, opts, masks)
+             for i in range(nblocks)]
     for i, counts in enumerate(plans):
         check_block(fam, model, i, opts.for_block(i), list(counts))
         for part in ("mlp", "vo") if target == "dense" else ():
@@ -215,17 +219,39 @@ def prune_sequential(
     store = StreamStore(bool(scratch) or os.environ.get(SCRATCH_ENV) == "1")
     items: list[_Item] = []
     samples = tokens = 0
-    try:
+    def started(x: Tensor | Batch) -> Batch:
+        """One batch on the model's device, its stream start kept in both streams."""
+        nonlocal samples, tokens
+        b = {k: v.to(param.device, dtype=param.dtype) if v.is_floating_point() else v.to(param.device)
+             for k, v in as_batch(x).items()}
         with torch.inference_mode(), autocast:
+            hidden, ctx = fam.stream_start(model, b)
+        m = b.get("attention_mask")
+        mask = m.bool() if m is not None else None
+        items.append(_Item(dense=store.keep(hidden), pruned=store.keep(hidden), ctx=ctx, mask=mask))
+        samples += int(hidden.shape[0])
+        tokens += int(mask.sum()) if mask is not None else int(hidden.shape[0] * hidden.shape[1])
+        return b
+
+    budget: _Budget | None = None
+    try:
+        if budgeted:
+            # the cheap one-shot pass: dense statistics of every block, for the blocks not reached yet
+            from corp_cli.calibration import collect_statistics
+            from corp_cli.pruning import stats_parts_for
+
+            try:
+                sums = collect_statistics(dense, (started(x) for x in batches), family=fam,
+                                          parts=tuple(stats_parts_for(list(opts.parts))), product_dtype=product_dtype,
+                                          forward_dtype=forward_dtype)
+            except ValueError:
+                if items:
+                    raise
+                raise InputError("no calibration samples were processed") from None
+            budget = _Budget(fam, model, opts, sums.blocks)
+        else:
             for x in batches:
-                b = {k: v.to(param.device, dtype=param.dtype) if v.is_floating_point() else v.to(param.device)
-                     for k, v in as_batch(x).items()}
-                hidden, ctx = fam.stream_start(model, b)
-                m = b.get("attention_mask")
-                mask = m.bool() if m is not None else None
-                items.append(_Item(dense=store.keep(hidden), pruned=store.keep(hidden), ctx=ctx, mask=mask))
-                samples += int(hidden.shape[0])
-                tokens += int(mask.sum()) if mask is not None else int(hidden.shape[0] * hidden.shape[1])
+                started(x)
         if not items:
             raise InputError("no calibration samples were processed")
         stream_bytes = 2 * sum(it.dense.numel() * it.dense.element_size() for it in items)
@@ -237,14 +263,56 @@ def prune_sequential(
             _test_pause(i)
             with progress(f"sequential: block {i + 1}/{nblocks}", 3 * len(items), "batches") as advance:
                 bm, entry, st = _block(fam, model, dense, i, items, o, plans[i], target, product_dtype, autocast,
-                                       masks[i] if masks is not None else None, advance, store)
+                                       masks[i] if masks is not None else None, advance, store, budget)
             out_masks.append(bm)
             entries.append(entry)
             all_stats.append({p: {k: v.cpu() for k, v in d.items()} for p, d in st.items()})
     finally:
         store.close()
     return SequentialRun(masks=out_masks, blocks=entries, stats=all_stats, samples=samples, tokens=tokens,
-                         stream_bytes=stream_bytes, scratch=store.scratch)
+                         stream_bytes=stream_bytes, scratch=store.scratch,
+                         allocation=budget.report(model) if budget is not None else None)
+
+
+class _Budget:
+    """--flops-budget, sequentially: block l's widths from an allocation over the whole model in which blocks
+    0..l-1 are pinned to what they got, block l is scored on its sequential statistics and blocks l+1.. on
+    the dense ones of the one-shot pass. Each allocation keeps the budget with the earlier choices fixed, and
+    the previous allocation's widths for the blocks still free remain a feasible choice, so every step is
+    feasible and the last one (every other part pinned) holds the budget for the whole model."""
+
+    def __init__(self, fam: ModelFamily, model: nn.Module, opts: PruneOptions,
+                 dense_stats: list[dict[str, dict[str, Tensor]]]) -> None:
+        from corp_cli.flops import model_counts
+
+        self.fam, self.opts, self.dense_stats = fam, opts, dense_stats
+        self.dense_flops = int(model_counts(model, family=fam)["flops"])
+        self.blocks: list[dict[str, Any]] = [{"block": i} for i in range(len(dense_stats))]
+
+    def choose(self, model: nn.Module, i: int, st: dict[str, dict[str, Tensor]], take: list[str],
+               pinned: tuple[str, ...] = ()) -> Widths:
+        """Block i's kept counts of the parts in `take` (those kept whole left out), `pinned` parts of it fixed."""
+        from corp_cli.allocation import allocate
+        from corp_cli.stats import Statistics
+
+        n = len(self.dense_stats)
+        parts = list(self.opts.parts)
+        blocks = [{} if j < i else {**self.dense_stats[j], **st} if j == i else self.dense_stats[j] for j in range(n)]
+        free = [[] if j < i else [p for p in parts if p not in pinned] if j == i else parts for j in range(n)]
+        a = allocate(self.fam, model, Statistics(blocks=blocks, meta={}), self.opts, free=free,
+                     dense_flops=self.dense_flops)
+        self.blocks[i].update({p: r for p, r in a.blocks[i].items() if p in take})
+        return {p: w for p, w in a.widths[i].items() if p in take or (p == "q_heads" and "heads" in take)}
+
+    def report(self, model: nn.Module) -> dict[str, Any]:
+        from corp_cli.flops import model_counts, shape_flops
+
+        counts = model_counts(model, family=self.fam)
+        flops = int(counts["flops"])
+        for i, b in enumerate(self.blocks):
+            b["flops"] = int(shape_flops(self.fam, model, i, self.fam.shape(model, i), counts["tokens"])["total"])
+        return {"flops_budget": self.opts.flops_budget, "dense_flops": self.dense_flops, "flops": flops,
+                "flops_ratio": flops / self.dense_flops, "sequential": True, "blocks": self.blocks}
 
 
 def _block_counts(fam: ModelFamily, model: nn.Module, i: int, opts: PruneOptions,
@@ -278,7 +346,8 @@ def _run(fam: ModelFamily, model: nn.Module, i: int, x: Tensor, ctx: StreamConte
 
 def _block(fam: ModelFamily, model: nn.Module, dense: nn.Module, i: int, items: list[_Item], o: PruneOptions,
            counts: Widths, target: str, product_dtype: torch.dtype, autocast: Any, preset: BlockMasks | None,
-           advance: Callable[[int], None], store: StreamStore) -> tuple[BlockMasks, dict[str, Any], dict[str, dict[str, Tensor]]]:
+           advance: Callable[[int], None], store: StreamStore,
+           budget: _Budget | None = None) -> tuple[BlockMasks, dict[str, Any], dict[str, dict[str, Tensor]]]:
     """Block i: the three passes of the module docstring; (its masks, its report entry, its statistics)."""
     want_dense = target in ("dense", "blend")
     folds = target == "blend"
@@ -310,9 +379,14 @@ def _block(fam: ModelFamily, model: nn.Module, dense: nn.Module, i: int, items: 
     entry: dict[str, Any] = {"block": i}
     bm = BlockMasks()
     if attn_counts:
-        a = preset if preset is not None else plan_block(fam, model, i, st, o, attn_counts)
+        if preset is not None:
+            a = preset
+        else:
+            ac = attn_counts if budget is None else budget.choose(model, i, st, list(attn_counts))
+            a = plan_block(fam, model, i, st, o, ac) if ac else BlockMasks()
         bm = BlockMasks(attn=a.attn, vo=a.vo, heads=a.heads)
-        entry.update(apply_block(fam, model, i, st, BlockMasks(attn=a.attn, vo=a.vo, heads=a.heads), o))
+        if a.attn is not None or a.vo is not None or a.heads is not None:
+            entry.update(apply_block(fam, model, i, st, BlockMasks(attn=a.attn, vo=a.vo, heads=a.heads), o))
 
     # pass 2: block i with its pruned attention and dense MLP on X_p: the MLP's features and target
     if "mlp" in counts:
@@ -321,9 +395,16 @@ def _block(fam: ModelFamily, model: nn.Module, dense: nn.Module, i: int, items: 
                        j % 2 if folds else None)
             s_mlp_dense[j] = None
             advance(1)
-        keep = preset.mlp if preset is not None else plan_block(fam, model, i, st, o, {"mlp": counts["mlp"]}).mlp
+        if preset is not None:
+            keep = preset.mlp
+        else:
+            mc = ({"mlp": counts["mlp"]} if budget is None
+                  else budget.choose(model, i, st, ["mlp"], pinned=tuple(attn_counts)))
+            keep = plan_block(fam, model, i, st, o, mc).mlp if mc else None
         bm.mlp = keep
-        entry.update({k: v for k, v in apply_block(fam, model, i, st, BlockMasks(mlp=keep), o).items() if k != "block"})
+        if keep is not None:
+            entry.update({k: v for k, v in apply_block(fam, model, i, st, BlockMasks(mlp=keep), o).items()
+                          if k != "block"})
     else:
         advance(len(items))
 

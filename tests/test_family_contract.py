@@ -316,3 +316,25 @@ def test_sequential_prune_on_every_family(case: str, target: str | None, tmp_pat
     a_logits, a_feats = _outputs(again, fcheck)
     b_logits, b_feats = _outputs(result.loaded, fcheck)
     torch.testing.assert_close(a_feats, b_feats, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_sequential_flops_budget_on_every_family(case: str, tmp_path: Path) -> None:
+    """prune(sequential=True, flops_budget=F) with every part the family prunes: the pruned model's FLOPs lie
+    below F and no farther below it than BUDGET_TOLERANCE or, where the allowed widths are too coarse for that
+    (the tiny BERT), than the one-shot allocation (rotary pairs, grouped-query heads and post-norm blocks included)."""
+    from corp_cli.allocation import BUDGET_TOLERANCE
+
+    _, make = CASES[case]
+    dense, batches, _ = make(tmp_path)
+    dense.model.double()
+    data = [{k: v.double() if v.is_floating_point() else v for k, v in as_batch(b).items()} for b in batches]
+    target = CASE_PARTS.get(case, ALL_PARTS) if case in VO_CASES else None
+    result = api.prune(dense, sequential=True, data=data, precision="float64", flops_budget=0.7, round_to=1,
+                       **({"target": target} if target else {}))
+    ratio = result.after["flops"] / result.before["flops"]
+    one = api.prune(dense, api.calibrate(dense, data, precision="float64", parts=("mlp", "attn", "vo")),
+                    flops_budget=0.7, round_to=1, **({"target": target} if target else {}))
+    low = min((1 - BUDGET_TOLERANCE) * 0.7, one.allocation["flops_ratio"] - BUDGET_TOLERANCE * 0.7)
+    assert low <= ratio <= 0.7, (ratio, one.allocation["flops_ratio"])
+    assert result.allocation is not None and result.allocation["flops_ratio"] == ratio

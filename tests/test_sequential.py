@@ -192,7 +192,7 @@ def test_cli_sequential_refuses_stats_in_one_line(tmp_path: Path) -> None:
     assert len(lines) == 1 and "cannot be sequential" in lines[0]
     res = _cli(tmp_path, "prune", "deit_tiny_patch16_224", "--sequential-target", "self", "--out", tmp_path / "o")
     assert res.returncode == 2 and "--sequential only" in res.stderr
-    res = _cli(tmp_path, "prune", "deit_tiny_patch16_224", "--sequential", "--flops-budget", "0.6", "--out",
+    res = _cli(tmp_path, "prune", "deit_tiny_patch16_224", "--sequential", "--kv-budget", "0.6", "--out",
                tmp_path / "o")
     assert res.returncode == 2 and "not supported yet" in res.stderr and len(res.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
@@ -273,3 +273,53 @@ def test_target_sums_round_trip_through_a_statistics_file_and_partial_groups_are
     save_file(tensors, str(bad), metadata=meta)
     with pytest.raises(ArtifactError, match="target sums"):
         Statistics.load(bad)
+
+
+@pytest.mark.parametrize(("target", "seq", "first"), [("mlp", "self", ("mlp",)), ("both", "blend", ("qk",)),
+                                                      ("mlp,qk,vo,heads", "dense", ("qk", "vo", "heads"))])
+def test_flops_budget_is_held_and_block_0_gets_the_one_shot_widths(target: str, seq: str,
+                                                                   first: tuple[str, ...]) -> None:
+    """--flops-budget sequentially: the pruned model keeps the budget (within BUDGET_TOLERANCE below it), and
+    block 0, whose pruned stream is still the dense one when its first part is chosen, gets exactly the
+    widths and predicted errors the one-shot allocation gives it (the MLP of block 0 under `both` is chosen
+    on the stream after its pruned attention, so it may differ)."""
+    from corp_cli.allocation import BUDGET_TOLERANCE
+
+    m = _model()
+    batches = _batches()
+    budget = 0.7
+    r = api.prune(m, sequential=True, sequential_target=seq, data=batches, target=target, flops_budget=budget,
+                  round_to=1, precision="float64")
+    ratio = r.after["flops"] / r.before["flops"]
+    assert (1 - BUDGET_TOLERANCE) * budget <= ratio <= budget, ratio
+    assert r.allocation is not None and r.allocation["flops_ratio"] == ratio and r.allocation["sequential"]
+    assert r.report()["allocation"]["flops_budget"] == budget
+    one = api.prune(m, api.calibrate(m, batches, precision="float64", parts=("mlp", "attn", "vo")),
+                    target=target, flops_budget=budget, round_to=1)
+    for part in first:
+        assert r.allocation["blocks"][0][part] == one.allocation["blocks"][0][part], part
+    # what the report says each block kept is what the model now has
+    fam = r.loaded.family
+    assert sum(b["flops"] for b in r.allocation["blocks"]) < r.after["flops"]
+    for i, b in enumerate(r.allocation["blocks"]):
+        if "mlp" in b:
+            assert fam.shape(r.model, i).mlp_hidden == b["mlp"]["kept"]
+    # the budget moved widths between blocks: not every block keeps the same MLP width
+    assert len({b["mlp"]["kept"] for b in r.allocation["blocks"]}) > 1
+
+
+@pytest.mark.slow
+def test_cli_sequential_flops_budget(tmp_path: Path, tiny_ckpt: Path) -> None:
+    from corp_cli.allocation import BUDGET_TOLERANCE
+
+    data = _images(tmp_path / "imgs")
+    out = tmp_path / "pruned"
+    res = _cli(tmp_path, "prune", "deit_tiny_patch16_224", "--checkpoint", tiny_ckpt, "--calib-data", data,
+               "--samples", 6, "--batch-size", 4, "--workers", 0, "--sequential", "--target", "both",
+               "--flops-budget", 0.6, "--out", out)
+    assert res.returncode == 0, res.stderr
+    assert "widths chosen per block" in res.stdout
+    report = json.loads((out / "report.json").read_text())
+    ratio = report["totals"]["flops_after"] / report["totals"]["flops_before"]
+    assert (1 - BUDGET_TOLERANCE) * 0.6 <= ratio <= 0.6
+    assert report["allocation"]["sequential"] and report["sequential"]["target"] == "blend"

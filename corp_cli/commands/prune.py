@@ -117,9 +117,9 @@ def prune_cmd(
         "min_qk_dim": min_qk_dim, "qk_balanced": None if qk_fold is None else qk_fold == "balanced",
     }
     opts = build_options(config_keys, dict(flags))
-    if sequential and opts.flops_budget is not None:
-        raise InputError("--flops-budget with --sequential is not supported yet: give --sparsity, or --masks from a "
-                         "--flops-budget run (its widths are then re-fit sequentially)")
+    if sequential and opts.kv_budget is not None and masks_path is None:
+        raise InputError("--kv-budget with --sequential is not supported yet: give --flops-budget alone, or --masks "
+                         "from a --kv-budget run (its widths are then re-fit sequentially)")
     check_out_dir(out, overwrite=overwrite)
     options = C.model_options(checkpoint, num_classes, pretrained_cfg, model_arg, preset_args, seq_len=seq_len, mean=mean,
                               std=std, input_size=input_size,
