@@ -34,7 +34,7 @@ def sweep_cmd(
     round_to: Annotated[int | None, typer.Option("--round-to", min=1, help=f"Keep MLP survivor counts multiples of N (default: {D.ROUND_TO}).")] = None,
     labels: Annotated[bool | None, typer.Option("--labels/--no-labels", help="Plot top-1 accuracy (labels) or agreement with the dense model (default: labels when the model has a classifier and the data has them).")] = None,
     samples: Annotated[int | None, typer.Option("--samples", min=1, help="Evaluate on this many images or texts (default: all).")] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Seed for choosing the --samples subset.")] = D.SEED,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for choosing the --samples subset (and the --calib-samples one).")] = D.SEED,
     sequential: Annotated[bool, typer.Option("--sequential", help="Prune every point as `corp prune --sequential` does, re-calibrating at every point from --calib-data (sequential statistics cannot be reused across points; not with --stats).")] = False,
     sequential_target: Annotated[str | None, typer.Option("--sequential-target", help="With --sequential: dense, self or blend (default: blend; see `corp prune --sequential-target`).")] = None,
     calib_data: Annotated[str | None, typer.Option("--calib-data", help="With --sequential: the calibration data, as for `corp prune --calib-data`.")] = None,
@@ -146,6 +146,8 @@ def sweep_cmd(
         write_bytes_atomic(tmp / CSV_FILE, csv_text([dense_row, *rows], columns).encode())
         if plotted:
             title = f"{loaded.identity.name} on {source.spec} ({source.describe()['count'] or '?'} {unit}), target {base.target}"
+            if seq_target is not None:
+                title += f", sequential {seq_target} (re-calibrated per point)"
             (plot_budgets if budgets is not None else plot)(tmp / PNG_FILE, dense_row, rows, title, item)
         report["seconds"] = round(time.perf_counter() - t0, 3)
         write_json_atomic(tmp / JSON_FILE, report)
