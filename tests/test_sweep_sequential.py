@@ -8,6 +8,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
 import timm
 import torch
 from safetensors.torch import save_file
@@ -18,7 +19,7 @@ from corp_cli.cli import app
 from corp_cli.pruning import PruneOptions, apply_masks
 from corp_cli.sweep import SEQUENTIAL_NOTE, run_sequential_sweep
 
-from .conftest import adopt
+from .conftest import STORIES, STORIES260K, adopt
 from .test_cli_chain import _folder as _images
 
 runner = CliRunner()
@@ -113,3 +114,19 @@ def test_sequential_sweep_refusals_in_one_line(tmp_path: Path) -> None:
                                                                  "--sequential-target", "nope"]))
     assert "needs --stats" in _one_line(runner.invoke(app, base))
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not STORIES260K.is_dir(), reason="needs the shared llama-stories260k")
+def test_cli_sequential_sweep_on_a_language_model(tmp_path: Path) -> None:
+    """Text calibration streamed per point; perplexity rows for both arms, the correction lowering it."""
+    res = runner.invoke(app, [
+        "sweep", str(STORIES260K), "--sequential", "--calib-data", f"text:{STORIES}@calib", "--calib-samples", "16",
+        "--target", "mlp", "--sparsities", "0.3", "--data", f"text:{STORIES}@eval", "--samples", "16",
+        "--out", str(tmp_path / "sweep"), "--json", "-",
+    ])
+    assert res.exit_code == 0, (res.stderr, res.exception)
+    rep = json.loads(res.stdout)
+    assert rep["metric"] == "perplexity" and rep["sequential"]["calib_data"]["count"] == 16
+    ppl = {p["arm"]: p["perplexity"] for p in rep["points"]}
+    assert rep["dense"]["perplexity"] < ppl["corp"] < ppl["no-compensation"]
