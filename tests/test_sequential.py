@@ -6,6 +6,7 @@ import copy
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -273,3 +274,65 @@ def test_target_sums_round_trip_through_a_statistics_file_and_partial_groups_are
     save_file(tensors, str(bad), metadata=meta)
     with pytest.raises(ArtifactError, match="target sums"):
         Statistics.load(bad)
+
+
+# ---- out of memory in the middle of a block: the batch is split and run again, the result unchanged
+
+
+def _oom_when(monkeypatch, fail: Callable[[int, int], bool]) -> list[tuple[int, int]]:
+    """Make the family's run_block raise torch.OutOfMemoryError where fail(block, batch size); returns the calls."""
+    fam_cls = type(api.adopt(_model(depth=1)).family)
+    orig = fam_cls.run_block
+    calls: list[tuple[int, int]] = []
+
+    def run_block(self, model, i, hidden, ctx):  # type: ignore[no-untyped-def]
+        calls.append((i, int(hidden.shape[0])))
+        if fail(i, int(hidden.shape[0])):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+        return orig(self, model, i, hidden, ctx)
+
+    monkeypatch.setattr(fam_cls, "run_block", run_block)
+    return calls
+
+
+@pytest.mark.parametrize("seq", ["dense", "self", "blend"])
+@pytest.mark.parametrize("scratch", [False, True])
+def test_out_of_memory_mid_block_is_retried_in_halves_with_the_same_result(monkeypatch, seq: str,
+                                                                           scratch: bool) -> None:
+    m = _model(depth=3)
+    kw = dict(sequential=True, sequential_target=seq, target="mlp,qk,vo,heads", sparsity=0.5, precision="float64",
+              scratch=scratch)
+    ref = api.prune(m, data=_batches(), **kw)
+    seen = {"n": 0}
+
+    def fail(i: int, n: int) -> bool:  # block 1 on batches of more than 2; once more, later, on a batch of 2
+        if i == 1 and n > 2:
+            return True
+        if i == 2 and n == 2:
+            seen["n"] += 1
+            return seen["n"] == 3
+        return False
+
+    calls = _oom_when(monkeypatch, fail)
+    r = api.prune(m, data=_batches(), **kw)
+    assert (1, 2) in calls and (1, 8) in calls and (2, 1) in calls and (0, 8) in calls
+    for a, b in zip(ref.masks, r.masks):
+        for x, y in zip((a.mlp, a.attn, a.vo, a.heads), (b.mlp, b.attn, b.vo, b.heads)):
+            assert (x is None) == (y is None) and (x is None or torch.equal(x, y))
+    for ea, eb in zip(ref.blocks, r.blocks):
+        for key in ("measured_stream_error", "measured_stream_error_relative"):
+            assert abs(ea["sequential"][key] - eb["sequential"][key]) <= 1e-9 * abs(ea["sequential"][key])
+    x = _batches()[0]
+    monkeypatch.undo()
+    with torch.inference_mode():
+        torch.testing.assert_close(r.model.forward_features(x), ref.model.forward_features(x), rtol=1e-9, atol=1e-11)
+
+
+def test_out_of_memory_on_a_single_sample_is_one_runtime_error(monkeypatch) -> None:
+    from corp_cli.errors import EXIT_RUNTIME, CorpError
+
+    _oom_when(monkeypatch, lambda i, n: i == 1)
+    with pytest.raises(CorpError) as e:
+        api.prune(_model(depth=2), sequential=True, data=_batches(), target="both", sparsity=0.5, precision="float64")
+    assert e.value.exit_code == EXIT_RUNTIME
+    assert "out of memory in sequential block 1 on a single sample" in str(e.value) and "\n" not in str(e.value)
