@@ -156,6 +156,19 @@ def _each(items: list[_Item], step: Callable[[_Item], None], advance: Callable[[
         j += 1
 
 
+def _synced(sync: Any, fn: Callable[[], None]) -> None:
+    """fn(); across ranks, then every rank says how it went: a failure anywhere raises on every rank (one line)."""
+    if sync is None:
+        fn()
+        return
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - reported to every rank, which all raise the same error
+        sync.report(e)
+        raise
+    sync.report(None)
+
+
 def _merge(st: dict[str, dict[str, Tensor]], local: dict[str, dict[str, Tensor]]) -> None:
     for part, d in local.items():
         st[part] = engine.add_stats(st.get(part), d)
@@ -248,12 +261,14 @@ def prune_sequential(
     forward_dtype: torch.dtype | None = None,
     scratch: bool | None = None,
     progress: Progress | None = None,
+    sync: Any = None,
 ) -> SequentialRun:
     """Prune `loaded.model` in place, block by block, on the pruned stream (module docstring).
 
     `masks` fixes what every block keeps (their widths and units; the corrections are
     re-fit sequentially). `scratch` keeps the streams in an unlinked memory-mapped file
-    (None: in memory).
+    (None: in memory). `sync` (distributed.BlockSync) adds every block's sums over the ranks of a
+    torch.distributed world, each rank giving its share of the batches.
     """
     check_target(target)
     fam, model = loaded.family, loaded.model
@@ -281,7 +296,8 @@ def prune_sequential(
     store = StreamStore(bool(scratch) or os.environ.get(SCRATCH_ENV) == "1")
     items: list[_Item] = []
     samples = tokens = 0
-    try:
+    def start() -> None:
+        nonlocal samples, tokens
         with torch.inference_mode(), autocast:
             for x in batches:
                 b = {k: v.to(param.device, dtype=param.dtype) if v.is_floating_point() else v.to(param.device)
@@ -295,6 +311,9 @@ def prune_sequential(
                 tokens += int(mask.sum()) if mask is not None else int(hidden.shape[0] * hidden.shape[1])
         if not items:
             raise InputError("no calibration samples were processed")
+
+    try:
+        _synced(sync, start)
         nbatches = len(items)  # the calibration batches; an out-of-memory split makes pieces, not more of them
         stream_bytes = 2 * sum(it.dense.numel() * it.dense.element_size() for it in items)
         out_masks: list[BlockMasks] = []
@@ -305,10 +324,13 @@ def prune_sequential(
             _test_pause(i)
             with progress(f"sequential: block {i + 1}/{nblocks}", 3 * nbatches, "batches") as advance:
                 bm, entry, st = _block(fam, model, dense, i, items, o, plans[i], target, product_dtype, autocast,
-                                       masks[i] if masks is not None else None, advance, store)
+                                       masks[i] if masks is not None else None, advance, store, sync)
             out_masks.append(bm)
             entries.append(entry)
             all_stats.append({p: {k: v.cpu() for k, v in d.items()} for p, d in st.items()})
+        if sync is not None:
+            samples, tokens = sync.ints([samples, tokens])
+            stream_bytes = sync.ints([stream_bytes])[0]
     finally:
         store.close()
     return SequentialRun(masks=out_masks, blocks=entries, stats=all_stats, samples=samples, tokens=tokens,
@@ -346,7 +368,7 @@ def _run(fam: ModelFamily, model: nn.Module, i: int, x: Tensor, ctx: StreamConte
 
 def _block(fam: ModelFamily, model: nn.Module, dense: nn.Module, i: int, items: list[_Item], o: PruneOptions,
            counts: Widths, target: str, product_dtype: torch.dtype, autocast: Any, preset: BlockMasks | None,
-           advance: Callable[[int], None], store: StreamStore) -> tuple[BlockMasks, dict[str, Any], dict[str, dict[str, Tensor]]]:
+           advance: Callable[[int], None], store: StreamStore, sync: Any = None) -> tuple[BlockMasks, dict[str, Any], dict[str, dict[str, Tensor]]]:
     """Block i: the three passes of the module docstring; (its masks, its report entry, its statistics)."""
     want_dense = target in ("dense", "blend")
     folds = target == "blend"
@@ -377,7 +399,9 @@ def _block(fam: ModelFamily, model: nn.Module, dense: nn.Module, i: int, items: 
         it.s_mlp = seen.get("s_mlp")
         _merge(st, local)
 
-    _each(items, pass1, advance, device, i)
+    _synced(sync, lambda: _each(items, pass1, advance, device, i))
+    if sync is not None and attn_counts:
+        sync.sums(st)
     entry: dict[str, Any] = {"block": i}
     bm = BlockMasks()
     if attn_counts:
@@ -394,7 +418,9 @@ def _block(fam: ModelFamily, model: nn.Module, dense: nn.Module, i: int, items: 
             it.s_mlp = None
             _merge(st, local)
 
-        _each(items, pass2, advance, device, i)
+        _synced(sync, lambda: _each(items, pass2, advance, device, i))
+        if sync is not None:
+            sync.sums({"mlp": st["mlp"]})  # the attention's were summed before its plan
         keep = preset.mlp if preset is not None else plan_block(fam, model, i, st, o, {"mlp": counts["mlp"]}).mlp
         bm.mlp = keep
         entry.update({k: v for k, v in apply_block(fam, model, i, st, BlockMasks(mlp=keep), o).items() if k != "block"})
@@ -415,8 +441,10 @@ def _block(fam: ModelFamily, model: nn.Module, dense: nn.Module, i: int, items: 
         acc["energy"] += en
         acc["n"] += d.shape[0]
 
-    _each(items, pass3, advance, device, i)
+    _synced(sync, lambda: _each(items, pass3, advance, device, i))
     err, energy, n = acc["err"], acc["energy"], acc["n"]
+    if sync is not None:
+        err, energy, n = sync.floats([err, energy, float(n)])
     entry["sequential"] = {"target": target, "measured_stream_error": err / n,
                            "measured_stream_error_relative": err / energy if energy > 0 else 0.0}
     return bm, entry, st

@@ -336,3 +336,64 @@ def test_out_of_memory_on_a_single_sample_is_one_runtime_error(monkeypatch) -> N
         api.prune(_model(depth=2), sequential=True, data=_batches(), target="both", sparsity=0.5, precision="float64")
     assert e.value.exit_code == EXIT_RUNTIME
     assert "out of memory in sequential block 1 on a single sample" in str(e.value) and "\n" not in str(e.value)
+
+
+# ---- two ranks (torch.distributed, gloo): each streams its share, every block's sums all-reduced
+
+
+def _two_ranks(tmp_path: Path, target: str, fail_rank: int = -1) -> list[subprocess.CompletedProcess]:
+    import os
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port), "CORP_DIST_TIMEOUT_S": "120", "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, "-m", "tests.seq_dist_worker", str(tmp_path / "r"), target,
+                                       str(fail_rank)], cwd=Path(__file__).parent.parent, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    out = []
+    for p in procs:
+        so, se = p.communicate(timeout=300)
+        out.append(subprocess.CompletedProcess(p.args, p.returncode, so, se))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seq", ["dense", "self"])
+def test_two_ranks_equal_one_process(tmp_path: Path, seq: str) -> None:
+    from corp_cli import sequential
+
+    res = _two_ranks(tmp_path, seq)
+    assert all(r.returncode == 0 for r in res), [r.stderr[-2000:] for r in res]
+    loaded = api.adopt(_model())
+    run = sequential.prune_sequential(loaded, _batches(), PruneOptions(target="both", mlp_sparsity=0.5,
+                                                                        attn_sparsity=0.5),
+                                      target=seq, product_dtype=torch.float64)
+    x = torch.cat(_batches())
+    with torch.inference_mode():
+        y = loaded.model.forward_features(x)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"r.{rank}.pt", weights_only=False)
+        assert (got["samples"], got["tokens"]) == (run.samples, run.tokens)
+        for (mlp, attn), m in zip(got["masks"], run.masks):
+            assert torch.equal(mlp, m.mlp) and torch.equal(attn, m.attn)
+        for ea, eb in zip(got["blocks"], run.blocks):
+            a, b = ea["sequential"]["measured_stream_error"], eb["sequential"]["measured_stream_error"]
+            assert abs(a - b) <= 1e-9 * b
+            assert abs(ea["mlp"]["predicted_error_compensated"] - eb["mlp"]["predicted_error_compensated"]) <= \
+                1e-9 * eb["mlp"]["predicted_error_compensated"]
+        torch.testing.assert_close(got["y"], y, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.slow
+def test_a_rank_failing_mid_block_stops_every_rank_with_one_line(tmp_path: Path) -> None:
+    res = _two_ranks(tmp_path, "dense", fail_rank=1)
+    for rank, r in enumerate(res):
+        assert r.returncode == 3, r.stderr[-2000:]
+        line = next(ln for ln in r.stderr.splitlines() if ln.startswith(f"rank {rank} error:"))
+        assert "rank 1 of 2 failed: RuntimeError: injected failure in block 1" in line
+    assert not list(tmp_path.glob("r.*.pt"))
