@@ -152,3 +152,7 @@ class BlockSync:
 
     def ints(self, values: list[int]) -> list[int]:
         return sum_ints(values, self.device)
+
+    def test_hooks(self, block: int) -> None:
+        """The failure-injection hooks (test_hooks), fired in block 1 of a sequential prune: mid-run."""
+        test_hooks(self.d, block)

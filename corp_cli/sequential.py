@@ -399,7 +399,12 @@ def _block(fam: ModelFamily, model: nn.Module, dense: nn.Module, i: int, items: 
         it.s_mlp = seen.get("s_mlp")
         _merge(st, local)
 
-    _synced(sync, lambda: _each(items, pass1, advance, device, i))
+    def pass1_all() -> None:
+        if sync is not None:
+            sync.test_hooks(i)
+        _each(items, pass1, advance, device, i)
+
+    _synced(sync, pass1_all)
     if sync is not None and attn_counts:
         sync.sums(st)
     entry: dict[str, Any] = {"block": i}

@@ -397,3 +397,38 @@ def test_a_rank_failing_mid_block_stops_every_rank_with_one_line(tmp_path: Path)
         line = next(ln for ln in r.stderr.splitlines() if ln.startswith(f"rank {rank} error:"))
         assert "rank 1 of 2 failed: RuntimeError: injected failure in block 1" in line
     assert not list(tmp_path.glob("r.*.pt"))
+
+
+def _torchrun_cli(tmp: Path, *args: object, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    import os
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "corp_cli",
+           *map(str, args)]
+    return subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "CORP_DIST_TIMEOUT_S": "120", "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+@pytest.mark.slow
+def test_cli_torchrun_sequential_two_ranks_prune_as_one_process_and_a_failing_rank_stops_all(tmp_path: Path,
+                                                                                            tiny_ckpt: Path) -> None:
+    from corp_cli.masks import load_masks
+
+    data = _images(tmp_path / "imgs")
+    common = ("prune", "deit_tiny_patch16_224", "--checkpoint", tiny_ckpt, "--calib-data", data, "--samples", 6,
+              "--batch-size", 2, "--workers", 0, "--sequential", "--sequential-target", "self", "--target", "both",
+              "--sparsity", 0.5)
+    res = _torchrun_cli(tmp_path, *common, "--out", tmp_path / "ranks")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("corp prune ->") == 1  # rank 0 alone prints and writes
+    one = _cli(tmp_path, *common, "--out", tmp_path / "one")
+    assert one.returncode == 0, one.stderr
+    a, b = (load_masks(tmp_path / d / "masks.safetensors")[0] for d in ("ranks", "one"))
+    agree = sum(bool(torch.equal(x.mlp, y.mlp) and torch.equal(x.attn, y.attn)) for x, y in zip(a, b))
+    assert agree >= 10, agree  # float32 products: a near-tie may flip in a block or two, the rest are the same
+    ra, rb = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("ranks", "one"))
+    assert ra["blocks"][0]["sequential"]["measured_stream_error"] == pytest.approx(
+        rb["blocks"][0]["sequential"]["measured_stream_error"], rel=1e-4)
+    bad = _torchrun_cli(tmp_path, *common, "--out", tmp_path / "bad", env={"CORP_TEST_FAIL_RANK": "1"})
+    assert bad.returncode != 0
+    assert "rank 1 of 2 failed: RuntimeError: corp test hook: injected failure on rank 1" in bad.stderr
+    assert not (tmp_path / "bad").exists()
