@@ -6,6 +6,7 @@ import copy
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -428,7 +429,16 @@ def test_cli_torchrun_sequential_two_ranks_prune_as_one_process_and_a_failing_ra
     ra, rb = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("ranks", "one"))
     assert ra["blocks"][0]["sequential"]["measured_stream_error"] == pytest.approx(
         rb["blocks"][0]["sequential"]["measured_stream_error"], rel=1e-4)
+    # rank 1 fails in block 1 (the hook of corp_cli.distributed): every rank stops, rank 0 says it in one line
     bad = _torchrun_cli(tmp_path, *common, "--out", tmp_path / "bad", env={"CORP_TEST_FAIL_RANK": "1"})
     assert bad.returncode != 0
-    assert "rank 1 of 2 failed: RuntimeError: corp test hook: injected failure on rank 1" in bad.stderr
+    ours = [ln for ln in (bad.stdout + bad.stderr).splitlines() if ln.startswith("error: ")]
+    assert ours == ["error: rank 1 of 2 failed: RuntimeError: corp test hook: injected failure on rank 1; "
+                    "no statistics were written"], ours
     assert not (tmp_path / "bad").exists()
+    # rank 1 killed in block 1: torchrun ends the run, in bounded time, nothing written
+    t = time.monotonic()
+    dead = _torchrun_cli(tmp_path, *common, "--out", tmp_path / "dead", env={"CORP_TEST_KILL_RANK": "1"})
+    assert dead.returncode != 0 and time.monotonic() - t < 300
+    assert "exitcode  : -9" in dead.stderr
+    assert not (tmp_path / "dead").exists()
