@@ -239,6 +239,7 @@ def prune(
     precision: str = "float32",
     forward_dtype: torch.dtype | None = None,
     scratch: bool | None = None,
+    sync: Any = None,
     **option_values: Any,
 ) -> PruneResult:
     """Rank (unless `masks` are given), compensate and compact. Returns the narrower model and its report.
@@ -252,6 +253,7 @@ def prune(
     give the calibration `data` (as for calibrate: a spec, an opened source or batches) instead
     of `stats`, and `sequential_target` "dense" (fit toward the dense model's outputs), "self", or "blend"
     (the default: the dense fit shrunk toward the self fit by cross-validation; docs/sequential.md).
+    `sync` (distributed.BlockSync): this rank's `data` is its share, every block's sums are added across ranks.
     """
     t0 = time.perf_counter()
     loaded = as_loaded(model, None, device)
@@ -266,7 +268,8 @@ def prune(
                              "be sequential; give the calibration data instead (--calib-data)")
         return _prune_sequential(loaded, opts, masks, t0, target=sequential_target, data=data, samples=samples,
                                  seed=seed, batch_size=batch_size, workers=workers, precision=precision,
-                                 forward_dtype=forward_dtype, scratch=scratch, progress=progress or _no_progress)
+                                 forward_dtype=forward_dtype, scratch=scratch, progress=progress or _no_progress,
+                                 sync=sync)
     if stats is None:
         raise InputError("prune needs statistics (from calibrate), or sequential=True with calibration data")
     check_matches(stats, loaded.identity)
@@ -302,7 +305,8 @@ def prune(
 
 def _prune_sequential(loaded: Loaded, opts: PruneOptions, masks: list[BlockMasks] | None, t0: float, *, target: str,
                       data: Any, samples: int | None, seed: int, batch_size: int, workers: int, precision: str,
-                      forward_dtype: torch.dtype | None, scratch: bool | None, progress: Progress) -> PruneResult:
+                      forward_dtype: torch.dtype | None, scratch: bool | None, progress: Progress,
+                      sync: Any = None) -> PruneResult:
     """prune(sequential=True): the calibration data streamed block by block through the pruned model."""
     from corp_cli import sequential as seq
 
@@ -323,7 +327,7 @@ def _prune_sequential(loaded: Loaded, opts: PruneOptions, masks: list[BlockMasks
     shapes = block_shapes(loaded)
     before = model_counts(loaded.model, family=fam)
     run = seq.prune_sequential(loaded, batches, opts, target=target, masks=masks, product_dtype=product_dtype,
-                               forward_dtype=forward_dtype, scratch=scratch, progress=progress)
+                               forward_dtype=forward_dtype, scratch=scratch, progress=progress, sync=sync)
     after = model_counts(loaded.model, family=fam)
     if is_source:
         described = data.describe()

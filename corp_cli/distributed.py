@@ -123,3 +123,36 @@ def test_hooks(d: Dist | None, batches_done: int) -> None:
         import signal
 
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+class BlockSync:
+    """prune --sequential across ranks: every block's sums added over the ranks before it is planned.
+
+    Each rank holds the streams of its share of the items; the plans and the folds are computed
+    from the summed statistics, so every rank prunes its copy the same way. Before each
+    collective every rank says how its pass went (report), so a rank that failed stops every
+    rank with one error instead of leaving them waiting in all_reduce.
+    """
+
+    def __init__(self, d: Dist, device: torch.device) -> None:
+        self.d, self.device = d, device
+
+    def report(self, error: BaseException | None) -> None:
+        report(self.d, error)
+
+    def sums(self, st: dict[str, dict[str, Tensor]]) -> None:
+        all_sum([st], self.device)
+
+    def floats(self, values: list[float]) -> list[float]:
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return [float(x) for x in t.cpu()]
+
+    def ints(self, values: list[int]) -> list[int]:
+        return sum_ints(values, self.device)
+
+    def test_hooks(self, block: int) -> None:
+        """The failure-injection hooks (test_hooks), fired in block 1 of a sequential prune: mid-run."""
+        test_hooks(self.d, block)

@@ -38,7 +38,8 @@ from torch import Tensor, nn
 
 from corp_cli import engine
 from corp_cli.calibration import as_batch, is_out_of_memory
-from corp_cli.errors import InputError, UnsupportedModelError
+from corp_cli.calibration import split_batch
+from corp_cli.errors import EXIT_RUNTIME, CorpError, InputError, UnsupportedModelError
 from corp_cli.family import Batch, Loaded, ModelFamily, StreamContext
 from corp_cli.pruning import BlockMasks, PruneOptions, Widths, apply_block, check_block, keep_counts, plan_block
 from corp_cli.stats import finite_or_raise
@@ -93,6 +94,84 @@ class _Item:
     pruned: Tensor
     ctx: StreamContext
     mask: Tensor | None  # the real tokens (B, N) of a text batch; None: every token
+    fold: int = 0  # its cross-validation fold (blend): kept by both halves when it is split
+    tail: bool = True  # the last piece of a calibration batch (an out-of-memory split): progress counts these
+    s_mlp: Tensor | None = None  # the dense residual sum after the MLP, between passes 1 and 2
+
+
+def _split_value(v: Any, n: int, half: int) -> tuple[Any, Any]:
+    """A block argument cut along the batch: tensors (and tuples of them) whose first dim is the batch size.
+
+    Anything else (a broadcast (1, ...) mask, a rotary table, a flag) is given to both halves as is.
+    """
+    if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == n:
+        return v[:half], v[half:]
+    if isinstance(v, tuple):
+        pairs = [_split_value(x, n, half) for x in v]
+        return tuple(a for a, _ in pairs), tuple(b for _, b in pairs)
+    return v, v
+
+
+def _split_item(it: _Item) -> tuple[_Item, _Item]:
+    """An item as two halves of its batch (after an out-of-memory failure on it)."""
+    n = int(it.dense.shape[0])
+    half = n // 2
+    a, b = split_batch({"dense": it.dense, "pruned": it.pruned, **({"mask": it.mask} if it.mask is not None else {}),
+                        **({"s_mlp": it.s_mlp} if it.s_mlp is not None else {})})
+    args = [_split_value(x, n, half) for x in it.ctx.args]
+    kwargs = {k: _split_value(v, n, half) for k, v in it.ctx.kwargs.items()}
+    ctx_a = StreamContext(args=tuple(x for x, _ in args), kwargs={k: v[0] for k, v in kwargs.items()}, key=it.ctx.key)
+    ctx_b = StreamContext(args=tuple(y for _, y in args), kwargs={k: v[1] for k, v in kwargs.items()}, key=it.ctx.key)
+    return (_Item(dense=a["dense"], pruned=a["pruned"], ctx=ctx_a, mask=a.get("mask"), fold=it.fold, tail=False,
+                  s_mlp=a.get("s_mlp")),
+            _Item(dense=b["dense"], pruned=b["pruned"], ctx=ctx_b, mask=b.get("mask"), fold=it.fold, tail=it.tail,
+                  s_mlp=b.get("s_mlp")))
+
+
+def _each(items: list[_Item], step: Callable[[_Item], None], advance: Callable[[int], None], device: torch.device,
+          i: int) -> None:
+    """step(item) for every item; an item that runs out of memory is split in two (in `items`, for the
+    later passes too) and its halves run, down to one sample. step must change nothing before it succeeds."""
+    j = 0
+    while j < len(items):
+        it = items[j]
+        try:
+            step(it)
+        except Exception as e:  # noqa: BLE001 - only allocation failures are retried, the rest re-raised
+            if not is_out_of_memory(e):
+                raise
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            n = int(it.dense.shape[0])
+            if n == 1:
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+                raise CorpError(f"out of memory in sequential block {i} on a single sample ({first}); use a device "
+                                "with more memory or --dtype bf16", exit_code=EXIT_RUNTIME) from None
+            log.warning("out of memory in sequential block %d on a batch of %d; running it as %d + %d",
+                        i, n, n // 2, n - n // 2)
+            items[j:j + 1] = _split_item(it)
+            continue
+        if it.tail:
+            advance(1)
+        j += 1
+
+
+def _synced(sync: Any, fn: Callable[[], None]) -> None:
+    """fn(); across ranks, then every rank says how it went: a failure anywhere raises on every rank (one line)."""
+    if sync is None:
+        fn()
+        return
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - reported to every rank, which all raise the same error
+        sync.report(e)
+        raise
+    sync.report(None)
+
+
+def _merge(st: dict[str, dict[str, Tensor]], local: dict[str, dict[str, Tensor]]) -> None:
+    for part, d in local.items():
+        st[part] = engine.add_stats(st.get(part), d)
 
 
 @dataclass
@@ -183,12 +262,14 @@ def prune_sequential(
     forward_dtype: torch.dtype | None = None,
     scratch: bool | None = None,
     progress: Progress | None = None,
+    sync: Any = None,
 ) -> SequentialRun:
     """Prune `loaded.model` in place, block by block, on the pruned stream (module docstring).
 
     `masks` fixes what every block keeps (their widths and units; the corrections are
     re-fit sequentially). `scratch` keeps the streams in an unlinked memory-mapped file
-    (None: in memory).
+    (None: in memory). `sync` (distributed.BlockSync) adds every block's sums over the ranks of a
+    torch.distributed world, each rank giving its share of the batches.
     """
     check_target(target)
     fam, model = loaded.family, loaded.model
@@ -197,6 +278,9 @@ def prune_sequential(
     if budgeted and opts.kv_budget is not None:
         raise InputError("--kv-budget with --sequential is not supported yet: give --flops-budget alone, or --masks "
                          "from a --kv-budget run (its widths are then re-fit sequentially)")
+    if budgeted and sync is not None:
+        raise InputError("--flops-budget with --sequential under torchrun is not supported yet: run it as one process, "
+                         "or give --masks from a --flops-budget run (its widths are then re-fit sequentially)")
     if masks is not None and len(masks) != nblocks:
         raise InputError(f"{len(masks)} block masks for a model with {nblocks} blocks")
     # under a budget every part of the target is gathered; the widths are chosen block by block (_Budget)
@@ -219,6 +303,8 @@ def prune_sequential(
     store = StreamStore(bool(scratch) or os.environ.get(SCRATCH_ENV) == "1")
     items: list[_Item] = []
     samples = tokens = 0
+    budget: _Budget | None = None
+
     def started(x: Tensor | Batch) -> Batch:
         """One batch on the model's device, its stream start kept in both streams."""
         nonlocal samples, tokens
@@ -228,13 +314,14 @@ def prune_sequential(
             hidden, ctx = fam.stream_start(model, b)
         m = b.get("attention_mask")
         mask = m.bool() if m is not None else None
-        items.append(_Item(dense=store.keep(hidden), pruned=store.keep(hidden), ctx=ctx, mask=mask))
+        items.append(_Item(dense=store.keep(hidden), pruned=store.keep(hidden), ctx=ctx, mask=mask,
+                           fold=len(items) % 2))
         samples += int(hidden.shape[0])
         tokens += int(mask.sum()) if mask is not None else int(hidden.shape[0] * hidden.shape[1])
         return b
 
-    budget: _Budget | None = None
-    try:
+    def start() -> None:
+        nonlocal budget
         if budgeted:
             # the cheap one-shot pass: dense statistics of every block, for the blocks not reached yet
             from corp_cli.calibration import collect_statistics
@@ -254,6 +341,10 @@ def prune_sequential(
                 started(x)
         if not items:
             raise InputError("no calibration samples were processed")
+
+    try:
+        _synced(sync, start)
+        nbatches = len(items)  # the calibration batches; an out-of-memory split makes pieces, not more of them
         stream_bytes = 2 * sum(it.dense.numel() * it.dense.element_size() for it in items)
         out_masks: list[BlockMasks] = []
         entries: list[dict[str, Any]] = []
@@ -261,12 +352,15 @@ def prune_sequential(
         for i in range(nblocks):
             o = opts.for_block(i)
             _test_pause(i)
-            with progress(f"sequential: block {i + 1}/{nblocks}", 3 * len(items), "batches") as advance:
+            with progress(f"sequential: block {i + 1}/{nblocks}", 3 * nbatches, "batches") as advance:
                 bm, entry, st = _block(fam, model, dense, i, items, o, plans[i], target, product_dtype, autocast,
-                                       masks[i] if masks is not None else None, advance, store, budget)
+                                       masks[i] if masks is not None else None, advance, store, sync, budget)
             out_masks.append(bm)
             entries.append(entry)
             all_stats.append({p: {k: v.cpu() for k, v in d.items()} for p, d in st.items()})
+        if sync is not None:
+            samples, tokens = sync.ints([samples, tokens])
+            stream_bytes = sync.ints([stream_bytes])[0]
     finally:
         store.close()
     return SequentialRun(masks=out_masks, blocks=entries, stats=all_stats, samples=samples, tokens=tokens,
@@ -346,7 +440,7 @@ def _run(fam: ModelFamily, model: nn.Module, i: int, x: Tensor, ctx: StreamConte
 
 def _block(fam: ModelFamily, model: nn.Module, dense: nn.Module, i: int, items: list[_Item], o: PruneOptions,
            counts: Widths, target: str, product_dtype: torch.dtype, autocast: Any, preset: BlockMasks | None,
-           advance: Callable[[int], None], store: StreamStore,
+           advance: Callable[[int], None], store: StreamStore, sync: Any = None,
            budget: _Budget | None = None) -> tuple[BlockMasks, dict[str, Any], dict[str, dict[str, Tensor]]]:
     """Block i: the three passes of the module docstring; (its masks, its report entry, its statistics)."""
     want_dense = target in ("dense", "blend")
@@ -355,10 +449,11 @@ def _block(fam: ModelFamily, model: nn.Module, dense: nn.Module, i: int, items: 
     qk = "qk" in attn_counts
     vo = bool({"vo", "heads"} & set(attn_counts))
     st: dict[str, dict[str, Tensor]] = {}
-    s_mlp_dense: list[Tensor | None] = [None] * len(items)
+    device = next(model.parameters()).device
 
-    # pass 1: the dense block on X_d (targets, next X_d) and, where attention is pruned, the block on X_p
-    for j, it in enumerate(items):
+    # pass 1: the dense block on X_d (targets, next X_d) and, where attention is pruned, the block on X_p;
+    # the item and the sums change only once both have run (an out-of-memory retry starts it again)
+    def pass1(it: _Item) -> None:
         seen: dict[str, Any] = {}
         hooks: list[Any] = []
         if want_dense and qk:
@@ -369,13 +464,22 @@ def _block(fam: ModelFamily, model: nn.Module, dense: nn.Module, i: int, items: 
             hooks += fam.sublayer_hook(dense, i, "mlp", lambda _y, s: seen.__setitem__("s_mlp", s.detach()))
         nd = _run(fam, dense, i, it.dense, it.ctx, hooks, autocast)
         assert nd is not None  # nothing stops the dense block early
-        it.dense = store.put(it.dense, nd)  # the old X_d is read by nothing else
-        if "s_mlp" in seen:
-            s_mlp_dense[j] = seen["s_mlp"]
+        local: dict[str, dict[str, Tensor]] = {}
         if attn_counts:
-            _attention_stats(fam, model, i, it, seen, st, qk, vo, want_dense, product_dtype, autocast,
-                             j % 2 if folds else None)
-        advance(1)
+            _attention_stats(fam, model, i, it, seen, local, qk, vo, want_dense, product_dtype, autocast,
+                             it.fold if folds else None)
+        it.dense = store.put(it.dense, nd)  # the old X_d is read by nothing else
+        it.s_mlp = seen.get("s_mlp")
+        _merge(st, local)
+
+    def pass1_all() -> None:
+        if sync is not None:
+            sync.test_hooks(i)
+        _each(items, pass1, advance, device, i)
+
+    _synced(sync, pass1_all)
+    if sync is not None and attn_counts:
+        sync.sums(st)
     entry: dict[str, Any] = {"block": i}
     bm = BlockMasks()
     if attn_counts:
@@ -390,11 +494,16 @@ def _block(fam: ModelFamily, model: nn.Module, dense: nn.Module, i: int, items: 
 
     # pass 2: block i with its pruned attention and dense MLP on X_p: the MLP's features and target
     if "mlp" in counts:
-        for j, it in enumerate(items):
-            _mlp_stats(fam, model, i, it, s_mlp_dense[j], st, want_dense, product_dtype, autocast,
-                       j % 2 if folds else None)
-            s_mlp_dense[j] = None
-            advance(1)
+        def pass2(it: _Item) -> None:
+            local: dict[str, dict[str, Tensor]] = {}
+            _mlp_stats(fam, model, i, it, it.s_mlp, local, want_dense, product_dtype, autocast,
+                       it.fold if folds else None)
+            it.s_mlp = None
+            _merge(st, local)
+
+        _synced(sync, lambda: _each(items, pass2, advance, device, i))
+        if sync is not None:
+            sync.sums({"mlp": st["mlp"]})  # the attention's were summed before its plan
         if preset is not None:
             keep = preset.mlp
         else:
@@ -406,21 +515,26 @@ def _block(fam: ModelFamily, model: nn.Module, dense: nn.Module, i: int, items: 
             entry.update({k: v for k, v in apply_block(fam, model, i, st, BlockMasks(mlp=keep), o).items()
                           if k != "block"})
     else:
-        advance(len(items))
+        advance(sum(it.tail for it in items))
 
     # pass 3: the pruned block on X_p: the next X_p, and the error it left on the stream
-    err = energy = 0.0
-    n = 0
-    for j, it in enumerate(items):
+    acc = {"err": 0.0, "energy": 0.0, "n": 0}
+
+    def pass3(it: _Item) -> None:
         with torch.inference_mode(), autocast:
             np_ = fam.run_block(model, i, it.pruned, it.ctx)
         d = _real(it.dense, it.mask).double()
         p = _real(np_, it.mask).double()
-        err += float((p - d).square().sum())
-        energy += float(d.square().sum())
-        n += d.shape[0]
+        e2, en = float((p - d).square().sum()), float(d.square().sum())
         it.pruned = store.put(it.pruned, np_)
-        advance(1)
+        acc["err"] += e2
+        acc["energy"] += en
+        acc["n"] += d.shape[0]
+
+    _synced(sync, lambda: _each(items, pass3, advance, device, i))
+    err, energy, n = acc["err"], acc["energy"], acc["n"]
+    if sync is not None:
+        err, energy, n = sync.floats([err, energy, float(n)])
     entry["sequential"] = {"target": target, "measured_stream_error": err / n,
                            "measured_stream_error_relative": err / energy if energy > 0 else 0.0}
     return bm, entry, st

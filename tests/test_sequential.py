@@ -6,6 +6,8 @@ import copy
 import json
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -323,3 +325,170 @@ def test_cli_sequential_flops_budget(tmp_path: Path, tiny_ckpt: Path) -> None:
     ratio = report["totals"]["flops_after"] / report["totals"]["flops_before"]
     assert (1 - BUDGET_TOLERANCE) * 0.6 <= ratio <= 0.6
     assert report["allocation"]["sequential"] and report["sequential"]["target"] == "blend"
+
+
+# ---- out of memory in the middle of a block: the batch is split and run again, the result unchanged
+
+
+def _oom_when(monkeypatch, fail: Callable[[int, int], bool]) -> list[tuple[int, int]]:
+    """Make the family's run_block raise torch.OutOfMemoryError where fail(block, batch size); returns the calls."""
+    fam_cls = type(api.adopt(_model(depth=1)).family)
+    orig = fam_cls.run_block
+    calls: list[tuple[int, int]] = []
+
+    def run_block(self, model, i, hidden, ctx):  # type: ignore[no-untyped-def]
+        calls.append((i, int(hidden.shape[0])))
+        if fail(i, int(hidden.shape[0])):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+        return orig(self, model, i, hidden, ctx)
+
+    monkeypatch.setattr(fam_cls, "run_block", run_block)
+    return calls
+
+
+@pytest.mark.parametrize("seq", ["dense", "self", "blend"])
+@pytest.mark.parametrize("scratch", [False, True])
+def test_out_of_memory_mid_block_is_retried_in_halves_with_the_same_result(monkeypatch, seq: str,
+                                                                           scratch: bool) -> None:
+    m = _model(depth=3)
+    kw = dict(sequential=True, sequential_target=seq, target="mlp,qk,vo,heads", sparsity=0.5, precision="float64",
+              scratch=scratch)
+    ref = api.prune(m, data=_batches(), **kw)
+    seen = {"n": 0}
+
+    def fail(i: int, n: int) -> bool:  # block 1 on batches of more than 2; once more, later, on a batch of 2
+        if i == 1 and n > 2:
+            return True
+        if i == 2 and n == 2:
+            seen["n"] += 1
+            return seen["n"] == 3
+        return False
+
+    calls = _oom_when(monkeypatch, fail)
+    r = api.prune(m, data=_batches(), **kw)
+    assert (1, 2) in calls and (1, 8) in calls and (2, 1) in calls and (0, 8) in calls
+    for a, b in zip(ref.masks, r.masks):
+        for x, y in zip((a.mlp, a.attn, a.vo, a.heads), (b.mlp, b.attn, b.vo, b.heads)):
+            assert (x is None) == (y is None) and (x is None or torch.equal(x, y))
+    for ea, eb in zip(ref.blocks, r.blocks):
+        for key in ("measured_stream_error", "measured_stream_error_relative"):
+            assert abs(ea["sequential"][key] - eb["sequential"][key]) <= 1e-9 * abs(ea["sequential"][key])
+    x = _batches()[0]
+    monkeypatch.undo()
+    with torch.inference_mode():
+        torch.testing.assert_close(r.model.forward_features(x), ref.model.forward_features(x), rtol=1e-9, atol=1e-11)
+
+
+def test_out_of_memory_on_a_single_sample_is_one_runtime_error(monkeypatch) -> None:
+    from corp_cli.errors import EXIT_RUNTIME, CorpError
+
+    _oom_when(monkeypatch, lambda i, n: i == 1)
+    with pytest.raises(CorpError) as e:
+        api.prune(_model(depth=2), sequential=True, data=_batches(), target="both", sparsity=0.5, precision="float64")
+    assert e.value.exit_code == EXIT_RUNTIME
+    assert "out of memory in sequential block 1 on a single sample" in str(e.value) and "\n" not in str(e.value)
+
+
+# ---- two ranks (torch.distributed, gloo): each streams its share, every block's sums all-reduced
+
+
+def _two_ranks(tmp_path: Path, target: str, fail_rank: int = -1) -> list[subprocess.CompletedProcess]:
+    import os
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port), "CORP_DIST_TIMEOUT_S": "120", "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, "-m", "tests.seq_dist_worker", str(tmp_path / "r"), target,
+                                       str(fail_rank)], cwd=Path(__file__).parent.parent, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    out = []
+    for p in procs:
+        so, se = p.communicate(timeout=300)
+        out.append(subprocess.CompletedProcess(p.args, p.returncode, so, se))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seq", ["dense", "self"])
+def test_two_ranks_equal_one_process(tmp_path: Path, seq: str) -> None:
+    from corp_cli import sequential
+
+    res = _two_ranks(tmp_path, seq)
+    assert all(r.returncode == 0 for r in res), [r.stderr[-2000:] for r in res]
+    loaded = api.adopt(_model())
+    run = sequential.prune_sequential(loaded, _batches(), PruneOptions(target="both", mlp_sparsity=0.5,
+                                                                        attn_sparsity=0.5),
+                                      target=seq, product_dtype=torch.float64)
+    x = torch.cat(_batches())
+    with torch.inference_mode():
+        y = loaded.model.forward_features(x)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"r.{rank}.pt", weights_only=False)
+        assert (got["samples"], got["tokens"]) == (run.samples, run.tokens)
+        for (mlp, attn), m in zip(got["masks"], run.masks):
+            assert torch.equal(mlp, m.mlp) and torch.equal(attn, m.attn)
+        for ea, eb in zip(got["blocks"], run.blocks):
+            a, b = ea["sequential"]["measured_stream_error"], eb["sequential"]["measured_stream_error"]
+            assert abs(a - b) <= 1e-9 * b
+            assert abs(ea["mlp"]["predicted_error_compensated"] - eb["mlp"]["predicted_error_compensated"]) <= \
+                1e-9 * eb["mlp"]["predicted_error_compensated"]
+        torch.testing.assert_close(got["y"], y, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.slow
+def test_a_rank_failing_mid_block_stops_every_rank_with_one_line(tmp_path: Path) -> None:
+    res = _two_ranks(tmp_path, "dense", fail_rank=1)
+    for rank, r in enumerate(res):
+        assert r.returncode == 3, r.stderr[-2000:]
+        line = next(ln for ln in r.stderr.splitlines() if ln.startswith(f"rank {rank} error:"))
+        assert "rank 1 of 2 failed: RuntimeError: injected failure in block 1" in line
+    assert not list(tmp_path.glob("r.*.pt"))
+
+
+def _torchrun_cli(tmp: Path, *args: object, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    import os
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "corp_cli",
+           *map(str, args)]
+    return subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "CORP_DIST_TIMEOUT_S": "120", "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+@pytest.mark.slow
+def test_cli_torchrun_sequential_two_ranks_prune_as_one_process_and_a_failing_rank_stops_all(tmp_path: Path,
+                                                                                            tiny_ckpt: Path) -> None:
+    from corp_cli.masks import load_masks
+
+    data = _images(tmp_path / "imgs")
+    common = ("prune", "deit_tiny_patch16_224", "--checkpoint", tiny_ckpt, "--calib-data", data, "--samples", 6,
+              "--batch-size", 2, "--workers", 0, "--sequential", "--sequential-target", "self", "--target", "both",
+              "--sparsity", 0.5)
+    res = _torchrun_cli(tmp_path, *common, "--out", tmp_path / "ranks")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("corp prune ->") == 1  # rank 0 alone prints and writes
+    one = _cli(tmp_path, *common, "--out", tmp_path / "one")
+    assert one.returncode == 0, one.stderr
+    a, b = (load_masks(tmp_path / d / "masks.safetensors")[0] for d in ("ranks", "one"))
+    agree = sum(bool(torch.equal(x.mlp, y.mlp) and torch.equal(x.attn, y.attn)) for x, y in zip(a, b))
+    assert agree >= 10, agree  # float32 products: a near-tie may flip in a block or two, the rest are the same
+    ra, rb = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("ranks", "one"))
+    assert ra["blocks"][0]["sequential"]["measured_stream_error"] == pytest.approx(
+        rb["blocks"][0]["sequential"]["measured_stream_error"], rel=1e-4)
+    # rank 1 fails in block 1 (the hook of corp_cli.distributed): every rank stops, rank 0 says it in one line
+    bad = _torchrun_cli(tmp_path, *common, "--out", tmp_path / "bad", env={"CORP_TEST_FAIL_RANK": "1"})
+    assert bad.returncode != 0
+    ours = [ln for ln in (bad.stdout + bad.stderr).splitlines() if ln.startswith("error: ")]
+    assert ours == ["error: rank 1 of 2 failed: RuntimeError: corp test hook: injected failure on rank 1; "
+                    "no statistics were written"], ours
+    assert not (tmp_path / "bad").exists()
+    # rank 1 killed in block 1: torchrun ends the run, in bounded time, nothing written
+    t = time.monotonic()
+    dead = _torchrun_cli(tmp_path, *common, "--out", tmp_path / "dead", env={"CORP_TEST_KILL_RANK": "1"})
+    assert dead.returncode != 0 and time.monotonic() - t < 300
+    assert "exitcode  : -9" in dead.stderr
+    assert not (tmp_path / "dead").exists()

@@ -98,8 +98,6 @@ def prune_cmd(
         from corp_cli.sequential import DEFAULT_TARGET, check_target
 
         sequential_target = check_target(sequential_target or DEFAULT_TARGET)
-        if _distributed():
-            raise InputError("--sequential under torchrun is not supported yet: run it as one process")
     if stats_path is not None:
         given = [f for f, v in (("--samples", samples), ("--seed", seed), ("--workers", workers), ("--dtype", dtype),
                                   ("--seq-len", seq_len))
@@ -200,16 +198,22 @@ def prune_cmd(
         if dry_run:
             _print_dry_run(run.plan, run.loaded, opts, out, json_out, model, options)
             return
-        if not run.writes:
-            return  # rank 0 prunes and writes
+        if not run.writes and not sequential:
+            return  # rank 0 prunes and writes (every rank prunes with --sequential: each streams its share)
         loaded, stats = run.loaded, run.stats
     if sequential:
+        from corp_cli import distributed
         from corp_cli.calibration_job import FORWARD_DTYPES
 
+        # under torchrun every rank holds its share of the streams; the block sums are added across ranks
+        sync = (distributed.BlockSync(run.dist, next(loaded.model.parameters()).device) if run.dist is not None
+                else None)
         result = api.prune(loaded, options=opts, masks=preset, inplace=True, progress=C.progress_bar, sequential=True,
                            sequential_target=sequential_target, data=run.source, batch_size=batch_size,
                            workers=run.workers, forward_dtype=FORWARD_DTYPES[dtype or "fp32"],
-                           scratch=(run.plan.sequential or {}).get("storage") == "scratch")
+                           scratch=(run.plan.sequential or {}).get("storage") == "scratch", sync=sync)
+        if not run.writes:
+            return  # rank 0 writes
         # the sums a sequential run fit to are not dense statistics another prune could reuse: not written
         report = api.save_pruned(result, out, overwrite=overwrite, save_stats=False, started=t0)
         if not C.write_json(json_out, {"out": str(out), **report}):
