@@ -309,6 +309,60 @@ def run_budget_sweep(
     return dense_row, rows
 
 
+# why a sequential sweep calibrates at every point (printed once at the start, and in sweep.json)
+SEQUENTIAL_NOTE = ("sequential: re-calibrating at every sparsity point (sequential statistics, taken on the "
+                   "already-pruned model, cannot be reused across points)")
+
+
+def run_sequential_sweep(
+    dense: Loaded,
+    calib: Any,
+    sparsities: list[float],
+    base: PruneOptions,
+    measure: Measure,
+    *,
+    target: str,
+    batch_size: int = 32,
+    workers: int = 0,
+    forward_dtype: torch.dtype | None = None,
+    on_point: Callable[[dict[str, Any]], None] | None = None,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """run_sweep with `corp prune --sequential` at every point: (dense row, one row per sparsity and arm).
+
+    `calib` is the calibration data (what api.prune(sequential=True) takes as `data`: an opened
+    source, or a spec), streamed again at every point, since each sparsity prunes the earlier
+    blocks differently. The corp arm is the sequential prune; the no-compensation arm applies the
+    same masks to a fresh copy without any correction (the sequential sums only enter its report).
+    """
+    from corp_cli import api
+    from corp_cli.sequential import check_target
+
+    check_target(target)
+    if base.flops_budget is not None:
+        raise InputError("--flops-budgets with --sequential is not supported yet: give --sparsities")
+    metric = measure.metric
+    dense_counts, dense_row = _dense_point(dense, measure, on_point)
+    rows: list[dict[str, Any]] = []
+    for s in sparsities:
+        opts = replace(base, mlp_sparsity=s, attn_sparsity=s, vo_sparsity=s, head_sparsity=s, compensation=True)
+        res = api.prune(dense, options=opts, sequential=True, sequential_target=target, data=calib,
+                        batch_size=batch_size, workers=workers, forward_dtype=forward_dtype)  # on a deep copy
+        counts = model_counts(res.loaded.model, family=dense.family)
+        fields, seconds = measure(res.loaded, dense=False)
+        corp = _row(s, "corp", True, fields, counts, dense_counts["flops"], metric, seconds)
+        corp["prune_seconds"] = round(res.seconds, 3)  # the sequential calibration and prune of this point
+        stats, masks = res.stats, res.masks
+        del res  # one pruned copy in memory at a time
+        pruned = [corp, _pruned_point(dense, stats, masks, replace(opts, compensation=False), measure,
+                                      dense_counts["flops"], s, "no-compensation")]
+        for row in pruned:
+            rows.append(row)
+            log.info("sparsity %.3g %s (sequential): %s=%.4f", s, row["arm"], metric, row["value"])
+            if on_point is not None:
+                on_point(row)
+    return dense_row, rows
+
+
 def csv_text(rows: list[dict[str, Any]], columns: tuple[str, ...] = CSV_COLUMNS) -> str:
     cols = list(columns)
     if any("perplexity" in r for r in rows):

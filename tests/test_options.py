@@ -61,7 +61,7 @@ CLASSES = {
             "--no-compensation", "--config", "--masks", "--reference", "--reference-checkpoint", "--sparsities",
             "--cache-mb", "--batch-sizes", "--dtype", "--compile", "--warmup", "--runs", "--format", "--dynamic-batch",
             "--verify", "--debug", "--verbose", "--version", "--blocks", "--dry-run", "--max-memory", "--allow-gaps",
-            "--flops-budget", "--flops-budgets", "--sequential", "--sequential-target", "--plot"},
+            "--flops-budget", "--flops-budgets", "--sequential", "--sequential-target", "--plot", "--calib-samples"},
 }
 
 

@@ -23,9 +23,9 @@ PLOT_HINT = "pip install 'corp-cli[plot]' (or: pip install matplotlib) to get sw
 @C.handle_errors
 def sweep_cmd(
     model: C.ModelArg,
-    stats_path: Annotated[Path, typer.Option("--stats", help="Statistics from `corp calibrate` (used for every point; no re-calibration).")],
     data: Annotated[str, typer.Option("--data", help="Evaluation data: an image folder, hf:NAME\\[:CONFIG]\\[@SPLIT] or synthetic; text:pydoc@eval, text:FILE or hf:NAME for text models.")],
     out: Annotated[Path, typer.Option("--out", help="Output directory (sweep.csv, sweep.json, sweep.png).")],
+    stats_path: Annotated[Path | None, typer.Option("--stats", help="Statistics from `corp calibrate` (used for every point; no re-calibration). Required unless --sequential.")] = None,
     sparsities: Annotated[str | None, typer.Option("--sparsities", help=f"Comma list, or a run a,b,...,c (default: {D.SWEEP_SPARSITIES}).")] = None,
     flops_budgets: Annotated[str | None, typer.Option("--flops-budgets", help=f"Instead of sparsities: FLOPs fractions (e.g. {D.SWEEP_FLOPS_BUDGETS}); each is pruned with the widths the allocator chooses (prune --flops-budget) and with one uniform sparsity at the same FLOPs, and both are plotted against FLOPs.")] = None,
     target: Annotated[str | None, typer.Option("--target", help=f"A comma list of mlp, qk, vo, heads; attn = qk, both = mlp,qk, all = mlp,qk,vo (default: {D.TARGET} where the model allows Q/K pruning, else mlp).")] = None,
@@ -34,7 +34,11 @@ def sweep_cmd(
     round_to: Annotated[int | None, typer.Option("--round-to", min=1, help=f"Keep MLP survivor counts multiples of N (default: {D.ROUND_TO}).")] = None,
     labels: Annotated[bool | None, typer.Option("--labels/--no-labels", help="Plot top-1 accuracy (labels) or agreement with the dense model (default: labels when the model has a classifier and the data has them).")] = None,
     samples: Annotated[int | None, typer.Option("--samples", min=1, help="Evaluate on this many images or texts (default: all).")] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Seed for choosing the --samples subset.")] = D.SEED,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for choosing the --samples subset (and the --calib-samples one).")] = D.SEED,
+    sequential: Annotated[bool, typer.Option("--sequential", help="Prune every point as `corp prune --sequential` does, re-calibrating at every point from --calib-data (sequential statistics cannot be reused across points; not with --stats).")] = False,
+    sequential_target: Annotated[str | None, typer.Option("--sequential-target", help="With --sequential: dense, self or blend (default: blend; see `corp prune --sequential-target`).")] = None,
+    calib_data: Annotated[str | None, typer.Option("--calib-data", help="With --sequential: the calibration data, as for `corp prune --calib-data`.")] = None,
+    calib_samples: Annotated[int | None, typer.Option("--calib-samples", min=1, help=f"With --sequential: calibrate on this many items (default: {D.CALIB_SAMPLES}).")] = None,
     cache_mb: Annotated[int, typer.Option("--cache-mb", min=0, help="Keep decoded evaluation batches in memory up to this size (and, for language models, the dense next-token logits; beyond it the dense model reruns at every point).")] = D.SWEEP_CACHE_MB,
     checkpoint: C.CheckpointOpt = None,
     num_classes: C.NumClassesOpt = None,
@@ -63,7 +67,7 @@ def sweep_cmd(
     from corp_cli.stats import Statistics, check_matches, require_parts
     from corp_cli.sweep import (
         BUDGET_CSV_COLUMNS, CSV_COLUMNS, EvalMeasure, batch_provider, csv_text, have_matplotlib, parse_budgets, parse_sparsities, plot, plot_budgets,
-        run_budget_sweep, run_sweep,
+        SEQUENTIAL_NOTE, run_budget_sweep, run_sequential_sweep, run_sweep,
     )
 
     t0 = time.perf_counter()
@@ -71,20 +75,28 @@ def sweep_cmd(
         raise InputError("give --sparsities or --flops-budgets, not both")
     budgets = parse_budgets(flops_budgets) if flops_budgets is not None else None
     points = budgets if budgets is not None else parse_sparsities(sparsities or D.SWEEP_SPARSITIES)
+    seq_target = _check_sequential(sequential, sequential_target, stats_path, calib_data, calib_samples, budgets)
     flags = {"target": target, "ranker": ranker, "qk_ranker": qk_ranker, "round_to": round_to}
     PruneOptions(**{k: v for k, v in flags.items() if v is not None})  # option values checked before any loading
     check_out_dir(out, overwrite=overwrite)
-    stats = Statistics.load(C.existing_file(stats_path, "--stats"))
+    stats = Statistics.load(C.existing_file(stats_path, "--stats")) if stats_path is not None else None
     loaded = load_dense(model, C.model_options(checkpoint, num_classes, pretrained_cfg, model_arg, seq_len=seq_len), device)
     flags["target"] = target or default_target(loaded.family, loaded.model)
     base = PruneOptions(**{k: v for k, v in flags.items() if v is not None})  # type: ignore[arg-type]
     check_options_apply(base, flags)
     check_prunable(loaded.family, loaded.model, base)
-    require_parts(stats, stats_parts_for(base.parts))
     n_workers = C.workers_for(loaded.modality, workers)
-    check_matches(stats, loaded.identity)
+    if stats is not None:
+        require_parts(stats, stats_parts_for(base.parts))
+        check_matches(stats, loaded.identity)
     dev = next(loaded.model.parameters()).device
     source = open_eval_source(data, loaded, samples, seed, labels)
+    calib = None
+    if seq_target is not None:
+        from corp_cli.sources import open_data
+
+        calib = open_data(calib_data, loaded.modality, samples=calib_samples or D.CALIB_SAMPLES, seed=seed,  # type: ignore[arg-type]
+                          flag="--calib-data", text_unit=loaded.family.text_unit)
     remap = label_remap(source, loaded.identity.num_classes, loaded.classes) if source.labels else None
     batches = batch_provider(loaded.preprocessing, source, batch_size, n_workers, cache_mb * 2**20)
     measure = EvalMeasure(batches, labelled=source.labels, classifier=loaded.family.has_classifier(loaded.model),
@@ -97,15 +109,25 @@ def sweep_cmd(
     what = "FLOPs budgets" if budgets is not None else "sparsities"
     with C.progress_bar(f"sweeping {len(points)} {what} x 2 arms", total, unit=unit) as advance:
         measure.progress = advance
-        if budgets is not None:
+        if seq_target is not None:
+            C.err.print(SEQUENTIAL_NOTE, markup=False, highlight=False, soft_wrap=True)  # one line, never wrapped
+            dense_row, rows = run_sequential_sweep(loaded, calib, points, base, measure, target=seq_target,
+                                                   batch_size=batch_size, workers=n_workers)
+        elif budgets is not None:
+            assert stats is not None
             dense_row, rows = run_budget_sweep(loaded, stats, budgets, base, measure)
         else:
+            assert stats is not None
             dense_row, rows = run_sweep(loaded, stats, points, base, measure)
     report: dict[str, Any] = {
         "command": "sweep",
         "model": loaded.identity.to_dict(),
-        "stats": {"path": str(stats_path), "fingerprint": stats.fingerprint(), "samples": stats.meta.get("samples"),
-                  "synthetic": stats.meta.get("synthetic")},
+        "stats": None if stats is None else {
+            "path": str(stats_path), "fingerprint": stats.fingerprint(), "samples": stats.meta.get("samples"),
+            "synthetic": stats.meta.get("synthetic")},
+        "sequential": None if seq_target is None else {
+            "target": seq_target, "recalibrated_per_point": True, "note": SEQUENTIAL_NOTE,
+            "calib_data": calib.describe()},
         "data": source.describe(),
         "synthetic": bool(getattr(source, "synthetic", False)),
         "preprocessing": loaded.preprocessing.to_dict(),
@@ -124,6 +146,8 @@ def sweep_cmd(
         write_bytes_atomic(tmp / CSV_FILE, csv_text([dense_row, *rows], columns).encode())
         if plotted:
             title = f"{loaded.identity.name} on {source.spec} ({source.describe()['count'] or '?'} {unit}), target {base.target}"
+            if seq_target is not None:
+                title += f", sequential {seq_target} (re-calibrated per point)"
             (plot_budgets if budgets is not None else plot)(tmp / PNG_FILE, dense_row, rows, title, item)
         report["seconds"] = round(time.perf_counter() - t0, 3)
         write_json_atomic(tmp / JSON_FILE, report)
@@ -131,6 +155,31 @@ def sweep_cmd(
         C.err.print(f"note: wrote {CSV_FILE} and {JSON_FILE} but no plot: matplotlib is not installed; {PLOT_HINT}", markup=False)
     if not C.write_json(json_out, {"out": str(out), **report}):
         print_report(out, report)
+
+
+def _check_sequential(sequential: bool, target: str | None, stats_path: Path | None, calib_data: str | None,
+                      calib_samples: int | None, budgets: list[float] | None) -> str | None:
+    """The sequential target (None: a one-shot sweep), or the one-line refusal of a combination that does not apply."""
+    from corp_cli.errors import InputError
+
+    if not sequential:
+        given = [f for f, v in (("--sequential-target", target), ("--calib-data", calib_data),
+                                ("--calib-samples", calib_samples)) if v is not None]
+        if given:
+            raise InputError(f"{', '.join(given)} apply with --sequential only")
+        if stats_path is None:
+            raise InputError("sweep needs --stats (from `corp calibrate`), or --sequential with --calib-data")
+        return None
+    if stats_path is not None:
+        raise InputError("--stats with --sequential: precomputed statistics come from the dense model and cannot be "
+                         "sequential; drop --stats (every point calibrates from --calib-data)")
+    if calib_data is None:
+        raise InputError("--sequential needs --calib-data: every point calibrates on the already-pruned model")
+    if budgets is not None:
+        raise InputError("--flops-budgets with --sequential is not supported yet: give --sparsities")
+    from corp_cli.sequential import DEFAULT_TARGET, check_target
+
+    return check_target(target or DEFAULT_TARGET)
 
 
 def _fmt(x: float | None, metric: str) -> str:
@@ -149,7 +198,8 @@ def print_report(out: Path, report: dict[str, Any]) -> None:
     if "flops_budgets" in report:
         _print_budgets(out, report)
         return
-    table = Table(title=f"corp sweep -> {out}  ({METRIC_LABELS[metric]} vs sparsity)")
+    seq = f", sequential {report['sequential']['target']}" if report.get("sequential") else ""
+    table = Table(title=f"corp sweep -> {out}  ({METRIC_LABELS[metric]} vs sparsity{seq})")
     for col in ("sparsity", "corp", "no-compensation", f"GFLOPs/{item}", "FLOP cut"):
         table.add_column(col, justify="right")
     d = report["dense"]
@@ -166,7 +216,8 @@ def print_report(out: Path, report: dict[str, Any]) -> None:
 
 
 def _print_files(out: Path, report: dict[str, Any]) -> None:
-    synth = "  [SYNTHETIC data: smoke test only]" if report["synthetic"] or report["stats"]["synthetic"] else ""
+    synth = "  [SYNTHETIC data: smoke test only]" if report["synthetic"] or (report["stats"] or {}).get("synthetic") or (
+        (report.get("sequential") or {}).get("calib_data", {}).get("synthetic")) else ""
     C.out.print(f"wrote {', '.join(report['files'])} in {out}; {report['seconds']:.1f}s{synth}")
 
 

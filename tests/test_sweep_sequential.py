@@ -1,0 +1,132 @@
+"""`corp sweep --sequential`: every point re-calibrated block by block; the no-compensation arm on the same masks."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from corp_cli import api
+from corp_cli.cli import app
+from corp_cli.pruning import PruneOptions, apply_masks
+from corp_cli.sweep import SEQUENTIAL_NOTE, run_sequential_sweep
+
+from .conftest import STORIES, STORIES260K, adopt
+from .test_cli_chain import _folder as _images
+
+runner = CliRunner()
+ARGS = ("--model-arg", "img_size=32", "--model-arg", "depth=2", "--model-arg", "num_classes=5")
+
+
+def _ckpt(root: Path) -> Path:
+    torch.manual_seed(0)
+    path = root / "dense.safetensors"
+    m = timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=32, depth=2, num_classes=5)
+    save_file(m.state_dict(), str(path))
+    return path
+
+
+def test_cli_sequential_sweep_two_points(tmp_path: Path) -> None:
+    ckpt, imgs, out = _ckpt(tmp_path), _images(tmp_path / "imgs"), tmp_path / "sweep"
+    res = runner.invoke(app, [
+        "sweep", "deit_tiny_patch16_224", "--checkpoint", str(ckpt), *ARGS, "--sequential",
+        "--sequential-target", "dense", "--calib-data", str(imgs), "--calib-samples", "6", "--sparsities", "0.25,0.5",
+        "--target", "both", "--data", "synthetic", "--samples", "4", "--batch-size", "4", "--workers", "0",
+        "--out", str(out),
+    ])
+    assert res.exit_code == 0, (res.stderr, res.exception)
+    assert res.stderr.splitlines().count(SEQUENTIAL_NOTE) == 1  # said once, on one line
+    rep = json.loads((out / "sweep.json").read_text())
+    assert rep["sequential"]["target"] == "dense" and rep["sequential"]["recalibrated_per_point"] is True
+    assert rep["sequential"]["calib_data"]["count"] == 6 and rep["stats"] is None
+    assert rep["sparsities"] == [0.25, 0.5] and len(rep["points"]) == 4
+    rows = list(csv.DictReader((out / "sweep.csv").open()))
+    assert [(r["sparsity"], r["arm"]) for r in rows] == [
+        ("0.0", "dense"), ("0.25", "corp"), ("0.25", "no-compensation"), ("0.5", "corp"), ("0.5", "no-compensation"),
+    ]
+    by = {(r["sparsity"], r["arm"]): r for r in rows}
+    for s in ("0.25", "0.5"):  # same masks, so the same FLOPs; the correction changes the outputs
+        assert by[(s, "corp")]["flops_per_item"] == by[(s, "no-compensation")]["flops_per_item"]
+        assert by[(s, "corp")]["kl_mean"] != by[(s, "no-compensation")]["kl_mean"]
+    assert int(by[("0.5", "corp")]["flops_per_item"]) < int(by[("0.25", "corp")]["flops_per_item"])
+
+
+def test_sequential_sweep_points_are_the_sequential_prune_and_its_masks_uncompensated(tmp_path: Path) -> None:
+    """Each corp point is exactly api.prune(sequential=True); the other arm is those masks with no correction."""
+    torch.manual_seed(0)
+    dense = adopt(timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=32, depth=2,
+                                    num_classes=5).eval())
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    calib = [x[:4], x[4:]]
+    probe = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    seen: list[tuple[bool, torch.Tensor]] = []
+
+    class Probe:
+        metric = "top1_agreement"
+        progress = None
+
+        def __call__(self, loaded, *, dense):  # type: ignore[no-untyped-def]
+            with torch.inference_mode():
+                seen.append((dense, loaded.model(probe)))
+            return {"top1_agreement": 1.0}, 0.0
+
+    base = PruneOptions(target="both")
+    before = copy.deepcopy(dense.model.state_dict())
+    _, rows = run_sequential_sweep(dense, calib, [0.5], base, Probe(), target="self")
+    assert [r["arm"] for r in rows] == ["corp", "no-compensation"]
+    assert all(torch.equal(v, dense.model.state_dict()[k]) for k, v in before.items())  # the dense model untouched
+    opts = replace(base, mlp_sparsity=0.5, attn_sparsity=0.5, vo_sparsity=0.5, head_sparsity=0.5)
+    ref = api.prune(dense, options=opts, sequential=True, sequential_target="self", data=calib)
+    with torch.inference_mode():
+        torch.testing.assert_close(seen[1][1], ref.loaded.model(probe), rtol=0, atol=0)
+        plain = copy.deepcopy(dense.model)
+        apply_masks(plain, ref.stats, ref.masks, replace(opts, compensation=False), family=dense.family)
+        torch.testing.assert_close(seen[2][1], plain(probe), rtol=0, atol=0)
+    assert not torch.equal(seen[1][1], seen[2][1])
+
+
+def _one_line(res) -> str:  # type: ignore[no-untyped-def]
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.exit_code == 2 and len(lines) == 1, res.stderr
+    return lines[0]
+
+
+def test_sequential_sweep_refusals_in_one_line(tmp_path: Path) -> None:
+    st = tmp_path / "stats.safetensors"
+    st.write_bytes(b"")
+    base = ["sweep", "deit_tiny_patch16_224", "--data", "synthetic", "--out", str(tmp_path / "o")]
+    assert "cannot be sequential" in _one_line(runner.invoke(app, [*base, "--stats", str(st), "--sequential",
+                                                                      "--calib-data", "synthetic"]))
+    assert "needs --calib-data" in _one_line(runner.invoke(app, [*base, "--sequential"]))
+    assert "--sequential only" in _one_line(runner.invoke(app, [*base, "--stats", str(st),
+                                                               "--sequential-target", "self"]))
+    assert "not supported yet" in _one_line(runner.invoke(app, [*base, "--sequential", "--calib-data", "synthetic",
+                                                               "--flops-budgets", "0.8"]))
+    assert "--sequential-target" in _one_line(runner.invoke(app, [*base, "--sequential", "--calib-data", "synthetic",
+                                                                 "--sequential-target", "nope"]))
+    assert "needs --stats" in _one_line(runner.invoke(app, base))
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not STORIES260K.is_dir(), reason="needs the shared llama-stories260k")
+def test_cli_sequential_sweep_on_a_language_model(tmp_path: Path) -> None:
+    """Text calibration streamed per point; perplexity rows for both arms, the correction lowering it."""
+    res = runner.invoke(app, [
+        "sweep", str(STORIES260K), "--sequential", "--calib-data", f"text:{STORIES}@calib", "--calib-samples", "16",
+        "--target", "mlp", "--sparsities", "0.3", "--data", f"text:{STORIES}@eval", "--samples", "16",
+        "--out", str(tmp_path / "sweep"), "--json", "-",
+    ])
+    assert res.exit_code == 0, (res.stderr, res.exception)
+    rep = json.loads(res.stdout)
+    assert rep["metric"] == "perplexity" and rep["sequential"]["calib_data"]["count"] == 16
+    ppl = {p["arm"]: p["perplexity"] for p in rep["points"]}
+    assert rep["dense"]["perplexity"] < ppl["corp"] < ppl["no-compensation"]
