@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
 EXIT_OK = 0
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2
@@ -40,3 +45,10 @@ class NumericalError(CorpError):
     """Non-finite activations or a solve that cannot be made well posed."""
 
     exit_code = EXIT_RUNTIME
+
+
+def existing_file(path: Path, what: str) -> Path:
+    """The path is a file (the CLI's one-line refusal otherwise)."""
+    if not path.is_file():
+        raise CorpError(f"{what} {path} does not exist or is not a file")
+    return path

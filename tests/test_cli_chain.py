@@ -68,6 +68,17 @@ def test_calibrate_prune_load_chain(tmp_path: Path, tiny_ckpt: Path) -> None:
     assert (again / "model.safetensors").read_bytes() == (pruned / "model.safetensors").read_bytes()
     assert (again / "masks.safetensors").read_bytes() == (pruned / "masks.safetensors").read_bytes()
 
+    # the library call the command makes gives the Python API the same prune, byte for byte
+    from corp_cli import prune_job
+    from corp_cli.family import ModelOptions
+
+    lib = tmp_path / "lib"
+    done = prune_job.run(prune_job.PruneJob(
+        model="deit_tiny_patch16_224", out=lib, values={"target": "mlp", "sparsity": 0.5}, stats_path=stats,
+        model_options=lambda preset: ModelOptions(checkpoint=tiny_ckpt, model_args=preset or {}), plot=False))
+    assert done.report is not None and done.report["totals"] == report["totals"] and done.plot is None
+    assert (lib / "model.safetensors").read_bytes() == (pruned / "model.safetensors").read_bytes()
+
     # a preset's mask-choosing keys give way to the masks, and the run says so
     preset = tmp_path / "preset.yaml"
     preset.write_text("target: mlp\nsparsity: 0.25\nranker: magnitude\n")

@@ -30,7 +30,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from corp_cli.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, CorpError
+from corp_cli.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, CorpError, existing_file  # noqa: F401 (commands use C.existing_file)
 
 # Results go to stdout (tables, --json); progress, logs and errors to stderr.
 out = Console(highlight=False, soft_wrap=True)
@@ -357,12 +357,6 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     if not (n >= 1 and 0 <= i < n):
         raise CorpError(f"--shard {text}: need 0 <= I < N")
     return i, n
-
-
-def existing_file(path: Path, what: str) -> Path:
-    if not path.is_file():
-        raise CorpError(f"{what} {path} does not exist or is not a file")
-    return path
 
 
 def write_json(spec: str | None, obj: Any) -> bool:

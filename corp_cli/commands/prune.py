@@ -10,7 +10,6 @@ from rich.table import Table
 
 from corp_cli import defaults as D
 from corp_cli.commands import common as C
-from corp_cli.errors import InputError
 
 
 @C.handle_errors
@@ -65,204 +64,41 @@ def prune_cmd(
     json_out: C.JsonOpt = None,
 ) -> None:
     """Prune MODEL with CORP: remove MLP units, Q/K dims, value/output dims or heads, fold the closed-form compensation in."""
-    import time
-
-    from corp_cli import api, report_plot
-    from corp_cli.artifacts import check_out_dir
-    from corp_cli.calibration import block_shapes
-    from corp_cli.config import (
-        build_options, check_masks_for, check_options_apply, check_plan, load_prune_config, options_for_masks, parse_lambda,
-    )
-    from corp_cli.devices import resolve_device
-    from corp_cli.loading import resolve_model
-    from corp_cli.masks import load_masks
-    from corp_cli.plan import parse_bytes
-    from corp_cli.pruning import check_prunable, stats_parts_for
-    from corp_cli.stats import Statistics, check_block_shapes, check_matches, check_preprocessing
+    from corp_cli import prune_job, report_plot
 
     C.quiet_unless_main_rank()
-    if stats_path is not None and _other_rank():
-        return  # statistics given: nothing to share across a torchrun world, rank 0 prunes alone
-    t0 = time.perf_counter()
-    # Validation order: options, paths and files (cheap) -> model weights -> calibration (expensive).
-    if qk_fold not in (None, "balanced", "q"):
-        raise InputError(f"--qk-fold must be balanced or q, got {qk_fold!r}")
-    if stats_path is not None and calib_data is not None:
-        raise InputError("give either --stats or --calib-data, not both")
-    if sequential and stats_path is not None:
-        raise InputError("--stats with --sequential: precomputed statistics come from the dense model and cannot be "
-                         "sequential; drop --stats (it calibrates from --calib-data)")
-    if sequential_target is not None and not sequential:
-        raise InputError("--sequential-target applies with --sequential only")
-    if sequential:
-        from corp_cli.sequential import DEFAULT_TARGET, check_target
-
-        sequential_target = check_target(sequential_target or DEFAULT_TARGET)
-    if stats_path is not None:
-        given = [f for f, v in (("--samples", samples), ("--seed", seed), ("--workers", workers), ("--dtype", dtype),
-                                  ("--seq-len", seq_len))
-                 if v is not None]
-        if given:
-            raise InputError(f"{', '.join(given)} choose the calibration data, but --stats gives the statistics: drop them")
-    config_keys = load_prune_config(C.existing_file(config, "--config")) if config else {}
-    preset_args = config_keys.pop("model_kwargs", None)
-    flags = {
-        "sparsity": sparsity, "mlp_sparsity": mlp_sparsity, "attn_sparsity": attn_sparsity,
-        "vo_sparsity": vo_sparsity, "head_sparsity": head_sparsity, "flops_budget": flops_budget, "target": target,
-        "q_head_sparsity": q_head_sparsity, "kv_budget": kv_budget,
-        "ranker": ranker, "qk_ranker": qk_ranker, "vo_ranker": vo_ranker, "head_ranker": head_ranker, "lam": parse_lambda(lam),
-        "compensation": False if no_compensation else None, "round_to": round_to, "min_keep": min_keep,
-        "min_qk_dim": min_qk_dim, "qk_balanced": None if qk_fold is None else qk_fold == "balanced",
-    }
-    opts = build_options(config_keys, dict(flags))
-    if sequential and opts.kv_budget is not None and masks_path is None:
-        raise InputError("--kv-budget with --sequential is not supported yet: give --flops-budget alone, or --masks "
-                         "from a --kv-budget run (its widths are then re-fit sequentially)")
-    check_out_dir(out, overwrite=overwrite)
-    options = C.model_options(checkpoint, num_classes, pretrained_cfg, model_arg, preset_args, seq_len=seq_len, mean=mean,
-                              std=std, input_size=input_size,
-                              interpolation=interpolation, crop_pct=crop_pct, crop_mode=crop_mode)
-    fam, name = resolve_model(model, options)
-    preset = None
-    mmeta: dict[str, Any] = {}
-    if masks_path is not None:
-        chooser_flags = {"--sparsity": sparsity, "--mlp-sparsity": mlp_sparsity, "--attn-sparsity": attn_sparsity,
-                         "--vo-sparsity": vo_sparsity, "--head-sparsity": head_sparsity, "--flops-budget": flops_budget,
-                         "--q-head-sparsity": q_head_sparsity, "--kv-budget": kv_budget,
-                         "--ranker": ranker, "--qk-ranker": qk_ranker, "--vo-ranker": vo_ranker,
-                         "--head-ranker": head_ranker, "--round-to": round_to, "--min-keep": min_keep,
-                         "--min-qk-dim": min_qk_dim}
-        chosen = [flag for flag, value in chooser_flags.items() if value is not None]
-        if chosen:
-            raise InputError(f"--masks fixes which units every block keeps; {', '.join(chosen)} only choose masks: drop them")
-        # Against the file's own shapes for now; against the model's once they are known.
-        preset, mmeta = load_masks(C.existing_file(masks_path, "--masks"))
-        opts = options_for_masks(opts, preset, mmeta, explicit_target=target, config=config_keys, config_path=config)
-    calibrated_here = stats_path is None
-    dev = resolve_device(device)
-    # the default target is what the model allows; a target given is honoured or refused
-    target_given = target is not None or "target" in config_keys or preset is not None
-    if stats_path is not None:
-        stats = Statistics.load(C.existing_file(stats_path, "--stats"))
-        shapes = stats.meta["block_shapes"]
-        if preset is not None:
-            check_masks_for(masks_path, mmeta, stats.identity, shapes, "statistics")  # type: ignore[arg-type]
-        if dry_run:
-            meta_model = fam.meta_model(name, options)
-            if meta_model is not None:
-                if not target_given:
-                    opts = _default_target_for(opts, fam, meta_model)
-                check_options_apply(opts, flags, config_keys, config)
-                check_plan(opts, shapes, stats.parts, preset)
-                _print_dry_run(None, None, opts, out, json_out, model, options, stats=stats, family=fam, shape_model=meta_model)
-                return
-        loaded = fam.load(name, options, dev)
-        if not target_given:
-            opts = _default_target(opts, loaded)
-        check_options_apply(opts, flags, config_keys, config)
-        check_plan(opts, shapes, stats.parts, preset)
-        check_prunable(loaded.family, loaded.model, opts)
-        check_matches(stats, loaded.identity)
-        check_block_shapes(stats, block_shapes(loaded))
-        if {"preprocessing", "pretrained_cfg"} & set(options.given()):
-            check_preprocessing(stats, loaded.preprocessing.to_dict())
-    else:
-        from corp_cli import calibration_job
-
-        def check(fam_: Any, model_: Any) -> tuple[str, ...]:
-            """On the model's shapes, before the weights: the target it allows, and the refusals."""
-            nonlocal opts
-            if not target_given:
-                opts = _default_target_for(opts, fam_, model_)
-            check_options_apply(opts, flags, config_keys, config)
-            check_prunable(fam_, model_, opts)
-            shapes_ = [fam_.shape(model_, i).to_dict() for i in range(fam_.num_blocks(model_))]
-            # what the target needs (the MLP sums always: they are what a later run reuses most)
-            parts_ = tuple(dict.fromkeys(["mlp", *stats_parts_for(opts.parts)]))
-            check_plan(opts, shapes_, list(parts_), preset)
-            return parts_
-
-        def check_loaded(loaded_: Any) -> None:
-            if preset is not None:
-                check_masks_for(masks_path, mmeta, loaded_.identity, block_shapes(loaded_), "model")  # type: ignore[arg-type]
-
-        from corp_cli.sequential import extra_bytes
-
-        job = calibration_job.CalibrationJob(
-            model=model, options=options, data=calib_data, samples=samples or D.CALIB_SAMPLES, seed=seed or 0,
-            device=device, batch_size=batch_size, workers=workers, dtype=dtype or "fp32",
-            max_memory=parse_bytes(max_memory) if max_memory else None, data_flag="--calib-data",
-            sequential_bytes=extra_bytes if sequential else None)
-        run = calibration_job.run(job, dry_run=dry_run, progress=C.progress_bar, workers_for=C.workers_for,
-                                  check=check, check_loaded=check_loaded)
-        if dry_run:
-            _print_dry_run(run.plan, run.loaded, opts, out, json_out, model, options)
-            return
-        if not run.writes and not sequential:
-            return  # rank 0 prunes and writes (every rank prunes with --sequential: each streams its share)
-        loaded, stats = run.loaded, run.stats
-    if sequential:
-        from corp_cli import distributed
-        from corp_cli.calibration_job import FORWARD_DTYPES
-
-        # under torchrun every rank holds its share of the streams; the block sums are added across ranks
-        sync = (distributed.BlockSync(run.dist, next(loaded.model.parameters()).device) if run.dist is not None
-                else None)
-        result = api.prune(loaded, options=opts, masks=preset, inplace=True, progress=C.progress_bar, sequential=True,
-                           sequential_target=sequential_target, data=run.source, batch_size=batch_size,
-                           workers=run.workers, forward_dtype=FORWARD_DTYPES[dtype or "fp32"],
-                           scratch=(run.plan.sequential or {}).get("storage") == "scratch", sync=sync)
-        if not run.writes:
-            return  # rank 0 writes
-        # the sums a sequential run fit to are not dense statistics another prune could reuse: not written
-        report = api.save_pruned(result, out, overwrite=overwrite, save_stats=False, started=t0)
-        if not C.write_json(json_out, {"out": str(out), **report}):
-            _print_summary(out, report)
+    job = prune_job.PruneJob(
+        model=model, out=out, values={
+            "sparsity": sparsity, "mlp_sparsity": mlp_sparsity, "attn_sparsity": attn_sparsity, "vo_sparsity": vo_sparsity,
+            "head_sparsity": head_sparsity, "q_head_sparsity": q_head_sparsity, "kv_budget": kv_budget,
+            "flops_budget": flops_budget, "target": target, "ranker": ranker, "qk_ranker": qk_ranker,
+            "vo_ranker": vo_ranker, "head_ranker": head_ranker, "lam": lam, "round_to": round_to, "min_keep": min_keep,
+            "min_qk_dim": min_qk_dim},
+        no_compensation=no_compensation, qk_fold=qk_fold, stats_path=stats_path, calib_data=calib_data, samples=samples,
+        seed=seed, config=config, masks_path=masks_path, dtype=dtype, sequential=sequential,
+        sequential_target=sequential_target, dry_run=dry_run, max_memory=max_memory,
+        model_options=lambda preset_args: C.model_options(
+            checkpoint, num_classes, pretrained_cfg, model_arg, preset_args, seq_len=seq_len, mean=mean, std=std,
+            input_size=input_size, interpolation=interpolation, crop_pct=crop_pct, crop_mode=crop_mode),
+        seq_len=seq_len, device=device, batch_size=batch_size, workers=workers, overwrite=overwrite)
+    done = prune_job.run(job, progress=C.progress_bar, workers_for=C.workers_for)
+    if done.dry_run:
+        _print_dry_run(done.plan, done.loaded, done.opts, out, json_out, model, done.options, stats=done.stats,
+                       family=done.family, shape_model=done.shape_model)
         return
-    result = api.prune(loaded, stats, options=opts, masks=preset, inplace=True, progress=C.progress_bar)
-    report = api.save_pruned(result, out, overwrite=overwrite, save_stats=calibrated_here, started=t0, plot=True)
-    png = out / report_plot.PNG_FILE
-    drawn = str(png) if png.is_file() else None
-    if not C.write_json(json_out, {"out": str(out), **report, "plot": drawn}):
+    report = done.report
+    if report is None:
+        return  # another rank writes
+    drawn = str(done.plot) if done.plot is not None else None
+    if not C.write_json(json_out, {"out": str(out), **report, **({"plot": drawn} if done.plotted else {})}):
         _print_summary(out, report)
-    if json_out == "-":
+    if json_out == "-" or not done.plotted:
         return  # stdout is the JSON alone, whose "plot" says where the picture is (null: not drawn)
     if drawn is not None:
         C.out.print(f"picture of the prune -> {drawn}", markup=False, highlight=False)
     else:
         C.err.print(f"note: no {report_plot.PNG_FILE}: matplotlib is not installed; {report_plot.HINT}", markup=False,
                     highlight=False)
-
-
-def _distributed() -> bool:
-    from corp_cli import distributed
-
-    return distributed.from_env() is not None
-
-
-def _other_rank() -> bool:
-    from corp_cli import distributed
-
-    d = distributed.from_env()
-    return d is not None and not d.main
-
-
-def _default_target(opts: Any, loaded: Any) -> Any:
-    return _default_target_for(opts, loaded.family, loaded.model)
-
-
-def _default_target_for(opts: Any, fam: Any, model: Any) -> Any:
-    """The default --target: what the model allows (said in a warning when that is less than the default)."""
-    import logging
-    from dataclasses import replace
-
-    from corp_cli.pruning import default_target
-
-    target = default_target(fam, model)
-    if target != opts.target:
-        logging.getLogger(__name__).warning("%s; pruning --target %s", fam.qk_refusal(model, 0), target)
-        return replace(opts, target=target)
-    return opts
 
 
 def _print_dry_run(plan: Any, loaded: Any, opts: Any, out: Path, json_out: str | None, model: str, options: Any,
