@@ -260,14 +260,16 @@ def _block_groups(
 
 def allocate(fam: ModelFamily, model: nn.Module, stats: Statistics, opts: PruneOptions, *,
              qk_weight: float | None = None, weighting: str | None = None,
-             free: list[list[str]] | None = None, dense_flops: int | None = None) -> Allocation:
+             free: list[list[str]] | None = None, dense_flops: int | None = None,
+             dense_kv: int | None = None) -> Allocation:
     """The widths that minimise the total predicted error with FLOPs <= opts.flops_budget of the dense model's.
 
     `qk_weight` defaults to QK_LOGIT_WEIGHT, `weighting` to WEIGHTING. `free[i]` (default:
     every part of the target, in every block) lists the parts of block i the allocator
     chooses; the others stay as the model has them now, their FLOPs counted as they are
     (sequential pruning pins what earlier blocks got). `dense_flops` is what the budget is a
-    fraction of, when `model` is already partly pruned (default: `model`'s own FLOPs). Only
+    fraction of, when `model` is already partly pruned (default: `model`'s own FLOPs), `dense_kv`
+    the same for the KV-cache bytes per token. Only
     the free parts appear in the widths and the report.
     """
     qk_weight = QK_LOGIT_WEIGHT if qk_weight is None else qk_weight
@@ -286,7 +288,7 @@ def allocate(fam: ModelFamily, model: nn.Module, stats: Statistics, opts: PruneO
     tokens, dense = counts["tokens"], counts["flops"] if dense_flops is None else dense_flops
     flops_frac = opts.flops_budget if opts.flops_budget is not None else 1.0
     budget = flops_frac * dense
-    dense_kv = counts.get("kv_bytes_per_token")
+    dense_kv = counts.get("kv_bytes_per_token") if dense_kv is None else dense_kv
     if opts.kv_budget is not None and dense_kv is None:
         raise InputError(f"--kv-budget: {fam.name} models keep no key/value cache")
     groups: list[list[engine.Alternative]] = []
@@ -310,8 +312,9 @@ def allocate(fam: ModelFamily, model: nn.Module, stats: Statistics, opts: PruneO
         if opts.kv_budget is None:
             picks = engine.allocate_budget(groups, budget - current)
         else:
-            # the KV bytes of blocks whose attention the target leaves whole are fixed
-            fixed = dense_kv if not {"qk", "vo", "heads"} & set(parts) else 0
+            # the KV bytes of blocks whose attention is not chosen here (left whole, or pinned) are fixed
+            fixed = kv_cache_bytes([info["shape"] for info, f in zip(infos, free) if not {"qk", "vo", "heads"} & set(f)],
+                                   kv_value_bytes(model))
             picks = engine.allocate_two_budgets(groups, budget - current, opts.kv_budget * dense_kv - fixed)
     except ValueError as e:
         if "KV budget" in str(e):

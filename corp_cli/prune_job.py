@@ -146,9 +146,6 @@ def run(job: PruneJob, *, progress: Any = None, workers_for: Callable[[str, int 
         "qk_balanced": None if job.qk_fold is None else job.qk_fold == "balanced",
     }
     opts = build_options(config_keys, dict(flags))
-    if job.sequential and opts.kv_budget is not None and masks_path is None:
-        raise InputError("--kv-budget with --sequential is not supported yet: give --flops-budget alone, or --masks "
-                         "from a --kv-budget run (its widths are then re-fit sequentially)")
     out = job.out
     check_out_dir(out, overwrite=job.overwrite)
     options = job.model_options(preset_args)

@@ -275,9 +275,6 @@ def prune_sequential(
     fam, model = loaded.family, loaded.model
     nblocks = fam.num_blocks(model)
     budgeted = opts.budgeted and masks is None
-    if budgeted and opts.kv_budget is not None:
-        raise InputError("--kv-budget with --sequential is not supported yet: give --flops-budget alone, or --masks "
-                         "from a --kv-budget run (its widths are then re-fit sequentially)")
     if budgeted and sync is not None:
         raise InputError("--flops-budget with --sequential under torchrun is not supported yet: run it as one process, "
                          "or give --masks from a --flops-budget run (its widths are then re-fit sequentially)")
@@ -380,7 +377,8 @@ class _Budget:
         from corp_cli.flops import model_counts
 
         self.fam, self.opts, self.dense_stats = fam, opts, dense_stats
-        self.dense_flops = int(model_counts(model, family=fam)["flops"])
+        counts = model_counts(model, family=fam)
+        self.dense_flops, self.dense_kv = int(counts["flops"]), counts.get("kv_bytes_per_token")
         self.blocks: list[dict[str, Any]] = [{"block": i} for i in range(len(dense_stats))]
 
     def choose(self, model: nn.Module, i: int, st: dict[str, dict[str, Tensor]], take: list[str],
@@ -394,7 +392,7 @@ class _Budget:
         blocks = [{} if j < i else {**self.dense_stats[j], **st} if j == i else self.dense_stats[j] for j in range(n)]
         free = [[] if j < i else [p for p in parts if p not in pinned] if j == i else parts for j in range(n)]
         a = allocate(self.fam, model, Statistics(blocks=blocks, meta={}), self.opts, free=free,
-                     dense_flops=self.dense_flops)
+                     dense_flops=self.dense_flops, dense_kv=self.dense_kv)
         self.blocks[i].update({p: r for p, r in a.blocks[i].items() if p in take})
         return {p: w for p, w in a.widths[i].items() if p in take or (p == "q_heads" and "heads" in take)}
 
@@ -405,8 +403,13 @@ class _Budget:
         flops = int(counts["flops"])
         for i, b in enumerate(self.blocks):
             b["flops"] = int(shape_flops(self.fam, model, i, self.fam.shape(model, i), counts["tokens"])["total"])
-        return {"flops_budget": self.opts.flops_budget, "dense_flops": self.dense_flops, "flops": flops,
-                "flops_ratio": flops / self.dense_flops, "sequential": True, "blocks": self.blocks}
+        out = {"flops_budget": self.opts.flops_budget, "dense_flops": self.dense_flops, "flops": flops,
+               "flops_ratio": flops / self.dense_flops, "sequential": True, "blocks": self.blocks}
+        if self.dense_kv is not None and self.opts.kv_budget is not None:
+            kv = int(counts["kv_bytes_per_token"])
+            out.update(kv_budget=self.opts.kv_budget, dense_kv_bytes_per_token=self.dense_kv, kv_bytes_per_token=kv,
+                       kv_ratio=kv / self.dense_kv)
+        return out
 
 
 def _block_counts(fam: ModelFamily, model: nn.Module, i: int, opts: PruneOptions,

@@ -335,6 +335,28 @@ def test_the_allocator_spans_every_part_and_holds_the_flops_and_kv_budgets(tmp_p
         api.prune(dense, stats, target="mlp", kv_budget=0.5)
 
 
+def test_sequential_holds_the_flops_and_kv_budgets_and_block_0_gets_the_one_shot_widths(tmp_path: Path) -> None:
+    """--sequential with --flops-budget and --kv-budget: both hold for the whole model (KV at or under its
+    budget, FLOPs within BUDGET_TOLERANCE below), and block 0, chosen first on the still-dense stream, gets
+    the one-shot two-budget allocation's attention widths and predicted errors."""
+    from corp_cli.allocation import BUDGET_TOLERANCE
+
+    dense = _dense(tmp_path)
+    target = "mlp,qk,vo,heads"
+    stats = api.calibrate(dense, _calib(), precision="float64", parts=("mlp", "attn", "vo"))
+    one = api.prune(dense, stats, target=target, flops_budget=0.7, kv_budget=0.4, round_to=1)
+    seq = api.prune(_dense(tmp_path), sequential=True, sequential_target="self", data=_calib(), target=target,
+                    flops_budget=0.7, kv_budget=0.4, round_to=1, precision="float64")
+    alloc = seq.allocation
+    assert alloc is not None and alloc["sequential"]
+    report = seq.report()
+    assert report["totals"]["kv_ratio"] == pytest.approx(alloc["kv_ratio"]) and alloc["kv_ratio"] <= 0.4
+    ratio = seq.after["flops"] / seq.before["flops"]
+    assert (1 - BUDGET_TOLERANCE) * 0.7 <= ratio <= 0.7, ratio
+    for part in ("qk", "vo", "heads"):
+        assert alloc["blocks"][0][part] == one.allocation["blocks"][0][part], part
+
+
 def test_two_budget_allocation_holds_both_and_is_the_one_budget_choice_when_the_second_is_loose() -> None:
     g = torch.Generator().manual_seed(3)
     groups = []

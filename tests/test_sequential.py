@@ -194,9 +194,10 @@ def test_cli_sequential_refuses_stats_in_one_line(tmp_path: Path) -> None:
     assert len(lines) == 1 and "cannot be sequential" in lines[0]
     res = _cli(tmp_path, "prune", "deit_tiny_patch16_224", "--sequential-target", "self", "--out", tmp_path / "o")
     assert res.returncode == 2 and "--sequential only" in res.stderr
-    res = _cli(tmp_path, "prune", "deit_tiny_patch16_224", "--sequential", "--kv-budget", "0.6", "--out",
-               tmp_path / "o")
-    assert res.returncode == 2 and "not supported yet" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    # --kv-budget is sequential-capable now; an encoder has no KV cache, said before any calibration
+    res = _cli(tmp_path, "prune", "deit_tiny_patch16_224", "--sequential", "--kv-budget", "0.6", "--calib-data",
+               "synthetic", "--out", tmp_path / "o")
+    assert res.returncode == 2 and "keep none" in res.stderr and len(res.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
 
 
