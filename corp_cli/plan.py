@@ -191,3 +191,12 @@ def human(n: float) -> str:
 
 def cpu_count() -> int:
     return os.cpu_count() or 1
+
+
+def stats_flops(shapes: list[Any], blocks: list[int], parts: tuple[str, ...], tokens: int) -> dict[str, int]:
+    """FLOPs of accumulating the statistics over `tokens` calibration tokens (2 per multiply-accumulate):
+    the MLP Gram is D^2 per token; the q/k Grams head_dim^2 per token for each query head and each kv head."""
+    mlp = sum(2 * tokens * shapes[i].mlp_hidden ** 2 for i in blocks) if "mlp" in parts else 0
+    attn = sum(2 * tokens * (shapes[i].num_heads + (shapes[i].kv_heads or shapes[i].num_heads))
+               * shapes[i].head_dim ** 2 for i in blocks) if "attn" in parts else 0
+    return {"mlp sums": mlp, "attn sums": attn}
