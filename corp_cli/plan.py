@@ -70,6 +70,7 @@ class CalibrationPlan:
     limit_source: str = ""
     notes: list[str] = field(default_factory=list)
     sequential: dict[str, Any] | None = None  # prune --sequential: its extra bytes and where they are kept
+    flops: dict[str, int] = field(default_factory=dict)  # counted work of the whole run (unknown samples: empty)
 
     @property
     def forward_passes(self) -> int | None:
@@ -91,6 +92,7 @@ class CalibrationPlan:
             "stats_bytes": self.stats_bytes, "memory_bytes": dict(self.terms), "peak_bytes": self.peak_bytes,
             "available_bytes": self.available_bytes, "limit": self.limit_source,
             "fits": self.available_bytes is None or self.peak_bytes <= self.available_bytes, "notes": self.notes,
+            "flops": dict(self.flops),
             **({"sequential": self.sequential} if self.sequential is not None else {}),
         }
 
@@ -137,8 +139,14 @@ def plan_calibration(
         "activations": activations,
         "input batch": int(batch_size * input_item_bytes),
     }
+    flops: dict[str, int] = {}
+    if samples is not None:
+        from corp_cli.flops import model_counts
+
+        flops = {"forward": int(model_counts(model, tokens, fam)["flops"]) * samples,
+                 **stats_flops(shapes, covered, tuple(parts), samples * tokens)}
     return CalibrationPlan(
-        model=name, family=fam.name, device=str(device), batch_size=batch_size, samples=samples, parts=tuple(parts),
+        flops=flops, model=name, family=fam.name, device=str(device), batch_size=batch_size, samples=samples, parts=tuple(parts),
         blocks=covered, tokens_per_item=tokens,
         block_widths=[{"mlp_hidden": s.mlp_hidden, "num_heads": s.num_heads, "head_dim": s.head_dim} for s in shapes],
         stats_bytes=int(sums), terms=terms,
