@@ -71,6 +71,7 @@ class CalibrationPlan:
     notes: list[str] = field(default_factory=list)
     sequential: dict[str, Any] | None = None  # prune --sequential: its extra bytes and where they are kept
     flops: dict[str, int] = field(default_factory=dict)  # counted work of the whole run (unknown samples: empty)
+    time: dict[str, Any] | None = None  # the estimate from `flops` at measured rates (dry runs only)
 
     @property
     def forward_passes(self) -> int | None:
@@ -92,7 +93,7 @@ class CalibrationPlan:
             "stats_bytes": self.stats_bytes, "memory_bytes": dict(self.terms), "peak_bytes": self.peak_bytes,
             "available_bytes": self.available_bytes, "limit": self.limit_source,
             "fits": self.available_bytes is None or self.peak_bytes <= self.available_bytes, "notes": self.notes,
-            "flops": dict(self.flops),
+            "flops": dict(self.flops), **({"time": self.time} if self.time is not None else {}),
             **({"sequential": self.sequential} if self.sequential is not None else {}),
         }
 
@@ -208,3 +209,29 @@ def stats_flops(shapes: list[Any], blocks: list[int], parts: tuple[str, ...], to
     attn = sum(2 * tokens * (shapes[i].num_heads + (shapes[i].kv_heads or shapes[i].num_heads))
                * shapes[i].head_dim ** 2 for i in blocks) if "attn" in parts else 0
     return {"mlp sums": mlp, "attn sums": attn}
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype, n: int = 512, repeats: int = 4) -> float:
+    """FLOP/s of a square matmul in `dtype` on `device`, timed over a fraction of a second."""
+    import time
+
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = a @ a  # the first call pays for setup
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        b = a @ a
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    del b
+    return 2 * n ** 3 * repeats / max(time.perf_counter() - t0, 1e-9)
+
+
+def estimate_time(flops: dict[str, int], forward_rate: float, float64_rate: float) -> dict[str, Any]:
+    """Seconds of the counted work: the forward at the forward dtype's rate, the float64 sums at float64's."""
+    forward = flops.get("forward", 0) / forward_rate
+    sums = sum(v for k, v in flops.items() if k != "forward") / float64_rate
+    return {"forward_rate": forward_rate, "float64_rate": float64_rate, "forward_seconds": forward,
+            "sums_seconds": sums, "seconds": forward + sums,
+            "excluded": "the solves, elementwise work, data loading and --sequential's extra passes"}

@@ -30,3 +30,10 @@ def test_plan_counts_forward_and_sums_on_meta() -> None:
     assert plan.to_dict()["flops"] == {
         "forward": 3 * model_counts(model, 5, fam)["flops"],
         "mlp sums": 2 * (2 * t * 32 * 32), "attn sums": 2 * (2 * t * (4 + 2) * 4 * 4)}
+
+
+def test_estimate_time_divides_by_the_given_rates() -> None:
+    from corp_cli.plan import estimate_time
+
+    t = estimate_time({"forward": 600, "mlp sums": 100, "attn sums": 50}, forward_rate=100.0, float64_rate=50.0)
+    assert (t["forward_seconds"], t["sums_seconds"], t["seconds"]) == (6.0, 3.0, 9.0)
