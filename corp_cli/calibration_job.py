@@ -137,7 +137,11 @@ def run(job: CalibrationJob, *, dry_run: bool = False, progress: Any = None,
         plan.notes.append(f"--sequential keeps the dense and pruned streams at a block's input and a dense copy of "
                           f"the weights: {human(extra)} more, in {where}")
     if dry_run:
-        from corp_cli.plan import available_memory
+        from corp_cli.plan import available_memory, estimate_time, matmul_rate
+
+        if plan.flops:
+            plan.time = estimate_time(plan.flops, matmul_rate(dev, forward_dtype or torch.float32),
+                                      matmul_rate(dev, torch.float64))
 
         plan.available_bytes, plan.limit_source = ((job.max_memory, "--max-memory") if job.max_memory is not None
                                                    else available_memory(dev))

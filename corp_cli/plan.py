@@ -70,6 +70,8 @@ class CalibrationPlan:
     limit_source: str = ""
     notes: list[str] = field(default_factory=list)
     sequential: dict[str, Any] | None = None  # prune --sequential: its extra bytes and where they are kept
+    flops: dict[str, int] = field(default_factory=dict)  # counted work of the whole run (unknown samples: empty)
+    time: dict[str, Any] | None = None  # the estimate from `flops` at measured rates (dry runs only)
 
     @property
     def forward_passes(self) -> int | None:
@@ -91,6 +93,7 @@ class CalibrationPlan:
             "stats_bytes": self.stats_bytes, "memory_bytes": dict(self.terms), "peak_bytes": self.peak_bytes,
             "available_bytes": self.available_bytes, "limit": self.limit_source,
             "fits": self.available_bytes is None or self.peak_bytes <= self.available_bytes, "notes": self.notes,
+            "flops": dict(self.flops), **({"time": self.time} if self.time is not None else {}),
             **({"sequential": self.sequential} if self.sequential is not None else {}),
         }
 
@@ -137,8 +140,14 @@ def plan_calibration(
         "activations": activations,
         "input batch": int(batch_size * input_item_bytes),
     }
+    flops: dict[str, int] = {}
+    if samples is not None:
+        from corp_cli.flops import model_counts
+
+        flops = {"forward": int(model_counts(model, tokens, fam)["flops"]) * samples,
+                 **stats_flops(shapes, covered, tuple(parts), samples * tokens)}
     return CalibrationPlan(
-        model=name, family=fam.name, device=str(device), batch_size=batch_size, samples=samples, parts=tuple(parts),
+        flops=flops, model=name, family=fam.name, device=str(device), batch_size=batch_size, samples=samples, parts=tuple(parts),
         blocks=covered, tokens_per_item=tokens,
         block_widths=[{"mlp_hidden": s.mlp_hidden, "num_heads": s.num_heads, "head_dim": s.head_dim} for s in shapes],
         stats_bytes=int(sums), terms=terms,
@@ -191,3 +200,38 @@ def human(n: float) -> str:
 
 def cpu_count() -> int:
     return os.cpu_count() or 1
+
+
+def stats_flops(shapes: list[Any], blocks: list[int], parts: tuple[str, ...], tokens: int) -> dict[str, int]:
+    """FLOPs of accumulating the statistics over `tokens` calibration tokens (2 per multiply-accumulate):
+    the MLP Gram is D^2 per token; the q/k Grams head_dim^2 per token for each query head and each kv head."""
+    mlp = sum(2 * tokens * shapes[i].mlp_hidden ** 2 for i in blocks) if "mlp" in parts else 0
+    attn = sum(2 * tokens * (shapes[i].num_heads + (shapes[i].kv_heads or shapes[i].num_heads))
+               * shapes[i].head_dim ** 2 for i in blocks) if "attn" in parts else 0
+    return {"mlp sums": mlp, "attn sums": attn}
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype, n: int = 512, repeats: int = 4) -> float:
+    """FLOP/s of a square matmul in `dtype` on `device`, timed over a fraction of a second."""
+    import time
+
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = a @ a  # the first call pays for setup
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        b = a @ a
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    del b
+    return 2 * n ** 3 * repeats / max(time.perf_counter() - t0, 1e-9)
+
+
+def estimate_time(flops: dict[str, int], forward_rate: float, float64_rate: float) -> dict[str, Any]:
+    """Seconds of the counted work: the forward at the forward dtype's rate, the float64 sums at float64's."""
+    forward = flops.get("forward", 0) / forward_rate
+    sums = sum(v for k, v in flops.items() if k != "forward") / float64_rate
+    return {"forward_rate": forward_rate, "float64_rate": float64_rate, "forward_seconds": forward,
+            "sums_seconds": sums, "seconds": forward + sums,
+            "excluded": "the solves, elementwise work, data loading and --sequential's extra passes"}

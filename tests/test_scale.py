@@ -122,6 +122,9 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tiny_ckpt: Path, tmp_path: P
     assert plan["stats_bytes"] == 12 * (d * d * 8 + d * 8 + d * 161 * 8 + 8 + 2 * 3 * 64 * 64 * 8 + 3 * 64 * 8 + 8)
     assert plan["memory_bytes"]["weights"] == sum(4 * p.numel() for p in random_model().parameters())
     assert set(plan["memory_bytes"]) == {"weights", "sums", "batch sums", "hook products", "activations", "input batch"}
+    assert plan["flops"]["mlp sums"] == 12 * 2 * 64 * 197 * d * d
+    t = plan["time"]
+    assert t["seconds"] == t["forward_seconds"] + t["sums_seconds"] and t["forward_rate"] > 0 and t["float64_rate"] > 0
     assert not out.exists()
 
 

@@ -79,6 +79,11 @@ def print_plan(plan: Any, what: str) -> None:
     if plan.available_bytes is not None:
         table.add_row(plan.limit_source, human(plan.available_bytes))
     C.out.print(table)
+    if plan.time is not None:
+        t = plan.time
+        C.out.print(f"estimated time {t['seconds']:,.1f} s at {t['forward_rate'] / 1e9:,.1f} GFLOP/s forward, "
+                    f"{t['float64_rate'] / 1e9:,.1f} GFLOP/s float64, measured on {plan.device} "
+                    f"(excludes {t['excluded']})", markup=False)
     for note in plan.notes:
         C.out.print(note, markup=False)
 
