@@ -7,7 +7,9 @@
 Calibrates on one half of the shared ImageNet sample (even-indexed classes of the 500; the
 split of scripts/real_deit_dtype.py) and scores top-1 on the other half. For every setting
 (`mlp`: --target mlp --sparsity 0.5; `both`: --target both --sparsity 0.5; `budget`:
---target both --flops-budget 0.617, where sequential re-fits the one-shot allocation's masks),
+--target both --flops-budget 0.617, where sequential re-fits the one-shot allocation's masks;
+`budget-seq`: the same budget, allocated block by block on the sequential statistics; with
+`--one-shot-masks` every setting re-fits the one-shot masks),
 it prunes one-shot (dense statistics) and sequentially with each target, from the same images.
 """
 
@@ -33,7 +35,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def top1(loaded, held: Path) -> float:
     return 100 * _top1(loaded, held)
 SETTINGS = {"mlp": {"target": "mlp", "sparsity": 0.5}, "both": {"target": "both", "sparsity": 0.5},
-            "budget": {"target": "both", "flops_budget": 0.617}}
+            "budget": {"target": "both", "flops_budget": 0.617},
+            "budget-seq": {"target": "both", "flops_budget": 0.617}}
+# Under `budget` sequential re-fits the one-shot allocation's masks; under `budget-seq` it allocates itself.
+REFIT_ONE_SHOT = {"budget"}
 
 
 def main() -> None:
@@ -47,6 +52,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=50)
     ap.add_argument("--targets", default="dense,self,blend", help="sequential targets to compare")
     ap.add_argument("--no-one-shot", action="store_true", help="skip the one-shot prune (for a rerun of some targets)")
+    ap.add_argument("--one-shot-masks", action="store_true",
+                    help="every sequential variant re-fits the one-shot prune's masks (not only under a budget)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         if args.calib_data is not None:
@@ -75,8 +82,8 @@ def main() -> None:
                 one = api.prune(dense, stats, **kw)
                 t_one = t_cal + time.perf_counter() - t
                 row, secs = [f"{top1(one.loaded, held):.1f}%"], [f"{t_one:.0f}"]
-                if "flops_budget" in seq_kw:  # sequential re-fits the widths and units the allocation chose
-                    seq_kw.pop("flops_budget")
+                if name in REFIT_ONE_SHOT or args.one_shot_masks:  # re-fit the units the one-shot prune chose
+                    seq_kw = {"target": kw["target"]}
                     masks = one.masks
             for target in args.targets.split(","):
                 t = time.perf_counter()
