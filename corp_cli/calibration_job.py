@@ -47,6 +47,8 @@ class CalibrationJob:
     # (the caller streams it block by block); `sequential_bytes(family, model, samples)` adds that
     # pass's extra memory to the plan
     sequential_bytes: Callable[[Any, Any, int], int] | None = None
+    # prune: the FLOPs of the solves it will run after calibrating, `solve_flops(family, model)` (None: unknown)
+    solve_flops: Callable[[Any, Any], int | None] | None = None
 
 
 @dataclass
@@ -125,6 +127,10 @@ def run(job: CalibrationJob, *, dry_run: bool = False, progress: Any = None,
                             samples=source.num_items, parts=tuple(parts), blocks=job.blocks, tokens=job.options.seq_len,
                             product_dtype=getattr(torch, job.precision), forward_dtype=forward_dtype,
                             input_item_bytes=fam.item_bytes(shape_model))
+    if job.solve_flops is not None and plan.flops:
+        solves = job.solve_flops(fam, shape_model)
+        if solves is not None:
+            plan.flops["solves"] = solves
     if dist is not None:
         plan.notes.append(f"rank {dist.rank} of {dist.world}: this rank's share of the samples")
     if job.sequential_bytes is not None:

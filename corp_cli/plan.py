@@ -211,6 +211,64 @@ def stats_flops(shapes: list[Any], blocks: list[int], parts: tuple[str, ...], to
     return {"mlp sums": mlp, "attn sums": attn}
 
 
+# FLOPs of one symmetric eigendecomposition or SVD of an n x n matrix, with its vectors: the
+# textbook ~9 n^3 of LAPACK's tridiagonal/bidiagonal reduction plus back-transformation.
+DECOMPOSITION_FLOPS = 9
+
+
+def ridge_solve_flops(width: int, kept: int, out: int) -> int:
+    """FLOPs of one ridge compensation as pruning runs it (engine.ridge_compensation, mlp_predicted_error,
+    fold_mlp_output) on a `width`-wide input keeping `kept`, folded into an `out` x width projection:
+    the Cholesky of Sigma_SS (s^3/3), B = Sigma_PS (Sigma_SS + lam I)^-1 by two triangular solves (2 s^2 p),
+    c (2 p s), the uncompensated and compensated error traces (2 out p^2 each, with B Sigma_SP and
+    B Sigma_SS B^T: 2 p^2 s + 2 p s^2 + 2 p^2 s), the fold W_S + W_P B (2 out p s) and the output
+    energy tr(W Sigma W^T) (2 out width^2). Elementwise work and the bias shift are left out."""
+    s, p = kept, width - kept
+    energy = 2 * out * width * width
+    if p == 0:
+        return energy
+    return (s ** 3 // 3 + 2 * s * s * p + 2 * p * s + 2 * out * p * p
+            + 2 * p * p * s + 2 * p * s * s + 2 * p * p * s + 2 * out * p * p + 2 * out * p * s + energy)
+
+
+def qk_solve_flops(head_dim: int, kept: int, heads: int, dim: int, *, rotary: bool) -> int:
+    """FLOPs of the Q/K logit solves of `heads` query heads keeping `kept` of `head_dim` dims each.
+
+    Rotary (engine.rotary_qk_compensation): one eigendecomposition of the (kept x kept) system per head
+    and the two products with its vectors (4 kept^2); forming the system and the per-offset errors
+    (O(kept^2), O(offsets * head_dim^2)) are left out. Otherwise (engine.qk_compensation, fold_qk):
+    two eigendecompositions and the balanced fold's SVD, C_Q C_K (2 s^2 p), the two rotations each way
+    (8 s^3), the error's quadratic form (6 s^3), and the fold into W_Q and W_K rows (4 s^2 dim)."""
+    s, p = kept, head_dim - kept
+    if rotary:
+        return heads * (DECOMPOSITION_FLOPS * s ** 3 + 4 * s * s)
+    return heads * (3 * DECOMPOSITION_FLOPS * s ** 3 + 2 * s * s * p + 8 * s ** 3 + 6 * s ** 3 + 4 * s * s * dim)
+
+
+def prune_solve_flops(shapes: list[Any], blocks: list[int], widths: list[dict[str, int]],
+                      rotary: list[bool]) -> int:
+    """FLOPs of a prune's solves (float64), from the widths its sparsities imply per block
+    (pruning.keep_counts: mlp units, kv heads, query heads per group, qk and vo dims kept).
+
+    The MLP ridge on its kept units; with heads or V/O dims cut, the Q/K solve on the kept query heads
+    and the ridge on the attention output o over the kept heads' kept value dims; with Q/K dims
+    alone, the Q/K solve on every head."""
+    total = 0
+    for i in blocks:
+        sh, w = shapes[i], widths[i]
+        if "mlp" in w:
+            total += ridge_solve_flops(sh.mlp_hidden, w["mlp"], sh.dim)
+        kv = sh.kv_heads or sh.num_heads
+        group = sh.num_heads // kv
+        q_kept = w.get("heads", kv) * w.get("q_heads", group)
+        cut = any(k in w for k in ("heads", "q_heads", "vo"))
+        if "qk" in w:
+            total += qk_solve_flops(sh.head_dim, w["qk"], q_kept if cut else sh.num_heads, sh.dim, rotary=rotary[i])
+        if cut:
+            total += ridge_solve_flops(sh.num_heads * sh.head_dim, q_kept * w.get("vo", sh.head_dim), sh.dim)
+    return total
+
+
 def matmul_rate(device: torch.device, dtype: torch.dtype, n: int = 512, repeats: int = 4) -> float:
     """FLOP/s of a square matmul in `dtype` on `device`, timed over a fraction of a second."""
     import time
@@ -229,9 +287,12 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, n: int = 512, repeats:
 
 
 def estimate_time(flops: dict[str, int], forward_rate: float, float64_rate: float) -> dict[str, Any]:
-    """Seconds of the counted work: the forward at the forward dtype's rate, the float64 sums at float64's."""
+    """Seconds of the counted work: the forward at the forward dtype's rate, the float64 sums and solves at
+    float64's. Flops without a "solves" term (a calibration, a budgeted prune) leave the solves out, and say so."""
     forward = flops.get("forward", 0) / forward_rate
-    sums = sum(v for k, v in flops.items() if k != "forward") / float64_rate
+    sums = sum(v for k, v in flops.items() if k not in ("forward", "solves")) / float64_rate
+    solves = flops.get("solves", 0) / float64_rate
+    skipped = "" if "solves" in flops else "the solves, "
     return {"forward_rate": forward_rate, "float64_rate": float64_rate, "forward_seconds": forward,
-            "sums_seconds": sums, "seconds": forward + sums,
-            "excluded": "the solves, elementwise work, data loading and --sequential's extra passes"}
+            "sums_seconds": sums, "solves_seconds": solves, "seconds": forward + sums + solves,
+            "excluded": f"{skipped}elementwise work, data loading and --sequential's extra passes"}

@@ -104,8 +104,8 @@ def run(job: PruneJob, *, progress: Any = None, workers_for: Callable[[str, int 
     from corp_cli.devices import resolve_device
     from corp_cli.loading import resolve_model
     from corp_cli.masks import load_masks
-    from corp_cli.plan import parse_bytes
-    from corp_cli.pruning import check_prunable, stats_parts_for
+    from corp_cli.plan import parse_bytes, prune_solve_flops
+    from corp_cli.pruning import check_prunable, keep_counts, stats_parts_for
     from corp_cli.stats import Statistics, check_block_shapes, check_matches, check_preprocessing
 
     if job.stats_path is not None and other_rank():
@@ -209,11 +209,22 @@ def run(job: PruneJob, *, progress: Any = None, workers_for: Callable[[str, int 
 
         from corp_cli.sequential import extra_bytes
 
+        def solve_flops(fam_: Any, model_: Any) -> int | None:
+            """The solves' FLOPs at the widths the sparsities imply (unknown under a budget or --masks)."""
+            if opts.budgeted or preset is not None or job.sequential:
+                return None
+            n = fam_.num_blocks(model_)
+            shapes_ = [fam_.shape(model_, i) for i in range(n)]
+            rotary = [fam_.rotary_pairs(model_, i) is not None for i in range(n)]
+            widths = [keep_counts(opts.for_block(i), shapes_[i], pairs=rotary[i]) for i in range(n)]
+            return prune_solve_flops(shapes_, list(range(n)), widths, rotary)
+
         cjob = calibration_job.CalibrationJob(
             model=job.model, options=options, data=job.calib_data, samples=job.samples or D.CALIB_SAMPLES,
             seed=job.seed or 0, device=job.device, batch_size=job.batch_size, workers=job.workers,
             dtype=job.dtype or "fp32", max_memory=parse_bytes(job.max_memory) if job.max_memory else None,
-            data_flag="--calib-data", sequential_bytes=extra_bytes if job.sequential else None)
+            data_flag="--calib-data", sequential_bytes=extra_bytes if job.sequential else None,
+            solve_flops=solve_flops)
         crun = calibration_job.run(cjob, dry_run=job.dry_run, progress=progress, workers_for=workers_for,
                                    check=check, check_loaded=check_loaded)
         if job.dry_run:

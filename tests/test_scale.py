@@ -170,3 +170,17 @@ def test_the_planned_peak_is_within_25_percent_of_the_measured_one(name: str, ba
     assert res.returncode == 0, res.stderr[-2000:]
     measured, expected = (int(v) for v in res.stdout.split())
     assert 0.75 <= expected / measured <= 1.25, (measured, expected)
+
+
+def test_prune_dry_run_counts_the_solves_at_the_kept_widths(tiny_ckpt: Path, tmp_path: Path) -> None:
+    from corp_cli.plan import ridge_solve_flops
+
+    r = runner.invoke(app, ["prune", "deit_tiny_patch16_224", "--checkpoint", str(tiny_ckpt), "--calib-data", "synthetic",
+                            "--samples", "16", "--target", "mlp", "--sparsity", "0.5", "--dry-run",
+                            "--out", str(tmp_path / "p"), "--json", "-"])
+    assert r.exit_code == 0, r.output
+    plan = json.loads(r.stdout)["calibration"]
+    # 12 blocks, each the MLP ridge keeping 384 of 768 hidden units, folded into the 192-wide fc2
+    assert plan["flops"]["solves"] == 12 * ridge_solve_flops(768, 384, 192)
+    t = plan["time"]
+    assert t["solves_seconds"] == plan["flops"]["solves"] / t["float64_rate"] and "solves" not in t["excluded"]

@@ -81,7 +81,8 @@ def print_plan(plan: Any, what: str) -> None:
     C.out.print(table)
     if plan.time is not None:
         t = plan.time
-        C.out.print(f"estimated time {t['seconds']:,.1f} s at {t['forward_rate'] / 1e9:,.1f} GFLOP/s forward, "
+        solves = f" ({t['solves_seconds']:,.1f} s of solves)" if "solves" in plan.flops else ""
+        C.out.print(f"estimated time {t['seconds']:,.1f} s{solves} at {t['forward_rate'] / 1e9:,.1f} GFLOP/s forward, "
                     f"{t['float64_rate'] / 1e9:,.1f} GFLOP/s float64, measured on {plan.device} "
                     f"(excludes {t['excluded']})", markup=False)
     for note in plan.notes:
