@@ -278,9 +278,6 @@ def prune_sequential(
     if budgeted and opts.kv_budget is not None:
         raise InputError("--kv-budget with --sequential is not supported yet: give --flops-budget alone, or --masks "
                          "from a --kv-budget run (its widths are then re-fit sequentially)")
-    if budgeted and sync is not None:
-        raise InputError("--flops-budget with --sequential under torchrun is not supported yet: run it as one process, "
-                         "or give --masks from a --flops-budget run (its widths are then re-fit sequentially)")
     if masks is not None and len(masks) != nblocks:
         raise InputError(f"{len(masks)} block masks for a model with {nblocks} blocks")
     # under a budget every part of the target is gathered; the widths are chosen block by block (_Budget)
@@ -304,6 +301,7 @@ def prune_sequential(
     items: list[_Item] = []
     samples = tokens = 0
     budget: _Budget | None = None
+    dense_sums: list[dict[str, dict[str, Tensor]]] = []  # the one-shot pre-pass's, under a budget
 
     def started(x: Tensor | Batch) -> Batch:
         """One batch on the model's device, its stream start kept in both streams."""
@@ -321,7 +319,6 @@ def prune_sequential(
         return b
 
     def start() -> None:
-        nonlocal budget
         if budgeted:
             # the cheap one-shot pass: dense statistics of every block, for the blocks not reached yet
             from corp_cli.calibration import collect_statistics
@@ -335,7 +332,7 @@ def prune_sequential(
                 if items:
                     raise
                 raise InputError("no calibration samples were processed") from None
-            budget = _Budget(fam, model, opts, sums.blocks)
+            dense_sums.extend(sums.blocks)
         else:
             for x in batches:
                 started(x)
@@ -344,6 +341,11 @@ def prune_sequential(
 
     try:
         _synced(sync, start)
+        if budgeted:
+            if sync is not None:  # every rank allocates from the same sums, those of all the ranks' batches
+                for b in dense_sums:
+                    sync.sums(b)
+            budget = _Budget(fam, model, opts, dense_sums)
         nbatches = len(items)  # the calibration batches; an out-of-memory split makes pieces, not more of them
         stream_bytes = 2 * sum(it.dense.numel() * it.dense.element_size() for it in items)
         out_masks: list[BlockMasks] = []
