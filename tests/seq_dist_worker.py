@@ -35,8 +35,10 @@ def main(out: str, target: str, fail_rank: int, budget: float | None) -> None:
 
         fam_cls.run_block = run_block  # type: ignore[method-assign]
     try:
-        run = seq.prune_sequential(loaded, [mine[:4], mine[4:]], options(budget), target=target,
-                                   product_dtype=torch.float64, sync=distributed.BlockSync(d, dev))
+        # batches of 3, not the single process's 8 // 2: a batch may then hold samples of both folds
+        run = seq.prune_sequential(loaded, list(mine.split(3)), options(budget), target=target,
+                                   product_dtype=torch.float64, sync=distributed.BlockSync(d, dev),
+                                   batch_size=len(_batches()[0]))
     except CorpError as e:
         sys.stderr.write(f"rank {d.rank} error: {e}\n")
         distributed.stop()

@@ -422,10 +422,11 @@ def _two_ranks(tmp_path: Path, target: str, fail_rank: int = -1,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("seq", "budget"), [("dense", None), ("self", None), ("self", 0.7)])
+@pytest.mark.parametrize(("seq", "budget"), [("dense", None), ("self", None), ("blend", None), ("self", 0.7)])
 def test_two_ranks_equal_one_process(tmp_path: Path, seq: str, budget: float | None) -> None:
     """Each rank streams half the samples: the widths (under a budget, allocated from the pre-pass's sums over
-    both ranks), the masks and the weights are the single process's."""
+    both ranks), the masks, the blend's chosen weights on the dense fit (each rank's batches split into the
+    single process's folds) and the weights are the single process's."""
     from corp_cli import sequential
 
     res = _two_ranks(tmp_path, seq, budget=budget)
@@ -452,6 +453,13 @@ def test_two_ranks_equal_one_process(tmp_path: Path, seq: str, budget: float | N
             assert abs(a - b) <= 1e-9 * b
             assert abs(ea["mlp"]["predicted_error_compensated"] - eb["mlp"]["predicted_error_compensated"]) <= \
                 1e-9 * eb["mlp"]["predicted_error_compensated"]
+            # the blend's cross-validated errors are the single process's: the same two folds of samples
+            cv = [(ea[p], eb[p]) for p in eb if isinstance(eb[p], dict) and "blend_cv_errors" in eb[p]]
+            assert cv or seq != "blend"
+            for a, b in cv:
+                assert a["dense_blend"] == b["dense_blend"]
+                torch.testing.assert_close(torch.tensor(a["blend_cv_errors"]), torch.tensor(b["blend_cv_errors"]),
+                                           rtol=1e-9, atol=0)
         torch.testing.assert_close(got["y"], y, rtol=1e-9, atol=1e-11)
 
 
