@@ -327,7 +327,8 @@ def _prune_sequential(loaded: Loaded, opts: PruneOptions, masks: list[BlockMasks
     shapes = block_shapes(loaded)
     before = model_counts(loaded.model, family=fam)
     run = seq.prune_sequential(loaded, batches, opts, target=target, masks=masks, product_dtype=product_dtype,
-                               forward_dtype=forward_dtype, scratch=scratch, progress=progress, sync=sync)
+                               forward_dtype=forward_dtype, scratch=scratch, progress=progress, sync=sync,
+                               batch_size=batch_size)
     after = model_counts(loaded.model, family=fam)
     if is_source:
         described = data.describe()

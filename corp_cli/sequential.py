@@ -38,7 +38,6 @@ from torch import Tensor, nn
 
 from corp_cli import engine
 from corp_cli.calibration import as_batch, is_out_of_memory
-from corp_cli.calibration import split_batch
 from corp_cli.errors import EXIT_RUNTIME, CorpError, InputError, UnsupportedModelError
 from corp_cli.family import Batch, Loaded, ModelFamily, StreamContext
 from corp_cli.pruning import BlockMasks, PruneOptions, Widths, apply_block, check_block, keep_counts, plan_block
@@ -99,33 +98,50 @@ class _Item:
     s_mlp: Tensor | None = None  # the dense residual sum after the MLP, between passes 1 and 2
 
 
-def _split_value(v: Any, n: int, half: int) -> tuple[Any, Any]:
-    """A block argument cut along the batch: tensors (and tuples of them) whose first dim is the batch size.
+def _split_value(v: Any, n: int, rows: slice | Tensor) -> Any:
+    """A block argument's `rows` of the batch: tensors (and tuples of them) whose first dim is the batch size.
 
-    Anything else (a broadcast (1, ...) mask, a rotary table, a flag) is given to both halves as is.
+    Anything else (a broadcast (1, ...) mask, a rotary table, a flag) is kept whole.
     """
     if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == n:
-        return v[:half], v[half:]
+        return v[rows if isinstance(rows, slice) else rows.to(v.device)]
     if isinstance(v, tuple):
-        pairs = [_split_value(x, n, half) for x in v]
-        return tuple(a for a, _ in pairs), tuple(b for _, b in pairs)
-    return v, v
+        return tuple(_split_value(x, n, rows) for x in v)
+    return v
+
+
+def _take(it: _Item, rows: slice | Tensor, fold: int, tail: bool) -> _Item:
+    """The item's batch `rows` (a slice keeps a scratch slot's view; an index tensor copies) as an item."""
+    n = int(it.dense.shape[0])
+
+    def pick(t: Tensor | None) -> Tensor | None:
+        return None if t is None else _split_value(t, n, rows)
+
+    ctx = StreamContext(args=tuple(_split_value(x, n, rows) for x in it.ctx.args),
+                        kwargs={k: _split_value(v, n, rows) for k, v in it.ctx.kwargs.items()}, key=it.ctx.key)
+    return _Item(dense=_split_value(it.dense, n, rows), pruned=_split_value(it.pruned, n, rows), ctx=ctx,
+                 mask=pick(it.mask), fold=fold, tail=tail, s_mlp=pick(it.s_mlp))
 
 
 def _split_item(it: _Item) -> tuple[_Item, _Item]:
     """An item as two halves of its batch (after an out-of-memory failure on it)."""
+    half = int(it.dense.shape[0]) // 2
+    return _take(it, slice(None, half), it.fold, False), _take(it, slice(half, None), it.fold, it.tail)
+
+
+def _fold_pieces(it: _Item, first: int, rank: int, world: int, batch_size: int) -> list[_Item]:
+    """A rank's batch as at most two items, each of one cross-validation fold: the single process's folds.
+
+    Rank `rank` holds the samples at global positions rank + world * l (l: its own running count, the
+    batch's rows starting at `first`), and a single process puts position p in fold (p // batch_size) % 2.
+    """
     n = int(it.dense.shape[0])
-    half = n // 2
-    a, b = split_batch({"dense": it.dense, "pruned": it.pruned, **({"mask": it.mask} if it.mask is not None else {}),
-                        **({"s_mlp": it.s_mlp} if it.s_mlp is not None else {})})
-    args = [_split_value(x, n, half) for x in it.ctx.args]
-    kwargs = {k: _split_value(v, n, half) for k, v in it.ctx.kwargs.items()}
-    ctx_a = StreamContext(args=tuple(x for x, _ in args), kwargs={k: v[0] for k, v in kwargs.items()}, key=it.ctx.key)
-    ctx_b = StreamContext(args=tuple(y for _, y in args), kwargs={k: v[1] for k, v in kwargs.items()}, key=it.ctx.key)
-    return (_Item(dense=a["dense"], pruned=a["pruned"], ctx=ctx_a, mask=a.get("mask"), fold=it.fold, tail=False,
-                  s_mlp=a.get("s_mlp")),
-            _Item(dense=b["dense"], pruned=b["pruned"], ctx=ctx_b, mask=b.get("mask"), fold=it.fold, tail=it.tail,
-                  s_mlp=b.get("s_mlp")))
+    folds = (rank + world * (first + torch.arange(n))) // batch_size % 2
+    pieces = [(f, torch.nonzero(folds == f).flatten()) for f in (0, 1) if bool((folds == f).any())]
+    if len(pieces) == 1:
+        it.fold = pieces[0][0]
+        return [it]
+    return [_take(it, rows, f, tail=j == len(pieces) - 1) for j, (f, rows) in enumerate(pieces)]
 
 
 def _each(items: list[_Item], step: Callable[[_Item], None], advance: Callable[[int], None], device: torch.device,
@@ -263,21 +279,22 @@ def prune_sequential(
     scratch: bool | None = None,
     progress: Progress | None = None,
     sync: Any = None,
+    batch_size: int | None = None,
 ) -> SequentialRun:
     """Prune `loaded.model` in place, block by block, on the pruned stream (module docstring).
 
     `masks` fixes what every block keeps (their widths and units; the corrections are
     re-fit sequentially). `scratch` keeps the streams in an unlinked memory-mapped file
     (None: in memory). `sync` (distributed.BlockSync) adds every block's sums over the ranks of a
-    torch.distributed world, each rank giving its share of the batches.
+    torch.distributed world, each rank giving its share of the samples (rank r: positions r, r + world, ...);
+    the blend target then needs `batch_size`, the single process's, to give every sample its fold.
     """
     check_target(target)
     fam, model = loaded.family, loaded.model
     nblocks = fam.num_blocks(model)
     budgeted = opts.budgeted and masks is None
-    if budgeted and sync is not None:
-        raise InputError("--flops-budget with --sequential under torchrun is not supported yet: run it as one process, "
-                         "or give --masks from a --flops-budget run (its widths are then re-fit sequentially)")
+    if sync is not None and target == "blend" and batch_size is None:
+        raise InputError("the blend target across ranks needs the calibration batch size, for its folds")
     if masks is not None and len(masks) != nblocks:
         raise InputError(f"{len(masks)} block masks for a model with {nblocks} blocks")
     # under a budget every part of the target is gathered; the widths are chosen block by block (_Budget)
@@ -301,6 +318,7 @@ def prune_sequential(
     items: list[_Item] = []
     samples = tokens = 0
     budget: _Budget | None = None
+    dense_sums: list[dict[str, dict[str, Tensor]]] = []  # the one-shot pre-pass's, under a budget
 
     def started(x: Tensor | Batch) -> Batch:
         """One batch on the model's device, its stream start kept in both streams."""
@@ -311,14 +329,20 @@ def prune_sequential(
             hidden, ctx = fam.stream_start(model, b)
         m = b.get("attention_mask")
         mask = m.bool() if m is not None else None
-        items.append(_Item(dense=store.keep(hidden), pruned=store.keep(hidden), ctx=ctx, mask=mask,
-                           fold=len(items) % 2))
+        it = _Item(dense=hidden, pruned=hidden, ctx=ctx, mask=mask, fold=len(items) % 2)
+        if sync is None or target != "blend":
+            pieces = [it]
+        else:
+            assert batch_size is not None  # checked above
+            pieces = _fold_pieces(it, samples, sync.d.rank, sync.d.world, batch_size)
+        for piece in pieces:  # kept only once split: a scratch slot holds one piece
+            piece.dense, piece.pruned = store.keep(piece.dense), store.keep(piece.pruned)
+        items.extend(pieces)
         samples += int(hidden.shape[0])
         tokens += int(mask.sum()) if mask is not None else int(hidden.shape[0] * hidden.shape[1])
         return b
 
     def start() -> None:
-        nonlocal budget
         if budgeted:
             # the cheap one-shot pass: dense statistics of every block, for the blocks not reached yet
             from corp_cli.calibration import collect_statistics
@@ -332,7 +356,7 @@ def prune_sequential(
                 if items:
                     raise
                 raise InputError("no calibration samples were processed") from None
-            budget = _Budget(fam, model, opts, sums.blocks)
+            dense_sums.extend(sums.blocks)
         else:
             for x in batches:
                 started(x)
@@ -341,7 +365,12 @@ def prune_sequential(
 
     try:
         _synced(sync, start)
-        nbatches = len(items)  # the calibration batches; an out-of-memory split makes pieces, not more of them
+        if budgeted:
+            if sync is not None:  # every rank allocates from the same sums, those of all the ranks' batches
+                for b in dense_sums:
+                    sync.sums(b)
+            budget = _Budget(fam, model, opts, dense_sums)
+        nbatches = sum(it.tail for it in items)  # the calibration batches; a fold's or memory's split makes pieces
         stream_bytes = 2 * sum(it.dense.numel() * it.dense.element_size() for it in items)
         out_masks: list[BlockMasks] = []
         entries: list[dict[str, Any]] = []

@@ -8,7 +8,7 @@ import sys
 import torch
 
 
-def main(out: str, target: str, fail_rank: int) -> None:
+def main(out: str, target: str, fail_rank: int, budget: float | None) -> None:
     import torch.distributed as dist
 
     from corp_cli import api, distributed
@@ -16,7 +16,7 @@ def main(out: str, target: str, fail_rank: int) -> None:
     from corp_cli.errors import CorpError
     from corp_cli.pruning import PruneOptions
 
-    from .test_sequential import _batches, _model
+    from .test_sequential import _batches, _model, _rank_options as options
 
     d = distributed.from_env()
     assert d is not None
@@ -35,9 +35,10 @@ def main(out: str, target: str, fail_rank: int) -> None:
 
         fam_cls.run_block = run_block  # type: ignore[method-assign]
     try:
-        run = seq.prune_sequential(loaded, [mine[:4], mine[4:]], PruneOptions(target="both", mlp_sparsity=0.5,
-                                                                                attn_sparsity=0.5),
-                                   target=target, product_dtype=torch.float64, sync=distributed.BlockSync(d, dev))
+        # batches of 3, not the single process's 8 // 2: a batch may then hold samples of both folds
+        run = seq.prune_sequential(loaded, list(mine.split(3)), options(budget), target=target,
+                                   product_dtype=torch.float64, sync=distributed.BlockSync(d, dev),
+                                   batch_size=len(_batches()[0]))
     except CorpError as e:
         sys.stderr.write(f"rank {d.rank} error: {e}\n")
         distributed.stop()
@@ -45,10 +46,11 @@ def main(out: str, target: str, fail_rank: int) -> None:
     with torch.inference_mode():
         y = loaded.model.forward_features(x)
     torch.save({"masks": [(m.mlp, m.attn) for m in run.masks], "blocks": run.blocks, "y": y,
-                "samples": run.samples, "tokens": run.tokens}, f"{out}.{d.rank}.pt")
+                "samples": run.samples, "tokens": run.tokens,
+                "allocation": run.allocation}, f"{out}.{d.rank}.pt")
     dist.barrier()
     distributed.stop()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]) if sys.argv[4] != "-" else None)

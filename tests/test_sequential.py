@@ -393,7 +393,15 @@ def test_out_of_memory_on_a_single_sample_is_one_runtime_error(monkeypatch) -> N
 # ---- two ranks (torch.distributed, gloo): each streams its share, every block's sums all-reduced
 
 
-def _two_ranks(tmp_path: Path, target: str, fail_rank: int = -1) -> list[subprocess.CompletedProcess]:
+def _rank_options(budget: float | None) -> PruneOptions:
+    """What the two-rank tests prune: half of each part, or the widths --flops-budget chooses block by block."""
+    if budget is not None:
+        return PruneOptions(target="both", flops_budget=budget, round_to=1)
+    return PruneOptions(target="both", mlp_sparsity=0.5, attn_sparsity=0.5)
+
+
+def _two_ranks(tmp_path: Path, target: str, fail_rank: int = -1,
+               budget: float | None = None) -> list[subprocess.CompletedProcess]:
     import os
     import socket
 
@@ -405,7 +413,7 @@ def _two_ranks(tmp_path: Path, target: str, fail_rank: int = -1) -> list[subproc
         env = {**os.environ, "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
                "MASTER_PORT": str(port), "CORP_DIST_TIMEOUT_S": "120", "OMP_NUM_THREADS": "1"}
         procs.append(subprocess.Popen([sys.executable, "-m", "tests.seq_dist_worker", str(tmp_path / "r"), target,
-                                       str(fail_rank)], cwd=Path(__file__).parent.parent, env=env,
+                                       str(fail_rank), "-" if budget is None else str(budget)], cwd=Path(__file__).parent.parent, env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     out = []
     for p in procs:
@@ -415,29 +423,44 @@ def _two_ranks(tmp_path: Path, target: str, fail_rank: int = -1) -> list[subproc
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seq", ["dense", "self"])
-def test_two_ranks_equal_one_process(tmp_path: Path, seq: str) -> None:
+@pytest.mark.parametrize(("seq", "budget"), [("dense", None), ("self", None), ("blend", None), ("self", 0.7)])
+def test_two_ranks_equal_one_process(tmp_path: Path, seq: str, budget: float | None) -> None:
+    """Each rank streams half the samples: the widths (under a budget, allocated from the pre-pass's sums over
+    both ranks), the masks, the blend's chosen weights on the dense fit (each rank's batches split into the
+    single process's folds) and the weights are the single process's."""
     from corp_cli import sequential
 
-    res = _two_ranks(tmp_path, seq)
+    res = _two_ranks(tmp_path, seq, budget=budget)
     assert all(r.returncode == 0 for r in res), [r.stderr[-2000:] for r in res]
     loaded = api.adopt(_model())
-    run = sequential.prune_sequential(loaded, _batches(), PruneOptions(target="both", mlp_sparsity=0.5,
-                                                                        attn_sparsity=0.5),
-                                      target=seq, product_dtype=torch.float64)
+    run = sequential.prune_sequential(loaded, _batches(), _rank_options(budget), target=seq,
+                                      product_dtype=torch.float64)
     x = torch.cat(_batches())
     with torch.inference_mode():
         y = loaded.model.forward_features(x)
     for rank in range(2):
         got = torch.load(tmp_path / f"r.{rank}.pt", weights_only=False)
         assert (got["samples"], got["tokens"]) == (run.samples, run.tokens)
+        assert len(got["masks"]) == len(run.masks)
         for (mlp, attn), m in zip(got["masks"], run.masks):
             assert torch.equal(mlp, m.mlp) and torch.equal(attn, m.attn)
+        if budget is not None:
+            a, b = got["allocation"], run.allocation
+            assert a is not None and b is not None and a["flops"] == b["flops"] and a["flops_ratio"] <= budget
+            # the widths moved between blocks, so the pre-pass's sums (all ranks' or one rank's) decided them
+            assert len({blk["mlp"]["kept"] for blk in b["blocks"]}) > 1
         for ea, eb in zip(got["blocks"], run.blocks):
             a, b = ea["sequential"]["measured_stream_error"], eb["sequential"]["measured_stream_error"]
             assert abs(a - b) <= 1e-9 * b
             assert abs(ea["mlp"]["predicted_error_compensated"] - eb["mlp"]["predicted_error_compensated"]) <= \
                 1e-9 * eb["mlp"]["predicted_error_compensated"]
+            # the blend's cross-validated errors are the single process's: the same two folds of samples
+            cv = [(ea[p], eb[p]) for p in eb if isinstance(eb[p], dict) and "blend_cv_errors" in eb[p]]
+            assert cv or seq != "blend"
+            for a, b in cv:
+                assert a["dense_blend"] == b["dense_blend"]
+                torch.testing.assert_close(torch.tensor(a["blend_cv_errors"]), torch.tensor(b["blend_cv_errors"]),
+                                           rtol=1e-9, atol=0)
         torch.testing.assert_close(got["y"], y, rtol=1e-9, atol=1e-11)
 
 
