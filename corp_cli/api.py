@@ -34,6 +34,7 @@ from corp_cli.family import Batch, Loaded, ModelOptions
 from corp_cli.flops import model_counts
 from corp_cli.masks import save_masks
 from corp_cli.pruning import BlockMasks, PruneOptions, apply_masks, check_prunable, default_target, plan_masks, supported_parts
+from corp_cli.sequential import DEFAULT_RANKING
 from corp_cli.stats import Statistics, check_block_shapes, check_matches, new_meta
 
 MASKS_FILE = "masks.safetensors"
@@ -231,6 +232,7 @@ def prune(
     device: str | torch.device = "cpu",
     sequential: bool = False,
     sequential_target: str = "blend",
+    sequential_ranking: str = DEFAULT_RANKING,
     data: str | Any | Iterable[Tensor | Batch] | None = None,
     samples: int | None = None,
     seed: int = 0,
@@ -252,7 +254,9 @@ def prune(
     sequential=True calibrates block by block on the already-pruned model (corp_cli.sequential):
     give the calibration `data` (as for calibrate: a spec, an opened source or batches) instead
     of `stats`, and `sequential_target` "dense" (fit toward the dense model's outputs), "self", or "blend"
-    (the default: the dense fit shrunk toward the self fit by cross-validation; docs/sequential.md).
+    (the default: the dense fit shrunk toward the self fit by cross-validation; docs/sequential.md), and
+    `sequential_ranking` "stream" (each block ranks on its pruned-stream statistics) or "dense" (the units a
+    one-shot prune would choose, from a dense first pass; not with `masks` or a budget).
     `sync` (distributed.BlockSync): this rank's `data` is its share, every block's sums are added across ranks.
     """
     t0 = time.perf_counter()
@@ -262,11 +266,14 @@ def prune(
     opts = _options(options, option_values)
     if not inplace and not isinstance(model, str):  # a model loaded here is nobody else's
         loaded = replace(loaded, model=copy.deepcopy(loaded.model))
+    if not sequential and sequential_ranking != DEFAULT_RANKING:
+        raise InputError("--sequential-ranking applies with --sequential only")
     if sequential:
         if stats is not None:
             raise InputError("--stats with --sequential: precomputed statistics come from the dense model and cannot "
                              "be sequential; give the calibration data instead (--calib-data)")
-        return _prune_sequential(loaded, opts, masks, t0, target=sequential_target, data=data, samples=samples,
+        return _prune_sequential(loaded, opts, masks, t0, target=sequential_target, ranking=sequential_ranking,
+                                 data=data, samples=samples,
                                  seed=seed, batch_size=batch_size, workers=workers, precision=precision,
                                  forward_dtype=forward_dtype, scratch=scratch, progress=progress or _no_progress,
                                  sync=sync)
@@ -304,13 +311,15 @@ def prune(
 
 
 def _prune_sequential(loaded: Loaded, opts: PruneOptions, masks: list[BlockMasks] | None, t0: float, *, target: str,
-                      data: Any, samples: int | None, seed: int, batch_size: int, workers: int, precision: str,
+                      ranking: str, data: Any, samples: int | None, seed: int, batch_size: int, workers: int,
+                      precision: str,
                       forward_dtype: torch.dtype | None, scratch: bool | None, progress: Progress,
                       sync: Any = None) -> PruneResult:
     """prune(sequential=True): the calibration data streamed block by block through the pruned model."""
     from corp_cli import sequential as seq
 
     seq.check_target(target)
+    seq.check_ranking(ranking)
     product_dtype = check_precision(precision)
     fam = loaded.family
     check_prunable(fam, loaded.model, opts)
@@ -326,7 +335,8 @@ def _prune_sequential(loaded: Loaded, opts: PruneOptions, masks: list[BlockMasks
                else _hashed(data, digest))
     shapes = block_shapes(loaded)
     before = model_counts(loaded.model, family=fam)
-    run = seq.prune_sequential(loaded, batches, opts, target=target, masks=masks, product_dtype=product_dtype,
+    run = seq.prune_sequential(loaded, batches, opts, target=target, ranking=ranking, masks=masks,
+                               product_dtype=product_dtype,
                                forward_dtype=forward_dtype, scratch=scratch, progress=progress, sync=sync,
                                batch_size=batch_size)
     after = model_counts(loaded.model, family=fam)
@@ -342,11 +352,13 @@ def _prune_sequential(loaded: Loaded, opts: PruneOptions, masks: list[BlockMasks
     meta = new_meta(identity=loaded.identity, shapes=shapes, parts=parts, preprocessing=loaded.preprocessing.to_dict(),
                     data=described, samples=run.samples, tokens=run.tokens, seed=seed, shard=None,
                     product_dtype=precision, forward_dtype=forward_dtype)
-    meta["sequential"] = {"target": target, "stream_bytes": run.stream_bytes, "scratch": run.scratch}
+    meta["sequential"] = {"target": target, "ranking": ranking, "stream_bytes": run.stream_bytes,
+                          "scratch": run.scratch}
     stats = Statistics(blocks=run.stats, meta=meta)
     return PruneResult(loaded=loaded, masks=run.masks, blocks=run.blocks, options=opts, stats=stats, before=before,
                        after=after, seconds=time.perf_counter() - t0, base_shapes=shapes, allocation=run.allocation,
-                       sequential={"target": target, "stream_bytes": run.stream_bytes, "scratch": run.scratch})
+                       sequential={"target": target, "ranking": ranking, "stream_bytes": run.stream_bytes,
+                                   "scratch": run.scratch})
 
 
 def _options(options: PruneOptions | None, values: dict[str, Any]) -> PruneOptions:

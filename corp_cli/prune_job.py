@@ -46,6 +46,7 @@ class PruneJob:
     dtype: str | None = None
     sequential: bool = False
     sequential_target: str | None = None
+    sequential_ranking: str | None = None
     dry_run: bool = False
     max_memory: str | None = None
     # the model options, given a --config preset's model_kwargs (built then, so their refusals come in order)
@@ -122,10 +123,14 @@ def run(job: PruneJob, *, progress: Any = None, workers_for: Callable[[str, int 
                          "sequential; drop --stats (it calibrates from --calib-data)")
     if sequential_target is not None and not job.sequential:
         raise InputError("--sequential-target applies with --sequential only")
+    if job.sequential_ranking is not None and not job.sequential:
+        raise InputError("--sequential-ranking applies with --sequential only")
+    ranking = None
     if job.sequential:
-        from corp_cli.sequential import DEFAULT_TARGET, check_target
+        from corp_cli.sequential import DEFAULT_RANKING, DEFAULT_TARGET, check_ranking, check_target
 
         sequential_target = check_target(sequential_target or DEFAULT_TARGET)
+        ranking = check_ranking(job.sequential_ranking or DEFAULT_RANKING)
     if stats_path is not None:
         given = [f for f, v in (("--samples", job.samples), ("--seed", job.seed), ("--workers", job.workers),
                                   ("--dtype", job.dtype), ("--seq-len", job.seq_len))
@@ -146,6 +151,10 @@ def run(job: PruneJob, *, progress: Any = None, workers_for: Callable[[str, int 
         "qk_balanced": None if job.qk_fold is None else job.qk_fold == "balanced",
     }
     opts = build_options(config_keys, dict(flags))
+    if ranking is not None:
+        from corp_cli.sequential import check_dense_ranking
+
+        check_dense_ranking(ranking, masks=masks_path is not None, budgeted=opts.budgeted)
     out = job.out
     check_out_dir(out, overwrite=job.overwrite)
     options = job.model_options(preset_args)
@@ -240,7 +249,8 @@ def run(job: PruneJob, *, progress: Any = None, workers_for: Callable[[str, int 
         sync = (distributed.BlockSync(crun.dist, next(loaded.model.parameters()).device) if crun.dist is not None
                 else None)
         result = api.prune(loaded, options=opts, masks=preset, inplace=True, progress=progress, sequential=True,
-                           sequential_target=sequential_target, data=crun.source, batch_size=job.batch_size,
+                           sequential_target=sequential_target, sequential_ranking=ranking, data=crun.source,
+                           batch_size=job.batch_size,
                            workers=crun.workers, forward_dtype=FORWARD_DTYPES[job.dtype or "fp32"],
                            scratch=(crun.plan.sequential or {}).get("storage") == "scratch", sync=sync)
         if not crun.writes:

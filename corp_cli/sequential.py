@@ -49,6 +49,10 @@ log = logging.getLogger(__name__)
 # dense fit shrunk toward the self fit, by how much chosen by 2-fold cross-validation (engine)
 TARGETS = ("dense", "self", "blend")
 DEFAULT_TARGET = "blend"  # what the held-out evidence favours (docs/sequential.md)
+# stream: every block ranks its units on its pruned-stream statistics; dense: the units a one-shot prune
+# chooses on the dense statistics, only the corrections fit sequentially (what won on ImageNet, docs/sequential.md)
+RANKINGS = ("stream", "dense")
+DEFAULT_RANKING = "stream"
 ATTN_PARTS = ("qk", "vo", "heads")
 
 Progress = Callable[[str, "int | None", str], AbstractContextManager[Callable[[int], None]]]
@@ -79,6 +83,21 @@ def check_target(target: str) -> str:
     if target not in TARGETS:
         raise InputError(f"--sequential-target must be one of {', '.join(TARGETS)}, not {target!r}")
     return target
+
+
+def check_ranking(ranking: str) -> str:
+    if ranking not in RANKINGS:
+        raise InputError(f"--sequential-ranking must be one of {', '.join(RANKINGS)}, not {ranking!r}")
+    return ranking
+
+
+def check_dense_ranking(ranking: str, *, masks: bool, budgeted: bool) -> None:
+    """Dense ranking chooses the units itself, from the one-shot pass: given masks or a budget already do."""
+    if ranking == "dense" and masks:
+        raise InputError("--sequential-ranking dense with --masks: the masks already fix the units; drop one")
+    if ranking == "dense" and budgeted:
+        raise InputError("--sequential-ranking dense with a budget: a budget already allocates on the dense "
+                         "statistics for the blocks not reached yet; drop one")
 
 
 class _Stop(Exception):
@@ -273,6 +292,7 @@ def prune_sequential(
     opts: PruneOptions,
     *,
     target: str = DEFAULT_TARGET,
+    ranking: str = DEFAULT_RANKING,
     masks: list[BlockMasks] | None = None,
     product_dtype: torch.dtype = torch.float32,
     forward_dtype: torch.dtype | None = None,
@@ -284,15 +304,19 @@ def prune_sequential(
     """Prune `loaded.model` in place, block by block, on the pruned stream (module docstring).
 
     `masks` fixes what every block keeps (their widths and units; the corrections are
-    re-fit sequentially). `scratch` keeps the streams in an unlinked memory-mapped file
+    re-fit sequentially). `ranking` "dense" (no `masks`, no budget) takes the masks a one-shot prune with
+    `opts` chooses on the dense statistics of a first pass, then fits as if they had been given. `scratch` keeps the streams in an unlinked memory-mapped file
     (None: in memory). `sync` (distributed.BlockSync) adds every block's sums over the ranks of a
     torch.distributed world, each rank giving its share of the samples (rank r: positions r, r + world, ...);
     the blend target then needs `batch_size`, the single process's, to give every sample its fold.
     """
     check_target(target)
+    check_dense_ranking(check_ranking(ranking), masks=masks is not None, budgeted=opts.budgeted)
+    dense_ranked = ranking == "dense"
     fam, model = loaded.family, loaded.model
     nblocks = fam.num_blocks(model)
     budgeted = opts.budgeted and masks is None
+    prepass = budgeted or dense_ranked
     if sync is not None and target == "blend" and batch_size is None:
         raise InputError("the blend target across ranks needs the calibration batch size, for its folds")
     if masks is not None and len(masks) != nblocks:
@@ -318,7 +342,7 @@ def prune_sequential(
     items: list[_Item] = []
     samples = tokens = 0
     budget: _Budget | None = None
-    dense_sums: list[dict[str, dict[str, Tensor]]] = []  # the one-shot pre-pass's, under a budget
+    dense_sums: list[dict[str, dict[str, Tensor]]] = []  # the one-shot pre-pass's (a budget, or dense ranking)
 
     def started(x: Tensor | Batch) -> Batch:
         """One batch on the model's device, its stream start kept in both streams."""
@@ -343,7 +367,7 @@ def prune_sequential(
         return b
 
     def start() -> None:
-        if budgeted:
+        if prepass:
             # the cheap one-shot pass: dense statistics of every block, for the blocks not reached yet
             from corp_cli.calibration import collect_statistics
             from corp_cli.pruning import stats_parts_for
@@ -365,11 +389,17 @@ def prune_sequential(
 
     try:
         _synced(sync, start)
+        if prepass and sync is not None:  # every rank chooses from the same sums, those of all the ranks' batches
+            for b in dense_sums:
+                sync.sums(b)
         if budgeted:
-            if sync is not None:  # every rank allocates from the same sums, those of all the ranks' batches
-                for b in dense_sums:
-                    sync.sums(b)
             budget = _Budget(fam, model, opts, dense_sums)
+        if dense_ranked:
+            from corp_cli.pruning import plan_masks
+            from corp_cli.stats import Statistics
+
+            masks = plan_masks(model, Statistics(blocks=dense_sums, meta={}), opts, family=fam)
+            plans = [_block_counts(fam, model, i, opts, masks) for i in range(nblocks)]
         nbatches = sum(it.tail for it in items)  # the calibration batches; a fold's or memory's split makes pieces
         stream_bytes = 2 * sum(it.dense.numel() * it.dense.element_size() for it in items)
         out_masks: list[BlockMasks] = []

@@ -8,7 +8,7 @@ import sys
 import torch
 
 
-def main(out: str, target: str, fail_rank: int, budget: float | None) -> None:
+def main(out: str, target: str, fail_rank: int, budget: float | None, ranking: str) -> None:
     import torch.distributed as dist
 
     from corp_cli import api, distributed
@@ -36,7 +36,7 @@ def main(out: str, target: str, fail_rank: int, budget: float | None) -> None:
         fam_cls.run_block = run_block  # type: ignore[method-assign]
     try:
         # batches of 3, not the single process's 8 // 2: a batch may then hold samples of both folds
-        run = seq.prune_sequential(loaded, list(mine.split(3)), options(budget), target=target,
+        run = seq.prune_sequential(loaded, list(mine.split(3)), options(budget), target=target, ranking=ranking,
                                    product_dtype=torch.float64, sync=distributed.BlockSync(d, dev),
                                    batch_size=len(_batches()[0]))
     except CorpError as e:
@@ -53,4 +53,5 @@ def main(out: str, target: str, fail_rank: int, budget: float | None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]) if sys.argv[4] != "-" else None)
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]) if sys.argv[4] != "-" else None,
+         sys.argv[5] if len(sys.argv) > 5 else "stream")

@@ -61,7 +61,8 @@ CLASSES = {
             "--no-compensation", "--config", "--masks", "--reference", "--reference-checkpoint", "--sparsities",
             "--cache-mb", "--batch-sizes", "--dtype", "--compile", "--warmup", "--runs", "--format", "--dynamic-batch",
             "--verify", "--debug", "--verbose", "--version", "--blocks", "--dry-run", "--max-memory", "--allow-gaps",
-            "--flops-budget", "--flops-budgets", "--sequential", "--sequential-target", "--plot", "--calib-samples"},
+            "--flops-budget", "--flops-budgets", "--sequential", "--sequential-target", "--sequential-ranking", "--plot",
+            "--calib-samples"},
 }
 
 

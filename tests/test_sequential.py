@@ -401,7 +401,7 @@ def _rank_options(budget: float | None) -> PruneOptions:
 
 
 def _two_ranks(tmp_path: Path, target: str, fail_rank: int = -1,
-               budget: float | None = None) -> list[subprocess.CompletedProcess]:
+               budget: float | None = None, ranking: str = "stream") -> list[subprocess.CompletedProcess]:
     import os
     import socket
 
@@ -413,7 +413,7 @@ def _two_ranks(tmp_path: Path, target: str, fail_rank: int = -1,
         env = {**os.environ, "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
                "MASTER_PORT": str(port), "CORP_DIST_TIMEOUT_S": "120", "OMP_NUM_THREADS": "1"}
         procs.append(subprocess.Popen([sys.executable, "-m", "tests.seq_dist_worker", str(tmp_path / "r"), target,
-                                       str(fail_rank), "-" if budget is None else str(budget)], cwd=Path(__file__).parent.parent, env=env,
+                                       str(fail_rank), "-" if budget is None else str(budget), ranking], cwd=Path(__file__).parent.parent, env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     out = []
     for p in procs:
@@ -423,17 +423,19 @@ def _two_ranks(tmp_path: Path, target: str, fail_rank: int = -1,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("seq", "budget"), [("dense", None), ("self", None), ("blend", None), ("self", 0.7)])
-def test_two_ranks_equal_one_process(tmp_path: Path, seq: str, budget: float | None) -> None:
+@pytest.mark.parametrize(("seq", "budget", "ranking"), [("dense", None, "stream"), ("self", None, "stream"),
+                                                       ("blend", None, "stream"), ("self", 0.7, "stream"),
+                                                       ("self", None, "dense")])
+def test_two_ranks_equal_one_process(tmp_path: Path, seq: str, budget: float | None, ranking: str) -> None:
     """Each rank streams half the samples: the widths (under a budget, allocated from the pre-pass's sums over
-    both ranks), the masks, the blend's chosen weights on the dense fit (each rank's batches split into the
+    both ranks), the masks (with dense ranking, chosen from the pre-pass's sums over both ranks), the blend's chosen weights on the dense fit (each rank's batches split into the
     single process's folds) and the weights are the single process's."""
     from corp_cli import sequential
 
-    res = _two_ranks(tmp_path, seq, budget=budget)
+    res = _two_ranks(tmp_path, seq, budget=budget, ranking=ranking)
     assert all(r.returncode == 0 for r in res), [r.stderr[-2000:] for r in res]
     loaded = api.adopt(_model())
-    run = sequential.prune_sequential(loaded, _batches(), _rank_options(budget), target=seq,
+    run = sequential.prune_sequential(loaded, _batches(), _rank_options(budget), target=seq, ranking=ranking,
                                       product_dtype=torch.float64)
     x = torch.cat(_batches())
     with torch.inference_mode():

@@ -44,6 +44,7 @@ def prune_cmd(
     dtype: Annotated[str | None, typer.Option("--dtype", help="Calibration forward dtype when calibrating here: fp32 (default), or bf16/fp16 under autocast.")] = None,
     sequential: Annotated[bool, typer.Option("--sequential", help="Calibrate block by block on the already-pruned model's activations, each block's correction fit toward --sequential-target (calibrates here: not with --stats).")] = False,
     sequential_target: Annotated[str | None, typer.Option("--sequential-target", help="With --sequential: dense (fit the pruned block to the dense model's residual stream and logits), self (to its own output on the pruned stream), or blend (the dense fit shrunk toward the self fit by 2-fold cross-validation) (default: blend, what the held-out evidence favours).")] = None,
+    sequential_ranking: Annotated[str | None, typer.Option("--sequential-ranking", help="With --sequential: stream (every block ranks its units on its pruned-stream statistics) or dense (the units a one-shot prune with the same options chooses, from a first dense pass; only the corrections fit sequentially; not with --masks or a budget) (default: stream).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Check every input and print the plan (calibration memory, kept widths) without running it.")] = False,
     max_memory: Annotated[str | None, typer.Option("--max-memory", help="Refuse to calibrate when the expected peak exceeds this (e.g. 8G; default: the device's free memory).")] = None,
     checkpoint: C.CheckpointOpt = None,
@@ -76,7 +77,7 @@ def prune_cmd(
             "min_qk_dim": min_qk_dim},
         no_compensation=no_compensation, qk_fold=qk_fold, stats_path=stats_path, calib_data=calib_data, samples=samples,
         seed=seed, config=config, masks_path=masks_path, dtype=dtype, sequential=sequential,
-        sequential_target=sequential_target, dry_run=dry_run, max_memory=max_memory,
+        sequential_target=sequential_target, sequential_ranking=sequential_ranking, dry_run=dry_run, max_memory=max_memory,
         model_options=lambda preset_args: C.model_options(
             checkpoint, num_classes, pretrained_cfg, model_arg, preset_args, seq_len=seq_len, mean=mean, std=std,
             input_size=input_size, interpolation=interpolation, crop_pct=crop_pct, crop_mode=crop_mode),
