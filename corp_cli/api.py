@@ -34,7 +34,7 @@ from corp_cli.family import Batch, Loaded, ModelOptions
 from corp_cli.flops import model_counts
 from corp_cli.masks import save_masks
 from corp_cli.pruning import BlockMasks, PruneOptions, apply_masks, check_prunable, default_target, plan_masks, supported_parts
-from corp_cli.sequential import DEFAULT_RANKING
+from corp_cli.sequential import DEFAULT_RANKING, DEFAULT_TARGET
 from corp_cli.stats import Statistics, check_block_shapes, check_matches, new_meta
 
 MASKS_FILE = "masks.safetensors"
@@ -231,7 +231,7 @@ def prune(
     progress: Progress | None = None,
     device: str | torch.device = "cpu",
     sequential: bool = False,
-    sequential_target: str = "blend",
+    sequential_target: str = DEFAULT_TARGET,
     sequential_ranking: str = DEFAULT_RANKING,
     data: str | Any | Iterable[Tensor | Batch] | None = None,
     samples: int | None = None,
