@@ -132,14 +132,11 @@ def _split_value(v: Any, n: int, rows: slice | Tensor) -> Any:
 def _take(it: _Item, rows: slice | Tensor, fold: int, tail: bool) -> _Item:
     """The item's batch `rows` (a slice keeps a scratch slot's view; an index tensor copies) as an item."""
     n = int(it.dense.shape[0])
-
-    def pick(t: Tensor | None) -> Tensor | None:
-        return None if t is None else _split_value(t, n, rows)
-
     ctx = StreamContext(args=tuple(_split_value(x, n, rows) for x in it.ctx.args),
                         kwargs={k: _split_value(v, n, rows) for k, v in it.ctx.kwargs.items()}, key=it.ctx.key)
     return _Item(dense=_split_value(it.dense, n, rows), pruned=_split_value(it.pruned, n, rows), ctx=ctx,
-                 mask=pick(it.mask), fold=fold, tail=tail, s_mlp=pick(it.s_mlp))
+                 mask=_split_value(it.mask, n, rows), fold=fold, tail=tail,
+                 s_mlp=_split_value(it.s_mlp, n, rows))
 
 
 def _split_item(it: _Item) -> tuple[_Item, _Item]:
