@@ -85,8 +85,8 @@ def load_masks(path: Path, shapes: list[dict[str, int]] | None = None) -> tuple[
         limit, heads = shapes[i].get(limit_key), shapes[i].get("num_heads")
         if not _positive_int(limit) or (want_ndim == 2 and not _positive_int(heads)):
             raise ArtifactError(f"{path}: block_shapes[{i}] has no valid {limit_key}/num_heads for {key}")
-        rows_wanted = _rows_wanted(shapes[i], masks[i].heads)
-        if t.ndim != want_ndim or (want_ndim == 2 and t.shape[0] != rows_wanted):
+        # only a per-head part has rows to count (a 1-d part's block may hold no valid num_heads)
+        if t.ndim != want_ndim or (want_ndim == 2 and t.shape[0] != _rows_wanted(shapes[i], masks[i].heads)):
             raise ArtifactError(f"{path}: {key} has shape {tuple(t.shape)}, which does not fit block {i}")
         rows = t.reshape(1, -1) if want_ndim == 1 else t
         if rows.shape[1] == 0 or int(rows.min()) < 0 or int(rows.max()) >= limit:
