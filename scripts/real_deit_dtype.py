@@ -41,7 +41,7 @@ def split(data: Path, tmp: Path) -> tuple[Path, Path]:
 
 
 def top1(loaded, held: Path) -> float:
-    source = open_data(str(held), "image", samples=None, labels=True)
+    source = open_data(str(held), "image", samples=None, labels=True, class_names=loaded.classes)
     run = evaluate(loaded, loaded.preprocessing.batches(source, 50, 2))
     return run.result["accuracy"]["top1"]
 
