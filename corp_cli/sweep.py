@@ -215,7 +215,7 @@ class EvalMeasure:
         return fields, run.seconds
 
 
-def _row(sparsity: float, arm: str, compensated: bool | None, fields: dict[str, Any], counts: dict[str, Any],
+def _row(sparsity: float | None, arm: str, compensated: bool | None, fields: dict[str, Any], counts: dict[str, Any],
          dense_flops: int, metric: str, seconds: float) -> dict[str, Any]:
     row = {
         "sparsity": sparsity, "arm": arm, "compensated": compensated, "metric": metric, **fields,
@@ -238,7 +238,7 @@ def _dense_point(dense: Loaded, measure: Measure,
 
 
 def _pruned_point(dense: Loaded, stats: Statistics, masks: list[Any], opts: PruneOptions, measure: Measure,
-                  dense_flops: int, sparsity: float, arm: str) -> dict[str, Any]:
+                  dense_flops: int, sparsity: float | None, arm: str) -> dict[str, Any]:
     """A copy of the dense model pruned to `masks` under `opts`, counted and scored: one sweep row."""
     model = copy.deepcopy(dense.model)
     apply_masks(model, stats, masks, opts, family=dense.family)
@@ -314,8 +314,6 @@ def run_budget_sweep(
 # why a sequential sweep calibrates at every point (printed once at the start, and in sweep.json)
 SEQUENTIAL_NOTE = ("sequential: re-calibrating at every point (sequential statistics, taken on the "
                    "already-pruned model, cannot be reused across points)")
-# A sequential FLOPs-budget sweep adds the allocated arm's masks uncompensated to BUDGET_ARMS.
-SEQUENTIAL_BUDGET_ARMS = (*BUDGET_ARMS, "no-compensation")
 
 
 class _Fitted(NamedTuple):
@@ -335,7 +333,7 @@ def _sequential_point(dense: Loaded, calib: Any, opts: PruneOptions, measure: Me
     res = api.prune(dense, options=opts, sequential=True, data=calib, **seq)  # on a deep copy
     counts = model_counts(res.loaded.model, family=dense.family)
     fields, seconds = measure(res.loaded, dense=False)
-    row = _row(sparsity, arm, True, fields, counts, dense_flops, measure.metric, seconds)  # type: ignore[arg-type]
+    row = _row(sparsity, arm, True, fields, counts, dense_flops, measure.metric, seconds)
     row["prune_seconds"] = round(res.seconds, 3)  # the sequential calibration and prune of this point
     return row, _Fitted(res.stats, res.masks, res.allocation)  # the pruned copy dropped: one in memory at a time
 
@@ -425,9 +423,8 @@ def run_sequential_budget_sweep(
         opts = replace(base, flops_budget=budget, compensation=True)
         alloc, res = _sequential_point(dense, calib, opts, measure, flops, None, "allocated", seq)
         # its masks uncompensated, before the uniform prune, so that one prune's statistics are held at a time
-        plain = _pruned_point(dense, res.stats, res.masks, replace(opts, compensation=False), measure, flops,
-                              float("nan"), "no-compensation")
-        plain["sparsity"] = None
+        plain = _pruned_point(dense, res.stats, res.masks, replace(opts, compensation=False), measure, flops, None,
+                              "no-compensation")
         # uniform at the FLOPs the allocation reached, so neither arm gets more compute
         assert res.allocation is not None  # a budgeted sequential prune reports its allocation
         alloc["allocation"] = res.allocation  # what it chose, block by block (sweep.json; the CSV leaves it out)
