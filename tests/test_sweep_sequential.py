@@ -184,6 +184,31 @@ def test_sequential_sweep_dense_ranking_is_the_sequential_prune_with_dense_ranki
     _same_model(keep.seen[2], unfit, keep.probe)
 
 
+def test_cli_sequential_sweep_dense_ranking_takes_the_one_shot_units(tmp_path: Path) -> None:
+    """The CLI chain: with --sequential-ranking dense the units are the one-shot planner's on the dense statistics,
+    so the no-compensation row is the one-shot sweep's (statistics from `corp calibrate` on the same images and
+    batches), and the correction the sequential fit's."""
+    ckpt, imgs = _ckpt(tmp_path), _images(tmp_path / "imgs")
+    load = ["deit_tiny_patch16_224", "--checkpoint", str(ckpt), *ARGS]
+    common = ["--sparsities", "0.5", "--target", "both", "--data", "synthetic", "--samples", "4", "--batch-size", "4",
+              "--workers", "0"]
+    cal = runner.invoke(app, ["calibrate", *load, "--data", str(imgs), "--samples", "6", "--batch-size", "4",
+                              "--workers", "0", "--out", str(tmp_path / "stats.safetensors")])
+    assert cal.exit_code == 0, (cal.stderr, cal.exception)
+    one = runner.invoke(app, ["sweep", *load, "--stats", str(tmp_path / "stats.safetensors"), *common,
+                              "--out", str(tmp_path / "one"), "--json", "-"])
+    seq = runner.invoke(app, ["sweep", *load, "--sequential", "--sequential-ranking", "dense", "--sequential-target",
+                              "self", "--calib-data", str(imgs), "--calib-samples", "6", *common,
+                              "--out", str(tmp_path / "seq"), "--json", "-"])
+    assert one.exit_code == 0 and seq.exit_code == 0, (one.stderr, seq.stderr, seq.exception)
+    a, b = json.loads(one.stdout), json.loads(seq.stdout)
+    assert b["sequential"]["ranking"] == "dense"
+    ua, ub = ({p["arm"]: p for p in r["points"]} for r in (a, b))
+    fields = ("kl_mean", "feature_cosine_mean", "params", "flops_per_item")
+    assert [ua["no-compensation"][f] for f in fields] == [ub["no-compensation"][f] for f in fields]
+    assert ub["corp"]["kl_mean"] != ua["corp"]["kl_mean"]  # the sequential fit, not the one-shot one
+
+
 @pytest.mark.slow
 def test_cli_sequential_budget_sweep_is_corp_prune_sequential_flops_budget(tmp_path: Path) -> None:
     """The CLI chain: the allocated row is what `corp prune --sequential --flops-budget` writes (same calibration
