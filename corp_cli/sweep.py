@@ -1,5 +1,6 @@
 """Accuracy (or fidelity) vs sparsity, with and without compensation, from ONE statistics file;
-or vs FLOPs, for FLOPs budgets shared across blocks by the allocator against one uniform sparsity.
+or vs FLOPs, for FLOPs budgets shared across blocks by the allocator against one uniform sparsity;
+or either of them with every point pruned sequentially (re-calibrated on the pruned model).
 
 Each point prunes a fresh deep copy of the already-loaded dense model; the dense model's
 outputs on the evaluation set are computed once (by the first call of the Measure) and
@@ -19,7 +20,7 @@ import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch import Tensor
@@ -29,6 +30,7 @@ from corp_cli.evaluate import evaluate
 from corp_cli.family import Batch, Loaded, Outputs
 from corp_cli.flops import model_counts
 from corp_cli.pruning import PART_SPARSITY, PruneOptions, apply_masks, plan_masks
+from corp_cli.sequential import DEFAULT_RANKING
 from corp_cli.stats import Statistics
 
 log = logging.getLogger(__name__)
@@ -213,7 +215,7 @@ class EvalMeasure:
         return fields, run.seconds
 
 
-def _row(sparsity: float, arm: str, compensated: bool | None, fields: dict[str, Any], counts: dict[str, Any],
+def _row(sparsity: float | None, arm: str, compensated: bool | None, fields: dict[str, Any], counts: dict[str, Any],
          dense_flops: int, metric: str, seconds: float) -> dict[str, Any]:
     row = {
         "sparsity": sparsity, "arm": arm, "compensated": compensated, "metric": metric, **fields,
@@ -236,7 +238,7 @@ def _dense_point(dense: Loaded, measure: Measure,
 
 
 def _pruned_point(dense: Loaded, stats: Statistics, masks: list[Any], opts: PruneOptions, measure: Measure,
-                  dense_flops: int, sparsity: float, arm: str) -> dict[str, Any]:
+                  dense_flops: int, sparsity: float | None, arm: str) -> dict[str, Any]:
     """A copy of the dense model pruned to `masks` under `opts`, counted and scored: one sweep row."""
     model = copy.deepcopy(dense.model)
     apply_masks(model, stats, masks, opts, family=dense.family)
@@ -310,8 +312,39 @@ def run_budget_sweep(
 
 
 # why a sequential sweep calibrates at every point (printed once at the start, and in sweep.json)
-SEQUENTIAL_NOTE = ("sequential: re-calibrating at every sparsity point (sequential statistics, taken on the "
+SEQUENTIAL_NOTE = ("sequential: re-calibrating at every point (sequential statistics, taken on the "
                    "already-pruned model, cannot be reused across points)")
+
+
+class _Fitted(NamedTuple):
+    """A sequential prune's statistics, masks and (under a budget) allocation, without its model."""
+
+    stats: Statistics
+    masks: list[Any]
+    allocation: dict[str, Any] | None
+
+
+def _sequential_point(dense: Loaded, calib: Any, opts: PruneOptions, measure: Measure, dense_flops: int,
+                      sparsity: float | None, arm: str, seq: dict[str, Any]) -> tuple[dict[str, Any], _Fitted]:
+    """`corp prune --sequential` with `opts` on a copy of the dense model, scored: (its row, what the other
+    arms reuse of it)."""
+    from corp_cli import api
+
+    res = api.prune(dense, options=opts, sequential=True, data=calib, **seq)  # on a deep copy
+    counts = model_counts(res.loaded.model, family=dense.family)
+    fields, seconds = measure(res.loaded, dense=False)
+    row = _row(sparsity, arm, True, fields, counts, dense_flops, measure.metric, seconds)
+    row["prune_seconds"] = round(res.seconds, 3)  # the sequential calibration and prune of this point
+    return row, _Fitted(res.stats, res.masks, res.allocation)  # the pruned copy dropped: one in memory at a time
+
+
+def _emit(rows: list[dict[str, Any]], new: list[dict[str, Any]], what: str, metric: str,
+          on_point: Callable[[dict[str, Any]], None] | None) -> None:
+    for row in new:
+        rows.append(row)
+        log.info("%s %s (sequential): %s=%.4f", what, row["arm"], metric, row["value"])
+        if on_point is not None:
+            on_point(row)
 
 
 def run_sequential_sweep(
@@ -322,6 +355,7 @@ def run_sequential_sweep(
     measure: Measure,
     *,
     target: str,
+    ranking: str = DEFAULT_RANKING,
     batch_size: int = 32,
     workers: int = 0,
     forward_dtype: torch.dtype | None = None,
@@ -331,35 +365,75 @@ def run_sequential_sweep(
 
     `calib` is the calibration data (what api.prune(sequential=True) takes as `data`: an opened
     source, or a spec), streamed again at every point, since each sparsity prunes the earlier
-    blocks differently. The corp arm is the sequential prune; the no-compensation arm applies the
-    same masks to a fresh copy without any correction (the sequential sums only enter its report).
+    blocks differently. The corp arm is the sequential prune (`ranking` as prune's
+    sequential_ranking); the no-compensation arm applies the same masks to a fresh copy without any
+    correction (the sequential sums only enter its report).
     """
-    from corp_cli import api
-    from corp_cli.sequential import check_target
+    from corp_cli.sequential import check_dense_ranking, check_ranking, check_target
 
     check_target(target)
+    check_dense_ranking(check_ranking(ranking), masks=False, budgeted=base.budgeted)
     if base.flops_budget is not None:
-        raise InputError("--flops-budgets with --sequential is not supported yet: give --sparsities")
-    metric = measure.metric
+        raise InputError("run_sequential_sweep takes sparsities: give FLOPs budgets to run_sequential_budget_sweep")
+    seq = {"sequential_target": target, "sequential_ranking": ranking, "batch_size": batch_size, "workers": workers,
+           "forward_dtype": forward_dtype}
     dense_counts, dense_row = _dense_point(dense, measure, on_point)
+    flops = dense_counts["flops"]
     rows: list[dict[str, Any]] = []
     for s in sparsities:
         opts = replace(base, mlp_sparsity=s, attn_sparsity=s, vo_sparsity=s, head_sparsity=s, compensation=True)
-        res = api.prune(dense, options=opts, sequential=True, sequential_target=target, data=calib,
-                        batch_size=batch_size, workers=workers, forward_dtype=forward_dtype)  # on a deep copy
-        counts = model_counts(res.loaded.model, family=dense.family)
-        fields, seconds = measure(res.loaded, dense=False)
-        corp = _row(s, "corp", True, fields, counts, dense_counts["flops"], metric, seconds)
-        corp["prune_seconds"] = round(res.seconds, 3)  # the sequential calibration and prune of this point
-        stats, masks = res.stats, res.masks
-        del res  # one pruned copy in memory at a time
-        pruned = [corp, _pruned_point(dense, stats, masks, replace(opts, compensation=False), measure,
-                                      dense_counts["flops"], s, "no-compensation")]
-        for row in pruned:
-            rows.append(row)
-            log.info("sparsity %.3g %s (sequential): %s=%.4f", s, row["arm"], metric, row["value"])
-            if on_point is not None:
-                on_point(row)
+        corp, res = _sequential_point(dense, calib, opts, measure, flops, s, "corp", seq)
+        plain = _pruned_point(dense, res.stats, res.masks, replace(opts, compensation=False), measure, flops, s,
+                              "no-compensation")
+        _emit(rows, [corp, plain], f"sparsity {s:g}", measure.metric, on_point)
+    return dense_row, rows
+
+
+def run_sequential_budget_sweep(
+    dense: Loaded,
+    calib: Any,
+    budgets: list[float],
+    base: PruneOptions,
+    measure: Measure,
+    *,
+    target: str,
+    batch_size: int = 32,
+    workers: int = 0,
+    forward_dtype: torch.dtype | None = None,
+    on_point: Callable[[dict[str, Any]], None] | None = None,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """run_budget_sweep with `corp prune --sequential` in every arm: (dense row, three rows per budget).
+
+    The arms are run_budget_sweep's, each pruned sequentially: "allocated" is `corp prune
+    --sequential --flops-budget b` (every block's widths chosen on its sequential statistics);
+    "uniform" is a sequential prune at the one sparsity whose FLOPs come closest, from below, to
+    what the allocated arm reached (allocation.uniform_sparsity, from the shapes alone, as
+    run_budget_sweep finds it); "no-compensation" is the allocated arm's masks with no correction,
+    as run_sequential_sweep's. The ranking is the pruned stream's (a budget refuses dense ranking).
+    """
+    from corp_cli.allocation import uniform_sparsity
+    from corp_cli.sequential import check_target
+
+    check_target(target)
+    seq = {"sequential_target": target, "batch_size": batch_size, "workers": workers, "forward_dtype": forward_dtype}
+    dense_counts, dense_row = _dense_point(dense, measure, on_point)
+    flops = dense_counts["flops"]
+    rows: list[dict[str, Any]] = []
+    for budget in budgets:
+        opts = replace(base, flops_budget=budget, compensation=True)
+        alloc, res = _sequential_point(dense, calib, opts, measure, flops, None, "allocated", seq)
+        # its masks uncompensated, before the uniform prune, so that one prune's statistics are held at a time
+        plain = _pruned_point(dense, res.stats, res.masks, replace(opts, compensation=False), measure, flops, None,
+                              "no-compensation")
+        # uniform at the FLOPs the allocation reached, so neither arm gets more compute
+        assert res.allocation is not None  # a budgeted sequential prune reports its allocation
+        alloc["allocation"] = res.allocation  # what it chose, block by block (sweep.json; the CSV leaves it out)
+        s, _ = uniform_sparsity(dense.family, dense.model, base, res.allocation["flops_ratio"])
+        uni = replace(base, compensation=True, **{PART_SPARSITY[p]: s for p in base.parts})
+        uniform, _ = _sequential_point(dense, calib, uni, measure, flops, s, "uniform", seq)
+        for row in (alloc, plain, uniform):
+            row["flops_budget"] = budget
+        _emit(rows, [alloc, plain, uniform], f"budget {budget:g}", measure.metric, on_point)
     return dense_row, rows
 
 
@@ -427,7 +501,7 @@ def plot(path: Path, dense_row: dict[str, Any], rows: list[dict[str, Any]], titl
 
 
 def plot_budgets(path: Path, dense_row: dict[str, Any], rows: list[dict[str, Any]], title: str, item: str = "image") -> None:
-    """Metric vs GFLOPs per item, for the allocated and the uniform arm."""
+    """Metric vs GFLOPs per item, for the allocated and the uniform arm (and a sequential sweep's uncompensated one)."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -437,10 +511,13 @@ def plot_budgets(path: Path, dense_row: dict[str, Any], rows: list[dict[str, Any
     k = metric_scale(metric)
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     try:
-        for arm, style in (("allocated", "o-"), ("uniform", "s--")):
+        labels = {"allocated": "allocated (--flops-budget)", "uniform": "uniform sparsity",
+                  "no-compensation": "allocated, no compensation"}
+        for arm, style in (("allocated", "o-"), ("uniform", "s--"), ("no-compensation", "x:")):
             pts = sorted((r for r in rows if r["arm"] == arm), key=lambda r: r["flops_per_item"])
-            ax.plot([r["flops_per_item"] / 1e9 for r in pts], [k * r["value"] for r in pts], style,
-                    label="allocated (--flops-budget)" if arm == "allocated" else "uniform sparsity")
+            if pts:
+                ax.plot([r["flops_per_item"] / 1e9 for r in pts], [k * r["value"] for r in pts], style,
+                        label=labels[arm])
         ax.plot([dense_row["flops_per_item"] / 1e9], [k * dense_row["value"]], "k*", label="dense")
         ax.set_xlabel(f"GFLOPs / {item}")
         ax.set_ylabel(METRIC_LABELS[metric])

@@ -143,9 +143,11 @@ def test_scratch_file_streams_give_the_same_model_and_leave_no_file(tmp_path, mo
 # ---- the CLI: prune --sequential -> evaluate -> reload in a fresh process
 
 
-def _cli(tmp: Path, *args: object) -> subprocess.CompletedProcess:
+def _cli(tmp: Path, *args: object, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    import os
+
     return subprocess.run([sys.executable, "-m", "corp_cli.cli", *map(str, args)], cwd=tmp, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300, env={**os.environ, **(env or {})})
 
 
 @pytest.mark.slow
@@ -518,3 +520,50 @@ def test_cli_torchrun_sequential_two_ranks_prune_as_one_process_and_a_failing_ra
     assert dead.returncode != 0 and time.monotonic() - t < 300
     assert "exitcode  : -9" in dead.stderr
     assert not (tmp_path / "dead").exists()
+
+
+@pytest.mark.slow
+def test_cli_torchrun_blend_target_two_ranks_prune_as_one_process(tmp_path: Path) -> None:
+    """`torchrun --nproc-per-node 2 corp prune --sequential --sequential-target blend` is the one-process run to
+    float64 rounding: each rank's batches fall in the single process's cross-validation folds, so every part
+    chooses the same blend. One image a batch (both runs, one thread each) makes every float32 product the same
+    sample's in both runs, so only the float64 sums' order differs; larger batches group other samples into a
+    product, whose float32 rounding may tip a near-tie of the cross-validation (the older torchrun test above)."""
+    from safetensors.torch import load_file, save_file
+
+    from corp_cli.masks import load_masks
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "dense.safetensors"
+    save_file(timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=32, depth=2,
+                                num_classes=5).state_dict(), str(ckpt))
+    data = _images(tmp_path / "imgs", n=8)
+    common = ("prune", "deit_tiny_patch16_224", "--checkpoint", ckpt, "--model-arg", "img_size=32", "--model-arg",
+              "depth=2", "--model-arg", "num_classes=5", "--calib-data", data, "--samples", 8, "--batch-size", 1,
+              "--workers", 0, "--sequential", "--sequential-target", "blend", "--target", "both", "--sparsity", 0.5)
+    res = _torchrun_cli(tmp_path, *common, "--out", tmp_path / "ranks")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("corp prune ->") == 1  # rank 0 alone prints and writes
+    one = _cli(tmp_path, *common, "--out", tmp_path / "one", env={"OMP_NUM_THREADS": "1"})
+    assert one.returncode == 0, one.stderr
+    a, b = (load_masks(tmp_path / d / "masks.safetensors")[0] for d in ("ranks", "one"))
+    assert len(a) == len(b) == 2
+    assert all(torch.equal(x.mlp, y.mlp) and torch.equal(x.attn, y.attn) for x, y in zip(a, b))
+    wa, wb = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("ranks", "one"))
+    assert wa.keys() == wb.keys()
+    for k in wb:  # float32 weights of float64 solves: a last-bit flip at most
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-6, atol=1e-9, msg=k)
+    ra, rb = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("ranks", "one"))
+    assert ra["stats"]["samples"] == rb["stats"]["samples"] == 8
+    chosen = 0
+    for ea, eb in zip(ra["blocks"], rb["blocks"]):
+        assert ea["sequential"]["target"] == "blend"
+        assert ea["sequential"]["measured_stream_error"] == pytest.approx(eb["sequential"]["measured_stream_error"],
+                                                                          rel=1e-9)
+        for part, d in eb.items():
+            if isinstance(d, dict) and "blend_cv_errors" in d:
+                chosen += 1
+                assert ea[part]["dense_blend"] == d["dense_blend"], (ea["block"], part)
+                torch.testing.assert_close(torch.tensor(ea[part]["blend_cv_errors"]), torch.tensor(d["blend_cv_errors"]),
+                                           rtol=1e-12, atol=0)
+    assert chosen == 2  # the MLP of both blocks reports its blend (the Q/K blends are per head, in the weights)

@@ -27,7 +27,7 @@ def sweep_cmd(
     out: Annotated[Path, typer.Option("--out", help="Output directory (sweep.csv, sweep.json, sweep.png).")],
     stats_path: Annotated[Path | None, typer.Option("--stats", help="Statistics from `corp calibrate` (used for every point; no re-calibration). Required unless --sequential.")] = None,
     sparsities: Annotated[str | None, typer.Option("--sparsities", help=f"Comma list, or a run a,b,...,c (default: {D.SWEEP_SPARSITIES}).")] = None,
-    flops_budgets: Annotated[str | None, typer.Option("--flops-budgets", help=f"Instead of sparsities: FLOPs fractions (e.g. {D.SWEEP_FLOPS_BUDGETS}); each is pruned with the widths the allocator chooses (prune --flops-budget) and with one uniform sparsity at the same FLOPs, and both are plotted against FLOPs.")] = None,
+    flops_budgets: Annotated[str | None, typer.Option("--flops-budgets", help=f"Instead of sparsities: FLOPs fractions (e.g. {D.SWEEP_FLOPS_BUDGETS}); each is pruned with the widths the allocator chooses (prune --flops-budget) and with one uniform sparsity at the same FLOPs, and both are plotted against FLOPs. With --sequential both arms are pruned sequentially (prune --sequential --flops-budget, and prune --sequential at the uniform sparsity of the FLOPs the allocated arm reached), beside a third: the allocated arm's masks with no compensation.")] = None,
     target: Annotated[str | None, typer.Option("--target", help=f"A comma list of mlp, qk, vo, heads; attn = qk, both = mlp,qk, all = mlp,qk,vo (default: {D.TARGET} where the model allows Q/K pruning, else mlp).")] = None,
     ranker: Annotated[str | None, typer.Option("--ranker", help=f"MLP ranking: {', '.join(D.MLP_RANKERS)} (default: {D.RANKER}).")] = None,
     qk_ranker: Annotated[str | None, typer.Option("--qk-ranker", help=f"Q/K ranking: {', '.join(D.QK_RANKERS)} (default: {D.QK_RANKER}).")] = None,
@@ -37,6 +37,7 @@ def sweep_cmd(
     seed: Annotated[int, typer.Option("--seed", help="Seed for choosing the --samples subset (and the --calib-samples one).")] = D.SEED,
     sequential: Annotated[bool, typer.Option("--sequential", help="Prune every point as `corp prune --sequential` does, re-calibrating at every point from --calib-data (sequential statistics cannot be reused across points; not with --stats).")] = False,
     sequential_target: Annotated[str | None, typer.Option("--sequential-target", help="With --sequential: dense, self or blend (default: blend; see `corp prune --sequential-target`).")] = None,
+    sequential_ranking: Annotated[str | None, typer.Option("--sequential-ranking", help="With --sequential: stream or dense, as for `corp prune --sequential-ranking`; the no-compensation arm takes the same masks (not with --flops-budgets) (default: stream).")] = None,
     calib_data: Annotated[str | None, typer.Option("--calib-data", help="With --sequential: the calibration data, as for `corp prune --calib-data`.")] = None,
     calib_samples: Annotated[int | None, typer.Option("--calib-samples", min=1, help=f"With --sequential: calibrate on this many items (default: {D.CALIB_SAMPLES}).")] = None,
     cache_mb: Annotated[int, typer.Option("--cache-mb", min=0, help="Keep decoded evaluation batches in memory up to this size (and, for language models, the dense next-token logits; beyond it the dense model reruns at every point).")] = D.SWEEP_CACHE_MB,
@@ -67,7 +68,7 @@ def sweep_cmd(
     from corp_cli.stats import Statistics, check_matches, require_parts
     from corp_cli.sweep import (
         BUDGET_CSV_COLUMNS, CSV_COLUMNS, EvalMeasure, batch_provider, csv_text, have_matplotlib, parse_budgets, parse_sparsities, plot, plot_budgets,
-        SEQUENTIAL_NOTE, run_budget_sweep, run_sequential_sweep, run_sweep,
+        SEQUENTIAL_NOTE, run_budget_sweep, run_sequential_budget_sweep, run_sequential_sweep, run_sweep,
     )
 
     t0 = time.perf_counter()
@@ -75,7 +76,8 @@ def sweep_cmd(
         raise InputError("give --sparsities or --flops-budgets, not both")
     budgets = parse_budgets(flops_budgets) if flops_budgets is not None else None
     points = budgets if budgets is not None else parse_sparsities(sparsities or D.SWEEP_SPARSITIES)
-    seq_target = _check_sequential(sequential, sequential_target, stats_path, calib_data, calib_samples, budgets)
+    seq_target, seq_ranking = _check_sequential(sequential, sequential_target, sequential_ranking, stats_path, calib_data,
+                                                calib_samples, budgets)
     flags = {"target": target, "ranker": ranker, "qk_ranker": qk_ranker, "round_to": round_to}
     PruneOptions(**{k: v for k, v in flags.items() if v is not None})  # option values checked before any loading
     check_out_dir(out, overwrite=overwrite)
@@ -105,14 +107,19 @@ def sweep_cmd(
     unit = C.sample_unit(loaded.preprocessing.to_dict())
     item = "image" if loaded.modality == "image" else f"{loaded.family.tokens_per_item(loaded.model)}-token sequence"
     count = loaded.preprocessing.count(source)
-    total = count * (1 + 2 * len(points)) if count is not None else None
+    arms = 3 if seq_target is not None and budgets is not None else 2
+    total = count * (1 + arms * len(points)) if count is not None else None
     what = "FLOPs budgets" if budgets is not None else "sparsities"
-    with C.progress_bar(f"sweeping {len(points)} {what} x 2 arms", total, unit=unit) as advance:
+    with C.progress_bar(f"sweeping {len(points)} {what} x {arms} arms", total, unit=unit) as advance:
         measure.progress = advance
         if seq_target is not None:
             C.err.print(SEQUENTIAL_NOTE, markup=False, highlight=False, soft_wrap=True)  # one line, never wrapped
-            dense_row, rows = run_sequential_sweep(loaded, calib, points, base, measure, target=seq_target,
-                                                   batch_size=batch_size, workers=n_workers)
+            if budgets is not None:
+                dense_row, rows = run_sequential_budget_sweep(loaded, calib, budgets, base, measure, target=seq_target,
+                                                              batch_size=batch_size, workers=n_workers)
+            else:
+                dense_row, rows = run_sequential_sweep(loaded, calib, points, base, measure, target=seq_target,
+                                                       ranking=seq_ranking, batch_size=batch_size, workers=n_workers)
         elif budgets is not None:
             assert stats is not None
             dense_row, rows = run_budget_sweep(loaded, stats, budgets, base, measure)
@@ -126,7 +133,7 @@ def sweep_cmd(
             "path": str(stats_path), "fingerprint": stats.fingerprint(), "samples": stats.meta.get("samples"),
             "synthetic": stats.meta.get("synthetic")},
         "sequential": None if seq_target is None else {
-            "target": seq_target, "recalibrated_per_point": True, "note": SEQUENTIAL_NOTE,
+            "target": seq_target, "ranking": seq_ranking, "recalibrated_per_point": True, "note": SEQUENTIAL_NOTE,
             "calib_data": calib.describe()},
         "data": source.describe(),
         "synthetic": bool(getattr(source, "synthetic", False)),
@@ -147,7 +154,7 @@ def sweep_cmd(
         if plotted:
             title = f"{loaded.identity.name} on {source.spec} ({source.describe()['count'] or '?'} {unit}), target {base.target}"
             if seq_target is not None:
-                title += f", sequential {seq_target} (re-calibrated per point)"
+                title += f", sequential {seq_target}, {seq_ranking} ranking (re-calibrated per point)"
             (plot_budgets if budgets is not None else plot)(tmp / PNG_FILE, dense_row, rows, title, item)
         report["seconds"] = round(time.perf_counter() - t0, 3)
         write_json_atomic(tmp / JSON_FILE, report)
@@ -157,29 +164,31 @@ def sweep_cmd(
         print_report(out, report)
 
 
-def _check_sequential(sequential: bool, target: str | None, stats_path: Path | None, calib_data: str | None,
-                      calib_samples: int | None, budgets: list[float] | None) -> str | None:
-    """The sequential target (None: a one-shot sweep), or the one-line refusal of a combination that does not apply."""
+def _check_sequential(sequential: bool, target: str | None, ranking: str | None, stats_path: Path | None,
+                      calib_data: str | None, calib_samples: int | None,
+                      budgets: list[float] | None) -> tuple[str | None, str | None]:
+    """The sequential target and ranking ((None, None): a one-shot sweep), or the one-line refusal of a combination
+    that does not apply."""
     from corp_cli.errors import InputError
 
     if not sequential:
-        given = [f for f, v in (("--sequential-target", target), ("--calib-data", calib_data),
-                                ("--calib-samples", calib_samples)) if v is not None]
+        given = [f for f, v in (("--sequential-target", target), ("--sequential-ranking", ranking),
+                                ("--calib-data", calib_data), ("--calib-samples", calib_samples)) if v is not None]
         if given:
             raise InputError(f"{', '.join(given)} apply with --sequential only")
         if stats_path is None:
             raise InputError("sweep needs --stats (from `corp calibrate`), or --sequential with --calib-data")
-        return None
+        return None, None
     if stats_path is not None:
         raise InputError("--stats with --sequential: precomputed statistics come from the dense model and cannot be "
                          "sequential; drop --stats (every point calibrates from --calib-data)")
     if calib_data is None:
         raise InputError("--sequential needs --calib-data: every point calibrates on the already-pruned model")
-    if budgets is not None:
-        raise InputError("--flops-budgets with --sequential is not supported yet: give --sparsities")
-    from corp_cli.sequential import DEFAULT_TARGET, check_target
+    from corp_cli.sequential import DEFAULT_RANKING, DEFAULT_TARGET, check_dense_ranking, check_ranking, check_target
 
-    return check_target(target or DEFAULT_TARGET)
+    seq_ranking = check_ranking(ranking or DEFAULT_RANKING)
+    check_dense_ranking(seq_ranking, masks=False, budgeted=budgets is not None)
+    return check_target(target or DEFAULT_TARGET), seq_ranking
 
 
 def _fmt(x: float | None, metric: str) -> str:
@@ -198,7 +207,8 @@ def print_report(out: Path, report: dict[str, Any]) -> None:
     if "flops_budgets" in report:
         _print_budgets(out, report)
         return
-    seq = f", sequential {report['sequential']['target']}" if report.get("sequential") else ""
+    seq = (f", sequential {report['sequential']['target']}, {report['sequential']['ranking']} ranking"
+           if report.get("sequential") else "")
     table = Table(title=f"corp sweep -> {out}  ({METRIC_LABELS[metric]} vs sparsity{seq})")
     for col in ("sparsity", "corp", "no-compensation", f"GFLOPs/{item}", "FLOP cut"):
         table.add_column(col, justify="right")
@@ -227,14 +237,21 @@ def _print_budgets(out: Path, report: dict[str, Any]) -> None:
     metric = report["metric"]
     item = report["per_item"]
     table = Table(title=f"corp sweep -> {out}  ({METRIC_LABELS[metric]} vs FLOPs budget)")
-    for col in ("budget", "allocated", "uniform", "uniform sparsity", f"GFLOPs/{item} (alloc / uniform)"):
+    by = {(r["flops_budget"], r["arm"]): r for r in report["points"]}
+    plain = any(arm == "no-compensation" for _, arm in by)  # a sequential sweep's third arm
+    if report.get("sequential"):
+        table.title = f"{table.title}, sequential {report['sequential']['target']}"
+    for col in ("budget", "allocated", *(("no comp.",) if plain else ()), "uniform",
+                "uniform sparsity", f"GFLOPs/{item} (alloc / uniform)"):
         table.add_column(col, justify="right")
     d = report["dense"]
-    table.add_row("dense", _fmt(d["value"], metric), _fmt(d["value"], metric), "", f"{d['flops_per_item'] / 1e9:.3f}")
-    by = {(r["flops_budget"], r["arm"]): r for r in report["points"]}
+    dense = (_fmt(d["value"], metric),) * (3 if plain else 2)
+    table.add_row("dense", *dense, "", f"{d['flops_per_item'] / 1e9:.3f}")
     for b in report["flops_budgets"]:
         a, u = by[(b, "allocated")], by[(b, "uniform")]
-        table.add_row(f"{b:g}", _fmt(a["value"], metric), _fmt(u["value"], metric), f"{u['sparsity']:.3f}",
+        table.add_row(f"{b:g}", _fmt(a["value"], metric),
+                      *((_fmt(by[(b, "no-compensation")]["value"], metric),) if plain else ()),
+                      _fmt(u["value"], metric), f"{u['sparsity']:.3f}",
                       f"{a['flops_per_item'] / 1e9:.3f} / {u['flops_per_item'] / 1e9:.3f}")
     C.out.print(table)
     _print_files(out, report)
