@@ -226,3 +226,23 @@ def test_the_default_target_and_its_warning_are_the_same_from_both(ws: Workspace
         assert " ".join(cli_said[0].split()) in " ".join(res.stderr.split())
     else:
         assert cli_said == []
+
+
+def test_a_dry_run_on_given_statistics_writes_nothing_without_a_meta_device_model(ws: Workspace) -> None:
+    """A .pth checkpoint has no header to build the model from on the meta device: the dry run checks on the
+    weights, and still prunes nothing and writes nothing."""
+    pth = ws.root / "model.pth"
+    torch.save(ws.module.state_dict(), pth)
+    stats = ws.root / "stats-pth.safetensors"
+    flags = _model_flags(pth)
+    res = runner.invoke(app, ["calibrate", MODEL, *flags, "--data", str(ws.images), "--samples", str(SAMPLES),
+                              "--batch-size", str(BATCH), "--workers", "0", "--out", str(stats)])
+    assert res.exit_code == 0, (res.output, res.exception)
+    out = ws.root / "dry-pth"
+    res = runner.invoke(app, ["prune", MODEL, *flags, "--stats", str(stats), "--target", "mlp", "--dry-run",
+                              "--json", "-", "--out", str(out)])
+    assert res.exit_code == 0, (res.output, res.exception)
+    plan = json.loads(res.stdout)
+    assert plan["dry_run"] and plan["stats"]["path"] == str(stats)
+    assert [w["mlp_kept"] for w in plan["widths"]] == [384, 384]
+    assert not out.exists()
