@@ -61,7 +61,8 @@ def default_target_for(opts: PruneOptions, fam: ModelFamily, model: nn.Module) -
     refusals = (fam.qk_refusal(model, i) for i in range(fam.num_blocks(model)))
     # a rotary model refuses nothing: its Q/K pairs are left alone unless asked for
     why = next((r for r in refusals if r is not None),
-               f"{fam.name}: rotary Q/K dims are pruned (in pairs) only when --target names qk")
+               f"{fam.name}: rotary Q/K dims are pruned (in pairs) only when --target asks for them (qk, attn, "
+               "both or all)")
     log.warning("%s; pruning --target %s", why, target)
     return replace(opts, target=target)
 

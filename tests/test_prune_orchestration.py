@@ -246,3 +246,15 @@ def test_a_dry_run_on_given_statistics_writes_nothing_without_a_meta_device_mode
     assert plan["dry_run"] and plan["stats"]["path"] == str(stats)
     assert [w["mlp_kept"] for w in plan["widths"]] == [384, 384]
     assert not out.exists()
+
+
+def test_a_rotary_model_says_why_its_default_target_is_the_mlp(warnings_said: list[str]) -> None:
+    """EVA-02 refuses no block's Q/K pruning (its pairs are pruned when asked for), so the warning cannot
+    quote a refusal: it says the rotary reason, not "None"."""
+    model = random_model("eva02_tiny_patch14_224", img_size=28, depth=2, num_classes=5)
+    loaded = corp_cli.adopt(model)
+    assert loaded.family.qk_refusal(loaded.model, 0) is None
+    result = api.prune(loaded, api.calibrate(loaded, [torch.randn(2, 3, 28, 28)]), sparsity=0.5)
+    assert result.options.target == "mlp"
+    assert warnings_said == [f"{loaded.family.name}: rotary Q/K dims are pruned (in pairs) only when --target asks "
+                             "for them (qk, attn, both or all); pruning --target mlp"]
