@@ -253,7 +253,7 @@ def prune(
 
     Options are PruneOptions fields, as `options=` or as keywords (`sparsity=` sets every
     part's sparsity): prune(model, stats, target="mlp", sparsity=0.3, ranker="obs"). Without a
-    target, what the model allows is pruned (MLP and Q/K, or the MLP alone).
+    target, what the model allows is pruned (MLP and Q/K, or the MLP alone; with `masks`, what they prune).
     A model handed in (a module or a Loaded) is pruned on a deep copy unless inplace=True.
 
     sequential=True calibrates block by block on the already-pruned model (corp_cli.sequential):

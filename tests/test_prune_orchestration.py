@@ -258,3 +258,29 @@ def test_a_rotary_model_says_why_its_default_target_is_the_mlp(warnings_said: li
     assert result.options.target == "mlp"
     assert warnings_said == [f"{loaded.family.name}: rotary Q/K dims are pruned (in pairs) only when --target asks "
                              "for them (qk, attn, both or all); pruning --target mlp"]
+
+
+def test_masks_reapplied_without_a_target_prune_what_they_hold_from_both(ws: Workspace) -> None:
+    """`--masks` without --target prunes (and records) what the masks hold; so does api.prune(masks=...)."""
+    from corp_cli.loading import load_any
+    from corp_cli.stats import Statistics
+
+    stats = ws.root / "stats-ckpt.safetensors"
+    flags = _model_flags(ws.ckpt)
+    calib = ["--data", str(ws.images), "--samples", str(SAMPLES), "--batch-size", str(BATCH), "--workers", "0"]
+    assert runner.invoke(app, ["calibrate", MODEL, *flags, *calib, "--out", str(stats)]).exit_code == 0
+    first, again = ws.root / "masks-first", ws.root / "masks-again"
+    res = runner.invoke(app, ["prune", MODEL, *flags, "--stats", str(stats), "--target", "mlp", "--sparsity", "0.5",
+                              "--out", str(first)])
+    assert res.exit_code == 0, (res.output, res.exception)
+    res = runner.invoke(app, ["prune", MODEL, *flags, "--stats", str(stats), "--masks", str(first / api.MASKS_FILE),
+                              "--out", str(again)])
+    assert res.exit_code == 0, (res.output, res.exception)
+    report = json.loads((again / api.REPORT_FILE).read_text())
+    options = ModelOptions(checkpoint=ws.ckpt, num_classes=KWARGS["num_classes"],
+                           model_args={k: v for k, v in KWARGS.items() if k != "num_classes"})
+    masks, _ = load_masks(first / api.MASKS_FILE)
+    result = api.prune(load_any(MODEL, options, "cpu"), Statistics.load(stats), masks=masks)
+    assert result.options.target == report["options"]["target"] == "mlp"
+    _assert_same_masks(masks, result.masks)
+    _assert_same_weights(corp_cli.load_pruned(again), result.model)
