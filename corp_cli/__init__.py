@@ -1,7 +1,8 @@
 """corp: one-shot structured pruning of trained transformers with closed-form compensation (CORP).
 
-The Python API (see corp_cli.api): calibrate, prune, save_pruned, load_pruned; describe(path)
-says what an artifact is (corp_cli.inspection). Attributes are imported on first use, so
+The Python API (see corp_cli.api): calibrate, prune, save_pruned, load_pruned; prune_to runs
+`corp prune` as a function (corp_cli.prune_job); describe(path) says what an artifact is
+(corp_cli.inspection). Attributes are imported on first use, so
 `import corp_cli` (and the CLI's --help) stays cheap.
 """
 
@@ -15,6 +16,7 @@ _API = {
     "adopt": "corp_cli.api",
     "calibrate": "corp_cli.api",
     "prune": "corp_cli.api",
+    "prune_to": "corp_cli.prune_job",  # the whole `corp prune` job, files and all
     "save_pruned": "corp_cli.api",
     "PruneResult": "corp_cli.api",
     "load_pruned": "corp_cli.compact",

@@ -7,6 +7,12 @@
     corp_cli.save_pruned(result, "pruned/")
     again = corp_cli.load_pruned("pruned/")
 
+The whole `corp prune` job (checks, calibration, sequential or one-shot prune, the files at
+`out`) from Python, with the command's option names:
+
+    done = corp_cli.prune_to("deit_tiny_patch16_224", "pruned/", calib_data="path/to/images", sparsity=0.5)
+    done.report  # what report.json holds
+
 The CLI commands are thin wrappers over these functions.
 """
 
@@ -33,8 +39,7 @@ from corp_cli.errors import ArtifactError, InputError
 from corp_cli.family import Batch, Loaded, ModelOptions
 from corp_cli.flops import model_counts
 from corp_cli.masks import save_masks
-from corp_cli.pruning import BlockMasks, PruneOptions, apply_masks, check_prunable, default_target, plan_masks, supported_parts
-from corp_cli.sequential import DEFAULT_RANKING, DEFAULT_TARGET
+from corp_cli.pruning import BlockMasks, PruneOptions, apply_masks, plan_masks, supported_parts
 from corp_cli.stats import Statistics, check_block_shapes, check_matches, new_meta
 
 MASKS_FILE = "masks.safetensors"
@@ -231,8 +236,8 @@ def prune(
     progress: Progress | None = None,
     device: str | torch.device = "cpu",
     sequential: bool = False,
-    sequential_target: str = DEFAULT_TARGET,
-    sequential_ranking: str = DEFAULT_RANKING,
+    sequential_target: str | None = None,
+    sequential_ranking: str | None = None,
     data: str | Any | Iterable[Tensor | Batch] | None = None,
     samples: int | None = None,
     seed: int = 0,
@@ -248,7 +253,7 @@ def prune(
 
     Options are PruneOptions fields, as `options=` or as keywords (`sparsity=` sets every
     part's sparsity): prune(model, stats, target="mlp", sparsity=0.3, ranker="obs"). Without a
-    target, what the model allows is pruned (MLP and Q/K, or the MLP alone).
+    target, what the model allows is pruned (MLP and Q/K, or the MLP alone; with `masks`, what they prune).
     A model handed in (a module or a Loaded) is pruned on a deep copy unless inplace=True.
 
     sequential=True calibrates block by block on the already-pruned model (corp_cli.sequential):
@@ -258,25 +263,30 @@ def prune(
     `sequential_ranking` "stream" (each block ranks on its pruned-stream statistics) or "dense" (the units a
     one-shot prune would choose, from a dense first pass; not with `masks` or a budget).
     `sync` (distributed.BlockSync): this rank's `data` is its share, every block's sums are added across ranks.
+    Leaving `sequential_target`/`sequential_ranking` None takes those defaults; given without
+    sequential=True they are refused. The checks, the default target (with its warning) and the
+    dispatch are `corp prune`'s (corp_cli.prune_checks): the same refusals, in the same words.
     """
+    from corp_cli.prune_checks import check_for_model, sequential_choice
+
     t0 = time.perf_counter()
     loaded = as_loaded(model, None, device)
-    if options is None and "target" not in option_values and masks is None:
-        option_values = {**option_values, "target": default_target(loaded.family, loaded.model)}
+    target_given = options is not None or "target" in option_values or masks is not None
+    if masks is not None and options is None and "target" not in option_values:
+        from corp_cli.config import masks_target
+
+        option_values = {**option_values, "target": masks_target(masks)}  # what they prune, as `corp prune --masks` says
     opts = _options(options, option_values)
+    seq = sequential_choice(sequential, stats_given=stats is not None, target=sequential_target,
+                            ranking=sequential_ranking, masks_given=masks is not None, budgeted=opts.budgeted)
+    opts = check_for_model(opts, loaded.family, loaded.model, target_given=target_given, flags=option_values)
     if not inplace and not isinstance(model, str):  # a model loaded here is nobody else's
         loaded = replace(loaded, model=copy.deepcopy(loaded.model))
-    if not sequential and sequential_ranking != DEFAULT_RANKING:
-        raise InputError("--sequential-ranking applies with --sequential only")
-    if sequential:
-        if stats is not None:
-            raise InputError("--stats with --sequential: precomputed statistics come from the dense model and cannot "
-                             "be sequential; give the calibration data instead (--calib-data)")
-        return _prune_sequential(loaded, opts, masks, t0, target=sequential_target, ranking=sequential_ranking,
-                                 data=data, samples=samples,
-                                 seed=seed, batch_size=batch_size, workers=workers, precision=precision,
-                                 forward_dtype=forward_dtype, scratch=scratch, progress=progress or _no_progress,
-                                 sync=sync)
+    if seq is not None:
+        return _prune_sequential(loaded, opts, masks, t0, target=seq.target, ranking=seq.ranking, data=data,
+                                 samples=samples, seed=seed, batch_size=batch_size, workers=workers,
+                                 precision=precision, forward_dtype=forward_dtype, scratch=scratch,
+                                 progress=progress or _no_progress, sync=sync)
     if stats is None:
         raise InputError("prune needs statistics (from calibrate), or sequential=True with calibration data")
     check_matches(stats, loaded.identity)
@@ -289,7 +299,6 @@ def prune(
         raise InputError(f"the statistics leave blocks {describe_blocks(missing)} out: calibrate those (--blocks) and "
                          "merge the files before pruning")
     fam = loaded.family
-    check_prunable(fam, loaded.model, opts)
     allocation = None
     if masks is None and opts.budgeted:
         from corp_cli.allocation import allocate
@@ -318,11 +327,8 @@ def _prune_sequential(loaded: Loaded, opts: PruneOptions, masks: list[BlockMasks
     """prune(sequential=True): the calibration data streamed block by block through the pruned model."""
     from corp_cli import sequential as seq
 
-    seq.check_target(target)
-    seq.check_ranking(ranking)
     product_dtype = check_precision(precision)
     fam = loaded.family
-    check_prunable(fam, loaded.model, opts)
     if data is None:
         raise InputError("sequential pruning needs calibration data (data=..., or --calib-data)")
     if isinstance(data, str):

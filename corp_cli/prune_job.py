@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,8 @@ CHOOSER_FLAGS = {"sparsity": "--sparsity", "mlp_sparsity": "--mlp-sparsity", "at
                  "q_head_sparsity": "--q-head-sparsity", "kv_budget": "--kv-budget", "ranker": "--ranker",
                  "qk_ranker": "--qk-ranker", "vo_ranker": "--vo-ranker", "head_ranker": "--head-ranker",
                  "round_to": "--round-to", "min_keep": "--min-keep", "min_qk_dim": "--min-qk-dim"}
+# PruneJob.values's keys: the PruneOptions the command takes as flags (`sparsity` sets every part's; `lam` as text)
+VALUES = (*CHOOSER_FLAGS, "target", "lam")
 
 
 @dataclass
@@ -83,78 +85,48 @@ def other_rank() -> bool:
     return d is not None and not d.main
 
 
-def default_target_for(opts: Any, fam: Any, model: Any) -> Any:
-    """The default --target: what the model allows (said in a warning when that is less than the default)."""
-    from corp_cli.pruning import default_target
-
-    target = default_target(fam, model)
-    if target != opts.target:
-        log.warning("%s; pruning --target %s", fam.qk_refusal(model, 0), target)
-        return replace(opts, target=target)
-    return opts
-
-
 def run(job: PruneJob, *, progress: Any = None, workers_for: Callable[[str, int | None], int] | None = None) -> PruneOutcome:
     """Check, calibrate (unless statistics are given), prune and save; see the module docstring."""
     from corp_cli import api
     from corp_cli.artifacts import check_out_dir
     from corp_cli.calibration import block_shapes
-    from corp_cli.config import (
-        build_options, check_masks_for, check_options_apply, check_plan, load_prune_config, options_for_masks, parse_lambda,
-    )
+    from corp_cli.config import build_options, check_masks_for, check_plan, load_prune_config, options_for_masks, parse_lambda
     from corp_cli.devices import resolve_device
     from corp_cli.loading import resolve_model
     from corp_cli.masks import load_masks
     from corp_cli.plan import parse_bytes, prune_solve_flops
-    from corp_cli.pruning import check_prunable, keep_counts, stats_parts_for
+    from corp_cli.prune_checks import check_for_model, sequential_choice
+    from corp_cli.pruning import keep_counts, stats_parts_for
     from corp_cli.stats import Statistics, check_block_shapes, check_matches, check_preprocessing
 
     if job.stats_path is not None and other_rank():
         return PruneOutcome()  # statistics given: nothing to share across a torchrun world, rank 0 prunes alone
     t0 = time.perf_counter()
-    stats_path, masks_path, config, sequential_target = job.stats_path, job.masks_path, job.config, job.sequential_target
+    stats_path, masks_path, config = job.stats_path, job.masks_path, job.config
     # Validation order: options, paths and files (cheap) -> model weights -> calibration (expensive).
+    unknown = sorted(set(job.values) - set(VALUES))
+    if unknown:
+        raise InputError(f"unknown prune option(s) {', '.join(unknown)}; the prune options are {', '.join(VALUES)}")
     if job.qk_fold not in (None, "balanced", "q"):
         raise InputError(f"--qk-fold must be balanced or q, got {job.qk_fold!r}")
     if stats_path is not None and job.calib_data is not None:
         raise InputError("give either --stats or --calib-data, not both")
-    if job.sequential and stats_path is not None:
-        raise InputError("--stats with --sequential: precomputed statistics come from the dense model and cannot be "
-                         "sequential; drop --stats (it calibrates from --calib-data)")
-    if sequential_target is not None and not job.sequential:
-        raise InputError("--sequential-target applies with --sequential only")
-    if job.sequential_ranking is not None and not job.sequential:
-        raise InputError("--sequential-ranking applies with --sequential only")
-    ranking = None
-    if job.sequential:
-        from corp_cli.sequential import DEFAULT_RANKING, DEFAULT_TARGET, check_ranking, check_target
-
-        sequential_target = check_target(sequential_target or DEFAULT_TARGET)
-        ranking = check_ranking(job.sequential_ranking or DEFAULT_RANKING)
-    if stats_path is not None:
-        given = [f for f, v in (("--samples", job.samples), ("--seed", job.seed), ("--workers", job.workers),
-                                  ("--dtype", job.dtype), ("--seq-len", job.seq_len))
-                 if v is not None]
-        if given:
-            raise InputError(f"{', '.join(given)} choose the calibration data, but --stats gives the statistics: drop them")
     config_keys = load_prune_config(existing_file(config, "--config")) if config else {}
     preset_args = config_keys.pop("model_kwargs", None)
     v = job.values
     target = v.get("target")
-    flags = {
-        **{k: v.get(k) for k in ("sparsity", "mlp_sparsity", "attn_sparsity", "vo_sparsity", "head_sparsity",
-                                 "flops_budget", "target", "q_head_sparsity", "kv_budget", "ranker", "qk_ranker",
-                                 "vo_ranker", "head_ranker")},
-        "lam": parse_lambda(v.get("lam")),
-        "compensation": False if job.no_compensation else None, "round_to": v.get("round_to"),
-        "min_keep": v.get("min_keep"), "min_qk_dim": v.get("min_qk_dim"),
-        "qk_balanced": None if job.qk_fold is None else job.qk_fold == "balanced",
-    }
+    flags = {**{k: v.get(k) for k in VALUES}, "lam": parse_lambda(v.get("lam")),
+             "compensation": False if job.no_compensation else None,
+             "qk_balanced": None if job.qk_fold is None else job.qk_fold == "balanced"}
     opts = build_options(config_keys, dict(flags))
-    if ranking is not None:
-        from corp_cli.sequential import check_dense_ranking
-
-        check_dense_ranking(ranking, masks=masks_path is not None, budgeted=opts.budgeted)
+    sequential_choice(job.sequential, stats_given=stats_path is not None, target=job.sequential_target,
+                      ranking=job.sequential_ranking, masks_given=masks_path is not None, budgeted=opts.budgeted)
+    if stats_path is not None:
+        given = [f for f, x in (("--samples", job.samples), ("--seed", job.seed), ("--workers", job.workers),
+                                  ("--dtype", job.dtype), ("--seq-len", job.seq_len))
+                 if x is not None]
+        if given:
+            raise InputError(f"{', '.join(given)} choose the calibration data, but --stats gives the statistics: drop them")
     out = job.out
     check_out_dir(out, overwrite=job.overwrite)
     options = job.model_options(preset_args)
@@ -168,10 +140,15 @@ def run(job: PruneJob, *, progress: Any = None, workers_for: Callable[[str, int 
         # Against the file's own shapes for now; against the model's once they are known.
         preset, mmeta = load_masks(existing_file(masks_path, "--masks"))
         opts = options_for_masks(opts, preset, mmeta, explicit_target=target, config=config_keys, config_path=config)
-    calibrated_here = stats_path is None
     dev = resolve_device(job.device)
     # the default target is what the model allows; a target given is honoured or refused
     target_given = target is not None or "target" in config_keys or preset is not None
+
+    def for_model(fam_: Any, model_: Any) -> None:
+        nonlocal opts
+        opts = check_for_model(opts, fam_, model_, target_given=target_given, flags=flags, config=config_keys,
+                               config_path=config)
+
     if stats_path is not None:
         stats = Statistics.load(existing_file(stats_path, "--stats"))
         shapes = stats.meta["block_shapes"]
@@ -180,32 +157,26 @@ def run(job: PruneJob, *, progress: Any = None, workers_for: Callable[[str, int 
         if job.dry_run:
             meta_model = fam.meta_model(name, options)
             if meta_model is not None:
-                if not target_given:
-                    opts = default_target_for(opts, fam, meta_model)
-                check_options_apply(opts, flags, config_keys, config)
+                for_model(fam, meta_model)
                 check_plan(opts, shapes, stats.parts, preset)
                 return PruneOutcome(opts=opts, dry_run=True, stats=stats, family=fam, shape_model=meta_model,
                                     options=options)
         loaded = fam.load(name, options, dev)
-        if not target_given:
-            opts = default_target_for(opts, loaded.family, loaded.model)
-        check_options_apply(opts, flags, config_keys, config)
+        for_model(loaded.family, loaded.model)
         check_plan(opts, shapes, stats.parts, preset)
-        check_prunable(loaded.family, loaded.model, opts)
         check_matches(stats, loaded.identity)
         check_block_shapes(stats, block_shapes(loaded))
         if {"preprocessing", "pretrained_cfg"} & set(options.given()):
             check_preprocessing(stats, loaded.preprocessing.to_dict())
+        if job.dry_run:  # no meta-device model (a .pth checkpoint): checked on the weights, and nothing written
+            return PruneOutcome(opts=opts, dry_run=True, stats=stats, loaded=loaded, options=options)
+        writes, sequential = True, {}
     else:
         from corp_cli import calibration_job
 
         def check(fam_: Any, model_: Any) -> tuple[str, ...]:
             """On the model's shapes, before the weights: the target it allows, and the refusals."""
-            nonlocal opts
-            if not target_given:
-                opts = default_target_for(opts, fam_, model_)
-            check_options_apply(opts, flags, config_keys, config)
-            check_prunable(fam_, model_, opts)
+            for_model(fam_, model_)
             shapes_ = [fam_.shape(model_, i).to_dict() for i in range(fam_.num_blocks(model_))]
             # what the target needs (the MLP sums always: they are what a later run reuses most)
             parts_ = tuple(dict.fromkeys(["mlp", *stats_parts_for(opts.parts)]))
@@ -240,29 +211,59 @@ def run(job: PruneJob, *, progress: Any = None, workers_for: Callable[[str, int 
             return PruneOutcome(opts=opts, dry_run=True, plan=crun.plan, loaded=crun.loaded, options=options)
         if not crun.writes and not job.sequential:
             return PruneOutcome(opts=opts)  # rank 0 prunes and writes (every rank prunes with --sequential)
-        loaded, stats = crun.loaded, crun.stats
-    if job.sequential:
-        from corp_cli import distributed
-        from corp_cli.calibration_job import FORWARD_DTYPES
-
-        # under torchrun every rank holds its share of the streams; the block sums are added across ranks
-        sync = (distributed.BlockSync(crun.dist, next(loaded.model.parameters()).device) if crun.dist is not None
-                else None)
-        result = api.prune(loaded, options=opts, masks=preset, inplace=True, progress=progress, sequential=True,
-                           sequential_target=sequential_target, sequential_ranking=ranking, data=crun.source,
-                           batch_size=job.batch_size,
-                           workers=crun.workers, forward_dtype=FORWARD_DTYPES[job.dtype or "fp32"],
-                           scratch=(crun.plan.sequential or {}).get("storage") == "scratch", sync=sync)
-        if not crun.writes:
-            return PruneOutcome(opts=opts)  # rank 0 writes
-        # the sums a sequential run fit to are not dense statistics another prune could reuse: not written
-        report = api.save_pruned(result, out, overwrite=job.overwrite, save_stats=False, started=t0)
-        return PruneOutcome(opts=opts, report=report, options=options)
+        loaded, stats, writes = crun.loaded, crun.stats, crun.writes
+        sequential = _sequential_inputs(job, crun) if job.sequential else {}
+    # api.prune makes the checks above again on the same function calls (cheap), and dispatches
+    result = api.prune(loaded, stats, options=opts, masks=preset, inplace=True, progress=progress,
+                       sequential=job.sequential, sequential_target=job.sequential_target,
+                       sequential_ranking=job.sequential_ranking, **sequential)
+    if not writes:
+        return PruneOutcome(opts=opts)  # rank 0 writes
+    # the sums a sequential run fit to are not dense statistics another prune could reuse: not written, nor drawn
+    plot = job.plot and not job.sequential
+    report = api.save_pruned(result, out, overwrite=job.overwrite, save_stats=stats_path is None and not job.sequential,
+                             started=t0, plot=plot)
     from corp_cli import report_plot
 
-    result = api.prune(loaded, stats, options=opts, masks=preset, inplace=True, progress=progress)
-    report = api.save_pruned(result, out, overwrite=job.overwrite, save_stats=calibrated_here, started=t0,
-                             plot=job.plot)
     png = out / report_plot.PNG_FILE
-    return PruneOutcome(opts=opts, report=report, options=options, plot=png if png.is_file() else None,
-                        plotted=job.plot)
+    return PruneOutcome(opts=opts, report=report, options=options, plot=png if png.is_file() else None, plotted=plot)
+
+
+def _sequential_inputs(job: PruneJob, crun: Any) -> dict[str, Any]:
+    """What api.prune(sequential=True) streams: the opened data, as the calibration job planned it."""
+    from corp_cli import distributed
+    from corp_cli.calibration_job import FORWARD_DTYPES
+
+    # under torchrun every rank holds its share of the streams; the block sums are added across ranks
+    sync = (distributed.BlockSync(crun.dist, next(crun.loaded.model.parameters()).device) if crun.dist is not None
+            else None)
+    return {"data": crun.source, "batch_size": job.batch_size, "workers": crun.workers,
+            "forward_dtype": FORWARD_DTYPES[job.dtype or "fp32"],
+            "scratch": (crun.plan.sequential or {}).get("storage") == "scratch", "sync": sync}
+
+
+def prune_to(model: str, out: str | Path, *, model_options: ModelOptions | None = None, progress: Any = None,
+             **options: Any) -> PruneOutcome:
+    """`corp prune MODEL --out OUT ...` as a function: the same checks, calibration, prune and files.
+
+    `options` are the command's, named as PruneJob's fields (calib_data, samples, stats_path,
+    masks_path, config, sequential, sequential_target, dry_run, overwrite, ...) and, for the rest,
+    as PruneJob.values (sparsity, target, ranker, flops_budget, lam: "auto" or a number, ...): a
+    flag's name with `_` for `-`, except --stats (stats_path), --masks (masks_path) and --lambda
+    (lam). `model_options` stands for the model's flags (--checkpoint, --model-arg, ...); a
+    --config preset's model_kwargs yield to its model_args. Returns the PruneOutcome: `.report`
+    (what report.json holds; None on a dry run) and `.opts` (the options applied).
+    """
+    job_fields = {f.name for f in fields(PruneJob)} - {"model", "out", "values", "model_options"}
+    given = {k: v for k, v in options.items() if k in job_fields}
+    values = {k: v for k, v in options.items() if k not in job_fields}
+    for key in ("stats_path", "masks_path", "config"):
+        if given.get(key) is not None:
+            given[key] = Path(given[key])
+    if values.get("lam") is not None:
+        values["lam"] = str(values["lam"])  # the command's text: "auto" or a number
+    mo = model_options or ModelOptions()
+    given.setdefault("seq_len", mo.seq_len)
+    job = PruneJob(model=str(model), out=Path(out), values=values, **given,
+                   model_options=lambda preset: replace(mo, model_args={**(preset or {}), **mo.model_args}))
+    return run(job, progress=progress)
