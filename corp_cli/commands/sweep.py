@@ -63,8 +63,8 @@ def sweep_cmd(
     from corp_cli.errors import InputError
     from corp_cli.evaluate import label_remap
     from corp_cli.loading import load_dense
-    from corp_cli.config import check_options_apply
-    from corp_cli.pruning import PruneOptions, check_prunable, default_target, stats_parts_for
+    from corp_cli.prune_checks import check_for_model
+    from corp_cli.pruning import PruneOptions, stats_parts_for
     from corp_cli.stats import Statistics, check_matches, require_parts
     from corp_cli.sweep import (
         BUDGET_CSV_COLUMNS, CSV_COLUMNS, EvalMeasure, batch_provider, csv_text, have_matplotlib, parse_budgets, parse_sparsities, plot, plot_budgets,
@@ -83,10 +83,9 @@ def sweep_cmd(
     check_out_dir(out, overwrite=overwrite)
     stats = Statistics.load(C.existing_file(stats_path, "--stats")) if stats_path is not None else None
     loaded = load_dense(model, C.model_options(checkpoint, num_classes, pretrained_cfg, model_arg, seq_len=seq_len), device)
-    flags["target"] = target or default_target(loaded.family, loaded.model)
-    base = PruneOptions(**{k: v for k, v in flags.items() if v is not None})  # type: ignore[arg-type]
-    check_options_apply(base, flags)
-    check_prunable(loaded.family, loaded.model, base)
+    # the same target, warning and refusals as `corp prune` (corp_cli.prune_checks)
+    base = check_for_model(PruneOptions(**{k: v for k, v in flags.items() if v is not None}),  # type: ignore[arg-type]
+                           loaded.family, loaded.model, target_given=target is not None, flags=flags)
     n_workers = C.workers_for(loaded.modality, workers)
     if stats is not None:
         require_parts(stats, stats_parts_for(base.parts))
@@ -179,16 +178,14 @@ def _check_sequential(sequential: bool, target: str | None, ranking: str | None,
         if stats_path is None:
             raise InputError("sweep needs --stats (from `corp calibrate`), or --sequential with --calib-data")
         return None, None
-    if stats_path is not None:
-        raise InputError("--stats with --sequential: precomputed statistics come from the dense model and cannot be "
-                         "sequential; drop --stats (every point calibrates from --calib-data)")
-    if calib_data is None:
+    if calib_data is None and stats_path is None:
         raise InputError("--sequential needs --calib-data: every point calibrates on the already-pruned model")
-    from corp_cli.sequential import DEFAULT_RANKING, DEFAULT_TARGET, check_dense_ranking, check_ranking, check_target
+    from corp_cli.prune_checks import sequential_choice
 
-    seq_ranking = check_ranking(ranking or DEFAULT_RANKING)
-    check_dense_ranking(seq_ranking, masks=False, budgeted=budgets is not None)
-    return check_target(target or DEFAULT_TARGET), seq_ranking
+    choice = sequential_choice(True, stats_given=stats_path is not None, target=target, ranking=ranking,
+                               masks_given=False, budgeted=budgets is not None)
+    assert choice is not None
+    return choice.target, choice.ranking
 
 
 def _fmt(x: float | None, metric: str) -> str:
