@@ -299,12 +299,9 @@ class HFLlamaFamily(HFFamily):
         v_dims = torch.arange(d, device=dev).expand(len(kv), d) if cut.v_keep is None else cut.v_keep.to(dev)
         q_rows = (heads[:, None] * d + qk_dims[kv_index]).reshape(-1)
         wq, bq = old.q_proj.weight.detach(), old.q_proj.bias.detach() if old.q_proj.bias is not None else None
-        if cut.qk_m is not None:  # the rotary correction, into each kept query head's kept rows: (I + M)^T W_Q[S]
-            t = torch.eye(qk_dims.shape[1], dtype=engine.ACC_DTYPE, device=dev) + cut.qk_m.to(dev, engine.ACC_DTYPE)
-            rows = q_rows.reshape(len(heads), -1)
-            fw = (t.transpose(1, 2) @ wq.to(engine.ACC_DTYPE)[rows]).reshape(len(q_rows), -1).to(wq.dtype)
-            fb = None if bq is None else (t.transpose(1, 2) @ bq.to(engine.ACC_DTYPE)[rows][..., None]).reshape(-1).to(bq.dtype)
-            wq, bq, q_rows = fw, fb, torch.arange(len(q_rows), device=dev)
+        if cut.qk_m is not None:  # the rotary correction mixes each query head's dims into its kept rows
+            wq, bq = engine.fold_rotary_mix(wq, bq, heads, qk_dims[kv_index], cut.qk_m)
+            q_rows = torch.arange(len(q_rows), device=dev)
         k_rows = (kv[:, None] * d + qk_dims).reshape(-1)
         v_rows = (kv[:, None] * d + v_dims).reshape(-1)
         new = DecoderAttention(
