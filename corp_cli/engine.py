@@ -1531,7 +1531,8 @@ def rotary_qk_error_grid(
 ) -> Tensor:
     """Per-query-head logit error (len(widths), Hq) when each kv head keeps its top-`w` pairs by `scores` (Hkv, P).
 
-    The keyword moments are rotary_qk_compensation's. Without a dense target keeping all P
+    The keyword moments are rotary_qk_compensation's; with rel_angles the solve is the prune's,
+    rotary_mix_compensation. Without a dense target keeping all P
     pairs costs nothing (0); with one it is the remaining dense-vs-pruned error, solved too.
     One thread, as qk_error_grid (many small batched eigendecompositions).
     """
@@ -1545,10 +1546,14 @@ def rotary_qk_error_grid(
             if w >= npairs and not dense:
                 continue
             keep = select_top_per_head(scores, min(w, npairs))
-            sol = rotary_qk_compensation(q_second, k_second, pairs, keep, group, lam=lam, scale=scale,
-                                         compensate=compensate, q_cross=q_cross, k_cross=k_cross,
-                                         qd_second=qd_second, kd_second=kd_second,
-                                         rel_angles=rel_angles, rel_weights=rel_weights)
+            target = dict(q_cross=q_cross, k_cross=k_cross, qd_second=qd_second, kd_second=kd_second)
+            if rel_angles is not None:  # the positional fit the prune folds: every query dim mixed in
+                sol: RotaryQKSolution | RotaryMixSolution = rotary_mix_compensation(
+                    q_second, k_second, pairs, keep, group, rel_angles, rel_weights, lam=lam, scale=scale,
+                    compensate=compensate, **target)
+            else:
+                sol = rotary_qk_compensation(q_second, k_second, pairs, keep, group, lam=lam, scale=scale,
+                                             compensate=compensate, **target)
             out[j] = (sol.err_compensated if compensate else sol.err_uncompensated).cpu()
     finally:
         torch.set_num_threads(threads)

@@ -185,3 +185,16 @@ def test_real_stories260k_mixing_is_no_worse_than_none_at_every_offset() -> None
         wn = weights / weights.sum()
         assert bool((ratio <= 1.0).all()), f"layer {layer}: worse at offsets {torch.nonzero(ratio > 1).flatten().tolist()}"
         assert float(wn @ comp.sum(1)) < 0.9 * float(wn @ none.sum(1))  # and it removes >10% of the error
+
+
+def test_positional_error_grid_is_the_mixing_solve_of_each_width() -> None:
+    pairs, freqs = half_split_pairs(DH), rope_freqs(DH, base=30.0)
+    q, k = _random_qk(300, HQ, HKV, DH, seed=4)
+    gq, gk = head_grams(q), head_grams(k)
+    angles, weights = causal_offsets(freqs, 10)
+    scores = E.rotary_pair_scores(gq, gk, pairs, GROUP, rel_angles=angles, rel_weights=weights)
+    grid = E.rotary_qk_error_grid(gq, gk, scores, pairs, GROUP, [1, 2, 3, 4], rel_angles=angles, rel_weights=weights)
+    for j, w in enumerate([1, 2, 3]):
+        sol = E.rotary_mix_compensation(gq, gk, pairs, E.select_top_per_head(scores, w), GROUP, angles, weights)
+        assert_close(grid[j], sol.err_compensated, rtol=1e-12, atol=0)
+    assert bool((grid[3] == 0).all())  # every pair kept: nothing to correct
