@@ -986,7 +986,9 @@ def qk_error_grid(
 #
 # Rotary embeddings rotate each frequency pair (i, j) of a head's q and k by an angle set by
 # the position. Whole pairs are pruned (the same pairs in every query head of a GQA group and
-# in their kv head); each kept pair of each QUERY head gets a complex scale, q_pair <- (I + C) q_pair
+# in their kv head). From statistics before the rotation (the positional fit, what the families use)
+# every dim of each QUERY head is mixed into its kept dims (rotary_mix_compensation, below). From
+# statistics after it (pooled), each kept pair of each query head gets a complex scale, q_pair <- (I + C) q_pair
 # with C = [[a, -b], [b, a]], which commutes with every 2-D rotation (docs/method.md §3). With
 # q, k the vectors as they enter the logits (after the rotation), logit = q^T (Pi_S + M) k where
 # M = C^T on each kept pair: M = a E_a + b E_b with E_a = [[1, 0], [0, 1]], E_b = [[0, 1], [-1, 0]].

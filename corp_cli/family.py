@@ -349,8 +349,9 @@ class ModelFamily(abc.ABC):
         """(P, 2) the two dims of each rotary frequency pair within a head of block i; None: no rotary embedding.
 
         Q/K pruning then removes whole pairs (the same in a kv head and its query heads), and
-        the correction is one complex scale per kept pair per query head, folded into the query
-        rows only (narrow_qk / install_attention get balanced=False); engine "rotary Q/K pairs".
+        the correction mixes every dim of each query head into its kept dims (with statistics before
+        the rotation; a complex scale per kept pair with pooled ones), folded into the query rows only
+        (narrow_qk / install_attention get balanced=False); engine "rotary Q/K pairs".
         """
         return None
 

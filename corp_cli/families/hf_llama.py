@@ -11,8 +11,8 @@ Attention (docs/decoder-attention.md): value/output dims and whole key/value hea
 grouped-query attention (a kv head's value dims are dims of every query head of its group, so
 the removed set of o is their union and o_proj's correction is fitted over all of o, without
 intercept: o_proj has no bias), query heads inside each group, and rotary Q/K frequency pairs
-(the same pairs in a kv head and its query heads; a complex scale per kept pair per query head
-folded into W_Q, fitted at every relative offset of the window). Pruned blocks run in
+(the same pairs in a kv head and its query heads; every dim of each query head mixed into its kept
+ones, folded into W_Q, fitted at the window's first ROTARY_OFFSETS relative offsets). Pruned blocks run in
 decoder_attention.DecoderAttention. Q/K pairs are pruned when asked for (--target qk), not by
 default.
 
@@ -229,8 +229,8 @@ class HFLlamaFamily(HFFamily):
         mlp.intermediate_size = width
 
     # Q/K: whole rotary frequency pairs. transformers' rotate_half pairs dim j with j + d/2 (half-split);
-    # the same pairs go in a kv head and every query head of its group; each kept pair of each query head
-    # gets a complex scale folded into W_Q, which commutes with the rotation (docs/method.md, section 3).
+    # the same pairs go in a kv head and every query head of its group; every dim of each query head is
+    # mixed into its kept dims before the rotation, folded into W_Q (docs/method.md, section 3).
 
     def qk_refusal(self, model: nn.Module, i: int) -> str | None:
         if isinstance(self.attn_module(model, i), DecoderAttention):

@@ -12,7 +12,7 @@ removed together.
 Attention (fused qkv, q/v biases, no k bias, rotary embeddings on the patch tokens; the
 prefix/class tokens are not rotated): Q/K dims are pruned as whole rotary pairs (timm's Eva
 rope is interleaved, pairs (2j, 2j+1); rotate_half models pair (j, j + d/2)), each kept pair of
-each head corrected by a complex scale folded into its query rows (engine "rotary Q/K pairs",
+each head corrected by every dim of the head mixed into its kept query rows (engine "rotary Q/K pairs",
 fitted at every relative position of the patch grid, the class token's unrotated terms among
 them); value/output dims and whole heads as the timm ViT family prunes them (the ridge on o,
 folded into proj). The narrow module, EvaPrunedAttention, rotates each kept q/k dim with the
