@@ -802,7 +802,7 @@ def _gather_blocks(g: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class QKSolution:
-    m: Tensor  # (H, ds, ds)
+    m: Tensor  # (H, ds, ds); the rotary solve: (H, d, ds), see engine.fold_rotary_mix
     lam: Tensor  # (H,) lambda used per head
     err_compensated: Tensor  # (H,) expected squared logit error (scaled logits)
     err_uncompensated: Tensor  # (H,)
@@ -986,7 +986,9 @@ def qk_error_grid(
 #
 # Rotary embeddings rotate each frequency pair (i, j) of a head's q and k by an angle set by
 # the position. Whole pairs are pruned (the same pairs in every query head of a GQA group and
-# in their kv head); each kept pair of each QUERY head gets a complex scale, q_pair <- (I + C) q_pair
+# in their kv head). From statistics before the rotation (the positional fit, what the families use)
+# every dim of each QUERY head is mixed into its kept dims (rotary_mix_compensation, below). From
+# statistics after it (pooled), each kept pair of each query head gets a complex scale, q_pair <- (I + C) q_pair
 # with C = [[a, -b], [b, a]], which commutes with every 2-D rotation (docs/method.md §3). With
 # q, k the vectors as they enter the logits (after the rotation), logit = q^T (Pi_S + M) k where
 # M = C^T on each kept pair: M = a E_a + b E_b with E_a = [[1, 0], [0, 1]], E_b = [[0, 1], [-1, 0]].
@@ -1121,11 +1123,16 @@ def _offset_bases(angles: Tensor):  # noqa: ANN202 - a generator of (slice, (l, 
 
 
 def _offset_mean(b: Tensor, pairs: Tensor, angles: Tensor, weights: Tensor) -> Tensor:
-    """sum_l w_l R_l b R_l^T: the moment the offset-averaged fit uses (every quantity of the fit is linear in it)."""
-    mean = torch.zeros(4, pairs.shape[0], pairs.shape[0], dtype=ACC_DTYPE, device=b.device)
+    """sum_l w_l R_l b R_l^T: the moment the offset-averaged fit uses (every quantity of the fit is linear in it).
+
+    weights (L,) for every head, or (L, H): one weighting per head (the reweighted mixing fit).
+    """
+    npairs = pairs.shape[0]
+    per_head = weights.dim() == 2
+    mean = torch.zeros(*((b.shape[0],) if per_head else ()), 4, npairs, npairs, dtype=ACC_DTYPE, device=b.device)
     for sl, basis in _offset_bases(angles):
-        mean += torch.einsum("l,lkpq->kpq", weights[sl], basis)
-    cd, sd, cs_, ss_ = mean  # mean cos/sin of the difference and of the sum
+        mean += torch.einsum("lh,lkpq->hkpq" if per_head else "l,lkpq->kpq", weights[sl], basis)
+    cd, sd, cs_, ss_ = mean.unbind(-3)  # mean cos/sin of the difference and of the sum
     al, be, ga, de = (0.5 * t for t in _block_parts(_pair_order(b, pairs)))
     # b_c R(D) + b_a R(-S), with b_c = [[al, -be], [be, al]], b_a = [[ga, de], [de, -ga]], entry by entry
     blocks = torch.stack([
@@ -1217,14 +1224,7 @@ def rotary_qk_compensation(
     gk = k_second.to(ACC_DTYPE)[group]
     hq, s = gq.shape[0], keep.shape[1]
     dims = pairs[keep.to(dev)][group]  # (Hq, s, 2)
-    present = [x is not None for x in (q_cross, k_cross, qd_second, kd_second)]
-    if any(present) and not all(present):
-        raise ValueError("the dense target needs all of q_cross, k_cross, qd_second, kd_second")
-    dense = None
-    if all(present):
-        assert q_cross is not None and k_cross is not None and qd_second is not None and kd_second is not None
-        dense = (q_cross.to(ACC_DTYPE), k_cross.to(ACC_DTYPE)[group].transpose(1, 2),
-                 qd_second.to(ACC_DTYPE), kd_second.to(ACC_DTYPE)[group])
+    dense = _dense_moments(group, q_cross, k_cross, qd_second, kd_second)
     ang = weights = None
     if rel_angles is None:
         f, g, base = _rotary_system(gq, gk, dims, dense)
@@ -1297,6 +1297,130 @@ def _offset_errors(gq: Tensor, gk: Tensor, dense: tuple[Tensor, Tensor, Tensor, 
     return base, yo[1] - ko[1], ko[2]
 
 
+# Rounds of the mixing fit's reweighting: offsets where the fit is worse than none weigh double in the next solve.
+ROTARY_REWEIGHT_ROUNDS = 12
+
+
+@dataclass(frozen=True)
+class RotaryMixSolution:
+    m: Tensor  # (Hq, d, 2s): logit = q^T (E_S^T + m) (R_l k)_S, the kept query rows become (E_S + m^T) W_Q[head]
+    kept: Tensor  # (Hq, 2s) the kept dims of each query head, ascending: m's columns
+    lam: Tensor  # (Hq,)
+    err_compensated: Tensor  # (Hq,) offset-weighted expected squared logit error (scaled logits)
+    err_uncompensated: Tensor  # (Hq,)
+    err_per_offset: Tensor  # (L, Hq)
+    err_per_offset_uncompensated: Tensor  # (L, Hq)
+    rounds: int  # reweighting rounds used
+
+
+def _mix_solve(gq_eig: tuple[Tensor, Tensor], gq: Tensor, gk: Tensor,
+               dense: tuple[Tensor, Tensor, Tensor, Tensor] | None, pairs: Tensor, ang: Tensor, w: Tensor,
+               kept: Tensor, keep_p: Tensor, prune_p: Tensor, lam: float | None, lam_rel: float) -> tuple[Tensor, Tensor]:
+    """The mixing fit's normal equations under offset weights w (L, Hq), solved: (M (Hq, d, d), lambda (Hq,)).
+
+    F = G_Q (x) Kbar_SS is a Kronecker product, so with G_Q = U diag(a) U^T and Kbar_SS = V diag(b) V^T
+    the ridge solution is U [(U^T C V) / (a_i b_j + lambda)] V^T: O(d^3 + s^3 + d^2 s) per head, not O((d s)^3).
+    """
+    a, u = gq_eig
+    kbar = _offset_mean(gk, pairs, ang, w)
+    if dense is None:
+        c = _gather_cols(gq @ prune_p @ kbar, kept)  # G_Q Pi_P Kbar[:, S]
+    else:
+        x, y, _, _ = dense
+        c = _gather_cols(x @ _offset_mean(y, pairs, ang, w) - gq @ keep_p @ kbar, kept)  # X Ybar[:, S] - G_Q Pi_S Kbar[:, S]
+    b, v = torch.linalg.eigh(_gather_blocks(kbar, kept, kept))
+    e = a[:, :, None] * b.clamp_min(0)[:, None, :]  # F's eigenvalues, (Hq, d, 2s)
+    hq = gq.shape[0]
+    lam_t = lam_rel * e.mean((1, 2)) if lam is None else torch.full((hq,), float(lam), dtype=ACC_DTYPE, device=gq.device)
+    lam_t = torch.where(lam_t > 0, lam_t, torch.full_like(lam_t, 1e-30))
+    lam_t = _rotary_well_posed_lambda(e.flatten(1), lam_t)
+    n = u @ ((u.transpose(1, 2) @ c @ v) / (e + lam_t[:, None, None])) @ v.transpose(1, 2)
+    m = torch.zeros_like(gq)
+    m.scatter_(2, kept[:, None, :].expand(-1, gq.shape[1], -1), n)
+    return m, lam_t
+
+
+def rotary_mix_compensation(
+    q_second: Tensor, k_second: Tensor, pairs: Tensor, keep: Tensor, group: Tensor, rel_angles: Tensor,
+    rel_weights: Tensor | None = None, *,
+    q_cross: Tensor | None = None, k_cross: Tensor | None = None,
+    qd_second: Tensor | None = None, kd_second: Tensor | None = None,
+    lam: float | None = None, scale: float = 1.0, compensate: bool = True, lam_rel: float = QK_LAMBDA_REL,
+    rounds: int = ROTARY_REWEIGHT_ROUNDS, every_offset: bool = True,
+) -> RotaryMixSolution:
+    """Mix every dim of a query head (kept pairs and removed ones) into its kept dims, fit over every offset.
+
+    The moments are of q, k BEFORE the rotation (rotary_qk_compensation's positional arguments). Any
+    linear map of q before the rotation folds into W_Q, so the kept query dims may become
+    q_S + N^T q with N (d x 2s) free: the logit at offset l is then q^T Pi_S R_l k + q^T N (R_l k)_S,
+    exactly, at every position, with no commutation needed (the mixed-in part rotates with the kept
+    pair's frequency, and the fit sees that). The features q_j (R_l k)_i are bilinear, so over
+    independent (query, key) pairs and the rel_weights-weighted offsets the normal equations are
+    G_Q N Kbar_SS + lambda N = C, Kbar = sum_l w_l R_l G_K R_l^T and C = G_Q Pi_P Kbar[:, S] (self
+    target) or X Ybar[:, S] - G_Q Pi_S Kbar[:, S] (dense target, Ybar the same mean of E[k_d k^T]).
+
+    The mean over offsets can trade one offset for another; offsets where the fit comes out worse
+    than none weigh double in the next solve (up to `rounds` re-solves, each the cheap one above),
+    and then (every_offset) the solution is shortened per query head to t = min_l alpha_l / beta_l
+    (rotary_qk_compensation's step; t = 1 when the reweighting already made every offset better).
+    Cost per query head and solve: O(L P^2) for the rotated means, O(d^3 + s^3 + d^2 s) to solve.
+    """
+    gq = q_second.to(ACC_DTYPE)
+    dev = gq.device
+    d = gq.shape[1]
+    group, pairs = group.to(dev), pairs.to(dev)
+    gk = k_second.to(ACC_DTYPE)[group]
+    hq, s = gq.shape[0], keep.shape[1]
+    dims = pairs[keep.to(dev)][group]
+    kept = torch.sort(dims.reshape(hq, 2 * s), dim=1).values
+    dense = _dense_moments(group, q_cross, k_cross, qd_second, kd_second)
+    ang = rel_angles.to(device=dev, dtype=ACC_DTYPE)
+    w0 = (torch.ones(ang.shape[0], dtype=ACC_DTYPE, device=dev) if rel_weights is None
+          else rel_weights.to(device=dev, dtype=ACC_DTYPE))
+    w0 = w0 / w0.sum()
+    keep_p = _dims_projector(kept, d)
+    prune_p = torch.eye(d, dtype=ACC_DTYPE, device=dev) - keep_p
+    base_l = _offset_errors(gq, gk, dense, pairs, ang, keep_p, prune_p, None)[0]
+    none = RotaryMixSolution(m=torch.zeros(hq, d, 2 * s, dtype=ACC_DTYPE, device=dev), kept=kept,
+                             lam=torch.zeros(hq, dtype=ACC_DTYPE, device=dev),
+                             err_compensated=(w0 @ base_l) * scale**2, err_uncompensated=(w0 @ base_l) * scale**2,
+                             err_per_offset=base_l * scale**2, err_per_offset_uncompensated=base_l * scale**2, rounds=0)
+    if not compensate or s == 0:
+        return none
+    a, u = torch.linalg.eigh(gq)
+    eig = (a.clamp_min(0), u)
+    w = w0[:, None].expand(-1, hq).clone()
+    used = 0
+    while True:
+        m, lam_t = _mix_solve(eig, gq, gk, dense, pairs, ang, w, kept, keep_p, prune_p, lam, lam_rel)
+        _, alpha, beta = _offset_errors(gq, gk, dense, pairs, ang, keep_p, prune_p, m)
+        worse = beta > 2.0 * alpha  # e_l - 2 alpha_l + beta_l > e_l
+        if used == rounds or not bool(worse.any()):
+            break
+        w = w * torch.where(worse, 2.0, 1.0)
+        w = w / w.sum(0)
+        used += 1
+    step = torch.where(alpha > 0, alpha / beta.clamp_min(1e-300), torch.zeros_like(alpha))
+    t = step.amin(0).clamp(0.0, 1.0) if every_offset else torch.ones_like(alpha[0])
+    per = (base_l - 2.0 * t * alpha + t * t * beta).clamp_min(0)
+    return RotaryMixSolution(m=_gather_cols(m, kept) * t[:, None, None], kept=kept, lam=lam_t,
+                             err_compensated=(w0 @ per) * scale**2, err_uncompensated=(w0 @ base_l) * scale**2,
+                             err_per_offset=per * scale**2, err_per_offset_uncompensated=base_l * scale**2, rounds=used)
+
+
+def _dense_moments(group: Tensor, q_cross: Tensor | None, k_cross: Tensor | None, qd_second: Tensor | None,
+                   kd_second: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+    """(X, Y, E[q_d q_d^T], E[k_d k_d^T]) per query head, X = E[q q_d^T], Y = E[k_d k^T]; None for the self target."""
+    present = [x is not None for x in (q_cross, k_cross, qd_second, kd_second)]
+    if any(present) and not all(present):
+        raise ValueError("the dense target needs all of q_cross, k_cross, qd_second, kd_second")
+    if not all(present):
+        return None
+    assert q_cross is not None and k_cross is not None and qd_second is not None and kd_second is not None
+    return (q_cross.to(ACC_DTYPE), k_cross.to(ACC_DTYPE)[group].transpose(1, 2),
+            qd_second.to(ACC_DTYPE), kd_second.to(ACC_DTYPE)[group])
+
+
 def _rotary_well_posed_lambda(e: Tensor, lam: Tensor) -> Tensor:
     """Raise a query head's lambda where e_i + lam spans more than COND_LIMIT (a dead kept pair), and say so."""
     top, bottom = e.amax(-1), e.amin(-1)
@@ -1356,16 +1480,37 @@ def rotary_pairs_of_dims(pairs: Tensor, dims: Tensor) -> Tensor:
 
 
 def rotary_correction_matrix(pairs: Tensor, keep: Tensor, coef: Tensor, group: Tensor) -> tuple[Tensor, Tensor]:
-    """The complex scales as section 3's logit correction: (kept dims (Hq, 2s) ascending, M (Hq, 2s, 2s)).
+    """The complex scales as a query-side correction: (kept dims (Hq, 2s) ascending, M (Hq, d, 2s)).
 
-    logit = q_S^T (I + M) k_S with M = C^T on each kept pair, so folding (I + M)^T into the
-    kept query rows only (fold_qk, balanced=False) is fold_rotary_q in the kept-dims order.
+    logit = q^T (E_S^T + M) k_S, M = C^T on each kept pair and 0 on the removed dims' rows: the
+    form of rotary_mix_compensation's M, so fold_rotary_mix folds either; it is fold_rotary_q in
+    the kept-dims order.
     """
     d = int(pairs.max()) + 1
     dims = pairs[keep][group]  # (Hq, s, 2)
     full = _rotary_m(coef.to(ACC_DTYPE), dims, d)
     flat = torch.sort(dims.reshape(dims.shape[0], -1), dim=1).values
-    return flat, _gather_blocks(full, flat, flat)
+    return flat, _gather_cols(full, flat)
+
+
+def fold_rotary_mix(wq: Tensor, bq: Tensor | None, heads: Tensor, kept: Tensor, m: Tensor,
+                    ) -> tuple[Tensor, Tensor | None]:
+    """The kept query rows (Hk * 2s, dim) of query heads `heads` with a query-side correction folded in.
+
+    kept (Hk, 2s): each head's kept dims in the order its narrow head holds them; m (Hk, d, 2s) with
+    logit = q^T (E_S^T + m) k_S: the rows become (E_S + m^T) W_Q[head], every dim of the head mixed
+    into the kept ones. A linear map of q before the rotation, so the logits are the fitted ones at
+    every position (rotary_mix_compensation).
+    """
+    hk, ds = kept.shape
+    d = m.shape[1]
+    dev = wq.device
+    rows = (heads.to(dev)[:, None] * d + torch.arange(d, device=dev)).reshape(-1)
+    t = m.to(device=dev, dtype=ACC_DTYPE).transpose(1, 2).clone()  # (Hk, 2s, d)
+    t.scatter_add_(2, kept.to(dev)[:, :, None], torch.ones(hk, ds, 1, dtype=ACC_DTYPE, device=dev))
+    w = (t @ wq.to(ACC_DTYPE)[rows].reshape(hk, d, -1)).reshape(hk * ds, -1).to(wq.dtype)
+    b = None if bq is None else (t @ bq.to(ACC_DTYPE)[rows].reshape(hk, d, 1)).reshape(-1).to(bq.dtype)
+    return w, b
 
 
 def rotary_kept_dims(pairs: Tensor, keep: Tensor, *, split: bool) -> Tensor:
@@ -1388,7 +1533,8 @@ def rotary_qk_error_grid(
 ) -> Tensor:
     """Per-query-head logit error (len(widths), Hq) when each kv head keeps its top-`w` pairs by `scores` (Hkv, P).
 
-    The keyword moments are rotary_qk_compensation's. Without a dense target keeping all P
+    The keyword moments are rotary_qk_compensation's; with rel_angles the solve is the prune's,
+    rotary_mix_compensation. Without a dense target keeping all P
     pairs costs nothing (0); with one it is the remaining dense-vs-pruned error, solved too.
     One thread, as qk_error_grid (many small batched eigendecompositions).
     """
@@ -1402,10 +1548,14 @@ def rotary_qk_error_grid(
             if w >= npairs and not dense:
                 continue
             keep = select_top_per_head(scores, min(w, npairs))
-            sol = rotary_qk_compensation(q_second, k_second, pairs, keep, group, lam=lam, scale=scale,
-                                         compensate=compensate, q_cross=q_cross, k_cross=k_cross,
-                                         qd_second=qd_second, kd_second=kd_second,
-                                         rel_angles=rel_angles, rel_weights=rel_weights)
+            target = dict(q_cross=q_cross, k_cross=k_cross, qd_second=qd_second, kd_second=kd_second)
+            if rel_angles is not None:  # the positional fit the prune folds: every query dim mixed in
+                sol: RotaryQKSolution | RotaryMixSolution = rotary_mix_compensation(
+                    q_second, k_second, pairs, keep, group, rel_angles, rel_weights, lam=lam, scale=scale,
+                    compensate=compensate, **target)
+            else:
+                sol = rotary_qk_compensation(q_second, k_second, pairs, keep, group, lam=lam, scale=scale,
+                                             compensate=compensate, **target)
             out[j] = (sol.err_compensated if compensate else sol.err_uncompensated).cpu()
     finally:
         torch.set_num_threads(threads)

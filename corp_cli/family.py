@@ -201,7 +201,9 @@ class AttentionCut:
 
     heads: Tensor  # (Hk,) kept heads, ascending
     qk_keep: Tensor | None  # (Hk, ds) kept Q/K dims of each kept head, ascending; None: all of them
-    qk_m: Tensor | None  # (Hk, ds, ds) logit correction folded into the kept Q/K rows (with qk_keep)
+    # (Hk, ds, ds) logit correction folded into the kept Q/K rows (with qk_keep); under rotary embeddings
+    # (Hk, d, ds), every dim of the query head mixed into its kept ones (engine.fold_rotary_mix)
+    qk_m: Tensor | None
     v_keep: Tensor | None  # (Hk, dv) kept value dims of each kept head, ascending; None: all of them
     out_weight: Tensor  # (out, Hk*dv) the output projection over the kept dims, compensation folded in
     out_bias: Tensor | None
@@ -347,8 +349,9 @@ class ModelFamily(abc.ABC):
         """(P, 2) the two dims of each rotary frequency pair within a head of block i; None: no rotary embedding.
 
         Q/K pruning then removes whole pairs (the same in a kv head and its query heads), and
-        the correction is one complex scale per kept pair per query head, folded into the query
-        rows only (narrow_qk / install_attention get balanced=False); engine "rotary Q/K pairs".
+        the correction mixes every dim of each query head into its kept dims (with statistics before
+        the rotation; a complex scale per kept pair with pooled ones), folded into the query rows only
+        (narrow_qk / install_attention get balanced=False); engine "rotary Q/K pairs".
         """
         return None
 

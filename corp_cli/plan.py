@@ -234,14 +234,18 @@ def ridge_solve_flops(width: int, kept: int, out: int) -> int:
 def qk_solve_flops(head_dim: int, kept: int, heads: int, dim: int, *, rotary: bool) -> int:
     """FLOPs of the Q/K logit solves of `heads` query heads keeping `kept` of `head_dim` dims each.
 
-    Rotary (engine.rotary_qk_compensation): one eigendecomposition of the (kept x kept) system per head
-    and the two products with its vectors (4 kept^2); forming the system and the per-offset errors
-    (O(kept^2), O(offsets * head_dim^2)) are left out. Otherwise (engine.qk_compensation, fold_qk):
+    Rotary (engine.rotary_mix_compensation, every query dim mixed into the kept ones): the system is a
+    Kronecker product, so one eigendecomposition of G_Q (head_dim^3) per head, then per solve (the
+    first and engine.ROTARY_REWEIGHT_ROUNDS re-solves at most) one of the (kept x kept) key block and
+    the four products with both bases (4 head_dim kept (head_dim + kept)); forming the rotated means
+    and the per-offset errors (O(offsets * pairs^2)) are left out. Otherwise (engine.qk_compensation, fold_qk):
     two eigendecompositions and the balanced fold's SVD, C_Q C_K (2 s^2 p), the two rotations each way
     (8 s^3), the error's quadratic form (6 s^3), and the fold into W_Q and W_K rows (4 s^2 dim)."""
     s, p = kept, head_dim - kept
     if rotary:
-        return heads * (DECOMPOSITION_FLOPS * s ** 3 + 4 * s * s)
+        solves = engine.ROTARY_REWEIGHT_ROUNDS + 1
+        return heads * (DECOMPOSITION_FLOPS * head_dim ** 3
+                        + solves * (DECOMPOSITION_FLOPS * s ** 3 + 4 * head_dim * s * (head_dim + s)))
     return heads * (3 * DECOMPOSITION_FLOPS * s ** 3 + 2 * s * s * p + 8 * s ** 3 + 6 * s ** 3 + 4 * s * s * dim)
 
 

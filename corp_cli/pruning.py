@@ -502,10 +502,20 @@ def _rotary_qk_solve(fam: ModelFamily, model: nn.Module, i: int, st: dict[str, T
         if heads is not None:
             qc, qd, kc, kd = qc[heads], qd[heads], kc[kv], kd[kv]
         kw.update(q_cross=qc, k_cross=kc, qd_second=qd, kd_second=kd)
-    sol = engine.rotary_qk_compensation(q2, k2, pairs, keep_pairs, group, lam=o.lam, scale=fam.softmax_scale(model, i),
-                                        lam_rel=lam_rel, **kw)
-    _, m = engine.rotary_correction_matrix(pairs, keep_pairs, sol.coef, group)
-    return engine.QKSolution(m=m, lam=sol.lam, err_compensated=sol.err_compensated, err_uncompensated=sol.err_uncompensated)
+    scale = fam.softmax_scale(model, i)
+    if lay.angles is not None:  # q, k before the rotation: every query dim mixed into the kept ones
+        angles, weights = kw.pop("rel_angles"), kw.pop("rel_weights")
+        mix = engine.rotary_mix_compensation(q2, k2, pairs, keep_pairs, group, angles, weights, lam=o.lam, scale=scale,
+                                             lam_rel=lam_rel, **kw)
+        kept, m, lam, err_c, err_u = mix.kept, mix.m, mix.lam, mix.err_compensated, mix.err_uncompensated
+    else:  # after it (pooled statistics): a complex scale per kept pair, which commutes with the rotation
+        sol = engine.rotary_qk_compensation(q2, k2, pairs, keep_pairs, group, lam=o.lam, scale=scale, lam_rel=lam_rel,
+                                            **kw)
+        kept, m = engine.rotary_correction_matrix(pairs, keep_pairs, sol.coef, group)
+        lam, err_c, err_u = sol.lam, sol.err_compensated, sol.err_uncompensated
+    # M's columns in the order the narrow head holds its kept dims (keep's rows, per query head)
+    m = torch.gather(m, 2, torch.searchsorted(kept, keep[group])[:, None, :].expand(-1, m.shape[1], -1))
+    return engine.QKSolution(m=m, lam=lam, err_compensated=err_c, err_uncompensated=err_u)
 
 
 def apply_masks(

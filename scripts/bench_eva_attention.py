@@ -90,7 +90,8 @@ def _offset_study(dense: api.Loaded, stats: object, held: list[torch.Tensor], bl
         npairs = lay.pairs.shape[0]
         keep = engine.select_top_per_head(engine.rotary_pair_scores(gq, gk, lay.pairs, lay.group, **lay.fit_kwargs()),
                                           npairs - int(sparsity * npairs))
-        sol = engine.rotary_qk_compensation(gq, gk, lay.pairs, keep, lay.group, **lay.fit_kwargs())
+        assert lay.angles is not None
+        mix = engine.rotary_mix_compensation(gq, gk, lay.pairs, keep, lay.group, lay.angles, lay.weights)
         hq, d = gq.shape[0], gq.shape[1]
         dims = engine.rotary_kept_dims(lay.pairs, keep, split=False)
         kmask = torch.zeros(hq, d, dtype=torch.float64).scatter_(1, dims, 1.0)[None, :, None, :]
@@ -104,9 +105,13 @@ def _offset_study(dense: api.Loaded, stats: object, held: list[torch.Tensor], bl
                 h.remove()
             q, k = got["q"], got["k"]
             ref = rot(q) @ rot(k).transpose(-1, -2)
-            for s_, coef in zip(sums, (sol.coef, 0 * sol.coef)):
-                w, _ = engine.fold_rotary_q(torch.eye(hq * d, dtype=torch.float64), None, lay.pairs, keep, coef, lay.group)
-                per_head = torch.stack([w[h * d:(h + 1) * d, h * d:(h + 1) * d] for h in range(hq)])  # block diagonal
+            for s_, m in zip(sums, (mix.m, 0 * mix.m)):
+                # the folded rows (engine.fold_rotary_mix, W_Q = I per head) placed at their kept dims
+                w, _ = engine.fold_rotary_mix(torch.eye(hq * d, dtype=torch.float64), None, torch.arange(hq), mix.kept, m)
+                per_head = torch.zeros(hq, d, d, dtype=torch.float64)
+                per_head.scatter_(1, mix.kept[:, :, None].expand(-1, -1, d),
+                                  torch.stack([w[h * mix.kept.shape[1]:(h + 1) * mix.kept.shape[1], h * d:(h + 1) * d]
+                                               for h in range(hq)]))
                 qf = torch.einsum("hij,bhnj->bhni", per_head, q)
                 s_ += ((rot(qf) @ rot(k * kmask).transpose(-1, -2) - ref) ** 2).sum((0, 1))
         comp, none = sums

@@ -2,16 +2,19 @@
 
 For each layer of ../shared/data/llama-stories260k (8 query heads, 4 kv heads, 4 rotary pairs
 per head, half-split layout), on 64-token windows of its own stories: keep the top `keep` pairs
-per kv head (pair-energy ranker), fit the complex scales (engine.rotary_qk_compensation), fold
-them into the queries and apply the real rotation; print, per layer, the logit error with the
-correction relative to without it (weighted over causal offsets 0..63 as they occur in a
-window, and the worst offset), for
-  - pooled:     statistics of q, k after the rotation, pooled over positions (independent pairs);
-  - averaged:   statistics before the rotation, the offset-weighted mean error minimised;
-  - positional: the same fit, shortened per query head to help at every offset (the default);
-  - dense:      positional, but the q/k come from a stream drifted by pruning half of layer 0's
-                MLP units uncompensated, and the target is the dense stream's logit (layers 1-4).
-Calibration (fit) and evaluation windows are disjoint stories.
+per kv head (pair-energy ranker), fit the correction, fold it into the queries and apply the real
+rotation; print, per layer, the logit error with the correction relative to without it (weighted
+over causal offsets 0..63 as they occur in a window, and the worst offset), for
+  - pooled:     complex scales (engine.rotary_qk_compensation), statistics of q, k after the
+                rotation, pooled over positions (independent pairs);
+  - averaged:   complex scales, statistics before the rotation, the offset-weighted mean error minimised;
+  - positional: the same, shortened per query head to help at every offset;
+  - mixing:     every query dim mixed into the kept ones (engine.rotary_mix_compensation, the
+                default): offsets worse than none reweighted, then shortened to help at every offset;
+  - dense:      mixing, but the q/k come from a stream drifted by pruning half of layer 0's MLP
+                units uncompensated, and the target is the dense stream's logit (layers 1-4).
+Calibration (fit) and evaluation windows are disjoint stories. Then, per layer, the share of the dense
+attention mass within the last 1 / 4 / 16 / 64 / 128 tokens of whole stories.
 
     python scripts/bench_rotary_stories.py [--data DIR] [--keep 2,3]
 """
@@ -76,6 +79,39 @@ def fold(q: Tensor, pairs: Tensor, keep: Tensor, coef: Tensor, group: Tensor) ->
     return (q.reshape(*q.shape[:2], -1) @ w.T).reshape(q.shape)
 
 
+def fold_mix(q: Tensor, sol: E.RotaryMixSolution) -> Tensor:
+    """The folded narrow queries (engine.fold_rotary_mix, W_Q = I) at their kept dims, zeros elsewhere."""
+    hq, d = q.shape[2], q.shape[3]
+    w, _ = E.fold_rotary_mix(torch.eye(hq * d, dtype=D64), None, torch.arange(hq), sol.kept, sol.m)
+    narrow = (q.reshape(*q.shape[:2], -1) @ w.T).reshape(*q.shape[:2], hq, -1)
+    return torch.zeros_like(q).scatter_(3, sol.kept[None, None].expand(*q.shape[:2], -1, -1), narrow)
+
+
+def attention_mass(data: Path, stories: list[str], tok, spans: tuple[int, ...] = (1, 4, 16, 64, 128)) -> None:  # noqa: ANN001
+    """Print, per layer, the share of the dense attention mass on keys fewer than each span tokens back.
+
+    Whole stories (up to 512 tokens, one at a time), the model's attention probabilities summed
+    over queries and heads by causal offset: what the decoder family's offset range (hf_llama
+    ROTARY_OFFSETS) is read against."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(data, dtype=torch.float32,
+                                                              attn_implementation="eager").eval()
+    mass = torch.zeros(model.config.num_hidden_layers, 512, dtype=D64)
+    with torch.no_grad():
+        for text in stories:
+            ids = tok(text, return_tensors="pt").input_ids[:, :512]
+            for i, a in enumerate(model(ids, output_attentions=True).attentions):  # (1, H, N, N)
+                n = a.shape[-1]
+                mass[i, :n] += torch.stack([torch.diagonal(a[0], offset=-lag, dim1=1, dim2=2).sum() for lag in range(n)]).double()
+    print(f"\nshare of the attention mass within the last k tokens ({len(stories)} whole stories, up to 512 tokens):")
+    print("| layer | " + " | ".join(f"k = {k}" for k in spans) + " |")
+    print("|---|" + "---|" * len(spans))
+    for i, m in enumerate(mass):
+        share = m.cumsum(0) / m.sum()
+        print(f"| {i} | " + " | ".join(f"{float(share[k - 1]):.3f}" for k in spans) + " |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=DATA)
@@ -104,14 +140,14 @@ def main() -> None:
     drift_qk = {i: (capture(model, calib, i), capture(model, held, i)) for i in range(1, cfg.num_hidden_layers)}
     print(f"windows: {len(calib)} calibration, {len(held)} held-out, {T} tokens; ratio = error with / without "
           "the correction on the held-out windows (weighted over offsets 0..63 | worst offset)")
-    print("| layer | kept pairs | pooled | averaged | positional | dense target (drifted stream) |")
-    print("|---|---|---|---|---|---|")
+    print("| layer | kept pairs | pooled | averaged | positional | mixing (default) | dense target (drifted stream) |")
+    print("|---|---|---|---|---|---|---|")
     for keep_n in [int(x) for x in args.keep.split(",")]:
         for i in range(cfg.num_hidden_layers):
             cells = []
             (qc, kc), (qh, kh) = dense_qk[i]
             qh_r, kh_r = rotate(qh, pairs, freqs), rotate(kh, pairs, freqs)
-            for mode in ("pooled", "averaged", "positional", "dense"):
+            for mode in ("pooled", "averaged", "positional", "mixing", "dense"):
                 if mode == "dense" and i == 0:
                     cells.append("-")
                     continue
@@ -126,18 +162,25 @@ def main() -> None:
                     kw, q_eval, k_eval = {}, qh, kh
                 else:
                     gq, gk = grams(qc), grams(kc)
-                    kw = dict(rel_angles=angles, rel_weights=weights, every_offset=mode == "positional")
+                    kw = dict(rel_angles=angles, rel_weights=weights, every_offset=mode != "averaged")
                     q_eval, k_eval = qh, kh
                 keep = E.select_top_per_head(E.rotary_pair_scores(gq, gk, pairs, group, **({} if mode == "pooled" else
                                                     dict(rel_angles=angles, rel_weights=weights))), keep_n)
-                sol = E.rotary_qk_compensation(gq, gk, pairs, keep, group, **kw)
                 k_r = rotate(k_eval, pairs, freqs)
-                with_c = offset_errors(qh_r, kh_r, rotate(fold(q_eval, pairs, keep, sol.coef, group), pairs, freqs), k_r, group)
-                without = offset_errors(qh_r, kh_r, rotate(fold(q_eval, pairs, keep, 0 * sol.coef, group), pairs, freqs),
-                                        k_r, group)
+                if mode in ("mixing", "dense"):
+                    mix = E.rotary_mix_compensation(gq, gk, pairs, keep, group, angles, weights,
+                                                    **{k: v for k, v in kw.items() if not k.startswith("rel_")})
+                    q_fold = fold_mix(q_eval, mix)
+                else:
+                    sol = E.rotary_qk_compensation(gq, gk, pairs, keep, group, **kw)
+                    q_fold = fold(q_eval, pairs, keep, sol.coef, group)
+                with_c = offset_errors(qh_r, kh_r, rotate(q_fold, pairs, freqs), k_r, group)
+                without = offset_errors(qh_r, kh_r, rotate(fold(q_eval, pairs, keep, torch.zeros(hq, keep_n, 2, dtype=D64),
+                                                                group), pairs, freqs), k_r, group)
                 ratio = with_c / without
                 cells.append(f"{float(wn @ with_c / (wn @ without)):.3f} \\| {float(ratio.max()):.3f}")
             print(f"| {i} | {keep_n} of 4 | " + " | ".join(cells) + " |")
+    attention_mass(args.data, (args.data / "stories.txt").read_text().splitlines(), tok)
 
 
 if __name__ == "__main__":

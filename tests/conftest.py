@@ -118,19 +118,23 @@ def masked_reference(dense, masks, stats, blocks):
             group = torch.searchsorted(kv, heads // group_size(shape))  # kept query head -> its row of keep
             lam = torch.tensor(entry["attn"]["lambda_per_head"], dtype=torch.float64)
             lay = rotary_layout(fam, dense.model, i)
+            mix = torch.zeros(len(heads), d, keep.shape[1], dtype=torch.float64)  # q_S' = q^T mix, (Hk, d, ds)
             if lay is None:
                 prune = torch.stack([engine.complement(k, d) for k in keep])
                 sol = engine.qk_compensation(st["q_gram"][heads] / n, st["k_gram"][heads] / n, keep, prune, lam=None,
                                              scale=fam.softmax_scale(dense.model, i))
-                m_fit = sol.m
-            else:  # whole rotary pairs, a complex scale per kept pair on the query side (q, k before the rotation)
+                for j in range(len(heads)):
+                    mix[j, keep[j]] = torch.eye(keep.shape[1], dtype=torch.float64) + sol.m[j]
+            else:  # whole rotary pairs; every dim of a query head mixed into its kept ones (q, k before the rotation)
                 pairs = engine.rotary_pairs_of_dims(lay.pairs, keep)
-                sol = engine.rotary_qk_compensation(st["q_gram"][heads] / n, st["k_gram"][kv] / n, lay.pairs, pairs,
-                                                    group, scale=fam.softmax_scale(dense.model, i), **lay.fit_kwargs())
-                dims, m_fit = engine.rotary_correction_matrix(lay.pairs, pairs, sol.coef, group)
-                assert torch.equal(dims, keep[group])
+                sol = engine.rotary_mix_compensation(st["q_gram"][heads] / n, st["k_gram"][kv] / n, lay.pairs, pairs,
+                                                     group, lay.angles, lay.weights,
+                                                     scale=fam.softmax_scale(dense.model, i))
+                assert torch.equal(sol.kept, keep[group])
+                mix = sol.m.clone()
+                for j in range(len(heads)):
+                    mix[j, keep[group[j]], torch.arange(keep.shape[1])] += 1.0
             assert torch.allclose(sol.lam, lam)
-            mix = torch.eye(keep.shape[1], dtype=torch.float64) + m_fit  # (Hk, ds, ds)
 
             def on_qk(q: Tensor, k: Tensor, keep: Tensor = keep, mix: Tensor = mix, heads: Tensor = heads,
                       kv: Tensor = kv, group: Tensor = group) -> tuple[Tensor, Tensor]:
@@ -138,8 +142,8 @@ def masked_reference(dense, masks, stats, blocks):
                 q2, k2 = q.clone(), k.clone()
                 for j, h in enumerate(heads.tolist()):
                     s = keep[group[j]]
-                    q2[:, h] = 0  # logit = q_S^T (I + M) k_S, removed dims contribute nothing
-                    q2[:, h][..., s] = (q[:, h][..., s].double() @ mix[j]).to(q.dtype)
+                    q2[:, h] = 0  # logit = q^T mix k_S, removed dims contribute nothing
+                    q2[:, h][..., s] = (q[:, h].double() @ mix[j]).to(q.dtype)
                 for j, g in enumerate(kv.tolist()):
                     k2[:, g] = 0
                     k2[:, g][..., keep[j]] = k[:, g][..., keep[j]]

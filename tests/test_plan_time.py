@@ -1,5 +1,6 @@
 """Exact FLOPs of the statistics sums the pre-flight plan counts, against closed forms."""
 
+from corp_cli import engine
 from corp_cli.family import BlockShape
 from corp_cli.plan import stats_flops
 
@@ -53,8 +54,9 @@ def test_prune_solve_flops_by_hand() -> None:
     from corp_cli.plan import prune_solve_flops, qk_solve_flops, ridge_solve_flops
 
     s = BlockShape(dim=8, mlp_hidden=16, num_heads=4, head_dim=4, qk_dim=4, kv_heads=2, v_dim=4)
-    # rotary, 2 query heads keeping 2 dims: 2 * (9 * 8 + 4 * 4) = 176
-    assert qk_solve_flops(4, 2, 2, 8, rotary=True) == 176
+    # rotary, 2 query heads keeping 2 of 4 dims: 2 * (9 * 64 + (R + 1) * (9 * 8 + 4 * 4 * 2 * 6)), R re-solves
+    rotary = 2 * (576 + (engine.ROTARY_REWEIGHT_ROUNDS + 1) * (72 + 192))
+    assert qk_solve_flops(4, 2, 2, 8, rotary=True) == rotary
     # plain, 1 head keeping 2 of 4: 27*8 + 2*4*2 + 8*8 + 6*8 + 4*4*8 = 216 + 16 + 64 + 48 + 128
     assert qk_solve_flops(4, 2, 1, 8, rotary=False) == 472
     # block 0: MLP 16 -> 8, one kv head of 2 kept with its 2 query heads, qk 2 and vo 2 kept: o keeps 2 * 2 of 16
@@ -62,7 +64,7 @@ def test_prune_solve_flops_by_hand() -> None:
     # block 1: Q/K dims alone, on all 4 heads
     w1 = {"qk": 2}
     got = prune_solve_flops([s, s], [0, 1], [w0, w1], [True, False])
-    assert got == (ridge_solve_flops(16, 8, 8) + 176 + ridge_solve_flops(16, 4, 8)) + 4 * 472
+    assert got == (ridge_solve_flops(16, 8, 8) + rotary + ridge_solve_flops(16, 4, 8)) + 4 * 472
     assert prune_solve_flops([s, s], [1], [w0, w1], [True, False]) == 4 * 472
 
 

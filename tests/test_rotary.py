@@ -316,16 +316,22 @@ def _check_every_offset(q_dense: Tensor, k_dense: Tensor, q_pre: Tensor, k_pre: 
     return layer
 
 
-def test_random_weights_self_target_closer_at_every_relative_position() -> None:
-    """Prune 4 of 8 pairs per kv head; every causal offset 0..47 of the real rotation."""
-    hq, hkv, d, t = 4, 2, 16, 48
-    pairs, freqs, group = half_split_pairs(d), rope_freqs(d), torch.tensor([0, 0, 1, 1])
+def random_rotary_layer(t: int = 48) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Pre-rotation q (64, t, 4, 16) and k (64, t, 2, 16) of random projections of correlated tokens, and their Grams."""
+    hq, hkv, d = 4, 2, 16
     g = torch.Generator().manual_seed(8)
     wq = torch.randn(hq * d, 12, generator=g, dtype=D64) / 12**0.5
     wk = torch.randn(hkv * d, 12, generator=g, dtype=D64) / 12**0.5
     x = _sequences(64, t, 12, seed=9)
     q_pre, k_pre = (x @ wq.T).reshape(64, t, hq, d), (x @ wk.T).reshape(64, t, hkv, d)
-    gq, gk = head_grams(q_pre.reshape(-1, hq, d)), head_grams(k_pre.reshape(-1, hkv, d))
+    return q_pre, k_pre, head_grams(q_pre.reshape(-1, hq, d)), head_grams(k_pre.reshape(-1, hkv, d))
+
+
+def test_random_weights_self_target_closer_at_every_relative_position() -> None:
+    """Prune 4 of 8 pairs per kv head; every causal offset 0..47 of the real rotation."""
+    d, t = 16, 48
+    pairs, freqs, group = half_split_pairs(d), rope_freqs(d), torch.tensor([0, 0, 1, 1])
+    q_pre, k_pre, gq, gk = random_rotary_layer(t)
     keep = E.select_top_per_head(E.rotary_pair_scores(gq, gk, pairs, group), 4)
     angles, weights = causal_offsets(freqs, t)
     sol = E.rotary_qk_compensation(gq, gk, pairs, keep, group, rel_angles=angles, rel_weights=weights)
@@ -377,6 +383,19 @@ def _stories_qk(model, ids: Tensor, layer: int) -> tuple[Tensor, Tensor]:
     return cap["q"].reshape(s, t, -1, d), cap["k"].reshape(s, t, -1, d)
 
 
+def stories_layout(t: int, lines: int) -> tuple[object, Tensor, Tensor, Tensor, Tensor]:
+    """The real stories260K Llama, its whole t-token windows of the first `lines` stories, the query head ->
+    kv head map, its pairs (rotate_half layout: dim j pairs with j + d/2) and its rotary frequencies."""
+    transformers = pytest.importorskip("transformers")
+    model = transformers.AutoModelForCausalLM.from_pretrained(STORIES260K, dtype=torch.float32).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(STORIES260K)
+    windows = [tok(line, return_tensors="pt").input_ids[0][:t] for line in STORIES.read_text().splitlines()[:lines]]
+    cfg = model.config
+    d, hq, hkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+    return (model, torch.stack([w for w in windows if len(w) == t]), torch.arange(hq) // (hq // hkv),
+            half_split_pairs(d), rope_freqs(d, cfg.rope_parameters["rope_theta"]))
+
+
 @needs_stories
 def test_real_stories260k_weights_closer_at_every_relative_position() -> None:
     """The real model's q/k projections on its own stories, its own rotary (half-split pairs, theta 10000).
@@ -385,17 +404,9 @@ def test_real_stories260k_weights_closer_at_every_relative_position() -> None:
     stream drifted by pruning half of layer 0's MLP units uncompensated, against the dense stream's.
     Every causal offset 0..63 of a 64-token window, the real rotation applied to the folded queries.
     """
-    transformers = pytest.importorskip("transformers")
-    model = transformers.AutoModelForCausalLM.from_pretrained(STORIES260K, dtype=torch.float32).eval()
-    tok = transformers.AutoTokenizer.from_pretrained(STORIES260K)
     t = 64
-    windows = [tok(line, return_tensors="pt").input_ids[0][:t] for line in STORIES.read_text().splitlines()[:120]]
-    ids = torch.stack([w for w in windows if len(w) == t])
-    cfg = model.config
-    d, hq, hkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
-    group = torch.arange(hq) // (hq // hkv)
-    pairs = half_split_pairs(d)  # transformers' rotate_half layout: dim j pairs with j + d/2
-    freqs = rope_freqs(d, cfg.rope_parameters["rope_theta"])
+    model, ids, group, pairs, freqs = stories_layout(t, 120)
+    d = int(model.config.head_dim)
     pos = torch.arange(t)
     angles, weights = causal_offsets(freqs, t)
     flat = lambda v: v.reshape(-1, v.shape[2], d)  # noqa: E731
@@ -450,5 +461,5 @@ def test_correction_matrix_folded_on_the_query_side_is_the_rotary_fold() -> None
     wk = torch.randn(HKV * DH, 5, dtype=D64)
     folded, _ = E.fold_rotary_q(wq, None, pairs, keep, coef, GROUP)
     rows = (torch.arange(HQ)[:, None] * DH + dims).reshape(-1)
-    wq_n, _, _, _ = E.fold_qk(wq, None, wq, None, dims, m, balanced=False)  # the K rows are untouched here
+    wq_n, _ = E.fold_rotary_mix(wq, None, torch.arange(HQ), dims, m)
     assert_close(wq_n, folded[rows])

@@ -12,7 +12,7 @@ removed together.
 Attention (fused qkv, q/v biases, no k bias, rotary embeddings on the patch tokens; the
 prefix/class tokens are not rotated): Q/K dims are pruned as whole rotary pairs (timm's Eva
 rope is interleaved, pairs (2j, 2j+1); rotate_half models pair (j, j + d/2)), each kept pair of
-each head corrected by a complex scale folded into its query rows (engine "rotary Q/K pairs",
+each head corrected by every dim of the head mixed into its kept query rows (engine "rotary Q/K pairs",
 fitted at every relative position of the patch grid, the class token's unrotated terms among
 them); value/output dims and whole heads as the timm ViT family prunes them (the ridge on o,
 folded into proj). The narrow module, EvaPrunedAttention, rotates each kept q/k dim with the
@@ -314,11 +314,11 @@ class TimmEvaFamily(TimmFamily):
         dv = int(cut.v_keep.shape[1]) if cut.v_keep is not None else d
         wq, bq, wk, _ = self.qk_weights(model, i)
         rows = (heads[:, None] * d + qk_keep).reshape(-1)
-        wq, wk = wq[rows], wk[rows]
-        bq = bq[rows] if bq is not None else None
-        if cut.qk_m is not None:
-            wq, bq, _, _ = engine.fold_qk(wq, bq, wk, None, torch.arange(ds, device=dev).repeat(hk, 1),
-                                          cut.qk_m.to(dev), balanced=False)
+        if cut.qk_m is not None:  # every dim of the query head mixed into its kept rows (engine.fold_rotary_mix)
+            wq, bq = engine.fold_rotary_mix(wq, bq, heads, qk_keep, cut.qk_m)
+        else:
+            wq, bq = wq[rows], (bq[rows] if bq is not None else None)
+        wk = wk[rows]
         v_rows = engine.vo_kept_dims(heads, cut.v_keep.to(dev) if cut.v_keep is not None else None, d)
         wv = attn.qkv.weight.detach()[2 * nh * d:][v_rows]
         new = self._narrow_module(attn, hk, ds, dv)
