@@ -188,16 +188,17 @@ def mlp_moments(stats: dict[str, Tensor]) -> Moments:
     return Moments(n=n, mean=mean, cov=cov, second=second)
 
 
-def fit_moments(stats: dict[str, Tensor], *, intercept: bool = True) -> Moments:
+def fit_moments(stats: dict[str, Tensor], *, intercept: bool = True, raw: Moments | None = None) -> Moments:
     """The moments the MLP fit uses: affine (h_P ~ B h_S + c) or, without intercept, linear (h_P ~ B h_S).
 
     An output projection without a bias has nowhere to hold W2_P c, so its fit has no
     intercept: the same ridge on uncentred second moments in place of covariances (zero
     mean), B = E[h_P h_S^T] (E[h_S h_S^T] + lambda I)^-1 and c = 0. B = 0 stays a candidate,
     so compensation still never makes the calibration error larger, and every formula below
-    (solve, error, fold) applies unchanged to these moments.
+    (solve, error, fold) applies unchanged to these moments. `raw`: mlp_moments(stats), when the
+    caller has them already.
     """
-    m = mlp_moments(stats)
+    m = raw if raw is not None else mlp_moments(stats)
     return m if intercept else Moments(n=m.n, mean=torch.zeros_like(m.mean), cov=m.second, second=m.second)
 
 
@@ -524,21 +525,22 @@ def _affine_error(t_sq: float, mu_t: Tensor, c_raw: Tensor, second: Tensor, mu: 
 
 
 def target_compensation(stats: dict[str, Tensor], w: Tensor, bias: Tensor | None, keep: Tensor, lam: float, *,
-                        intercept: bool = True) -> TargetSolution:
+                        intercept: bool = True, raw: Moments | None = None) -> TargetSolution:
     """Ridge of the target on the kept features, relative to the kept weights (docs/method.md §10).
 
     min E||t - W' h_S - b'||^2 + lam ||W' - W_S||^2 gives
     W' = W_S + (C_tS - W_S Sigma_SS)(Sigma_SS + lam I)^-1 and b' = mu_t - W' mu_S, with C_tS and
     Sigma the centred moments (uncentred, and b' absent, without an intercept). For the self
-    target t = W h + b this is W_S + W_P B, b + W_P c: the paper's solve, exactly.
+    target t = W h + b this is W_S + W_P B, b + W_P c: the paper's solve, exactly. `raw`:
+    mlp_moments(stats), when the caller has them already.
     """
-    m = fit_moments(stats, intercept=intercept)
+    raw = raw if raw is not None else mlp_moments(stats)
+    m = fit_moments(stats, intercept=intercept, raw=raw)
     n = m.n
     wa = w.to(ACC_DTYPE)
     w_s = wa[:, keep]
     mu_t = stats["t_sum"].to(ACC_DTYPE) / n
     c_raw = stats["t_cross"].to(ACC_DTYPE)[:, keep] / n
-    raw = mlp_moments(stats)
     c = c_raw - torch.outer(mu_t, raw.mean[keep]) if intercept else c_raw
     sigma = m.cov[keep][:, keep]
     chol, lam_used = _cholesky_with_retries(sigma, lam)
@@ -604,17 +606,17 @@ def split_folds(stats: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, 
 
 
 def _self_and_dense(st: dict[str, Tensor], w: Tensor, bias: Tensor | None, keep: Tensor, lam: float,
-                    intercept: bool) -> tuple[tuple[Tensor, Tensor | None], tuple[Tensor, Tensor | None]]:
-    m = fit_moments(st, intercept=intercept)
+                    intercept: bool, raw: Moments,
+                    dense: TargetSolution | None = None) -> tuple[tuple[Tensor, Tensor | None], tuple[Tensor, Tensor | None]]:
+    m = fit_moments(st, intercept=intercept, raw=raw)
     prune = complement(keep, w.shape[1])
     sol = ridge_compensation(m, keep, prune, lam) if prune.numel() else None
     ws, bs = fold_mlp_output(w.to(ACC_DTYPE), bias.to(ACC_DTYPE) if bias is not None else None, keep, prune, sol)
-    d = target_compensation(st, w, bias, keep, lam, intercept=intercept)
+    d = dense if dense is not None else target_compensation(st, w, bias, keep, lam, intercept=intercept, raw=raw)
     return (ws, bs if intercept else None), (d.weight, d.bias)
 
 
-def _target_error(st: dict[str, Tensor], keep: Tensor, w: Tensor, b: Tensor | None) -> float:
-    raw = mlp_moments(st)
+def _target_error(st: dict[str, Tensor], keep: Tensor, w: Tensor, b: Tensor | None, raw: Moments) -> float:
     n = raw.n
     return _affine_error(float(st["t_sq"]) / n, st["t_sum"].to(ACC_DTYPE) / n,
                          st["t_cross"].to(ACC_DTYPE)[:, keep] / n, raw.second[keep][:, keep], raw.mean[keep], w, b)
@@ -627,22 +629,27 @@ def blended_target_compensation(stats: dict[str, Tensor], w: Tensor, bias: Tenso
     Returns (the blended solution, its weight a on the dense fit, the cross-validated error of
     every a in BLEND_GRID). Without fold sums, a = 1 (the dense fit alone).
     """
-    full = target_compensation(stats, w, bias, keep, lam, intercept=intercept)
+    raw = mlp_moments(stats)  # each statistics' moments once: on a wide MLP they cost more than the solves
+    full = target_compensation(stats, w, bias, keep, lam, intercept=intercept, raw=raw)
     folds = split_folds(stats)
     if folds is None:
         return full, 1.0, []
     cv = [0.0] * len(BLEND_GRID)
-    for fit, check in (folds, folds[::-1]):
-        (ws, bs), (wd, bd) = _self_and_dense(fit, w, bias, keep, lam, intercept)
+    fold_raw = [mlp_moments(f) for f in folds]
+    for f, c in ((0, 1), (1, 0)):
+        (ws, bs), (wd, bd) = _self_and_dense(folds[f], w, bias, keep, lam, intercept, fold_raw[f])
+        # W(a) and b(a) are affine in a, so the held-out error is a parabola in a: three errors give it exactly
+        e0, eh, e1 = (_target_error(folds[c], keep, (1 - a) * ws + a * wd,
+                                    None if bd is None else (1 - a) * bs + a * bd, fold_raw[c])  # type: ignore[operator]
+                      for a in (0.0, 0.5, 1.0))
         for j, a in enumerate(BLEND_GRID):
-            b = None if bd is None else (1 - a) * bs + a * bd  # type: ignore[operator]
-            cv[j] += _target_error(check, keep, (1 - a) * ws + a * wd, b)
+            cv[j] += e0 + a * (4 * eh - 3 * e0 - e1) + 2 * a * a * (e0 + e1 - 2 * eh)
     a = BLEND_GRID[min(range(len(cv)), key=lambda j: (cv[j], -j))]
-    (ws, bs), (wd, bd) = _self_and_dense(stats, w, bias, keep, lam, intercept)
+    (ws, bs), (wd, bd) = _self_and_dense(stats, w, bias, keep, lam, intercept, raw, dense=full)
     wb = (1 - a) * ws + a * wd
     bb = None if bd is None else (1 - a) * bs + a * bd  # type: ignore[operator]
     sol = TargetSolution(weight=wb, bias=bb, lam=full.lam, cond_estimate=full.cond_estimate,
-                         err_compensated=_target_error(stats, keep, wb, bb), err_uncompensated=full.err_uncompensated)
+                         err_compensated=_target_error(stats, keep, wb, bb, raw), err_uncompensated=full.err_uncompensated)
     return sol, a, cv
 
 
