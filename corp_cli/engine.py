@@ -623,13 +623,15 @@ def _target_error(st: dict[str, Tensor], keep: Tensor, w: Tensor, b: Tensor | No
 
 
 def blended_target_compensation(stats: dict[str, Tensor], w: Tensor, bias: Tensor | None, keep: Tensor, lam: float, *,
-                                intercept: bool = True) -> tuple[TargetSolution, float, list[float]]:
+                                intercept: bool = True,
+                                raw: Moments | None = None) -> tuple[TargetSolution, float, list[float]]:
     """target_compensation blended with the self target's solve, the blend chosen by 2-fold CV.
 
     Returns (the blended solution, its weight a on the dense fit, the cross-validated error of
     every a in BLEND_GRID). Without fold sums, a = 1 (the dense fit alone).
     """
-    raw = mlp_moments(stats)  # each statistics' moments once: on a wide MLP they cost more than the solves
+    # each statistics' moments once (`raw`: the caller's mlp_moments(stats)): on a wide MLP they cost more than the solves
+    raw = raw if raw is not None else mlp_moments(stats)
     full = target_compensation(stats, w, bias, keep, lam, intercept=intercept, raw=raw)
     folds = split_folds(stats)
     if folds is None:

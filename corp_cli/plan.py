@@ -273,6 +273,17 @@ def prune_solve_flops(shapes: list[Any], blocks: list[int], widths: list[dict[st
     return total
 
 
+def planned_solve_flops(fam: Any, model: nn.Module, opts: Any) -> int:
+    """prune_solve_flops at the widths `opts`' sparsities give every block of `model` (pruning.keep_counts)."""
+    from corp_cli.pruning import keep_counts
+
+    n = fam.num_blocks(model)
+    shapes = [fam.shape(model, i) for i in range(n)]
+    rotary = [fam.rotary_pairs(model, i) is not None for i in range(n)]
+    widths = [keep_counts(opts.for_block(i), shapes[i], pairs=rotary[i]) for i in range(n)]
+    return prune_solve_flops(shapes, list(range(n)), widths, rotary)
+
+
 def matmul_rate(device: torch.device, dtype: torch.dtype, n: int = 512, repeats: int = 4) -> float:
     """FLOP/s of a square matmul in `dtype` on `device`, timed over a fraction of a second."""
     import time

@@ -94,9 +94,9 @@ def run(job: PruneJob, *, progress: Any = None, workers_for: Callable[[str, int 
     from corp_cli.devices import resolve_device
     from corp_cli.loading import resolve_model
     from corp_cli.masks import load_masks
-    from corp_cli.plan import parse_bytes, prune_solve_flops
+    from corp_cli.plan import parse_bytes, planned_solve_flops
     from corp_cli.prune_checks import check_for_model, sequential_choice
-    from corp_cli.pruning import keep_counts, stats_parts_for
+    from corp_cli.pruning import stats_parts_for
     from corp_cli.stats import Statistics, check_block_shapes, check_matches, check_preprocessing
 
     if job.stats_path is not None and other_rank():
@@ -193,11 +193,7 @@ def run(job: PruneJob, *, progress: Any = None, workers_for: Callable[[str, int 
             """The solves' FLOPs at the widths the sparsities imply (unknown under a budget or --masks)."""
             if opts.budgeted or preset is not None or job.sequential:
                 return None
-            n = fam_.num_blocks(model_)
-            shapes_ = [fam_.shape(model_, i) for i in range(n)]
-            rotary = [fam_.rotary_pairs(model_, i) is not None for i in range(n)]
-            widths = [keep_counts(opts.for_block(i), shapes_[i], pairs=rotary[i]) for i in range(n)]
-            return prune_solve_flops(shapes_, list(range(n)), widths, rotary)
+            return planned_solve_flops(fam_, model_, opts)
 
         cjob = calibration_job.CalibrationJob(
             model=job.model, options=options, data=job.calib_data, samples=job.samples or D.CALIB_SAMPLES,

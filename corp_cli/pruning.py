@@ -570,10 +570,11 @@ def _prune_mlp_block(fam: ModelFamily, model: nn.Module, i: int, st: dict[str, T
     prune = engine.complement(keep, width)
     # no bias to hold W2_P c: the fit has no intercept (engine.fit_moments)
     intercept = w.out_bias is not None
-    m = engine.fit_moments(st, intercept=intercept)
+    raw = engine.mlp_moments(st)
+    m = engine.fit_moments(st, intercept=intercept, raw=raw)
     lam = _mlp_lambda(o, m, keep)
     if engine.has_target(st):
-        w2n, b2n, fit = _target_fold(w2, w.out_bias, st, keep, prune, lam, intercept, o, f"block {i} MLP")
+        w2n, b2n, fit = _target_fold(w2, w.out_bias, st, keep, prune, lam, intercept, o, f"block {i} MLP", raw)
         fam.narrow_mlp(model, i, keep, w2n, b2n)
         return {"width": width, "kept": int(keep.numel()), "removed": int(prune.numel()), **fit,
                 "intercept": intercept, "ranker": o.ranker, "output_energy": engine.weighted_trace(w2, m.second)}
@@ -601,13 +602,14 @@ def _prune_mlp_block(fam: ModelFamily, model: nn.Module, i: int, st: dict[str, T
 
 
 def _target_fold(w: Tensor, bias: Tensor | None, st: dict[str, Tensor], keep: Tensor, prune: Tensor, lam: float,
-                 intercept: bool, o: PruneOptions, where: str) -> tuple[Tensor, Tensor | None, dict[str, Any]]:
+                 intercept: bool, o: PruneOptions, where: str,
+                 raw: engine.Moments | None = None) -> tuple[Tensor, Tensor | None, dict[str, Any]]:
     """The output projection over the kept features fit to the statistics' target; (W', b', report fields).
 
     --no-compensation keeps W_S and b (the target only enters the reported errors).
     """
     try:
-        sol, blend, cv = engine.blended_target_compensation(st, w, bias, keep, lam, intercept=intercept)
+        sol, blend, cv = engine.blended_target_compensation(st, w, bias, keep, lam, intercept=intercept, raw=raw)
     except ArithmeticError as e:
         raise NumericalError(f"{where}: {e}") from None
     if o.compensation:
@@ -704,7 +706,8 @@ def _prune_attention_cut(fam: ModelFamily, model: nn.Module, i: int, st: dict[st
     v_keep = bm.vo.to(dev) if bm.vo is not None else None
     # as for the MLP: a projection without a bias takes an intercept-free fit
     vo_st = {k: v.to(dev) for k, v in st["vo"].items()}
-    m = engine.fit_moments(vo_st, intercept=w.out_bias is not None)
+    vo_raw = engine.mlp_moments(vo_st)
+    m = engine.fit_moments(vo_st, intercept=w.out_bias is not None, raw=vo_raw)
     # under GQA one value dim is a dim of every query head of its group: the removed set of o is their union,
     # and the ridge on all of o fits o_proj's correction jointly over the group
     keep = o_kept_dims(shape, heads, v_keep).to(dev)
@@ -713,7 +716,7 @@ def _prune_attention_cut(fam: ModelFamily, model: nn.Module, i: int, st: dict[st
     fit: dict[str, Any] = {}
     if engine.has_target(vo_st):
         w_n, b_n, fit = _target_fold(w.out_weight, w.out_bias, vo_st, keep, prune, lam, w.out_bias is not None, o,
-                                     f"block {i} attention output")
+                                     f"block {i} attention output", vo_raw)
         sol_o, err_c, err_u = None, fit["predicted_error_compensated"], fit["predicted_error_uncompensated"]
     else:
         try:
