@@ -155,3 +155,29 @@ def test_blend_is_the_dense_fit_when_the_folds_agree_and_a_convex_mix_otherwise(
     ws, bs = E.fold_mlp_output(w, b, keep, prune, E.ridge_compensation(m, keep, prune, 0.1))
     dense = E.target_compensation(st, w, b, keep, 0.1)
     assert_close(sol.weight, (1 - a) * ws + a * dense.weight, rtol=0, atol=1e-10)
+
+
+def test_blend_cv_errors_are_the_held_out_fold_errors_of_every_candidate_mix() -> None:
+    """Each cross-validated error is the materialised mean squared error, on the other fold's rows, of the
+    (1 - a) self + a dense mix fit on one fold, summed over the two folds (the parabola in a is exact)."""
+    h = _features(n=600, seed=5)
+    g = torch.Generator().manual_seed(6)
+    t = torch.randn(600, 3, generator=g, dtype=torch.float64) + h[:, :3] @ torch.randn(3, 3, generator=g,
+                                                                                       dtype=torch.float64)
+    w = torch.randn(3, 10, generator=g, dtype=torch.float64)
+    b = torch.randn(3, generator=g, dtype=torch.float64)
+    keep = torch.tensor([1, 2, 5, 7, 9])
+    prune = E.complement(keep, 10)
+    halves = [(h[:250], t[:250]), (h[250:], t[250:])]  # unequal folds
+    st = _stats(h, t)
+    st.update({E.CV_PREFIX + k: v for k, v in _stats(*halves[0]).items()})
+    _, _, cv = E.blended_target_compensation(st, w, b, keep, 0.1)
+    expect = [0.0] * len(E.BLEND_GRID)
+    for (hf, tf), (hc, tc) in ((halves[0], halves[1]), (halves[1], halves[0])):
+        fit = _stats(hf, tf)
+        ws, bs = E.fold_mlp_output(w, b, keep, prune, E.ridge_compensation(E.fit_moments(fit), keep, prune, 0.1))
+        dense = E.target_compensation(fit, w, b, keep, 0.1)
+        for j, a in enumerate(E.BLEND_GRID):
+            wa, ba = (1 - a) * ws + a * dense.weight, (1 - a) * bs + a * dense.bias
+            expect[j] += float((tc - hc[:, keep] @ wa.T - ba).square().sum(1).mean())
+    assert_close(torch.tensor(cv), torch.tensor(expect), rtol=1e-9, atol=0)
